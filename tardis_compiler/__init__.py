@@ -1,0 +1,25 @@
+"""tardis_compiler: partial constant folding of transformer FFNs, as a torch.compile backend.
+
+    model = torch.compile(model, backend="tardis", options={"profile": profile})
+
+Pipeline: capture (backend) -> match (passes.find_ffns) -> calibrate -> rewrite (passes.fold_ffns)
+-> lower (runtime.ops) -> inspect (explain).
+"""
+from .activations import (ActivationRule, activation_rules, get_activation_rule,
+                          register_activation_rule, unregister_activation_rule)
+from .backend import TrainingModeError, tardis_backend
+from .calibrate import calibrate
+from .config import GUARDS, CalibrationConfig, TardisOptions
+from .explain import ExplainReport, explain
+from .profile import FFNProfile, Profile, ProfileMismatchError
+from .runtime.fold import clear_caches
+from .runtime.stats import collect_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GUARDS", "ActivationRule", "CalibrationConfig", "ExplainReport", "FFNProfile", "Profile",
+    "ProfileMismatchError", "TardisOptions", "TrainingModeError", "activation_rules", "calibrate",
+    "clear_caches", "collect_stats", "explain", "get_activation_rule", "register_activation_rule",
+    "tardis_backend", "unregister_activation_rule",
+]

@@ -1,0 +1,308 @@
+"""Capture: the ``"tardis"`` torch.compile backend.
+
+``torch.compile(model, backend="tardis", options={...})`` finds the plain FFNs of each dynamo
+graph and replaces them with the fused ``tardis::folded_ffn`` op, then hands the graph to inductor
+(or runs it eagerly with ``inner="eager"``). Registered through the ``torch_dynamo_backends`` entry
+point, so no import is needed.
+
+With a profile, every FFN in the graph must be in it (same shapes and activation). Without one,
+the compiled callable runs the dense graph for ``calibration_calls`` calls while recording FFN
+inputs, then fits a profile and switches to the folded graph. That state is keyed by the FFN
+weights the graph is called with, because dynamo reuses one graph for every instance of a class.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule
+
+from .calibrate import Recorder, recording
+from .config import TardisOptions
+from .passes import (FFNMatch, PassContext, copy_graph_module, find_ffns, fold_ffns,
+                     placeholder_fqns, record_ffn_inputs)
+from .profile import FFNProfile, Profile
+from .report import FFNReport, GraphReport, ffn_bytes_per_token
+from .runtime.fold import neuron_major, w2_neuron_major
+
+log = logging.getLogger("tardis_compiler")
+_GRAPH_IDS = itertools.count()
+
+
+class TrainingModeError(ValueError):
+    """The captured graph trains (dropout active): folding weights is not valid there."""
+
+
+def tardis_backend(gm: GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
+                   options: dict | None = None) -> Callable:
+    """The ``"tardis"`` backend (entry point). Use it through ``torch.compile``.
+
+    Example:
+        >>> import torch
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
+        >>> fast = torch.compile(mlp, backend="tardis", options={"inner": "eager", "calibration_calls": 2})
+        >>> with torch.no_grad():
+        ...     outs = [fast(torch.randn(4, 8)) for _ in range(3)]   # 2 dense calls, then folded
+        >>> outs[-1].shape
+        torch.Size([4, 8])
+    """
+    return TardisCompiler(TardisOptions.from_mapping(options), mode=mode)(gm, example_inputs)
+
+
+class TardisCompiler:
+    """A backend instance with fixed options; ``reports`` collects a ``GraphReport`` per graph."""
+
+    def __init__(self, options: TardisOptions, mode: str | None = None,
+                 reports: list[GraphReport] | None = None) -> None:
+        self.options = options
+        self.mode = mode
+        self.reports = reports
+
+    def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        opts = self.options
+        report = GraphReport(index=next(_GRAPH_IDS), guard=opts.guard)
+        if self.reports is not None:
+            self.reports.append(report)
+        _refuse_training_graph(gm)
+        fqns = placeholder_fqns(gm)
+        matches, skipped = find_ffns(gm, fqns)
+        positions = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
+        for s in skipped:
+            report.ffns.append(FFNReport(s.name, s.pattern, "-", "skipped", s.reason))
+        selected = []
+        for m in matches:
+            row = _row(m, example_inputs, positions, opts)
+            report.ffns.append(row)
+            if opts.skips(m.name):
+                row.status, row.reason = "dense", "excluded by options['skip']"
+            else:
+                selected.append(m)
+        if selected and torch.is_grad_enabled() and any(
+                isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
+            note = ("left dense: autograd is on and weights require grad; folding is inference-only, "
+                    "call the model under torch.no_grad() or torch.inference_mode()")
+            warnings.warn(f"tardis: {note}", stacklevel=2)
+            report.notes.append(note)
+            for row in report.ffns:
+                if row.status == "rewritten":
+                    row.status, row.reason = "dense", "autograd on"
+            selected = []
+        if not selected:
+            report.code = gm.code
+            return self._inner(gm, example_inputs)
+
+        ctx = PassContext(opts, {m.name for m in selected})
+        folded = fold_ffns(copy_graph_module(gm), ctx)
+        report.code = folded.code
+        for line in ctx.log:
+            log.info("tardis graph %d: %s", report.index, line)
+        names = folded.meta["tardis_folded"]
+        device = _device_of(example_inputs)
+        dummy = [torch.zeros(6, m.d_hidden, device=device) for m in _in_order(selected, names)]
+        compiled = self._inner(folded, [*example_inputs, *dummy])
+        by_name = {row.name: row for row in report.ffns}
+
+        if opts.profile is not None:
+            profile: Profile = opts.profile
+            profile.check({m.name: (m.d_in, m.d_hidden, m.d_out, m.activation.name) for m in selected})
+            for name in names:
+                _fill_from_profile(by_name[name], profile.ffns[name], opts.guard)
+            report.notes.append(f"profile: {profile.source} ({profile.tokens} tokens)")
+            packs = [profile.ffns[n].params(opts.guard).to(device) for n in names]
+            return _with_params(compiled, packs)
+
+        ctx_rec = PassContext(opts, ctx.names)
+        recording_gm = record_ffn_inputs(copy_graph_module(gm), ctx_rec)
+        for name in names:
+            by_name[name].status = "calibrating"
+        return AutoCalibratingGraph(recording_gm, compiled, _in_order(selected, names), positions,
+                                    opts, report)
+
+    def _inner(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        if self.options.inner == "eager":
+            return gm.forward
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = list_mode_options(self.mode) if self.mode else None
+        return compile_fx(gm, list(example_inputs), config_patches=patches)
+
+
+def _with_params(compiled: Callable, packs: list[torch.Tensor]) -> Callable:
+    def run(*args):
+        return compiled(*args, *packs)
+
+    return run
+
+
+class _CalibrationState:
+    def __init__(self, recorder: Recorder, fingerprint: float) -> None:
+        self.recorder = recorder
+        self.fingerprint = fingerprint
+        self.calls = 0
+        self.profile: Profile | None = None
+
+
+# Keyed by the data pointers of a graph's FFN weights: one state per model instance, shared by
+# every graph (prefill, decode, recompiles) that runs on those weights.
+_STATES: collections.OrderedDict = collections.OrderedDict()
+_MAX_STATES = 64
+
+
+class AutoCalibratingGraph:
+    """Runs dense while recording the first ``calibration_calls`` calls, then the folded graph."""
+
+    def __init__(self, recording_gm: GraphModule, compiled: Callable, matches: list[FFNMatch],
+                 positions: dict, options: TardisOptions, report: GraphReport) -> None:
+        self.recording_gm = recording_gm
+        self.compiled = compiled
+        self.options = options
+        self.report = report
+        self.ffns = [(m.name, m.pattern, m.activation.name,
+                      {"w1": positions[m.first.weight], "b1": positions.get(m.first.bias),
+                       "w2": positions[m.second.weight], "b2": positions.get(m.second.bias)},
+                      m.first.layout, m.second.layout) for m in matches]
+
+    def __call__(self, *args):
+        state = self._state(args)
+        if state.profile is not None:
+            return self.compiled(*args, *self._packs(state.profile, args))
+        for name, pattern, act, pos, l1, l2 in self.ffns:
+            state.recorder.register(name, pattern, act, {
+                "w1_rows": neuron_major(args[pos["w1"]], l1),
+                "b1": args[pos["b1"]] if pos["b1"] is not None else None,
+                "w2_rows": w2_neuron_major(args[pos["w2"]], l2),
+                "b2": args[pos["b2"]] if pos["b2"] is not None else None})
+        with torch.no_grad(), recording(state.recorder):
+            out = self.recording_gm(*args)
+        state.calls += 1
+        if state.calls >= self.options.calibration_calls:
+            n = state.calls
+            state.profile = state.recorder.fit(source=f"auto-calibration on calls 1-{n}")
+            state.recorder = None  # free the recorded tokens
+            note = (f"calibrated on calls 1-{n} ({state.profile.tokens} tokens); calls after that "
+                    "run the folded graph")
+            log.info("tardis graph %d: %s", self.report.index, note)
+            self.report.notes.append(note)
+            for row in self.report.ffns:
+                if row.name in state.profile.ffns:
+                    _fill_from_profile(row, state.profile.ffns[row.name], self.options.guard)
+        return out
+
+    def _state(self, args) -> _CalibrationState:
+        first = args[self.ffns[0][3]["w1"]]
+        key = tuple(args[pos["w1"]].data_ptr() for _, _, _, pos, _, _ in self.ffns)
+        fingerprint = float(first.reshape(-1)[:: max(1, first.numel() // 16)].double().sum())
+        state = _STATES.get(key)
+        if state is None or state.fingerprint != fingerprint:
+            state = _CalibrationState(Recorder(self.options.calibration), fingerprint)
+            _STATES[key] = state
+            while len(_STATES) > _MAX_STATES:
+                _STATES.popitem(last=False)
+        _STATES.move_to_end(key)
+        return state
+
+    def _packs(self, profile: Profile, args) -> list[torch.Tensor]:
+        cache = getattr(profile, "_packs", None)
+        if cache is None:
+            device = _device_of(args)
+            cache = [profile.ffns[name].params(self.options.guard).to(device) for name, *_ in self.ffns]
+            profile._packs = cache
+        return cache
+
+
+def recording_backend(recorder: Recorder) -> Callable:
+    """A backend for ``calibrate``: FFN inputs go to ``recorder``; the graph runs eagerly, unchanged."""
+
+    def backend(gm: GraphModule, example_inputs: Sequence[Any], **_) -> Callable:
+        _refuse_training_graph(gm)
+        fqns = placeholder_fqns(gm)
+        matches, _ = find_ffns(gm, fqns)
+        positions = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
+        for m in matches:
+            recorder.register(m.name, m.pattern, m.activation.name, {
+                "w1_rows": neuron_major(example_inputs[positions[m.first.weight]], m.first.layout),
+                "b1": example_inputs[positions[m.first.bias]] if m.first.bias is not None else None,
+                "w2_rows": w2_neuron_major(example_inputs[positions[m.second.weight]], m.second.layout),
+                "b2": example_inputs[positions[m.second.bias]] if m.second.bias is not None else None})
+        ctx = PassContext(TardisOptions(), {m.name for m in matches})
+        return record_ffn_inputs(copy_graph_module(gm), ctx).forward
+
+    return backend
+
+
+def capture_graphs(model: torch.nn.Module, *inputs: Any, **kwargs: Any) -> list[tuple[GraphModule, dict]]:
+    """Capture ``model``'s dynamo graphs on ``inputs`` (for tests and inspection), with their
+    parameter-placeholder FQNs. Runs the model eagerly; nothing is rewritten.
+
+    Example:
+        >>> lin = torch.nn.Linear(4, 4)
+        >>> (gm, fqns), = capture_graphs(lin, torch.randn(2, 4))
+        >>> sorted(fqns.values())
+        ['bias', 'weight']
+    """
+    graphs = []
+
+    def backend(gm, example_inputs, **_):
+        graphs.append((gm, placeholder_fqns(gm)))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(*inputs, **kwargs)
+    return graphs
+
+
+def _refuse_training_graph(gm: GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is F.dropout:
+            training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+            if training is True:
+                raise TrainingModeError(
+                    "tardis folds weights for inference, but this model is in training mode "
+                    f"(dropout is active at {node.name!r}). Call model.eval() before compiling "
+                    "with backend='tardis'.")
+
+
+def _row(m: FFNMatch, example_inputs, positions, opts: TardisOptions) -> FFNReport:
+    w1 = example_inputs[positions[m.first.weight]]
+    has_bias = m.first.bias is not None or m.second.bias is not None
+    row = FFNReport(m.name, m.pattern, m.activation.name, "rewritten", d_in=m.d_in, d_hidden=m.d_hidden,
+                    d_out=m.d_out)
+    row.elem_bytes, row.has_bias = w1.element_size(), has_bias
+    row.bytes_dense = ffn_bytes_per_token(m.d_in, m.d_hidden, m.d_out, row.elem_bytes, has_bias)
+    return row
+
+
+def _fill_from_profile(row: FFNReport, ffn: FFNProfile, guard: str) -> None:
+    """Copy calibration measurements for ``guard`` into the row and price the folded FFN."""
+    row.status = "rewritten"
+    row.coverage = ffn.stats["coverage"]
+    row.error_bound = ffn.stats["error_bound"]
+    guard_bytes = 0
+    if guard in ffn.stats["guards"]:
+        g = ffn.stats["guards"][guard]
+        row.flag_rate, row.recall, row.rel_error = g["flag_rate"], g["recall"], g["rel_error"]
+        row.guard_kernel = g.get("kernel", guard)
+        guard_bytes = g.get("bytes", 0)
+    elif guard == "all":
+        row.flag_rate, row.recall, row.rel_error = 1.0, 1.0, 0.0
+    rate = row.flag_rate if row.flag_rate is not None else 1.0
+    row.bytes_tardis = ffn_bytes_per_token(ffn.d_in, ffn.d_hidden, ffn.d_out, row.elem_bytes, row.has_bias,
+                                           guard, rate, guard_bytes)
+
+
+def _in_order(matches: list[FFNMatch], names: list[str]) -> list[FFNMatch]:
+    by_name = {m.name: m for m in matches}
+    return [by_name[n] for n in names]
+
+
+def _device_of(inputs: Sequence[Any]) -> torch.device:
+    for t in inputs:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")

@@ -1,0 +1,276 @@
+"""Calibrate: record each FFN's inputs on real text, then fit every neuron's range and line.
+
+Per neuron i, with z_i = W1[i] . x + b1_i over the calibration tokens:
+- range [l_i, u_i]: the shortest interval holding a fraction ``coverage`` of the z_i;
+- line a_i z + c_i: least squares of act(z) on the samples inside the range;
+- guard margin (per low-bit guard): a quantile of |z_hat_i - z_i|, z_hat from the guard's kernel.
+A held-out share of the tokens then measures what the user will see: range coverage, the guard's
+flag rate and recall (flagged out-of-range / all out-of-range), and the FFN's output error.
+
+We record FFN *inputs* x (d per token), not z (m = 4d per token), and recompute z when fitting.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .activations import get_activation_rule
+from .config import LOW_BIT_GUARDS, CalibrationConfig
+from .profile import FFNProfile, Profile
+from .runtime.guard import LowBitGuard
+
+log = logging.getLogger("tardis_compiler")
+
+
+class FFNRecord:
+    """One FFN's weights (live references, read when fitting) and a reservoir of its inputs."""
+
+    def __init__(self, name: str, pattern: str, activation: str, weights: dict[str, torch.Tensor | None],
+                 max_tokens: int, seed: int) -> None:
+        self.name, self.pattern, self.activation = name, pattern, activation
+        self.weights = weights  # w1_rows (m, d_in), b1, w2_rows (m, d_out), b2
+        self.max_tokens = max_tokens
+        self.samples: torch.Tensor | None = None
+        self.filled = 0
+        self.seen = 0
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Reservoir-sample the rows of ``x`` (..., d_in) so any prefix of tokens is represented."""
+        rows = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        if self.samples is None:
+            self.samples = torch.empty(self.max_tokens, rows.shape[1])
+        take = min(rows.shape[0], self.max_tokens - self.filled)
+        self.samples[self.filled:self.filled + take] = rows[:take]
+        self.filled += take
+        rest = rows[take:]
+        if rest.shape[0]:
+            positions = torch.arange(self.seen + take + 1, self.seen + rows.shape[0] + 1)
+            slots = (torch.rand(rest.shape[0], generator=self._generator) * positions).long()
+            keep = slots < self.max_tokens
+            self.samples[slots[keep]] = rest[keep]
+        self.seen += rows.shape[0]
+
+    def tokens(self) -> torch.Tensor:
+        """The kept input rows, (n, d_in) float32."""
+        return self.samples[:self.filled] if self.samples is not None else torch.empty(0, 0)
+
+
+class Recorder:
+    """Collects ``FFNRecord``s while a recording graph runs (see ``recording``)."""
+
+    def __init__(self, config: CalibrationConfig) -> None:
+        self.config = config
+        self.ffns: dict[str, FFNRecord] = {}
+
+    def register(self, name: str, pattern: str, activation: str, weights: dict) -> None:
+        """Declare an FFN (first time its graph is compiled or run)."""
+        if name not in self.ffns:
+            seed = self.config.seed + len(self.ffns)
+            self.ffns[name] = FFNRecord(name, pattern, activation, weights, self.config.max_tokens, seed)
+
+    def fit(self, source: str) -> Profile:
+        """Fit every recorded FFN (see the module docstring) into a ``Profile``."""
+        empty = [n for n, r in self.ffns.items() if r.filled == 0]
+        if not self.ffns or empty:
+            raise ValueError(
+                "calibration saw no tokens" + (f" for FFNs {empty[:3]}" if empty else "")
+                + ": pass a non-empty iterable of model inputs (tensors or dicts of keyword arguments)")
+        ffns = {}
+        records = self.ffns.items()
+        if self.config.progress and len(self.ffns) > 1:
+            from tqdm.auto import tqdm
+
+            records = tqdm(records, total=len(self.ffns), desc="tardis: fitting FFN ranges", leave=False)
+        for name, record in records:
+            ffns[name] = fit_ffn(record, self.config)
+        tokens = max(r.seen for r in self.ffns.values())
+        return Profile(ffns=ffns, config=self.config, tokens=tokens, source=source)
+
+
+_ACTIVE: list[Recorder] = []
+
+
+@contextlib.contextmanager
+def recording(recorder: Recorder) -> Iterator[Recorder]:
+    """Route ``record_ffn_input`` calls made inside the block to ``recorder``."""
+    _ACTIVE.append(recorder)
+    try:
+        yield recorder
+    finally:
+        _ACTIVE.remove(recorder)
+
+
+def record_ffn_input(x: torch.Tensor, name: str) -> None:
+    """Graph hook inserted by the recording pass: hand an FFN's input to the active recorder."""
+    if _ACTIVE:
+        _ACTIVE[-1].ffns[name].add(x)
+
+
+def calibrate(model: torch.nn.Module, batches: Iterable[Any], config: CalibrationConfig | None = None) -> Profile:
+    """Record every FFN's inputs on ``batches`` and fit per-neuron ranges, lines and guard margins.
+
+    ``batches`` yields model inputs: a tensor (``model(t)``), a tuple (``model(*t)``) or a dict of
+    keyword arguments (``model(**d)``). Runs under ``torch.no_grad()``; the model is not modified.
+
+    Example:
+        >>> import torch, tardis_compiler as tc
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval()
+        >>> profile = tc.calibrate(mlp, [torch.randn(32, 16) for _ in range(4)],
+        ...                        tc.CalibrationConfig(progress=False))
+        >>> list(profile.ffns), profile.ffns[""].d_hidden
+        ([''], 64)
+    """
+    from .backend import recording_backend
+
+    config = config or CalibrationConfig()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"calibrate() needs an nn.Module, got {type(model).__name__}")
+    if model.training:
+        raise ValueError("calibrate() needs the model in eval mode (folding is an inference transform): "
+                         "call model.eval() first")
+    batches = list(batches) if not isinstance(batches, (list, tuple)) else batches
+    if len(batches) == 0:
+        raise ValueError("calibrate() got an empty calibration set: pass at least one batch of real "
+                         "inputs (e.g. a few tokenized paragraphs)")
+    recorder = Recorder(config)
+    compiled = torch.compile(model, backend=recording_backend(recorder), dynamic=None)
+    progress = batches
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(batches, desc="tardis: recording FFN inputs")
+    with torch.no_grad(), recording(recorder):
+        for batch in progress:
+            _call(compiled, batch)
+    if not recorder.ffns:
+        raise ValueError("calibrate() found no FFN in this model; tardis_compiler.explain(model, inputs) "
+                         "lists what was matched and why patterns were skipped")
+    return recorder.fit(source=f"calibrate(): {len(batches)} batches")
+
+
+def _call(model, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def fit_ffn(record: FFNRecord, config: CalibrationConfig) -> FFNProfile:
+    """Fit one FFN's per-neuron ranges, lines and guard margins, and measure them on held-out tokens."""
+    w = {k: (v.detach().float().cpu() if v is not None else None) for k, v in record.weights.items()}
+    act = get_activation_rule(record.activation).fn
+    x = record.tokens()
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed))
+    n_hold = int(x.shape[0] * config.holdout_fraction) if x.shape[0] >= 20 else 0
+    x_fit, x_hold = x[perm[n_hold:]], x[perm[:n_hold]]
+    z_fit = F.linear(x_fit, w["w1_rows"], w["b1"])
+
+    lower, upper = shortest_intervals(z_fit, config.coverage)
+    slope, intercept = fit_lines(z_fit, act(z_fit), lower, upper)
+    line_error = max_line_error(act, slope, intercept, lower, upper)
+
+    stats: dict[str, Any] = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0]}
+    x_eval = x_hold if n_hold else x_fit  # tiny sets: report in-sample numbers, and say so
+    stats["measured_on"] = "holdout" if n_hold else "fit tokens (too few for a holdout)"
+    z_eval = F.linear(x_eval, w["w1_rows"], w["b1"])
+    outside = (z_eval < lower) | (z_eval > upper)
+    stats["coverage"] = 1.0 - outside.float().mean().item()
+    # |dy|_inf <= sum_i |W2[:, i]| line_error_i whenever the guard misses no out-of-range neuron.
+    stats["error_bound"] = (w["w2_rows"].abs() * line_error[:, None]).sum(0).max().item()
+    line = lambda z: slope * z + intercept  # noqa: E731
+    dense_y = F.linear(act(z_eval), w["w2_rows"].t(), w["b2"])
+    stats["guards"] = {"exact": _guard_stats(outside, outside, act, line, z_eval, w["w2_rows"], dense_y)}
+
+    margins = {}
+    for guard, bits in LOW_BIT_GUARDS.items():
+        low_bit = LowBitGuard.build(w["w1_rows"], bits, config.group_size)
+        b1 = w["b1"] if w["b1"] is not None else 0.0
+        err_fit = (low_bit.predict(x_fit) + b1 - z_fit).abs()
+        margins[guard] = _column_quantile(err_fit, config.margin_quantile)
+        z_hat = low_bit.predict(x_eval) + b1
+        flags = (z_hat < lower + margins[guard]) | (z_hat > upper - margins[guard])
+        stats["guards"][guard] = _guard_stats(flags, outside, act, line, z_eval, w["w2_rows"], dense_y)
+        stats["guards"][guard].update(kernel=low_bit.kernel, group_size=low_bit.group_size,
+                                      bytes=low_bit.bytes_read(*w["w1_rows"].shape))
+    return FFNProfile(
+        name=record.name, pattern=record.pattern, activation=record.activation,
+        d_in=w["w1_rows"].shape[1], d_hidden=w["w1_rows"].shape[0], d_out=w["w2_rows"].shape[1],
+        slope=slope, intercept=intercept, lower=lower, upper=upper, line_error=line_error,
+        margins=margins, stats=stats,
+    )
+
+
+def shortest_intervals(z: torch.Tensor, coverage: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of ``z`` (tokens, neurons), the shortest interval holding ``coverage`` of it.
+
+    Example:
+        >>> lo, hi = shortest_intervals(torch.tensor([[0.], [1.], [2.], [10.]]), 0.75)
+        >>> lo.item(), hi.item()
+        (0.0, 2.0)
+    """
+    n = z.shape[0]
+    k = max(1, min(n, math.ceil(coverage * n)))
+    ordered, _ = z.sort(dim=0)
+    widths = ordered[k - 1:] - ordered[: n - k + 1]
+    start = widths.argmin(dim=0)
+    cols = torch.arange(z.shape[1])
+    return ordered[start, cols].clone(), ordered[start + k - 1, cols].clone()
+
+
+def fit_lines(z: torch.Tensor, y: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor):
+    """Per-column least-squares line y ~ a z + c over the samples inside [lower, upper].
+
+    Columns whose in-range samples are (nearly) constant in z get a = 0, c = mean(y).
+
+    Example:
+        >>> z = torch.linspace(-1, 1, 50)[:, None]
+        >>> a, c = fit_lines(z, 3 * z + 1, torch.tensor([-1.]), torch.tensor([1.]))
+        >>> round(a.item(), 4), round(c.item(), 4)
+        (3.0, 1.0)
+    """
+    inside = ((z >= lower) & (z <= upper)).double()
+    zd, yd = z.double(), y.double()
+    n = inside.sum(0).clamp(min=1)
+    mean_z = (inside * zd).sum(0) / n
+    mean_y = (inside * yd).sum(0) / n
+    dz = (zd - mean_z) * inside
+    var = (dz * dz).sum(0)
+    cov = (dz * (yd - mean_y)).sum(0)
+    flat = var <= 1e-12 * n
+    slope = torch.where(flat, torch.zeros_like(var), cov / var.clamp(min=1e-30))
+    intercept = mean_y - slope * mean_z
+    return slope.float(), intercept.float()
+
+
+def max_line_error(act, slope, intercept, lower, upper, points: int = 257) -> torch.Tensor:
+    """max over [lower, upper] of |act(z) - (slope z + intercept)|, per neuron, on a fine grid."""
+    t = torch.linspace(0, 1, points, dtype=torch.float64)[:, None]
+    grid = lower.double() + t * (upper.double() - lower.double())
+    err = act(grid) - (slope.double() * grid + intercept.double())
+    return err.abs().amax(0).float()
+
+
+def _column_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    # kthvalue, not torch.quantile: quantile refuses inputs over 16M elements.
+    k = max(1, min(values.shape[0], math.ceil(q * values.shape[0])))
+    return values.kthvalue(k, dim=0).values
+
+
+def _guard_stats(flags, outside, act, line, z, w2_rows, dense_y) -> dict[str, float]:
+    missed = outside & ~flags
+    # Unflagged neurons use the line: their error is line(z) - act(z), exact elsewhere.
+    delta_h = torch.where(flags, torch.zeros_like(z), line(z) - act(z))
+    delta_y = delta_h @ w2_rows
+    return {
+        "flag_rate": flags.float().mean().item(),
+        "recall": 1.0 - missed.sum().item() / max(1, outside.sum().item()),
+        "rel_error": (delta_y.norm() / dense_y.norm().clamp(min=1e-30)).item(),
+        "max_abs_error": delta_y.abs().max().item() if delta_y.numel() else 0.0,
+    }

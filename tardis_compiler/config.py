@@ -1,0 +1,149 @@
+"""Validated configuration: what calibration fits, and what the backend does with it.
+
+Both classes validate in ``__post_init__`` and round-trip through plain dicts (JSON), so a profile
+records the exact config it was calibrated with.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from typing import Any, Mapping
+
+#: Guards: a low-bit copy of W1 predicts z (int2/int4/int8); "exact" computes z in full (slow, for
+#: testing); "all" flags every neuron, which must reproduce the dense model (exactness invariant).
+LOW_BIT_GUARDS = {"int2": 2, "int4": 4, "int8": 8}
+GUARDS = (*LOW_BIT_GUARDS, "exact", "all")
+INNER_COMPILERS = ("inductor", "eager")
+
+
+@dataclasses.dataclass
+class CalibrationConfig:
+    """How calibration picks each neuron's range and line, and sizes the guard's margin.
+
+    Args:
+        coverage: fraction p of a neuron's calibration inputs its range must hold (the shortest
+            interval covering p). About 1 - p of neurons take the exact path per token.
+        max_tokens: token rows kept per FFN (reservoir-sampled beyond that), bounding memory.
+        holdout_fraction: share of kept tokens not used for fitting, on which guard recall and
+            flag rate are measured.
+        margin_quantile: a neuron's guard margin is this quantile of |z_hat - z| on the fitting
+            tokens; higher favours recall (exactness) over fewer flags (speed).
+        group_size: quantization group size of the guard's low-bit W1 copy.
+        seed: seeds the token reservoir.
+        progress: show a progress bar.
+
+    Example:
+        >>> CalibrationConfig(coverage=0.7).coverage
+        0.7
+        >>> CalibrationConfig.from_dict(CalibrationConfig().to_dict()) == CalibrationConfig()
+        True
+    """
+
+    coverage: float = 0.85
+    max_tokens: int = 8192
+    holdout_fraction: float = 0.2
+    margin_quantile: float = 0.999
+    group_size: int = 64
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.coverage <= 1.0, f"coverage must be in (0, 1], got {self.coverage}")
+        _check(self.max_tokens >= 16, f"max_tokens must be >= 16, got {self.max_tokens}")
+        _check(0.0 <= self.holdout_fraction < 0.9,
+               f"holdout_fraction must be in [0, 0.9), got {self.holdout_fraction}")
+        _check(0.0 < self.margin_quantile <= 1.0,
+               f"margin_quantile must be in (0, 1], got {self.margin_quantile}")
+        _check(self.group_size >= 8 and self.group_size % 8 == 0,
+               f"group_size must be a positive multiple of 8, got {self.group_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form, for JSON. Example: ``CalibrationConfig().to_dict()["coverage"]``."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CalibrationConfig":
+        """Inverse of ``to_dict``; unknown keys are an error naming the valid ones."""
+        return cls(**_known_keys(cls, data, "calibration config"))
+
+
+@dataclasses.dataclass
+class TardisOptions:
+    """Options of ``torch.compile(model, backend="tardis", options=...)`` and ``explain``.
+
+    Args:
+        profile: a ``Profile`` from ``calibrate`` (or a path to a saved one). Without one, the
+            compiled model runs dense for ``calibration_calls`` calls while it records FFN
+            inputs, then calibrates and switches to the folded graph.
+        guard: "int4" (default), "int2", "int8", "exact" or "all"; see ``GUARDS``.
+        inner: compiler for the rewritten graph: "inductor" (default) or "eager" (debugging).
+        calibration_calls: calls recorded before auto-calibration (no-profile mode).
+        calibration: ``CalibrationConfig`` (or dict) for auto-calibration.
+        dense_above: if more than this fraction of an FFN's neurons is flagged in a call (the
+            union over its tokens), run that FFN dense: cheaper than a near-full correction.
+        skip: FFN names or regexes to leave dense.
+
+    Example:
+        >>> TardisOptions.from_mapping({"guard": "exact", "inner": "eager"}).guard
+        'exact'
+    """
+
+    profile: Any = None
+    guard: str = "int4"
+    inner: str = "inductor"
+    calibration_calls: int = 8
+    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+    dense_above: float = 0.5
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(self.guard in GUARDS, f"guard must be one of {GUARDS}, got {self.guard!r}")
+        _check(self.inner in INNER_COMPILERS,
+               f"inner must be one of {INNER_COMPILERS}, got {self.inner!r}")
+        _check(isinstance(self.calibration_calls, int) and self.calibration_calls >= 1,
+               f"calibration_calls must be an int >= 1, got {self.calibration_calls!r}")
+        _check(0.0 < self.dense_above <= 1.0, f"dense_above must be in (0, 1], got {self.dense_above}")
+        if isinstance(self.calibration, Mapping):
+            self.calibration = CalibrationConfig.from_dict(self.calibration)
+        _check(isinstance(self.calibration, CalibrationConfig),
+               "calibration must be a CalibrationConfig or a dict of its fields")
+        if isinstance(self.skip, str):
+            self.skip = (self.skip,)
+        self.skip = tuple(self.skip)
+        for pattern in self.skip:
+            re.compile(pattern)
+        if self.profile is not None and not hasattr(self.profile, "ffns"):
+            from .profile import Profile  # a path: load it here so a bad path fails at compile time
+
+            self.profile = Profile.load(self.profile)
+
+    def skips(self, ffn_name: str) -> bool:
+        """True if ``ffn_name`` is excluded by ``skip`` (exact name or full regex match)."""
+        return any(p == ffn_name or re.fullmatch(p, ffn_name) for p in self.skip)
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | "TardisOptions" | None) -> "TardisOptions":
+        """Build from ``torch.compile``'s ``options`` dict; unknown keys get a did-you-mean error."""
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        if not isinstance(options, Mapping):
+            raise TypeError(f"tardis options must be a dict, got {type(options).__name__}")
+        return cls(**_known_keys(cls, options, "tardis option"))
+
+
+def _known_keys(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            hint = difflib.get_close_matches(key, fields, n=1)
+            suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(f"unknown {what} {key!r}.{suggestion} Valid: {sorted(fields)}")
+    return dict(data)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)

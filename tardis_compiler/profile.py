@@ -1,0 +1,151 @@
+"""Calibration results: per FFN neuron, its range, its line, and the guard's margins.
+
+A profile is a folder: ``profile.json`` (format version, calibration config, every FFN's name,
+shapes, activation and measured statistics) and ``tensors.safetensors`` (the per-neuron vectors).
+No pickle: loading a profile never runs code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import LOW_BIT_GUARDS, CalibrationConfig
+
+FORMAT = "tardis-profile"
+FORMAT_VERSION = 1
+_VECTORS = ("slope", "intercept", "lower", "upper", "line_error")
+
+
+class ProfileMismatchError(ValueError):
+    """A profile was applied to a model whose FFNs differ from the calibrated ones."""
+
+
+@dataclasses.dataclass
+class FFNProfile:
+    """Calibration of one FFN. Vectors have one entry per hidden neuron (float32).
+
+    ``margins[guard]`` widens the guard's flag band for that low-bit guard; ``stats`` holds what
+    calibration measured (range coverage; per guard: flag rate, recall and output error on the
+    held-out calibration tokens).
+    """
+
+    name: str
+    pattern: str
+    activation: str
+    d_in: int
+    d_hidden: int
+    d_out: int
+    slope: torch.Tensor
+    intercept: torch.Tensor
+    lower: torch.Tensor
+    upper: torch.Tensor
+    line_error: torch.Tensor
+    margins: dict[str, torch.Tensor]
+    stats: dict[str, Any]
+
+    def params(self, guard: str) -> torch.Tensor:
+        """The (6, m) tensor the fused op takes: slope, intercept, lower, upper, flag thresholds.
+
+        Example: ``profile.ffns[name].params("int4")``.
+        """
+        if guard in LOW_BIT_GUARDS:
+            margin = self.margins[guard]
+            lo, hi = self.lower + margin, self.upper - margin
+        else:
+            lo, hi = self.lower, self.upper
+        return torch.stack([self.slope, self.intercept, self.lower, self.upper, lo, hi]).float().contiguous()
+
+    def signature(self) -> tuple[int, int, int, str]:
+        """What must match between a model's FFN and this profile."""
+        return (self.d_in, self.d_hidden, self.d_out, self.activation)
+
+
+@dataclasses.dataclass
+class Profile:
+    """Everything ``calibrate`` learned; pass it as ``options={"profile": profile}``.
+
+    Example:
+        >>> import tempfile, tardis_compiler as tc
+        >>> p = tc.Profile(ffns={}, config=tc.CalibrationConfig(), tokens=0, source="demo")
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     p.save(d); tc.Profile.load(d).source
+        'demo'
+    """
+
+    ffns: dict[str, FFNProfile]
+    config: CalibrationConfig
+    tokens: int
+    source: str
+    version: int = FORMAT_VERSION
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``path/profile.json`` and ``path/tensors.safetensors`` (creating ``path``)."""
+        os.makedirs(path, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        ffns = {}
+        for name, ffn in self.ffns.items():
+            for field in _VECTORS:
+                tensors[f"{name}/{field}"] = getattr(ffn, field).float().contiguous()
+            for guard, margin in ffn.margins.items():
+                tensors[f"{name}/margin.{guard}"] = margin.float().contiguous()
+            ffns[name] = {
+                "pattern": ffn.pattern, "activation": ffn.activation, "d_in": ffn.d_in,
+                "d_hidden": ffn.d_hidden, "d_out": ffn.d_out, "guards": sorted(ffn.margins),
+                "stats": ffn.stats,
+            }
+        meta = {
+            "format": FORMAT, "version": self.version, "tokens": self.tokens, "source": self.source,
+            "config": self.config.to_dict(), "ffns": ffns,
+        }
+        with open(os.path.join(path, "profile.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        save_file(tensors, os.path.join(path, "tensors.safetensors"))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Profile":
+        """Read a profile written by ``save``; an unknown format or newer version is an error."""
+        meta_path = os.path.join(path, "profile.json")
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{meta_path} not found: is {path!r} a folder written by Profile.save?")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path} is not a tardis profile (format={meta.get('format')!r})")
+        if meta.get("version", 0) > FORMAT_VERSION:
+            raise ValueError(f"profile format version {meta['version']} is newer than this "
+                             f"tardis_compiler understands ({FORMAT_VERSION}); upgrade the package")
+        tensors = load_file(os.path.join(path, "tensors.safetensors"))
+        ffns = {}
+        for name, info in meta["ffns"].items():
+            ffns[name] = FFNProfile(
+                name=name, pattern=info["pattern"], activation=info["activation"],
+                d_in=info["d_in"], d_hidden=info["d_hidden"], d_out=info["d_out"],
+                **{field: tensors[f"{name}/{field}"] for field in _VECTORS},
+                margins={g: tensors[f"{name}/margin.{g}"] for g in info["guards"]},
+                stats=info["stats"],
+            )
+        return cls(ffns=ffns, config=CalibrationConfig.from_dict(meta["config"]),
+                   tokens=meta["tokens"], source=meta["source"], version=meta["version"])
+
+    def check(self, found: dict[str, tuple[int, int, int, str]]) -> None:
+        """Raise ``ProfileMismatchError`` unless every FFN in ``found`` (name -> d_in, d_hidden,
+        d_out, activation) was calibrated with the same shapes and activation."""
+        problems = []
+        for name, signature in found.items():
+            ffn = self.ffns.get(name)
+            if ffn is None:
+                problems.append(f"  {name}: not in the profile")
+            elif ffn.signature() != signature:
+                problems.append(f"  {name}: model has (d_in, d_hidden, d_out, act)={signature}, "
+                                f"profile has {ffn.signature()}")
+        if problems:
+            known = ", ".join(list(self.ffns)[:4]) + (" ..." if len(self.ffns) > 4 else "")
+            raise ProfileMismatchError(
+                "this profile does not match the model's FFNs:\n" + "\n".join(problems[:8])
+                + f"\nThe profile covers: {known or 'no FFNs'}. Calibrate this model with "
+                "tardis_compiler.calibrate(model, batches) and pass that profile.")

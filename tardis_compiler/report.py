@@ -1,0 +1,105 @@
+"""What the backend did to each graph, and what it costs: the data behind ``explain``."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class FFNReport:
+    """One FFN: where it is, what happened to it, and what it reads per token."""
+
+    name: str
+    pattern: str
+    activation: str
+    status: str  # "rewritten", "calibrating", "dense" or "skipped"
+    reason: str = ""
+    d_in: int = 0
+    d_hidden: int = 0
+    d_out: int = 0
+    coverage: float | None = None
+    flag_rate: float | None = None  # calibration holdout, for the chosen guard
+    recall: float | None = None
+    rel_error: float | None = None
+    error_bound: float | None = None
+    runtime_flag_rate: float | None = None  # measured on explain's inputs
+    runtime_corrected_rate: float | None = None
+    bytes_dense: int = 0
+    bytes_tardis: float | None = None
+    guard_kernel: str = ""
+    elem_bytes: int = 4
+    has_bias: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form, for JSON."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class GraphReport:
+    """One dynamo graph: its FFNs, notes (calibration calls, why it stayed dense), rewritten code."""
+
+    index: int
+    guard: str
+    ffns: list[FFNReport] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    code: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form, for JSON."""
+        return {"index": self.index, "guard": self.guard, "notes": self.notes, "code": self.code,
+                "ffns": [f.to_dict() for f in self.ffns]}
+
+
+def ffn_bytes_per_token(d_in: int, d_hidden: int, d_out: int, elem_bytes: int, has_bias: bool,
+                        guard: str = "dense", corrected_rate: float = 0.0, guard_bytes: int = 0) -> float:
+    """FFN weight bytes read per token at batch 1, dense (``guard="dense"``) or folded.
+
+    Folded: Wf and bf, the guard (its low-bit W1 plus b1 and two float32 thresholds per neuron;
+    the full W1 for ``guard="exact"``), and for each corrected neuron its W1 row, W2 column, bias
+    and its float32 slope and intercept.
+
+    Example:
+        >>> ffn_bytes_per_token(384, 1536, 384, 4, True)   # MiniLM FFN, fp32
+        4725248
+    """
+    m = d_hidden
+    if guard == "dense":
+        return (m * d_in + m * d_out + (m + d_out) * has_bias) * elem_bytes
+    folded = (d_out * d_in + d_out) * elem_bytes
+    if guard == "exact":
+        guard_bytes = m * d_in * elem_bytes
+    if guard != "all":
+        guard_bytes += m * elem_bytes * has_bias + m * 4 * 2
+    per_neuron = (d_in + d_out + has_bias) * elem_bytes + 2 * 4
+    return folded + guard_bytes + corrected_rate * m * per_neuron
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_table(graphs: list[GraphReport]) -> str:
+    """A fixed-width table of every FFN in ``graphs``, then the notes."""
+    header = ("FFN", "status", "pattern", "cover", "flag", "recall", "rel.err", "MB/tok dense",
+              "MB/tok tardis")
+    rows = []
+    for g in graphs:
+        for f in g.ffns:
+            status = f.status if not f.reason else f"{f.status}: {f.reason}"
+            flag = f.runtime_flag_rate if f.runtime_flag_rate is not None else f.flag_rate
+            rows.append((f.name or "<root>", status, f.pattern, _fmt(f.coverage, ".3f"), _fmt(flag, ".3f"),
+                         _fmt(f.recall, ".4f"), _fmt(f.rel_error, ".2e"), _fmt(f.bytes_dense / 1e6, ".3f"),
+                         _fmt(None if f.bytes_tardis is None else f.bytes_tardis / 1e6, ".3f")))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    widths[1] = min(widths[1], 60)
+    lines = ["  ".join(str(c)[:w].ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    dense = sum(f.bytes_dense for g in graphs for f in g.ffns)
+    tardis = sum(f.bytes_tardis if f.bytes_tardis is not None else f.bytes_dense for g in graphs for f in g.ffns)
+    if dense:
+        lines.append(f"FFN weight bytes read per token: dense {dense / 1e6:.3f} MB, tardis {tardis / 1e6:.3f} MB "
+                     f"({tardis / dense:.3f} of dense)")
+    for g in graphs:
+        lines.extend(f"graph {g.index}: {note}" for note in g.notes)
+    return "\n".join(lines)

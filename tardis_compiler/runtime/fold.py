@@ -1,0 +1,134 @@
+"""Partial constant folding at run time, memoised on the weights' identity and version.
+
+Folded weights are never baked into a graph: dynamo reuses a compiled graph for another instance
+of the same module class, and an in-place weight update does not recompile (DESIGN section 3). The
+fused op instead folds from the weights it receives, and caches the result keyed on each input's
+``(data_ptr, _version, shape, dtype)`` plus a small content fingerprint, so a new model allocated
+where a freed one lived (same pointer, version 0) is not mistaken for it. Updates made through
+``.data`` bypass version counters: call ``tardis_compiler.clear_caches()`` after those.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import torch
+
+from .guard import LowBitGuard
+
+_MAX_ENTRIES = 1024
+
+
+@dataclasses.dataclass
+class FoldedFFN:
+    """What one FFN's fast path needs: the folded affine map and the guard's low-bit W1."""
+
+    weight: torch.Tensor  # Wf = W2 diag(a) W1, (d_out, d_in), in the model dtype
+    bias: torch.Tensor  # bf = W2 (a * b1 + c) + b2, (d_out,)
+    guard: LowBitGuard | None
+
+
+def neuron_major(w: torch.Tensor, layout: str) -> torch.Tensor:
+    """View a weight as (neurons, features): nn.Linear W1 is already so, Conv1D's is transposed.
+
+    For W1 the neurons are its outputs; for W2 its inputs, so call this with the *flipped* layout
+    for W2 (see ``w2_neuron_major``).
+    """
+    return w if layout == "out_in" else w.t()
+
+
+def w2_neuron_major(w2: torch.Tensor, layout: str) -> torch.Tensor:
+    """W2 as (m, d_out): neurons are W2's input features."""
+    return w2.t() if layout == "out_in" else w2
+
+
+def fold_ffn(
+    w1_rows: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2_rows: torch.Tensor,
+    b2: torch.Tensor | None,
+    slope: torch.Tensor,
+    intercept: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold ``y = W2 (a * (W1 x + b1) + c) + b2`` into ``Wf x + bf`` (computed in float32 or wider).
+
+    Example:
+        >>> w1, w2 = torch.randn(6, 4), torch.randn(6, 3)   # neuron-major
+        >>> a, c = torch.rand(6), torch.rand(6)
+        >>> wf, bf = fold_ffn(w1, None, w2, None, a, c)
+        >>> x = torch.randn(4)
+        >>> torch.allclose(wf @ x + bf, w2.t() @ (a * (w1 @ x) + c), atol=1e-5)
+        True
+    """
+    compute = torch.float64 if w1_rows.dtype == torch.float64 else torch.float32
+    w1 = w1_rows.to(compute)
+    w2 = w2_rows.to(compute)
+    a = slope.to(compute)
+    c = intercept.to(compute)
+    weight = w2.t() @ (a[:, None] * w1)
+    shift = a * b1.to(compute) + c if b1 is not None else c
+    bias = w2.t() @ shift
+    if b2 is not None:
+        bias = bias + b2.to(compute)
+    return weight.to(w1_rows.dtype), bias.to(w1_rows.dtype)
+
+
+class FoldCache:
+    """LRU cache of ``FoldedFFN`` keyed on (FFN name, weight pointers); validated on every hit."""
+
+    def __init__(self, max_entries: int = _MAX_ENTRIES) -> None:
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self.max_entries = max_entries
+        self.builds = 0  # how many folds were computed (tests assert reuse and invalidation)
+
+    def get(self, name: str, tensors: dict[str, torch.Tensor | None], build) -> FoldedFFN:
+        """Return the cached fold for ``tensors`` or call ``build()`` and cache it."""
+        slot = (name, tensors["w1"].data_ptr(), tensors["w2"].data_ptr())
+        key = tuple(_identity(t) for t in tensors.values())
+        hit = self._entries.get(slot)
+        if hit is not None and hit[0] == key:
+            self._entries.move_to_end(slot)
+            return hit[1]
+        value = build()
+        self.builds += 1
+        self._entries[slot] = (key, value)
+        self._entries.move_to_end(slot)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        """Drop every cached fold."""
+        self._entries.clear()
+
+
+def _identity(t: torch.Tensor | None):
+    if t is None:
+        return None
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors carry no version counter; the fingerprint still helps
+        version = -1
+    return (t.data_ptr(), version, tuple(t.shape), t.stride(), t.dtype, t.device, _fingerprint(t))
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    # 16 elements spread over the tensor, read without copying it. Skipped off CPU, where reading
+    # them would synchronise the device on every call.
+    if t.device.type != "cpu" or t.numel() == 0:
+        return ()
+    picks = [torch.linspace(0, n - 1, 16).long() for n in t.shape]
+    return tuple(t[tuple(picks)].tolist()) if picks else (t.item(),)
+
+
+FOLD_CACHE = FoldCache()
+
+
+def clear_caches() -> None:
+    """Forget every folded weight (needed only after weight edits that bypass ``_version``).
+
+    Example:
+        >>> import tardis_compiler
+        >>> tardis_compiler.clear_caches()
+    """
+    FOLD_CACHE.clear()

@@ -1,0 +1,119 @@
+"""Lowering: the fused ``tardis::folded_ffn`` custom op that replaces each calibrated FFN.
+
+    y = Wf x + bf + sum_{i flagged} W2[:, i] * (act(z_i) - a_i z_i - c_i),   z_i = W1[i] . x + b1_i
+
+Exact for any superset of the out-of-range neurons, so the op corrects the *union* of the neurons
+flagged for any of its tokens; when that union is larger than ``dense_above`` of the neurons (long
+prefills), it runs the dense FFN instead, which is exact and cheaper there. ``guard="all"`` never
+takes that shortcut: it exists to check the folded path against the dense model.
+
+The op is opaque to inductor (kept as an extern call) and carries a fake kernel for tracing.
+``params`` packs the per-neuron calibration as rows: slope, intercept, lower, upper, and the
+guard's lower/upper flag thresholds (see ``PARAM_ROWS``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..activations import get_activation_rule
+from .correction import gather_rows_matmul, scatter_rows_matmul
+from .fold import FOLD_CACHE, FoldedFFN, fold_ffn, neuron_major, w2_neuron_major
+from .guard import LowBitGuard
+from .stats import active_stats
+
+PARAM_ROWS = ("slope", "intercept", "lower", "upper", "guard_lower", "guard_upper")
+_GUARD_BITS = {"int2": 2, "int4": 4, "int8": 8}
+
+
+@torch.library.custom_op("tardis::folded_ffn", mutates_args=())
+def folded_ffn(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    params: torch.Tensor,
+    name: str,
+    activation: str,
+    w1_layout: str,
+    w2_layout: str,
+    guard: str,
+    group_size: int,
+    dense_above: float,
+) -> torch.Tensor:
+    """Folded FFN with exact correction of guard-flagged neurons; see the module docstring.
+
+    Example:
+        >>> import torch
+        >>> w1, w2 = torch.randn(16, 4), torch.randn(4, 16)       # nn.Linear layouts
+        >>> params = torch.zeros(6, 16); params[0] = 1.0             # line z -> z, never in range
+        >>> x = torch.randn(2, 4)
+        >>> y = torch.ops.tardis.folded_ffn(x, w1, None, w2, None, params, "demo", "relu",
+        ...                                 "out_in", "out_in", "all", 64, 0.5)
+        >>> torch.allclose(y, torch.relu(x @ w1.T) @ w2.T, atol=1e-5)
+        True
+    """
+    w1_rows = neuron_major(w1, w1_layout)
+    w2_rows = w2_neuron_major(w2, w2_layout)
+    m, d_in = w1_rows.shape
+    d_out = w2_rows.shape[1]
+    x2 = x.reshape(-1, d_in)
+    params = params.to(device=x.device, dtype=torch.float32)
+    slope, intercept, lower, upper, guard_lower, guard_upper = params.unbind(0)
+    folded = _folded(name, w1_rows, b1, w2_rows, b2, slope, intercept, guard, group_size, params)
+
+    if guard == "all":
+        idx = torch.arange(m, device=x.device)
+        flagged = x2.shape[0] * m
+    else:
+        if guard == "exact":
+            z = F.linear(x2, w1_rows, b1).float()
+            flags = (z < lower) | (z > upper)
+        else:
+            z_hat = folded.guard.predict(x2)
+            if b1 is not None:
+                z_hat = z_hat + b1.float()
+            flags = (z_hat < guard_lower) | (z_hat > guard_upper)
+        idx = flags.any(dim=0).nonzero().squeeze(1)
+        flagged = int(flags.sum())
+        if idx.numel() > dense_above * m:
+            _record(name, x2.shape[0], m, flagged, m, dense=True)
+            hidden = get_activation_rule(activation).fn(F.linear(x2, w1_rows, b1))
+            return F.linear(hidden, w2_rows.t(), b2).reshape(*x.shape[:-1], d_out)
+
+    y = F.linear(x2, folded.weight, folded.bias)
+    if idx.numel():
+        z_k = gather_rows_matmul(x2, w1_rows, idx)
+        if b1 is not None:
+            z_k = z_k + b1[idx]
+        z_k = z_k.float()
+        delta = get_activation_rule(activation).fn(z_k) - slope[idx] * z_k - intercept[idx]
+        y = y + scatter_rows_matmul(delta.to(x.dtype), w2_rows, idx)
+    _record(name, x2.shape[0], m, flagged, idx.numel(), dense=False)
+    return y.reshape(*x.shape[:-1], d_out)
+
+
+@folded_ffn.register_fake
+def _folded_ffn_fake(x, w1, b1, w2, b2, params, name, activation, w1_layout, w2_layout, guard,
+                     group_size, dense_above):
+    d_out = w2.shape[0] if w2_layout == "out_in" else w2.shape[1]
+    return x.new_empty((*x.shape[:-1], d_out))
+
+
+def _folded(name, w1_rows, b1, w2_rows, b2, slope, intercept, guard, group_size, params) -> FoldedFFN:
+    def build() -> FoldedFFN:
+        weight, bias = fold_ffn(w1_rows, b1, w2_rows, b2, slope, intercept)
+        low_bit = None
+        if guard in _GUARD_BITS:
+            low_bit = LowBitGuard.build(w1_rows, _GUARD_BITS[guard], group_size)
+        return FoldedFFN(weight, bias, low_bit)
+
+    tensors = {"w1": w1_rows, "w2": w2_rows, "b1": b1, "b2": b2, "params": params}
+    return FOLD_CACHE.get(f"{name}|{guard}|{group_size}", tensors, build)
+
+
+def _record(name: str, tokens: int, neurons: int, flagged: int, corrected: int, dense: bool) -> None:
+    stats = active_stats()
+    if stats is not None:
+        stats.record(name, tokens, neurons, flagged, corrected, dense)
