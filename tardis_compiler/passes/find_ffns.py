@@ -225,11 +225,12 @@ def _elementwise_region(z: Node) -> tuple[list[Node], list[tuple[Node, Node]]]:
     # Graph order is a topological order, so one forward sweep from z settles membership.
     node = z.next
     while node.op != "output":
-        if _is_pointwise(node) and _tensor_inputs(node) and _tensor_inputs(node) <= inside:
+        tensors = _tensor_inputs(node)
+        if _is_pointwise(node) and tensors and tensors <= inside:
             inside.add(node)
             region.append(node)
         node = node.next
-    exits = [(n, u) for n in inside for u in n.users if u not in inside]
+    exits = [(n, u) for n in inside for u in n.users if u not in inside and not is_metadata_query(u)]
     return region, exits
 
 
@@ -241,7 +242,8 @@ def _identify(region: list[Node], z: Node, out: Node) -> tuple[ActivationRule | 
     how = f"formula of {len(region)} ops" if len(region) > 1 else f"op {_target_name(region[0])}"
 
     def evaluate(probe: torch.Tensor) -> torch.Tensor:
-        env = {z: probe}
+        env = {n: _scalar_hint(n) for r in region for n in r.all_input_nodes if _is_scalar(n)}
+        env[z] = probe
         for n in region:
             args = torch.fx.node.map_arg(n.args, lambda a: env[a])
             kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: env[a])
@@ -306,15 +308,41 @@ def _is_pointwise(node: Node) -> bool:
 
 
 def _tensor_inputs(node: Node) -> set[Node]:
-    return set(node.all_input_nodes)
+    # Scalar inputs (e.g. a SymFloat sqrt(2/pi) under dynamic shapes) are constants w.r.t. z.
+    return {n for n in node.all_input_nodes if not _is_scalar(n)}
+
+
+def _is_scalar(node: Node) -> bool:
+    return isinstance(node.meta.get("example_value"), (int, float, torch.SymInt, torch.SymFloat))
+
+
+def _scalar_hint(node: Node):
+    """A scalar node's value as traced, read from its hint so no guard is installed."""
+    value = node.meta["example_value"]
+    if isinstance(value, (torch.SymInt, torch.SymFloat)):
+        hint = value.node.hint
+        if hint is None:
+            raise ValueError(f"{node.name} has no concrete hint")
+        return hint
+    return value
 
 
 def _looks_nonlinear(node: Node) -> bool:
     return bool(_NONLINEAR_HINT.search(_target_name(node)))
 
 
+def is_metadata_query(node: Node) -> bool:
+    """``x.size()``, ``x.size(-1)``, ``x.dim()``...: reads the shape, not the values. Under dynamic
+    shapes dynamo adds such users; they don't make a value "used" (and once the op is traced,
+    sizes are symbolic expressions, so the nodes they hang on are dead code for inductor)."""
+    if node.op == "call_method" and node.target in ("size", "dim", "numel", "stride"):
+        return True
+    return node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "dtype", "device")
+
+
 def _single_user(node: Node) -> Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
+    users = [u for u in node.users if not is_metadata_query(u)]
+    return users[0] if len(users) == 1 else None
 
 
 def _shape(node) -> tuple:
