@@ -249,7 +249,9 @@ def capture_graphs(model: torch.nn.Module, *inputs: Any, **kwargs: Any) -> list[
     graphs = []
 
     def backend(gm, example_inputs, **_):
-        graphs.append((gm, placeholder_fqns(gm)))
+        # Copy now: dynamo drops the placeholders' source info (our FQNs) once compilation ends.
+        copy = copy_graph_module(gm)
+        graphs.append((copy, placeholder_fqns(copy)))
         return gm.forward
 
     with torch.no_grad():

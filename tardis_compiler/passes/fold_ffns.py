@@ -66,11 +66,12 @@ def _rank(node: Node) -> int:
 
 def _erase_dead_upstream(graph: torch.fx.Graph, node: Node) -> None:
     """Erase ``node`` and whatever fed only it (the old FFN body), stopping at placeholders."""
-    stack = [node]
+    stack, erased = [node], set()
     while stack:
         n = stack.pop()
-        if n.users or n.op in ("placeholder", "output"):
+        if n in erased or n.users or n.op in ("placeholder", "output"):
             continue
         inputs = n.all_input_nodes
         graph.erase_node(n)
+        erased.add(n)
         stack.extend(inputs)

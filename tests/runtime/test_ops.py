@@ -1,0 +1,106 @@
+"""The fused op: opcheck-clean, exact with every neuron flagged, correct dense shortcut, memoised folds."""
+import pytest
+import torch
+
+from tardis_compiler.profile import FFNProfile
+from tardis_compiler.runtime import ops  # noqa: F401
+from tardis_compiler.runtime.fold import FOLD_CACHE
+
+OP = torch.ops.tardis.folded_ffn
+
+
+def _ffn(m=48, d=32, d_out=24, layout="out_in", bias=True, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(m, d, generator=g) / d ** 0.5
+    w2 = torch.randn(d_out, m, generator=g) / m ** 0.5
+    if layout == "in_out":
+        w1, w2 = w1.t().contiguous(), w2.t().contiguous()
+    b1 = torch.randn(m, generator=g) * 0.1 if bias else None
+    b2 = torch.randn(d_out, generator=g) * 0.1 if bias else None
+    params = torch.zeros(6, m)
+    params[0] = torch.rand(m, generator=g)          # slope
+    params[1] = torch.randn(m, generator=g) * 0.1   # intercept
+    params[2], params[3] = -0.5, 0.5                # range
+    params[4], params[5] = -0.4, 0.4                # guard thresholds (margin 0.1)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(w1), cast(b1), cast(w2), cast(b2), params
+
+
+def _dense(x, w1, b1, w2, b2, layout, act=torch.nn.functional.gelu):
+    w1r = w1 if layout == "out_in" else w1.t()
+    w2r = w2 if layout == "out_in" else w2.t()
+    return torch.nn.functional.linear(act(torch.nn.functional.linear(x, w1r, b1)), w2r, b2)
+
+
+def _call(x, w1, b1, w2, b2, params, layout, guard, dense_above=1.0, name="t"):
+    return OP(x, w1, b1, w2, b2, params, name, "gelu", layout, layout, guard, 32, dense_above)
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 32), (3, 5, 32)])
+def test_guard_all_is_exact(layout, bias, shape):
+    w1, b1, w2, b2, params = _ffn(layout=layout, bias=bias)
+    x = torch.randn(shape)
+    torch.testing.assert_close(_call(x, w1, b1, w2, b2, params, layout, "all"),
+                               _dense(x, w1, b1, w2, b2, layout), atol=1e-5, rtol=1e-5)
+
+
+def test_exact_guard_error_is_the_line_error_of_in_range_neurons():
+    w1, b1, w2, b2, params = _ffn()
+    x = torch.randn(4, 32)
+    y = _call(x, w1, b1, w2, b2, params, "out_in", "exact")
+    z = x @ w1.T + b1
+    # The op corrects the union of neurons flagged for any token: exact for every token there.
+    corrected = ((z < params[2]) | (z > params[3])).any(0)
+    h = torch.where(corrected, torch.nn.functional.gelu(z), params[0] * z + params[1])
+    torch.testing.assert_close(y, h @ w2.T + b2, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_shortcut_is_exact_and_counted():
+    from tardis_compiler.runtime.stats import collect_stats
+    w1, b1, w2, b2, params = _ffn()
+    x = torch.randn(64, 32) * 3  # everything out of range
+    with collect_stats() as stats:
+        y = _call(x, w1, b1, w2, b2, params, "out_in", "int4", dense_above=0.5)
+    torch.testing.assert_close(y, _dense(x, w1, b1, w2, b2, "out_in"), atol=1e-5, rtol=1e-5)
+    assert stats.ffns["t"].dense_calls == 1
+
+
+@pytest.mark.parametrize("guard", ["all", "exact", "int4", "int8", "int2"])
+def test_opcheck(guard):
+    w1, b1, w2, b2, params = _ffn()
+    args = (torch.randn(2, 3, 32), w1, b1, w2, b2, params, f"opcheck_{guard}", "gelu", "out_in", "out_in", guard, 32, 0.5)
+    torch.library.opcheck(OP.default, args)
+
+
+def test_bf16_runs_close():
+    w1, b1, w2, b2, params = _ffn(dtype=torch.bfloat16)
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    y = _call(x, w1, b1, w2, b2, params, "out_in", "all")
+    assert y.dtype == torch.bfloat16
+    ref = _dense(x.float(), w1.float(), b1.float(), w2.float(), b2.float(), "out_in")
+    assert (y.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_fold_is_memoised_and_invalidated_by_in_place_update():
+    w1, b1, w2, b2, params = _ffn(seed=3)
+    x = torch.randn(2, 32)
+    _call(x, w1, b1, w2, b2, params, "out_in", "all", name="memo")
+    builds = FOLD_CACHE.builds
+    _call(x, w1, b1, w2, b2, params, "out_in", "all", name="memo")
+    assert FOLD_CACHE.builds == builds  # reused
+    w2.mul_(2.0)                            # bumps _version
+    y = _call(x, w1, b1, w2, b2, params, "out_in", "all", name="memo")
+    assert FOLD_CACHE.builds == builds + 1
+    torch.testing.assert_close(y, _dense(x, w1, b1, w2, b2, "out_in"), atol=1e-5, rtol=1e-5)
+
+
+def test_profile_params_rows_match_op_contract():
+    m = 4
+    prof = FFNProfile("f", "p", "gelu", 2, m, 2, torch.ones(m), torch.zeros(m), -torch.ones(m), torch.ones(m),
+                      torch.zeros(m), {"int4": torch.full((m,), 0.25)}, {})
+    p = prof.params("int4")
+    assert p.shape == (6, m)
+    assert torch.equal(p[4], torch.full((m,), -0.75)) and torch.equal(p[5], torch.full((m,), 0.75))
+    assert torch.equal(prof.params("exact")[4], -torch.ones(m))

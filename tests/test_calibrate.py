@@ -1,0 +1,78 @@
+"""Calibration: interval and line fits, the token reservoir, what is measured, and bad input."""
+import pytest
+import torch
+
+import tardis_compiler as tc
+from tardis_compiler.calibrate import FFNRecord, fit_lines, max_line_error, shortest_intervals
+from tests.tiny_models import build_tiny, token_batches
+
+QUIET = tc.CalibrationConfig(progress=False, group_size=32)
+
+
+def test_shortest_interval_covers_fraction():
+    z = torch.randn(1000, 3)
+    lo, hi = shortest_intervals(z, 0.8)
+    inside = ((z >= lo) & (z <= hi)).float().mean(0)
+    assert torch.all(inside >= 0.8) and torch.all(inside <= 0.81)
+    lo_wide, hi_wide = shortest_intervals(z, 0.95)
+    assert torch.all(hi_wide - lo_wide >= hi - lo)
+
+
+def test_line_fit_recovers_a_line_and_ignores_out_of_range_points():
+    z = torch.linspace(-3, 3, 601)[:, None]
+    y = torch.where(z.abs() <= 1, 2 * z - 1, torch.full_like(z, 100.0))
+    a, c = fit_lines(z, y, torch.tensor([-1.0]), torch.tensor([1.0]))
+    assert abs(a.item() - 2) < 1e-5 and abs(c.item() + 1) < 1e-5
+
+
+def test_max_line_error_of_relu_chord():
+    err = max_line_error(torch.relu, torch.tensor([0.5]), torch.tensor([0.5]), torch.tensor([-1.0]), torch.tensor([1.0]))
+    assert abs(err.item() - 0.5) < 1e-6  # the chord of relu on [-1, 1] is 0.5 z + 0.5; worst at z = 0
+
+
+def test_reservoir_keeps_at_most_max_tokens_from_all_batches():
+    rec = FFNRecord("f", "p", "gelu", {}, max_tokens=64, seed=0)
+    for i in range(10):
+        rec.add(torch.full((32, 4), float(i)))
+    kept = rec.tokens()
+    assert kept.shape == (64, 4) and rec.seen == 320
+    assert len(set(kept[:, 0].tolist())) > 3  # later batches are represented
+
+
+def test_profile_measures_coverage_flag_rate_and_recall():
+    profile = tc.calibrate(build_tiny("opt"), token_batches(6), QUIET)
+    assert len(profile.ffns) == 2
+    ffn = profile.ffns["model.decoder.layers.0"]
+    assert 0.75 < ffn.stats["coverage"] < 0.95
+    int4 = ffn.stats["guards"]["int4"]
+    assert int4["recall"] > 0.98 and int4["flag_rate"] >= 1 - ffn.stats["coverage"] - 0.02
+    assert ffn.stats["guards"]["exact"]["recall"] == 1.0
+    assert ffn.stats["error_bound"] > 0
+
+
+def test_calibration_does_not_modify_weights():
+    model = build_tiny("gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tc.calibrate(model, token_batches(2), QUIET)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_empty_calibration_set_is_a_clear_error():
+    with pytest.raises(ValueError, match="empty calibration set"):
+        tc.calibrate(build_tiny("bert"), [], QUIET)
+
+
+def test_training_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="model.eval"):
+        tc.calibrate(build_tiny("bert").train(), token_batches(1), QUIET)
+
+
+def test_model_without_ffn_is_a_clear_error():
+    with pytest.raises(ValueError, match="found no FFN"):
+        tc.calibrate(torch.nn.Linear(4, 4).eval(), [torch.randn(2, 4)], QUIET)
+
+
+def test_dict_batches_are_keyword_arguments():
+    batches = [{"input_ids": t, "attention_mask": torch.ones_like(t)} for t in token_batches(2)]
+    assert len(tc.calibrate(build_tiny("bert"), batches, QUIET).ffns) == 2
