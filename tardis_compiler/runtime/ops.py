@@ -2,10 +2,12 @@
 
     y = Wf x + bf + sum_{i flagged} W2[:, i] * (act(z_i) - a_i z_i - c_i),   z_i = W1[i] . x + b1_i
 
-Exact for any superset of the out-of-range neurons, so the op corrects the *union* of the neurons
-flagged for any of its tokens; when that union is larger than ``dense_above`` of the neurons (long
-prefills), it runs the dense FFN instead, which is exact and cheaper there. ``guard="all"`` never
-takes that shortcut: it exists to check the folded path against the dense model.
+Corrections are per token: token t uses the exact activation exactly for the neurons flagged for
+t, so a token's output never depends on which other tokens share its batch. The op computes z for
+the union of flagged neurons and masks each token's correction; when that union is larger than
+``dense_above`` of the neurons (long prefills), computing z in full is cheaper, so it runs
+``W2 where(flag, act(z), a z + c) + b2`` instead, which is the same function. ``guard="all"``
+never takes that shortcut: it exists to check the folded path against the dense model.
 
 The op is opaque to inductor (kept as an extern call) and carries a fake kernel for tracing.
 ``params`` packs the per-neuron calibration as rows: slope, intercept, lower, upper, and the
@@ -65,7 +67,6 @@ def folded_ffn(
 
     if guard == "all":
         idx = torch.arange(m, device=x.device)
-        flagged = x2.shape[0] * m
     else:
         if guard == "exact":
             z = F.linear(x2, w1_rows, b1).float()
@@ -76,11 +77,11 @@ def folded_ffn(
                 z_hat = z_hat + b1.float()
             flags = (z_hat < guard_lower) | (z_hat > guard_upper)
         idx = flags.any(dim=0).nonzero().squeeze(1)
-        flagged = int(flags.sum())
         if idx.numel() > dense_above * m:
-            _record(name, x2.shape[0], m, flagged, m, dense=True)
-            hidden = get_activation_rule(activation).fn(F.linear(x2, w1_rows, b1))
-            return F.linear(hidden, w2_rows.t(), b2).reshape(*x.shape[:-1], d_out)
+            _record(name, flags, m, dense=True)
+            z = F.linear(x2, w1_rows, b1).float()
+            hidden = torch.where(flags, get_activation_rule(activation).fn(z), slope * z + intercept)
+            return F.linear(hidden.to(x.dtype), w2_rows.t(), b2).reshape(*x.shape[:-1], d_out)
 
     y = F.linear(x2, folded.weight, folded.bias)
     if idx.numel():
@@ -89,8 +90,10 @@ def folded_ffn(
             z_k = z_k + b1[idx]
         z_k = z_k.float()
         delta = get_activation_rule(activation).fn(z_k) - slope[idx] * z_k - intercept[idx]
+        if guard != "all" and x2.shape[0] > 1:
+            delta = delta * flags[:, idx]  # per-token: only where this token was flagged
         y = y + scatter_rows_matmul(delta.to(x.dtype), w2_rows, idx)
-    _record(name, x2.shape[0], m, flagged, idx.numel(), dense=False)
+    _record(name, flags if guard != "all" else None, m, dense=False, corrected=idx.numel(), tokens=x2.shape[0])
     return y.reshape(*x.shape[:-1], d_out)
 
 
@@ -113,7 +116,13 @@ def _folded(name, w1_rows, b1, w2_rows, b2, slope, intercept, guard, group_size,
     return FOLD_CACHE.get(f"{name}|{guard}|{group_size}", tensors, build)
 
 
-def _record(name: str, tokens: int, neurons: int, flagged: int, corrected: int, dense: bool) -> None:
+def _record(name: str, flags: torch.Tensor | None, neurons: int, dense: bool, corrected: int | None = None,
+            tokens: int | None = None) -> None:
+    """Count into the active ``collect_stats`` block, if any (flags None: every neuron flagged)."""
     stats = active_stats()
-    if stats is not None:
-        stats.record(name, tokens, neurons, flagged, corrected, dense)
+    if stats is None:
+        return
+    tokens = flags.shape[0] if flags is not None else tokens
+    flagged = int(flags.sum()) if flags is not None else tokens * neurons
+    corrected = neurons if dense else corrected
+    stats.record(name, tokens, neurons, flagged, corrected, dense)

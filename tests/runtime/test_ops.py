@@ -51,20 +51,30 @@ def test_exact_guard_error_is_the_line_error_of_in_range_neurons():
     x = torch.randn(4, 32)
     y = _call(x, w1, b1, w2, b2, params, "out_in", "exact")
     z = x @ w1.T + b1
-    # The op corrects the union of neurons flagged for any token: exact for every token there.
-    corrected = ((z < params[2]) | (z > params[3])).any(0)
-    h = torch.where(corrected, torch.nn.functional.gelu(z), params[0] * z + params[1])
+    # Per token: exact activation where that token's z is out of range, the line elsewhere.
+    flagged = (z < params[2]) | (z > params[3])
+    h = torch.where(flagged, torch.nn.functional.gelu(z), params[0] * z + params[1])
     torch.testing.assert_close(y, h @ w2.T + b2, atol=1e-5, rtol=1e-5)
 
 
-def test_dense_shortcut_is_exact_and_counted():
+@pytest.mark.parametrize("guard", ["exact", "int4"])
+def test_dense_shortcut_computes_the_same_function(guard):
     from tardis_compiler.runtime.stats import collect_stats
     w1, b1, w2, b2, params = _ffn()
-    x = torch.randn(64, 32) * 3  # everything out of range
+    x = torch.randn(64, 32) * 2  # many tokens: the union of flagged neurons is nearly everything
     with collect_stats() as stats:
-        y = _call(x, w1, b1, w2, b2, params, "out_in", "int4", dense_above=0.5)
-    torch.testing.assert_close(y, _dense(x, w1, b1, w2, b2, "out_in"), atol=1e-5, rtol=1e-5)
-    assert stats.ffns["t"].dense_calls == 1
+        shortcut = _call(x, w1, b1, w2, b2, params, "out_in", guard, dense_above=0.5, name="s")
+    folded = _call(x, w1, b1, w2, b2, params, "out_in", guard, dense_above=1.0, name="f")
+    assert stats.ffns["s"].dense_calls == 1
+    torch.testing.assert_close(shortcut, folded, atol=1e-5, rtol=1e-5)
+
+
+def test_output_of_a_token_does_not_depend_on_its_batch():
+    w1, b1, w2, b2, params = _ffn()
+    x = torch.randn(16, 32)
+    batched = _call(x, w1, b1, w2, b2, params, "out_in", "int4")
+    alone = torch.cat([_call(x[i:i + 1], w1, b1, w2, b2, params, "out_in", "int4") for i in range(16)])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("guard", ["all", "exact", "int4", "int8", "int2"])
