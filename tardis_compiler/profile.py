@@ -25,7 +25,9 @@ class ProfileMismatchError(ValueError):
     """A profile was applied to a model whose FFNs differ from the calibrated ones."""
 
 
-@dataclasses.dataclass
+# eq=False: identity equality. Dynamo compares torch.compile options (which hold the profile) when
+# it picks a cached graph; field-wise equality would compare tensors and raise.
+@dataclasses.dataclass(eq=False)
 class FFNProfile:
     """Calibration of one FFN. Vectors have one entry per hidden neuron (float32).
 
@@ -65,7 +67,7 @@ class FFNProfile:
         return (self.d_in, self.d_hidden, self.d_out, self.activation)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Profile:
     """Everything ``calibrate`` learned; pass it as ``options={"profile": profile}``.
 

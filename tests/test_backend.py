@@ -174,3 +174,15 @@ def test_skip_option_leaves_named_ffns_dense(profiles):
                         skip=[r"transformer\.h\.0\..*"])
     status = {f.name: f.status for f in report.ffns}
     assert status == {"transformer.h.0.mlp": "dense", "transformer.h.1.mlp": "rewritten"}
+
+
+def test_same_model_compiled_with_two_profiles(profiles):
+    # Dynamo compares the options of cached graphs; a profile must survive that comparison.
+    model = build_tiny("opt")
+    other = tc.calibrate(model, token_batches(2, seed=5), QUIET)
+    ids = token_batches(1, seed=9)[0]
+    first = torch.compile(model, backend="tardis", options={"profile": profiles["opt"], "guard": "all", "inner": "eager"})
+    second = torch.compile(model, backend="tardis", options={"profile": other, "guard": "all", "inner": "eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(logits(first(ids)), logits(second(ids)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits(first(ids)), logits(model(ids)), atol=1e-5, rtol=1e-5)
