@@ -61,7 +61,7 @@ def ffn_bytes_per_token(d_in: int, d_hidden: int, d_out: int, elem_bytes: int, h
 
     Example:
         >>> ffn_bytes_per_token(384, 1536, 384, 4, True)   # MiniLM FFN, fp32
-        4725248
+        4726272
     """
     m = d_hidden
     if guard == "dense":

@@ -16,6 +16,11 @@ import dataclasses
 import torch
 
 _INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+# Measured on torch 2.13 CPU: _weight_int8pack_mm gives wrong results at in_features 8 and crashes
+# (segfault) with 5+ rows there; in_features >= 16 was correct for every shape tried. The int4
+# pack refuses out_features not divisible by 16. Shapes outside these use the dequantized path.
+_INT8_KERNEL_MIN_IN = 16
+_INT4_KERNEL_OUT_MULTIPLE = 16
 
 
 @dataclasses.dataclass
@@ -45,7 +50,7 @@ class LowBitGuard:
         if bits == 8:
             scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
             codes = torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8)
-            if w.device.type == "cpu":
+            if w.device.type == "cpu" and d >= _INT8_KERNEL_MIN_IN:
                 return cls(8, d, "int8pack", codes.contiguous(), scale.to(torch.bfloat16))
             return cls(8, d, "dequantized", (codes.float() * scale[:, None]).to(torch.bfloat16), None)
         group = _fit_group(d, group_size)
@@ -54,7 +59,7 @@ class LowBitGuard:
         lo = wg.amin(dim=-1, keepdim=True)
         scale = ((wg.amax(dim=-1, keepdim=True) - lo) / levels).clamp(min=1e-12)
         codes = torch.round((wg - lo) / scale).clamp(0, levels)
-        if w.device.type == "cpu" and group in _INT4_KERNEL_GROUPS:
+        if w.device.type == "cpu" and group in _INT4_KERNEL_GROUPS and m % _INT4_KERNEL_OUT_MULTIPLE == 0:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 codes.reshape(m, d).to(torch.int32).contiguous(), 1)
             # The kernel dequantizes (q - 8) * scale + zero; ours is q * scale + lo.
