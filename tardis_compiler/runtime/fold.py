@@ -2,15 +2,19 @@
 
 Folded weights are never baked into a graph: dynamo reuses a compiled graph for another instance
 of the same module class, and an in-place weight update does not recompile (DESIGN section 3). The
-fused op instead folds from the weights it receives, and caches the result keyed on each input's
-``(data_ptr, _version, shape, dtype)`` plus a small content fingerprint, so a new model allocated
-where a freed one lived (same pointer, version 0) is not mistaken for it. Updates made through
-``.data`` bypass version counters: call ``tardis_compiler.clear_caches()`` after those.
+fused op instead folds from the weights it receives and caches the result. A hit must be cheap
+(it is checked on every call, at batch 1): the op receives the same Parameter objects each call,
+so the fast check is "same live objects (weak references), same ``_version``" (~1 us). Only when
+the objects differ do we compare ``(data_ptr, _version, shape, stride, dtype)`` plus a 16-element
+content fingerprint, so a new model allocated where a freed one lived (same pointer, version 0)
+is not mistaken for it. Updates made through ``.data`` bypass version counters: call
+``tardis_compiler.clear_caches()`` after those.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import weakref
 
 import torch
 
@@ -82,39 +86,72 @@ class FoldCache:
         self.builds = 0  # how many folds were computed (tests assert reuse and invalidation)
 
     def get(self, name: str, tensors: dict[str, torch.Tensor | None], build) -> FoldedFFN:
-        """Return the cached fold for ``tensors`` or call ``build()`` and cache it."""
+        """Return the cached fold for ``tensors`` (the op's inputs) or call ``build()`` and cache it."""
         slot = (name, tensors["w1"].data_ptr(), tensors["w2"].data_ptr())
-        key = tuple(_identity(t) for t in tensors.values())
-        hit = self._entries.get(slot)
-        if hit is not None and hit[0] == key:
+        values = tuple(tensors.values())
+        entry = self._entries.get(slot)
+        if entry is not None and (entry.same_objects(values) or entry.same_contents(values)):
             self._entries.move_to_end(slot)
-            return hit[1]
-        value = build()
+            return entry.value
+        entry = _Entry(values, build())
         self.builds += 1
-        self._entries[slot] = (key, value)
+        self._entries[slot] = entry
         self._entries.move_to_end(slot)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
-        return value
+        return entry.value
 
     def clear(self) -> None:
         """Drop every cached fold."""
         self._entries.clear()
 
 
+class _Entry:
+    """A cached fold and what it was built from: weak references (fast check) and identities."""
+
+    def __init__(self, tensors: tuple, value: FoldedFFN) -> None:
+        self.value = value
+        self._remember(tensors)
+
+    def _remember(self, tensors: tuple) -> None:
+        self.refs = tuple(weakref.ref(t) if t is not None else None for t in tensors)
+        self.versions = tuple(_version(t) for t in tensors)
+        self.identity = tuple(_identity(t) for t in tensors)
+
+    def same_objects(self, tensors: tuple) -> bool:
+        for ref, version, t in zip(self.refs, self.versions, tensors):
+            if t is None:
+                if ref is not None:
+                    return False
+            elif ref is None or ref() is not t or _version(t) != version:
+                return False
+        return True
+
+    def same_contents(self, tensors: tuple) -> bool:
+        if tuple(_identity(t) for t in tensors) != self.identity:
+            return False
+        self._remember(tensors)  # other objects over the same weights: check them fast next time
+        return True
+
+
+def _version(t: torch.Tensor | None) -> int:
+    if t is None:
+        return 0
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors carry no version counter; the fingerprint still helps
+        return -1
+
+
 def _identity(t: torch.Tensor | None):
     if t is None:
         return None
-    try:
-        version = t._version
-    except RuntimeError:  # inference tensors carry no version counter; the fingerprint still helps
-        version = -1
-    return (t.data_ptr(), version, tuple(t.shape), t.stride(), t.dtype, t.device, _fingerprint(t))
+    return (t.data_ptr(), _version(t), tuple(t.shape), t.stride(), t.dtype, t.device, _fingerprint(t))
 
 
 def _fingerprint(t: torch.Tensor) -> tuple:
     # 16 elements spread over the tensor, read without copying it. Skipped off CPU, where reading
-    # them would synchronise the device on every call.
+    # them would synchronise the device.
     if t.device.type != "cpu" or t.numel() == 0:
         return ()
     picks = [torch.linspace(0, n - 1, 16).long() for n in t.shape]

@@ -63,7 +63,7 @@ def folded_ffn(
     x2 = x.reshape(-1, d_in)
     params = params.to(device=x.device, dtype=torch.float32)
     slope, intercept, lower, upper, guard_lower, guard_upper = params.unbind(0)
-    folded = _folded(name, w1_rows, b1, w2_rows, b2, slope, intercept, guard, group_size, params)
+    folded = _folded(name, w1, b1, w2, b2, w1_rows, w2_rows, slope, intercept, guard, group_size, params)
 
     if guard == "all":
         idx = torch.arange(m, device=x.device)
@@ -104,7 +104,7 @@ def _folded_ffn_fake(x, w1, b1, w2, b2, params, name, activation, w1_layout, w2_
     return x.new_empty((*x.shape[:-1], d_out))
 
 
-def _folded(name, w1_rows, b1, w2_rows, b2, slope, intercept, guard, group_size, params) -> FoldedFFN:
+def _folded(name, w1, b1, w2, b2, w1_rows, w2_rows, slope, intercept, guard, group_size, params) -> FoldedFFN:
     def build() -> FoldedFFN:
         weight, bias = fold_ffn(w1_rows, b1, w2_rows, b2, slope, intercept)
         low_bit = None
@@ -112,7 +112,7 @@ def _folded(name, w1_rows, b1, w2_rows, b2, slope, intercept, guard, group_size,
             low_bit = LowBitGuard.build(w1_rows, _GUARD_BITS[guard], group_size)
         return FoldedFFN(weight, bias, low_bit)
 
-    tensors = {"w1": w1_rows, "w2": w2_rows, "b1": b1, "b2": b2, "params": params}
+    tensors = {"w1": w1, "w2": w2, "b1": b1, "b2": b2, "params": params}
     return FOLD_CACHE.get(f"{name}|{guard}|{group_size}", tensors, build)
 
 

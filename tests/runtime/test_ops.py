@@ -114,3 +114,17 @@ def test_profile_params_rows_match_op_contract():
     assert p.shape == (6, m)
     assert torch.equal(p[4], torch.full((m,), -0.75)) and torch.equal(p[5], torch.full((m,), 0.75))
     assert torch.equal(prof.params("exact")[4], -torch.ones(m))
+
+
+def test_fold_cache_does_not_confuse_a_new_model_at_a_freed_address():
+    # Same storage pointer and version, different weights: only contents tell them apart.
+    w1, b1, w2, b2, params = _ffn(seed=5)
+    x = torch.randn(2, 32)
+    _call(x, w1, b1, w2, b2, params, "out_in", "all", name="reuse")
+    clone = w2.clone()
+    w2_new = torch.empty_like(w2)
+    w2_new.set_(w2.untyped_storage(), 0, w2.shape, w2.stride())  # another object over w2's memory
+    with torch.no_grad():
+        w2_new.copy_(clone * 3)
+    y = _call(x, w1, b1, w2_new, b2, params, "out_in", "all", name="reuse")
+    torch.testing.assert_close(y, _dense(x, w1, b1, w2_new, b2, "out_in"), atol=1e-5, rtol=1e-5)
