@@ -27,7 +27,7 @@ from .config import TardisOptions
 from .passes import (FFNMatch, PassContext, copy_graph_module, find_ffns, fold_ffns,
                      placeholder_fqns, record_ffn_inputs)
 from .profile import FFNProfile, Profile
-from .report import FFNReport, GraphReport, ffn_bytes_per_token
+from .report import FFNReport, GraphReport, ffn_bytes_per_token, resident_bytes_added
 from .runtime.fold import neuron_major, w2_neuron_major
 
 log = logging.getLogger("tardis_compiler")
@@ -277,6 +277,9 @@ def _row(m: FFNMatch, example_inputs, positions, opts: TardisOptions) -> FFNRepo
                     d_out=m.d_out)
     row.elem_bytes, row.has_bias = w1.element_size(), has_bias
     row.bytes_dense = ffn_bytes_per_token(m.d_in, m.d_hidden, m.d_out, row.elem_bytes, has_bias)
+    row.resident_dense = row.bytes_dense
+    # The exact path reads neuron rows; weights stored the other way round get a row-major copy.
+    row.copied_weights = int(m.first.layout == "in_out") + int(m.second.layout == "out_in")
     return row
 
 
@@ -293,6 +296,8 @@ def _fill_from_profile(row: FFNReport, ffn: FFNProfile, guard: str) -> None:
         guard_bytes = g.get("bytes", 0)
     elif guard == "all":
         row.flag_rate, row.recall, row.rel_error = 1.0, 1.0, 0.0
+    row.resident_tardis = row.resident_dense + resident_bytes_added(
+        ffn.d_in, ffn.d_hidden, ffn.d_out, row.elem_bytes, guard_bytes, row.copied_weights)
     rate = row.flag_rate if row.flag_rate is not None else 1.0
     row.bytes_tardis = ffn_bytes_per_token(ffn.d_in, ffn.d_hidden, ffn.d_out, row.elem_bytes, row.has_bias,
                                            guard, rate, guard_bytes)

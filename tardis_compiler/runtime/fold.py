@@ -25,11 +25,30 @@ _MAX_ENTRIES = 1024
 
 @dataclasses.dataclass
 class FoldedFFN:
-    """What one FFN's fast path needs: the folded affine map and the guard's low-bit W1."""
+    """What one FFN's fast path needs: the folded affine map, the guard's low-bit W1, and W1/W2
+    in neuron-major layout with each neuron's row contiguous (the weights themselves when they
+    already are; else a copy: gathering k neurons from a column-major matrix touches nearly
+    every cache line of it, i.e. costs a dense read, see runtime/correction.py)."""
 
     weight: torch.Tensor  # Wf = W2 diag(a) W1, (d_out, d_in), in the model dtype
     bias: torch.Tensor  # bf = W2 (a * b1 + c) + b2, (d_out,)
     guard: LowBitGuard | None
+    w1_rows: torch.Tensor  # (m, d_in), rows contiguous
+    w2_rows: torch.Tensor  # (m, d_out), rows contiguous
+
+    def extra_resident_bytes(self, w1: torch.Tensor, w2: torch.Tensor) -> int:
+        """Bytes this fold keeps beyond the model's own weights."""
+        size = lambda t: t.numel() * t.element_size()  # noqa: E731
+        total = size(self.weight) + size(self.bias)
+        total += sum(size(t) for t in (self.guard.weight, self.guard.scales) if t is not None) if self.guard else 0
+        total += size(self.w1_rows) if self.w1_rows.data_ptr() != w1.data_ptr() else 0
+        total += size(self.w2_rows) if self.w2_rows.data_ptr() != w2.data_ptr() else 0
+        return total
+
+
+def rows_contiguous(w: torch.Tensor) -> torch.Tensor:
+    """``w`` if each row is contiguous, else a row-major copy."""
+    return w if w.stride(-1) == 1 else w.contiguous()
 
 
 def neuron_major(w: torch.Tensor, layout: str) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..activations import get_activation_rule
 from .correction import gather_rows_matmul, scatter_rows_matmul
-from .fold import FOLD_CACHE, FoldedFFN, fold_ffn, neuron_major, w2_neuron_major
+from .fold import FOLD_CACHE, FoldedFFN, fold_ffn, neuron_major, rows_contiguous, w2_neuron_major
 from .guard import LowBitGuard
 from .stats import active_stats
 
@@ -85,14 +85,14 @@ def folded_ffn(
 
     y = F.linear(x2, folded.weight, folded.bias)
     if idx.numel():
-        z_k = gather_rows_matmul(x2, w1_rows, idx)
+        z_k = gather_rows_matmul(x2, folded.w1_rows, idx)
         if b1 is not None:
             z_k = z_k + b1[idx]
         z_k = z_k.float()
         delta = get_activation_rule(activation).fn(z_k) - slope[idx] * z_k - intercept[idx]
         if guard != "all" and x2.shape[0] > 1:
             delta = delta * flags[:, idx]  # per-token: only where this token was flagged
-        y = y + scatter_rows_matmul(delta.to(x.dtype), w2_rows, idx)
+        y = y + scatter_rows_matmul(delta.to(x.dtype), folded.w2_rows, idx)
     _record(name, flags if guard != "all" else None, m, dense=False, corrected=idx.numel(), tokens=x2.shape[0])
     return y.reshape(*x.shape[:-1], d_out)
 
@@ -110,7 +110,7 @@ def _folded(name, w1, b1, w2, b2, w1_rows, w2_rows, slope, intercept, guard, gro
         low_bit = None
         if guard in _GUARD_BITS:
             low_bit = LowBitGuard.build(w1_rows, _GUARD_BITS[guard], group_size)
-        return FoldedFFN(weight, bias, low_bit)
+        return FoldedFFN(weight, bias, low_bit, rows_contiguous(w1_rows), rows_contiguous(w2_rows))
 
     tensors = {"w1": w1, "w2": w2, "b1": b1, "b2": b2, "params": params}
     return FOLD_CACHE.get(f"{name}|{guard}|{group_size}", tensors, build)
