@@ -69,16 +69,48 @@ class TardisCompiler:
         if self.reports is not None:
             self.reports.append(report)
         _refuse_training_graph(gm)
-        fqns = placeholder_fqns(gm)
-        matches, skipped = find_ffns(gm, fqns)
         positions = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
+        selected = self._select(gm, example_inputs, positions, report)
+        if not selected:
+            report.code = gm.code
+            return self._inner(gm, example_inputs)
+        if opts.profile is not None:  # before any compile work: a mismatch must fail fast
+            opts.profile.check({m.name: (m.d_in, m.d_hidden, m.d_out, m.activation.name) for m in selected})
+
+        ctx = PassContext(opts, {m.name for m in selected})
+        folded = fold_ffns(copy_graph_module(gm), ctx)
+        report.code = folded.code
+        for line in ctx.log:
+            log.info("tardis graph %d: %s", report.index, line)
+        ordered = _in_order(selected, folded.meta["tardis_folded"])
+        device = _device_of(example_inputs)
+        dummy = [torch.zeros(6, m.d_hidden, device=device) for m in ordered]  # shapes only
+        compiled = self._inner(folded, [*example_inputs, *dummy])
+        rows = {row.name: row for row in report.ffns}
+
+        if opts.profile is not None:
+            profile: Profile = opts.profile
+            for m in ordered:
+                _fill_from_profile(rows[m.name], profile.ffns[m.name], opts.guard)
+            report.notes.append(f"profile: {profile.source} ({profile.tokens} tokens)")
+            packs = [profile.ffns[m.name].params(opts.guard).to(device) for m in ordered]
+            return _with_params(compiled, packs)
+
+        recording_gm = record_ffn_inputs(copy_graph_module(gm), PassContext(opts, ctx.names))
+        for m in ordered:
+            rows[m.name].status = "calibrating"
+        return AutoCalibratingGraph(recording_gm, compiled, ordered, positions, opts, report)
+
+    def _select(self, gm: GraphModule, example_inputs, positions, report: GraphReport) -> list[FFNMatch]:
+        """Find the FFNs, report each, and return those to rewrite (none when autograd is on)."""
+        matches, skipped = find_ffns(gm, placeholder_fqns(gm))
         for s in skipped:
             report.ffns.append(FFNReport(s.name, s.pattern, "-", "skipped", s.reason))
         selected = []
         for m in matches:
-            row = _row(m, example_inputs, positions, opts)
+            row = _row(m, example_inputs, positions)
             report.ffns.append(row)
-            if opts.skips(m.name):
+            if self.options.skips(m.name):
                 row.status, row.reason = "dense", "excluded by options['skip']"
             else:
                 selected.append(m)
@@ -86,42 +118,13 @@ class TardisCompiler:
                 isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
             note = ("left dense: autograd is on and weights require grad; folding is inference-only, "
                     "call the model under torch.no_grad() or torch.inference_mode()")
-            warnings.warn(f"tardis: {note}", stacklevel=2)
+            warnings.warn(f"tardis: {note}", stacklevel=3)
             report.notes.append(note)
             for row in report.ffns:
                 if row.status == "rewritten":
                     row.status, row.reason = "dense", "autograd on"
-            selected = []
-        if not selected:
-            report.code = gm.code
-            return self._inner(gm, example_inputs)
-
-        ctx = PassContext(opts, {m.name for m in selected})
-        folded = fold_ffns(copy_graph_module(gm), ctx)
-        report.code = folded.code
-        for line in ctx.log:
-            log.info("tardis graph %d: %s", report.index, line)
-        names = folded.meta["tardis_folded"]
-        device = _device_of(example_inputs)
-        dummy = [torch.zeros(6, m.d_hidden, device=device) for m in _in_order(selected, names)]
-        compiled = self._inner(folded, [*example_inputs, *dummy])
-        by_name = {row.name: row for row in report.ffns}
-
-        if opts.profile is not None:
-            profile: Profile = opts.profile
-            profile.check({m.name: (m.d_in, m.d_hidden, m.d_out, m.activation.name) for m in selected})
-            for name in names:
-                _fill_from_profile(by_name[name], profile.ffns[name], opts.guard)
-            report.notes.append(f"profile: {profile.source} ({profile.tokens} tokens)")
-            packs = [profile.ffns[n].params(opts.guard).to(device) for n in names]
-            return _with_params(compiled, packs)
-
-        ctx_rec = PassContext(opts, ctx.names)
-        recording_gm = record_ffn_inputs(copy_graph_module(gm), ctx_rec)
-        for name in names:
-            by_name[name].status = "calibrating"
-        return AutoCalibratingGraph(recording_gm, compiled, _in_order(selected, names), positions,
-                                    opts, report)
+            return []
+        return selected
 
     def _inner(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
         if self.options.inner == "eager":
@@ -270,7 +273,7 @@ def _refuse_training_graph(gm: GraphModule) -> None:
                     "with backend='tardis'.")
 
 
-def _row(m: FFNMatch, example_inputs, positions, opts: TardisOptions) -> FFNReport:
+def _row(m: FFNMatch, example_inputs, positions) -> FFNReport:
     w1 = example_inputs[positions[m.first.weight]]
     has_bias = m.first.bias is not None or m.second.bias is not None
     row = FFNReport(m.name, m.pattern, m.activation.name, "rewritten", d_in=m.d_in, d_hidden=m.d_hidden,
