@@ -3,7 +3,8 @@
 Per neuron i, with z_i = W1[i] . x + b1_i over the calibration tokens:
 - range [l_i, u_i]: the shortest interval holding a fraction ``coverage`` of the z_i;
 - line a_i z + c_i: least squares of act(z) on the samples inside the range;
-- guard margin (per low-bit guard): a quantile of |z_hat_i - z_i|, z_hat from the guard's kernel.
+- guard margin (per low-bit guard): s * std(z_hat_i - z_i), z_hat from the guard's own kernel, with
+  one scale s per FFN, the smallest that flags ``target_recall`` of the out-of-range inputs.
 A held-out share of the tokens then measures what the user will see: range coverage, the guard's
 flag rate and recall (flagged out-of-range / all out-of-range), and the FFN's output error.
 
@@ -192,8 +193,8 @@ def fit_ffn(record: FFNRecord, config: CalibrationConfig) -> FFNProfile:
     for guard, bits in LOW_BIT_GUARDS.items():
         low_bit = LowBitGuard.build(w["w1_rows"], bits, config.group_size)
         b1 = w["b1"] if w["b1"] is not None else 0.0
-        err_fit = (low_bit.predict(x_fit) + b1 - z_fit).abs()
-        margins[guard] = _column_quantile(err_fit, config.margin_quantile)
+        z_hat_fit = low_bit.predict(x_fit) + b1
+        margins[guard] = recall_margins(z_fit, z_hat_fit, lower, upper, config.target_recall)
         z_hat = low_bit.predict(x_eval) + b1
         flags = (z_hat < lower + margins[guard]) | (z_hat > upper - margins[guard])
         stats["guards"][guard] = _guard_stats(flags, outside, act, line, z_eval, w["w2_rows"], dense_y)
@@ -257,10 +258,40 @@ def max_line_error(act, slope, intercept, lower, upper, points: int = 257) -> to
     return err.abs().amax(0).float()
 
 
-def _column_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
-    # kthvalue, not torch.quantile: quantile refuses inputs over 16M elements.
-    k = max(1, min(values.shape[0], math.ceil(q * values.shape[0])))
-    return values.kthvalue(k, dim=0).values
+def recall_margins(z: torch.Tensor, z_hat: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+                   target_recall: float, steps: int = 24) -> torch.Tensor:
+    """Per-neuron guard margins ``s * std(z_hat - z)``, with the smallest scale s (one per FFN)
+    whose flags catch ``target_recall`` of the out-of-range (token, neuron) pairs.
+
+    Misses happen only near the range's ends (far outliers are flagged with any margin), so a
+    recall target needs far less margin than a high quantile of the prediction error.
+
+    Example:
+        >>> z = torch.randn(1000, 4); z_hat = z + 0.1 * torch.randn(1000, 4)
+        >>> m = recall_margins(z, z_hat, torch.full((4,), -1.0), torch.full((4,), 1.0), 0.99)
+        >>> bool((m > 0).all() and (m < 0.5).all())
+        True
+    """
+    sigma = (z_hat - z).std(dim=0)
+    outside = (z < lower) | (z > upper)
+    total = outside.sum().item()
+    if total == 0:
+        return torch.zeros_like(sigma)
+
+    def recall(scale: float) -> float:
+        margin = scale * sigma
+        flags = (z_hat < lower + margin) | (z_hat > upper - margin)
+        return (flags & outside).sum().item() / total
+
+    lo, hi = 0.0, 1.0
+    while recall(hi) < target_recall and hi < 64:
+        hi *= 2
+    if recall(lo) >= target_recall:
+        return torch.zeros_like(sigma)
+    for _ in range(steps):  # bisection on the monotone recall(scale)
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if recall(mid) >= target_recall else (mid, hi)
+    return hi * sigma
 
 
 def _guard_stats(flags, outside, act, line, z, w2_rows, dense_y) -> dict[str, float]:

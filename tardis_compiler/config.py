@@ -27,8 +27,9 @@ class CalibrationConfig:
         max_tokens: token rows kept per FFN (reservoir-sampled beyond that), bounding memory.
         holdout_fraction: share of kept tokens not used for fitting, on which guard recall and
             flag rate are measured.
-        margin_quantile: a neuron's guard margin is this quantile of |z_hat - z| on the fitting
-            tokens; higher favours recall (exactness) over fewer flags (speed).
+        target_recall: the guard's margins are the smallest (a common multiple of each neuron's
+            prediction-error std) that flag this fraction of out-of-range inputs on the fitting
+            tokens; higher favours accuracy, lower fewer flags (speed).
         group_size: quantization group size of the guard's low-bit W1 copy.
         seed: seeds the token reservoir.
         progress: show a progress bar.
@@ -43,7 +44,7 @@ class CalibrationConfig:
     coverage: float = 0.85
     max_tokens: int = 8192
     holdout_fraction: float = 0.2
-    margin_quantile: float = 0.999
+    target_recall: float = 0.999
     group_size: int = 64
     seed: int = 0
     progress: bool = True
@@ -53,8 +54,8 @@ class CalibrationConfig:
         _check(self.max_tokens >= 16, f"max_tokens must be >= 16, got {self.max_tokens}")
         _check(0.0 <= self.holdout_fraction < 0.9,
                f"holdout_fraction must be in [0, 0.9), got {self.holdout_fraction}")
-        _check(0.0 < self.margin_quantile <= 1.0,
-               f"margin_quantile must be in (0, 1], got {self.margin_quantile}")
+        _check(0.0 < self.target_recall <= 1.0,
+               f"target_recall must be in (0, 1], got {self.target_recall}")
         _check(self.group_size >= 8 and self.group_size % 8 == 0,
                f"group_size must be a positive multiple of 8, got {self.group_size}")
 
