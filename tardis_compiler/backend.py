@@ -166,21 +166,14 @@ class AutoCalibratingGraph:
         self.compiled = compiled
         self.options = options
         self.report = report
-        self.ffns = [(m.name, m.pattern, m.activation.name,
-                      {"w1": positions[m.first.weight], "b1": positions.get(m.first.bias),
-                       "w2": positions[m.second.weight], "b2": positions.get(m.second.bias)},
-                      m.first.layout, m.second.layout) for m in matches]
+        self.ffns = [(m.name, m.pattern, m.activation.name, _weight_slots(m, positions)) for m in matches]
 
     def __call__(self, *args):
         state = self._state(args)
         if state.profile is not None:
             return self.compiled(*args, *self._packs(state.profile, args))
-        for name, pattern, act, pos, l1, l2 in self.ffns:
-            state.recorder.register(name, pattern, act, {
-                "w1_rows": neuron_major(args[pos["w1"]], l1),
-                "b1": args[pos["b1"]] if pos["b1"] is not None else None,
-                "w2_rows": w2_neuron_major(args[pos["w2"]], l2),
-                "b2": args[pos["b2"]] if pos["b2"] is not None else None})
+        for name, pattern, act, slots in self.ffns:
+            state.recorder.register(name, pattern, act, _weights(slots, args))
         with torch.no_grad(), recording(state.recorder):
             out = self.recording_gm(*args)
         state.calls += 1
@@ -199,7 +192,7 @@ class AutoCalibratingGraph:
 
     def _state(self, args) -> _CalibrationState:
         first = args[self.ffns[0][3]["w1"]]
-        key = tuple(args[pos["w1"]].data_ptr() for _, _, _, pos, _, _ in self.ffns)
+        key = tuple(args[slots["w1"]].data_ptr() for _, _, _, slots in self.ffns)
         fingerprint = float(first.reshape(-1)[:: max(1, first.numel() // 16)].double().sum())
         state = _STATES.get(key)
         if state is None or state.fingerprint != fingerprint:
@@ -228,11 +221,8 @@ def recording_backend(recorder: Recorder) -> Callable:
         matches, _ = find_ffns(gm, fqns)
         positions = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
         for m in matches:
-            recorder.register(m.name, m.pattern, m.activation.name, {
-                "w1_rows": neuron_major(example_inputs[positions[m.first.weight]], m.first.layout),
-                "b1": example_inputs[positions[m.first.bias]] if m.first.bias is not None else None,
-                "w2_rows": w2_neuron_major(example_inputs[positions[m.second.weight]], m.second.layout),
-                "b2": example_inputs[positions[m.second.bias]] if m.second.bias is not None else None})
+            recorder.register(m.name, m.pattern, m.activation.name,
+                              _weights(_weight_slots(m, positions), example_inputs))
         ctx = PassContext(TardisOptions(), {m.name for m in matches})
         return record_ffn_inputs(copy_graph_module(gm), ctx).forward
 
@@ -304,6 +294,21 @@ def _fill_from_profile(row: FFNReport, ffn: FFNProfile, guard: str) -> None:
     rate = row.flag_rate if row.flag_rate is not None else 1.0
     row.bytes_tardis = ffn_bytes_per_token(ffn.d_in, ffn.d_hidden, ffn.d_out, row.elem_bytes, row.has_bias,
                                            guard, rate, guard_bytes)
+
+
+def _weight_slots(m: FFNMatch, positions: dict) -> dict:
+    """Where an FFN's weights sit among the graph's inputs, and their layouts."""
+    return {"w1": positions[m.first.weight], "b1": positions.get(m.first.bias),
+            "w2": positions[m.second.weight], "b2": positions.get(m.second.bias),
+            "layouts": (m.first.layout, m.second.layout)}
+
+
+def _weights(slots: dict, values: Sequence[Any]) -> dict:
+    """The FFN's weights from the graph's input ``values``, neuron-major, as calibration wants them."""
+    l1, l2 = slots["layouts"]
+    bias = lambda k: values[slots[k]] if slots[k] is not None else None  # noqa: E731
+    return {"w1_rows": neuron_major(values[slots["w1"]], l1), "b1": bias("b1"),
+            "w2_rows": w2_neuron_major(values[slots["w2"]], l2), "b2": bias("b2")}
 
 
 def _in_order(matches: list[FFNMatch], names: list[str]) -> list[FFNMatch]:
