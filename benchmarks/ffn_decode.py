@@ -82,15 +82,18 @@ def time_calls(fn, rows: torch.Tensor, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def bench_shape(name: str, ffn: FFN, x: torch.Tensor, coverages, repeats: int) -> dict:
+def bench_shape(name: str, ffn: FFN, x: torch.Tensor, coverages, guards, repeats: int) -> dict:
     calib, timed = x[:-64], x[-64:]
     variants = {"dense eager": ffn, "dense inductor": torch.compile(ffn)}
-    profiles = {}
+    profiles, settings = {}, {}
     for p in coverages:
         cfg = tc.CalibrationConfig(coverage=p, progress=False)
         profiles[p] = tc.calibrate(ffn, [calib[i:i + 256] for i in range(0, calib.shape[0], 256)], cfg)
-        torch.compiler.reset()
-        variants[f"tardis p={p}"] = torch.compile(ffn, backend="tardis", options={"profile": profiles[p]})
+        for guard in guards:
+            torch.compiler.reset()
+            key = f"tardis p={p} {guard}"
+            settings[key] = (p, guard)
+            variants[key] = torch.compile(ffn, backend="tardis", options={"profile": profiles[p], "guard": guard})
     with torch.no_grad():
         for fn in variants.values():  # compile and warm up
             for i in range(4):
@@ -99,24 +102,23 @@ def bench_shape(name: str, ffn: FFN, x: torch.Tensor, coverages, repeats: int) -
         for _ in range(repeats):  # interleave the variants so drift hits all alike
             for k, fn in variants.items():
                 times[k].append(time_calls(fn, timed, 1))
-        timed_flag_rates = []
-        for p in coverages:
+        timed_flag_rates = {}
+        for key in settings:
             with tc.collect_stats() as stats:
                 for i in range(timed.shape[0]):
-                    variants[f"tardis p={p}"](timed[i:i + 1])
-            timed_flag_rates.append(stats.ffns[""].flag_rate)
+                    variants[key](timed[i:i + 1])
+            timed_flag_rates[key] = stats.ffns[""].flag_rate
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = []
     dense = med["dense eager"]
-    for i, k in enumerate(med):
+    for k in med:
         row = {"variant": k, "us_per_call": med[k] * 1e6, "speedup_vs_eager": dense / med[k],
                "speedup_vs_inductor": med["dense inductor"] / med[k]}
-        if k.startswith("tardis"):
-            p = coverages[i - 2]
-            ffn_profile = profiles[p].ffns[""]
-            row.update(coverage=p, calib_flag_rate=ffn_profile.stats["guards"]["int4"]["flag_rate"],
-                       timed_flag_rate=timed_flag_rates[i - 2],
-                       rel_error=ffn_profile.stats["guards"]["int4"]["rel_error"])
+        if k in settings:
+            p, guard = settings[k]
+            measured = profiles[p].ffns[""].stats["guards"][guard]
+            row.update(coverage=p, guard=guard, calib_flag_rate=measured["flag_rate"],
+                       timed_flag_rate=timed_flag_rates[k], rel_error=measured["rel_error"])
         rows.append(row)
     return {"shape": name, "d": ffn.up.in_features, "m": ffn.up.out_features, "rows": rows,
             "parts_us": parts(ffn, timed, profiles[0.85] if 0.85 in profiles else profiles[coverages[0]], repeats)}
@@ -128,17 +130,18 @@ def parts(ffn: FFN, timed: torch.Tensor, profile, repeats: int) -> dict:
     w1, b1, w2 = ffn.up.weight.detach(), ffn.up.bias.detach(), ffn.down.weight.detach()
     m, d = w1.shape
     wf = torch.randn(w2.shape[0], d)
-    guard = LowBitGuard.build(w1, 4, 64)
-    k = int(round(prof.stats["guards"]["int4"]["flag_rate"] * m))
+    guard4, guard8 = LowBitGuard.build(w1, 4, 64), LowBitGuard.build(w1, 8, 64)
+    k = int(round(prof.stats["guards"]["int8"]["flag_rate"] * m))
     idx = torch.randperm(m)[:k].sort().values
-    w2_rows = w2.t()
+    w2_rows = w2.t().contiguous()  # the op keeps this copy (runtime/fold.py)
     delta = torch.randn(1, k)
     with torch.no_grad():
         items = {
             "folded GEMV (d x d)": lambda x: F.linear(x, wf),
-            "guard int4 GEMV (m x d)": lambda x: guard.predict(x),
-            f"gather W1 rows ({k} flagged)": lambda x: gather_rows_matmul(x, w1, idx),
-            f"scatter W2 cols ({k} flagged)": lambda x: scatter_rows_matmul(delta, w2_rows, idx),
+            "guard int4 GEMV (m x d)": lambda x: guard4.predict(x),
+            "guard int8 GEMV (m x d)": lambda x: guard8.predict(x),
+            f"gather W1 rows (int8 flag rate: {k})": lambda x: gather_rows_matmul(x, w1, idx),
+            f"scatter W2 rows ({k})": lambda x: scatter_rows_matmul(delta, w2_rows, idx),
             "dense W1 GEMV (m x d)": lambda x: F.linear(x, w1),
         }
         return {name: time_calls(fn, timed, repeats) * 1e6 for name, fn in items.items()}
@@ -148,6 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["2048x8192", "minilm"])
     parser.add_argument("--coverages", nargs="+", type=float, default=[0.7, 0.85, 0.95])
+    parser.add_argument("--guards", nargs="+", default=["int8", "int4"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=os.path.join(RESULTS, "ffn_decode.json"))
     args = parser.parse_args()
@@ -160,7 +164,7 @@ def main() -> None:
         else:
             d, m = map(int, shape.split("x"))
             ffn, x = synthetic(d, m, 4096 + 64)
-        results["shapes"].append(bench_shape(shape, ffn, x, args.coverages, args.repeats))
+        results["shapes"].append(bench_shape(shape, ffn, x, args.coverages, args.guards, args.repeats))
         torch.compiler.reset()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
@@ -179,7 +183,7 @@ def markdown(results: dict) -> str:
             err = f"{r['rel_error']:.3f}" if "coverage" in r else "-"
             lines.append(f"| {r['variant']} | {r['us_per_call']:.0f} | {r['speedup_vs_eager']:.2f}x | "
                          f"{r['speedup_vs_inductor']:.2f}x | {flags} | {err} |")
-        lines.append("\nParts of the tardis op at p=0.85 (us/call): " +
+        lines.append("\nParts of the tardis op at p=0.85, alone (us/call): " +
                      ", ".join(f"{k} {v:.0f}" for k, v in s["parts_us"].items()))
     return "\n".join(lines)
 
