@@ -8,7 +8,7 @@ Pipeline: capture (backend) -> match (passes.find_ffns) -> calibrate -> rewrite 
 from .activations import (ActivationRule, activation_rules, get_activation_rule,
                           register_activation_rule, unregister_activation_rule)
 from .backend import TrainingModeError, tardis_backend
-from .calibrate import calibrate
+from .calibrate import calibrate, calibrate_for_budget, record
 from .config import GUARDS, CalibrationConfig, TardisOptions
 from .explain import ExplainReport, explain
 from .profile import FFNProfile, Profile, ProfileMismatchError
@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "GUARDS", "ActivationRule", "CalibrationConfig", "ExplainReport", "FFNProfile", "Profile",
     "ProfileMismatchError", "TardisOptions", "TrainingModeError", "activation_rules", "calibrate",
-    "clear_caches", "collect_stats", "explain", "get_activation_rule", "register_activation_rule",
+    "calibrate_for_budget", "clear_caches", "collect_stats", "explain", "get_activation_rule", "register_activation_rule",
     "tardis_backend", "unregister_activation_rule",
 ]

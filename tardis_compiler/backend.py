@@ -281,19 +281,16 @@ def _fill_from_profile(row: FFNReport, ffn: FFNProfile, guard: str) -> None:
     row.status = "rewritten"
     row.coverage = ffn.stats["coverage"]
     row.error_bound = ffn.stats["error_bound"]
-    guard_bytes = 0
-    if guard in ffn.stats["guards"]:
-        g = ffn.stats["guards"][guard]
-        row.flag_rate, row.recall, row.rel_error = g["flag_rate"], g["recall"], g["rel_error"]
-        row.guard_kernel = g.get("kernel", guard)
-        guard_bytes = g.get("bytes", 0)
+    measured = ffn.stats["guards"].get(guard)
+    if measured is not None:
+        row.flag_rate, row.recall, row.rel_error = measured["flag_rate"], measured["recall"], measured["rel_error"]
+        row.guard_kernel = measured.get("kernel", guard)
     elif guard == "all":
         row.flag_rate, row.recall, row.rel_error = 1.0, 1.0, 0.0
+    guard_bytes = measured.get("bytes", 0) if measured else 0
     row.resident_tardis = row.resident_dense + resident_bytes_added(
         ffn.d_in, ffn.d_hidden, ffn.d_out, row.elem_bytes, guard_bytes, row.copied_weights)
-    rate = row.flag_rate if row.flag_rate is not None else 1.0
-    row.bytes_tardis = ffn_bytes_per_token(ffn.d_in, ffn.d_hidden, ffn.d_out, row.elem_bytes, row.has_bias,
-                                           guard, rate, guard_bytes)
+    row.bytes_tardis = ffn.bytes_per_token(guard, row.elem_bytes, row.has_bias)  # live dtype, not calibration's
 
 
 def _weight_slots(m: FFNMatch, positions: dict) -> dict:

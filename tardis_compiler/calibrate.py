@@ -13,6 +13,7 @@ We record FFN *inputs* x (d per token), not z (m = 4d per token), and recompute 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from typing import Any, Iterable, Iterator
@@ -75,8 +76,10 @@ class Recorder:
             seed = self.config.seed + len(self.ffns)
             self.ffns[name] = FFNRecord(name, pattern, activation, weights, self.config.max_tokens, seed)
 
-    def fit(self, source: str) -> Profile:
-        """Fit every recorded FFN (see the module docstring) into a ``Profile``."""
+    def fit(self, source: str, config: CalibrationConfig | None = None) -> Profile:
+        """Fit every recorded FFN (see the module docstring) into a ``Profile``; ``config``
+        overrides the recorder's (e.g. another coverage over the same recorded tokens)."""
+        config = config or self.config
         empty = [n for n, r in self.ffns.items() if r.filled == 0]
         if not self.ffns or empty:
             raise ValueError(
@@ -84,14 +87,14 @@ class Recorder:
                 + ": pass a non-empty iterable of model inputs (tensors or dicts of keyword arguments)")
         ffns = {}
         records = self.ffns.items()
-        if self.config.progress and len(self.ffns) > 1:
+        if config.progress and len(self.ffns) > 1:
             from tqdm.auto import tqdm
 
             records = tqdm(records, total=len(self.ffns), desc="tardis: fitting FFN ranges", leave=False)
         for name, record in records:
-            ffns[name] = fit_ffn(record, self.config)
+            ffns[name] = fit_ffn(record, config)
         tokens = max(r.seen for r in self.ffns.values())
-        return Profile(ffns=ffns, config=self.config, tokens=tokens, source=source)
+        return Profile(ffns=ffns, config=config, tokens=tokens, source=source)
 
 
 _ACTIVE: list[Recorder] = []
@@ -113,19 +116,16 @@ def record_ffn_input(x: torch.Tensor, name: str) -> None:
         _ACTIVE[-1].ffns[name].add(x)
 
 
-def calibrate(model: torch.nn.Module, batches: Iterable[Any], config: CalibrationConfig | None = None) -> Profile:
-    """Record every FFN's inputs on ``batches`` and fit per-neuron ranges, lines and guard margins.
-
-    ``batches`` yields model inputs: a tensor (``model(t)``), a tuple (``model(*t)``) or a dict of
-    keyword arguments (``model(**d)``). Runs under ``torch.no_grad()``; the model is not modified.
+def record(model: torch.nn.Module, batches: Iterable[Any], config: CalibrationConfig | None = None) -> Recorder:
+    """Run ``batches`` through ``model`` and keep each FFN's inputs (see ``calibrate``); fit the
+    result with ``recorder.fit(source, config)``, as often as you like.
 
     Example:
         >>> import torch, tardis_compiler as tc
         >>> mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval()
-        >>> profile = tc.calibrate(mlp, [torch.randn(32, 16) for _ in range(4)],
-        ...                        tc.CalibrationConfig(progress=False))
-        >>> list(profile.ffns), profile.ffns[""].d_hidden
-        ([''], 64)
+        >>> rec = record(mlp, [torch.randn(32, 16)], tc.CalibrationConfig(progress=False))
+        >>> rec.fit("demo").ffns[""].d_in
+        16
     """
     from .backend import recording_backend
 
@@ -152,7 +152,65 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any], config: Calibratio
     if not recorder.ffns:
         raise ValueError("calibrate() found no FFN in this model; tardis_compiler.explain(model, inputs) "
                          "lists what was matched and why patterns were skipped")
-    return recorder.fit(source=f"calibrate(): {len(batches)} batches")
+    recorder.batches = len(batches)
+    return recorder
+
+
+def calibrate(model: torch.nn.Module, batches: Iterable[Any], config: CalibrationConfig | None = None) -> Profile:
+    """Record every FFN's inputs on ``batches`` and fit per-neuron ranges, lines and guard margins.
+
+    ``batches`` yields model inputs: a tensor (``model(t)``), a tuple (``model(*t)``) or a dict of
+    keyword arguments (``model(**d)``). Runs under ``torch.no_grad()``; the model is not modified.
+
+    Example:
+        >>> import torch, tardis_compiler as tc
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval()
+        >>> profile = tc.calibrate(mlp, [torch.randn(32, 16) for _ in range(4)],
+        ...                        tc.CalibrationConfig(progress=False))
+        >>> list(profile.ffns), profile.ffns[""].d_hidden
+        ([''], 64)
+    """
+    recorder = record(model, batches, config)
+    return recorder.fit(source=f"calibrate(): {recorder.batches} batches")
+
+
+def calibrate_for_budget(model: torch.nn.Module, batches: Iterable[Any], budget: float, guard: str = "int4",
+                         config: CalibrationConfig | None = None, steps: int = 7) -> Profile:
+    """Calibrate so the model's FFNs read at most ``budget`` of their dense bytes per token.
+
+    Records once, then bisects the coverage p over the same tokens: a lower p flags more neurons
+    (more exact, more bytes). Bytes are those ``explain`` reports, with the flag rate ``guard``
+    measured on the held-out calibration tokens. Raises ``ValueError`` if even p = 1 (nothing
+    flagged but what the guard's margins catch) reads more than the budget.
+
+    Example:
+        >>> import torch, tardis_compiler as tc
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).eval()
+        >>> cfg = tc.CalibrationConfig(progress=False)
+        >>> profile = calibrate_for_budget(mlp, [torch.randn(256, 64) for _ in range(4)], 0.6, "int8", cfg)
+        >>> profile.bytes_fraction("int8") <= 0.6
+        True
+    """
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget is a fraction of dense FFN bytes read per token, in (0, 1]; got {budget}")
+    config = config or CalibrationConfig()
+    recorder = record(model, batches, config)
+    source = f"calibrate_for_budget({budget}, {guard!r}): {recorder.batches} batches"
+    fit = lambda p: recorder.fit(source, dataclasses.replace(config, coverage=p, progress=False))  # noqa: E731
+    best = fit(1.0)
+    if best.bytes_fraction(guard) > budget:
+        raise ValueError(f"budget {budget} is below what tardis reads with every neuron folded "
+                         f"({best.bytes_fraction(guard):.3f} of dense with guard {guard!r}: the folded "
+                         "matrix and the guard alone); raise the budget or use a cheaper guard")
+    lo, hi = 0.0, 1.0  # bytes fall as p rises; find the lowest p within budget
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        candidate = fit(mid)
+        if candidate.bytes_fraction(guard) <= budget:
+            best, hi = candidate, mid
+        else:
+            lo = mid
+    return best
 
 
 def _call(model, batch):
@@ -177,7 +235,9 @@ def fit_ffn(record: FFNRecord, config: CalibrationConfig) -> FFNProfile:
     slope, intercept = fit_lines(z_fit, act(z_fit), lower, upper)
     line_error = max_line_error(act, slope, intercept, lower, upper)
 
-    stats: dict[str, Any] = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0]}
+    stats: dict[str, Any] = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0],
+                             "elem_bytes": record.weights["w1_rows"].element_size(),
+                             "has_bias": record.weights["b1"] is not None or record.weights["b2"] is not None}
     x_eval = x_hold if n_hold else x_fit  # tiny sets: report in-sample numbers, and say so
     stats["measured_on"] = "holdout" if n_hold else "fit tokens (too few for a holdout)"
     z_eval = F.linear(x_eval, w["w1_rows"], w["b1"])

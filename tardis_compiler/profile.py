@@ -62,6 +62,22 @@ class FFNProfile:
             lo, hi = self.lower, self.upper
         return torch.stack([self.slope, self.intercept, self.lower, self.upper, lo, hi]).float().contiguous()
 
+    def bytes_per_token(self, guard: str, elem_bytes: int | None = None, has_bias: bool | None = None) -> float:
+        """FFN weight bytes read per token (batch 1) when folded with ``guard``, at the flag rate
+        calibration measured; ``guard="dense"`` for the dense FFN. The weights' element size and
+        bias default to the calibrated model's.
+
+        Example: ``ffn.bytes_per_token("int8") / ffn.bytes_per_token("dense")``.
+        """
+        from .report import ffn_bytes_per_token
+
+        elem_bytes = self.stats.get("elem_bytes", 4) if elem_bytes is None else elem_bytes
+        has_bias = self.stats.get("has_bias", True) if has_bias is None else has_bias
+        measured = self.stats.get("guards", {}).get(guard, {})
+        rate = 1.0 if guard == "all" else measured.get("flag_rate", 1.0)
+        return ffn_bytes_per_token(self.d_in, self.d_hidden, self.d_out, elem_bytes, has_bias, guard, rate,
+                                   measured.get("bytes", 0))
+
     def signature(self) -> tuple[int, int, int, str]:
         """What must match between a model's FFN and this profile."""
         return (self.d_in, self.d_hidden, self.d_out, self.activation)
@@ -133,6 +149,14 @@ class Profile:
             )
         return cls(ffns=ffns, config=CalibrationConfig.from_dict(meta["config"]),
                    tokens=meta["tokens"], source=meta["source"], version=meta["version"])
+
+    def bytes_fraction(self, guard: str) -> float:
+        """FFN weight bytes read per token with ``guard``, as a fraction of dense (all FFNs).
+
+        Example: ``tc.calibrate(model, batches).bytes_fraction("int4")``.
+        """
+        dense = sum(f.bytes_per_token("dense") for f in self.ffns.values())
+        return sum(f.bytes_per_token(guard) for f in self.ffns.values()) / dense
 
     def check(self, found: dict[str, tuple[int, int, int, str]]) -> None:
         """Raise ``ProfileMismatchError`` unless every FFN in ``found`` (name -> d_in, d_hidden,

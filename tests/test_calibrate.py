@@ -76,3 +76,20 @@ def test_model_without_ffn_is_a_clear_error():
 def test_dict_batches_are_keyword_arguments():
     batches = [{"input_ids": t, "attention_mask": torch.ones_like(t)} for t in token_batches(2)]
     assert len(tc.calibrate(build_tiny("bert"), batches, QUIET).ffns) == 2
+
+
+def test_calibrate_for_budget_meets_the_budget_and_explain_agrees():
+    model = build_tiny("gpt_neox")
+    loose = tc.calibrate_for_budget(model, token_batches(6), 0.9, "int8", QUIET)
+    tight = tc.calibrate_for_budget(model, token_batches(6), 0.7, "int8", QUIET)
+    assert loose.bytes_fraction("int8") <= 0.9 and tight.bytes_fraction("int8") <= 0.7
+    assert tight.config.coverage > loose.config.coverage
+    report = tc.explain(model, token_batches(1)[0], profile=tight, guard="int8", inner="eager")
+    read = sum(f.bytes_tardis for f in report.ffns) / sum(f.bytes_dense for f in report.ffns)
+    assert abs(read - tight.bytes_fraction("int8")) < 1e-9
+
+
+@pytest.mark.parametrize("budget", [0.0, 1.5, 0.01])
+def test_calibrate_for_budget_refuses_impossible_budgets(budget):
+    with pytest.raises(ValueError, match="budget"):
+        tc.calibrate_for_budget(build_tiny("opt"), token_batches(2), budget, "int4", QUIET)
