@@ -57,7 +57,7 @@ def run(coverage: float, calib_batches: int, passages: int, guard: str, inner: s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--coverage", type=float, default=0.85, help="fraction p each neuron's range holds")
-    parser.add_argument("--guard", default="int4", choices=tc.GUARDS)
+    parser.add_argument("--guard", default="int8", choices=tc.GUARDS)
     parser.add_argument("--inner", default="inductor", choices=("inductor", "eager"))
     parser.add_argument("--quick", action="store_true", help="small slice: 4 calibration windows, 16 passages")
     parser.add_argument("--json", help="also write the numbers to this file")

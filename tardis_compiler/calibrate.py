@@ -174,7 +174,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any], config: Calibratio
     return recorder.fit(source=f"calibrate(): {recorder.batches} batches")
 
 
-def calibrate_for_budget(model: torch.nn.Module, batches: Iterable[Any], budget: float, guard: str = "int4",
+def calibrate_for_budget(model: torch.nn.Module, batches: Iterable[Any], budget: float, guard: str = "int8",
                          config: CalibrationConfig | None = None, steps: int = 7) -> Profile:
     """Calibrate so the model's FFNs read at most ``budget`` of their dense bytes per token.
 

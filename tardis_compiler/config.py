@@ -77,7 +77,8 @@ class TardisOptions:
         profile: a ``Profile`` from ``calibrate`` (or a path to a saved one). Without one, the
             compiled model runs dense for ``calibration_calls`` calls while it records FFN
             inputs, then calibrates and switches to the folded graph.
-        guard: "int4" (default), "int2", "int8", "exact" or "all"; see ``GUARDS``.
+        guard: "int8" (default: it measured best on MiniLM, in bytes and time, docs/RESULTS.md),
+            "int4", "int2", "exact" or "all"; see ``GUARDS``.
         inner: compiler for the rewritten graph: "inductor" (default) or "eager" (debugging).
         calibration_calls: calls recorded before auto-calibration (no-profile mode).
         calibration: ``CalibrationConfig`` (or dict) for auto-calibration.
@@ -91,7 +92,7 @@ class TardisOptions:
     """
 
     profile: Any = None
-    guard: str = "int4"
+    guard: str = "int8"
     inner: str = "inductor"
     calibration_calls: int = 8
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)

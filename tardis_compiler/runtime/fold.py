@@ -97,7 +97,8 @@ def fold_ffn(
 
 
 class FoldCache:
-    """LRU cache of ``FoldedFFN`` keyed on (FFN name, weight pointers); validated on every hit."""
+    """LRU cache of ``FoldedFFN`` keyed on (FFN name, weight and calibration pointers); validated
+    on every hit."""
 
     def __init__(self, max_entries: int = _MAX_ENTRIES) -> None:
         self._entries: collections.OrderedDict = collections.OrderedDict()
@@ -106,7 +107,9 @@ class FoldCache:
 
     def get(self, name: str, tensors: dict[str, torch.Tensor | None], build) -> FoldedFFN:
         """Return the cached fold for ``tensors`` (the op's inputs) or call ``build()`` and cache it."""
-        slot = (name, tensors["w1"].data_ptr(), tensors["w2"].data_ptr())
+        # The calibration tensor is part of the slot: two profiles of one model (two compiled
+        # variants, a sweep) must not evict each other's folds on every alternation.
+        slot = (name, tensors["w1"].data_ptr(), tensors["w2"].data_ptr(), tensors["params"].data_ptr())
         values = tuple(tensors.values())
         entry = self._entries.get(slot)
         if entry is not None and (entry.same_objects(values) or entry.same_contents(values)):

@@ -128,3 +128,17 @@ def test_fold_cache_does_not_confuse_a_new_model_at_a_freed_address():
         w2_new.copy_(clone * 3)
     y = _call(x, w1, b1, w2_new, b2, params, "out_in", "all", name="reuse")
     torch.testing.assert_close(y, _dense(x, w1, b1, w2_new, b2, "out_in"), atol=1e-5, rtol=1e-5)
+
+
+def test_two_profiles_of_one_model_keep_their_own_folds():
+    w1, b1, w2, b2, params = _ffn(seed=7)
+    other = params.clone()
+    other[0] *= 0.5
+    x = torch.randn(1, 32)
+    _call(x, w1, b1, w2, b2, params, "out_in", "all", name="pair")
+    _call(x, w1, b1, w2, b2, other, "out_in", "all", name="pair")
+    builds = FOLD_CACHE.builds
+    for _ in range(3):  # alternating must not re-fold
+        _call(x, w1, b1, w2, b2, params, "out_in", "all", name="pair")
+        _call(x, w1, b1, w2, b2, other, "out_in", "all", name="pair")
+    assert FOLD_CACHE.builds == builds
