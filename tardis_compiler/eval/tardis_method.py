@@ -1,0 +1,106 @@
+"""The tardis rows of the evaluation: the backend at a given FFN bytes budget.
+
+``tardis(model, batches, budget)`` calibrates once on the calibration batches, bisects the coverage
+p so the FFNs read at most ``budget`` of their dense bytes per token (``calibrate_for_budget``),
+and returns ``torch.compile(model, backend="tardis", ...)``. The model itself is untouched: the
+compiled wrapper folds at run time. Bytes read are then *measured* on the evaluation text by
+counting the guard's flags (``TardisMeter``), at batch-1 accounting.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from ..calibrate import calibrate_for_budget
+from ..config import CalibrationConfig
+from ..profile import Profile
+from ..report import ffn_bytes_per_token
+from ..runtime.stats import RuntimeStats, _ACTIVE
+from .accounting import FFNBytes, PreparedModel
+from .ffn import dense_ffn_bytes
+
+#: The guard the eval uses: on MiniLM it flags almost exactly the oracle's set and reads the
+#: fewest bytes at every coverage up to 0.85 (docs/RESULTS.md, coverage x guard table).
+EVAL_GUARD = "int8"
+
+
+class MethodNotApplicable(ValueError):
+    """The method cannot run on this model (e.g. tardis on a gated FFN); the harness records why."""
+
+
+class TardisMeter:
+    """Bytes read per token on the evaluation text, from the flags the guard actually raised.
+
+    Example:
+        >>> meter = TardisMeter(profile, "int8", dense_weight_bytes=1000)  # doctest: +SKIP
+        >>> meter.reset(); run_model(); meter.read_per_token()  # doctest: +SKIP
+    """
+
+    def __init__(self, profile: Profile, guard: str, dense_weight_bytes: int) -> None:
+        self.profile, self.guard, self.dense_weight_bytes = profile, guard, dense_weight_bytes
+        self.stats: RuntimeStats | None = None
+
+    def reset(self) -> None:
+        if self.stats is not None and self.stats in _ACTIVE:
+            _ACTIVE.remove(self.stats)
+        self.stats = RuntimeStats()
+        _ACTIVE.append(self.stats)
+
+    def read_per_token(self) -> float:
+        if self.stats is None or not self.stats.ffns:
+            raise RuntimeError("TardisMeter saw no tardis op call: was reset() called before running?")
+        tardis = dense = 0.0
+        for name, ffn in self.profile.ffns.items():
+            counters = self.stats.ffns.get(name)
+            rate = counters.flag_rate if counters is not None else ffn.stats["guards"][self.guard]["flag_rate"]
+            guard_bytes = ffn.stats["guards"][self.guard].get("bytes", 0)
+            args = (ffn.d_in, ffn.d_hidden, ffn.d_out, ffn.stats["elem_bytes"], ffn.stats["has_bias"])
+            tardis += ffn_bytes_per_token(*args, self.guard, rate, guard_bytes)
+            dense += ffn_bytes_per_token(*args)
+        _ACTIVE.remove(self.stats)
+        self.stats = None
+        # Same denominator as the other methods (weights only): scale by the fraction.
+        return tardis / dense * self.dense_weight_bytes
+
+
+def tardis(model: torch.nn.Module, batches: Iterable[Any], budget: float, guard: str = EVAL_GUARD) -> PreparedModel:
+    """The tardis backend at ``budget`` of dense FFN bytes read per token.
+
+    Example:
+        >>> prepared = tardis(minilm, calibration_batches, 0.5)  # doctest: +SKIP
+        >>> prepared.ffn_bytes.read_fraction <= 0.5  # doctest: +SKIP
+        True
+    """
+    config = CalibrationConfig(progress=False)
+    try:
+        profile = calibrate_for_budget(model, batches, budget, guard, config)
+    except ValueError as exc:
+        if "found no FFN" in str(exc):
+            raise MethodNotApplicable("tardis found no plain FFN in this model (gated FFNs, as in "
+                                      "LLaMA/SmolLM2, are not supported yet)") from exc
+        if "budget" in str(exc):
+            raise MethodNotApplicable(str(exc)) from exc
+        raise
+    torch.compiler.reset()
+    compiled = torch.compile(model, backend="tardis", options={"profile": profile, "guard": guard})
+    dense_bytes = dense_ffn_bytes(model)
+    read = profile.bytes_fraction(guard) * dense_bytes
+    resident = dense_bytes + _added_resident(profile, guard)
+    details = {"method": "tardis", "guard": guard, "coverage": profile.config.coverage,
+               "calibration_tokens": profile.tokens,
+               "flag_rate": {n: f.stats["guards"][guard]["flag_rate"] for n, f in profile.ffns.items()},
+               "recall": {n: f.stats["guards"][guard]["recall"] for n, f in profile.ffns.items()}}
+    return PreparedModel(compiled, FFNBytes(read, resident, dense_bytes),
+                         meter=TardisMeter(profile, guard, dense_bytes), details=details)
+
+
+def _added_resident(profile: Profile, guard: str) -> int:
+    from ..report import resident_bytes_added
+
+    total = 0
+    for ffn in profile.ffns.values():
+        guard_bytes = ffn.stats["guards"].get(guard, {}).get("bytes", 0)
+        # nn.Linear models: W2 is copied to neuron-major rows for the exact path.
+        total += resident_bytes_added(ffn.d_in, ffn.d_hidden, ffn.d_out, ffn.stats["elem_bytes"], guard_bytes, 1)
+    return total

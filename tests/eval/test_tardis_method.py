@@ -1,0 +1,28 @@
+"""The tardis eval method: meets its budget, measures bytes on the text it runs, leaves the model
+alone, and says clearly when a model has no FFN it can fold."""
+import pytest
+import torch
+
+from tardis_compiler.eval.tardis_method import MethodNotApplicable, tardis
+from tests.eval.helpers import tiny_llama
+from tests.tiny_models import build_tiny, token_batches
+
+
+def test_tardis_method_meets_budget_and_meter_measures():
+    model = build_tiny("bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepared = tardis(model, token_batches(6), 0.8)
+    assert prepared.ffn_bytes.read_fraction <= 0.8
+    assert prepared.ffn_bytes.resident_fraction > 1.0  # the exact path keeps W1 and W2
+    prepared.meter.reset()
+    with torch.no_grad():
+        prepared.model(token_batches(1, seed=4)[0])
+    measured = prepared.meter.read_per_token() / prepared.ffn_bytes.dense
+    assert 0.2 < measured < 1.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_tardis_method_on_a_gated_model_is_not_applicable():
+    with pytest.raises(MethodNotApplicable, match="gated"):
+        tardis(tiny_llama(), [torch.randint(0, 128, (1, 16))], 0.5)
