@@ -218,13 +218,9 @@ def _launch(kernel, a: Tensor, w: Tensor, idx: Tensor, T: int, n_out: int, n_red
 
 
 def _check(a: Tensor, w: Tensor, idx: Tensor, a_name: str, a_cols: int) -> Tensor:
-    if a.dim() != 2 or w.dim() != 2 or idx.dim() != 1:
-        raise ValueError(f"expected 2-D {a_name}, 2-D w, 1-D idx; got {tuple(a.shape)}, "
-                         f"{tuple(w.shape)}, {tuple(idx.shape)}")
-    if a.shape[1] != a_cols:
-        raise ValueError(f"{a_name} has {a.shape[1]} columns, expected {a_cols}")
-    if a.dtype != w.dtype:
-        raise ValueError(f"{a_name} is {a.dtype} but w is {w.dtype}")
+    from .correction import _check as check_operands  # one validation for both back ends
+
+    check_operands(a, w, idx, a_name, a_cols)
     # int64 ids keep idx * stride in 64-bit inside the kernel.
     return idx.to(device=a.device, dtype=torch.int64).contiguous()
 
