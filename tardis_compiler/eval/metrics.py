@@ -1,0 +1,226 @@
+"""Accuracy metrics: perplexity, zero-shot log-likelihood scoring, LAMBADA, embedding cosine.
+
+Every metric calls the model only through its ``forward`` (``model(input_ids, ...)``), never
+through submodules, so a ``torch.compile``-wrapped model is measured as compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .tasks import Task
+
+
+@dataclasses.dataclass(frozen=True)
+class Perplexity:
+    """exp(mean negative log-likelihood) over ``tokens`` scored tokens in ``windows`` windows."""
+
+    value: float
+    nll: float
+    tokens: int
+    windows: int
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, windows: Sequence[torch.Tensor],
+               prefix: Sequence[int] = (), *, progress: bool = False) -> Perplexity:
+    """Perplexity over non-overlapping windows of text tokens (1-D LongTensors).
+
+    ``prefix`` (e.g. ``[BOS]``) is prepended to every window and never scored; with a prefix every
+    window token is scored, without one the first token of a window has no context and is skipped.
+
+    Example:
+        >>> class Uniform(torch.nn.Module):
+        ...     def forward(self, input_ids):
+        ...         return torch.zeros(*input_ids.shape, 10)
+        >>> round(perplexity(Uniform(), [torch.arange(5)]).value, 3)
+        10.0
+    """
+    prefix_ids = torch.tensor(list(prefix), dtype=torch.long)
+    first_scored = max(len(prefix_ids), 1)  # position of the first scored token in the input
+    total_nll, total_tokens = 0.0, 0
+    for window in tqdm(windows, desc="perplexity", leave=False, disable=not progress):
+        ids = torch.cat([prefix_ids, window.long()]).unsqueeze(0)
+        if ids.shape[1] <= first_scored:
+            continue
+        logits = _logits(model(ids))[0, first_scored - 1:-1]
+        targets = ids[0, first_scored:]
+        total_nll += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        total_tokens += int(targets.numel())
+    if total_tokens == 0:
+        raise ValueError("perplexity needs at least one window with a token to score")
+    return Perplexity(math.exp(total_nll / total_tokens), total_nll, total_tokens, len(windows))
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+@dataclasses.dataclass(frozen=True)
+class Continuation:
+    """Score of one continuation: summed log-probability and whether greedy decoding produces it."""
+
+    logprob: float
+    greedy: bool
+
+
+@torch.no_grad()
+def score_continuations(model: torch.nn.Module, requests: Sequence[tuple[list[int], list[int]]],
+                        *, max_length: int, max_batch_tokens: int = 4096,
+                        progress: bool = False, desc: str = "scoring") -> list[Continuation]:
+    """Log-likelihood of each ``(context_ids, continuation_ids)`` request, batched.
+
+    Requests are sorted by length and left-padded, so every continuation ends at the last position
+    and only the last few positions' logits are computed (``logits_to_keep``). Inputs longer than
+    ``max_length`` lose tokens from the left of the context, as in lm-eval. Models whose forward
+    takes no ``position_ids`` run unpadded, one request at a time.
+
+    Example:
+        >>> class Uniform(torch.nn.Module):
+        ...     def forward(self, input_ids):
+        ...         return torch.zeros(*input_ids.shape, 4)
+        >>> round(score_continuations(Uniform(), [([1, 2], [3])], max_length=8)[0].logprob, 4)
+        -1.3863
+    """
+    accepts = _forward_parameters(model)
+    can_pad = "position_ids" in accepts and "attention_mask" in accepts
+    keep_logits = "logits_to_keep" in accepts
+    sequences = []
+    for context, continuation in requests:
+        if not continuation or not context:
+            raise ValueError("every request needs a context token (or a BOS prefix) and at least "
+                             "one continuation token")
+        ids = (list(context) + list(continuation))[-max_length:]
+        sequences.append((ids, min(len(continuation), len(ids) - 1)))
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
+    batches, current, widest, scored = [], [], 0, 0
+    for index in order:
+        ids, n = sequences[index]
+        # Sorted longest first, so the first row sets the padded width. The kept logits are
+        # [rows, longest continuation + 1, vocab]: bound them too (vocab is 49k for SmolLM2).
+        grow_width, grow_scored = max(widest, len(ids)), max(scored, n + 1)
+        rows = len(current) + 1
+        if current and (not can_pad or grow_width * rows > max_batch_tokens
+                        or grow_scored * rows > max_batch_tokens // 8):
+            batches.append(current)
+            current, grow_width, grow_scored = [], len(ids), n + 1
+        current.append(index)
+        widest, scored = grow_width, grow_scored
+    if current:
+        batches.append(current)
+
+    results: list[Continuation | None] = [None] * len(sequences)
+    for batch in tqdm(batches, desc=desc, leave=False, disable=not progress):
+        width = max(len(sequences[i][0]) for i in batch)
+        longest_continuation = max(sequences[i][1] for i in batch)
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids = sequences[i][0]
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            mask[row, width - len(ids):] = 1
+        kwargs: dict[str, Any] = {}
+        if can_pad:
+            kwargs["attention_mask"] = mask
+            kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
+        if keep_logits:
+            kwargs["logits_to_keep"] = longest_continuation + 1
+        logits = _logits(model(input_ids, **kwargs))[:, -(longest_continuation + 1):-1]
+        for row, i in enumerate(batch):
+            ids, n = sequences[i]
+            target = torch.tensor(ids[-n:])
+            row_logprobs = F.log_softmax(logits[row, -n:].float(), dim=-1)  # only scored positions
+            picked = row_logprobs.gather(1, target[:, None]).squeeze(1)
+            greedy = bool((row_logprobs.argmax(-1) == target).all())
+            results[i] = Continuation(float(picked.sum()), greedy)
+    return results  # type: ignore[return-value]
+
+
+def _forward_parameters(model: torch.nn.Module) -> set[str]:
+    # torch.compile wraps the module; its signature lives on the original.
+    inner = getattr(model, "_orig_mod", model)
+    try:
+        parameters = inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return set()
+    return set(parameters)
+
+
+def evaluate_task(model: torch.nn.Module, tokenizer: Any, task: Task, *, prefix: Sequence[int] = (),
+                  max_length: int = 2048, progress: bool = False) -> dict[str, float]:
+    """Zero-shot metrics of ``task``: ``acc`` and ``acc_norm`` for multiple choice (acc_norm divides
+    each choice's log-likelihood by its length in characters, like lm-eval), ``acc`` (greedy
+    exact match of the last word) and ``ppl`` for LAMBADA.
+
+    Example:
+        >>> evaluate_task(model, tokenizer, load_task("piqa", limit=20))  # doctest: +SKIP
+        {'acc': 0.65, 'acc_norm': 0.7, 'n': 20}
+    """
+    requests, owners = [], []
+    for q, item in enumerate(task.items):
+        context_ids = tokenizer(item.context, add_special_tokens=False)["input_ids"]
+        for c, continuation in enumerate(item.continuations):
+            whole = tokenizer(item.context + continuation, add_special_tokens=False)["input_ids"]
+            # Split the joint encoding at the context's length, so the boundary is tokenized as the
+            # model would see it in running text (lm-eval does the same).
+            split = min(len(context_ids), len(whole) - 1)
+            requests.append((list(prefix) + whole[:split], whole[split:]))
+            owners.append((q, c))
+    scores = score_continuations(model, requests, max_length=max_length, progress=progress,
+                                 desc=task.name)
+    if task.kind == "last_word":
+        correct = sum(s.greedy for s in scores)
+        mean_logprob = sum(s.logprob for s in scores) / len(scores)
+        return {"acc": correct / len(scores), "ppl": math.exp(-mean_logprob), "n": len(scores)}
+
+    per_item: list[list[tuple[float, float]]] = [[] for _ in task.items]
+    for (q, c), score in zip(owners, scores):
+        text = task.items[q].continuations[c]
+        chars = len(text[1:] if text.startswith(" ") else text)
+        per_item[q].append((score.logprob, score.logprob / max(chars, 1)))
+    acc = acc_norm = 0
+    for item, choices in zip(task.items, per_item):
+        acc += max(range(len(choices)), key=lambda c: choices[c][0]) == item.label
+        acc_norm += max(range(len(choices)), key=lambda c: choices[c][1]) == item.label
+    n = len(task.items)
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+
+
+@torch.no_grad()
+def sentence_embeddings(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *,
+                        max_length: int = 256, progress: bool = False) -> torch.Tensor:
+    """MiniLM-style sentence embeddings: mean of the last hidden states over real tokens,
+    L2-normalised. One text per call, so no padding reaches the model (byte meters count only
+    real tokens).
+
+    Example:
+        >>> emb = sentence_embeddings(model, tokenizer, ["A cat.", "A dog."])  # doctest: +SKIP
+        >>> emb.shape  # doctest: +SKIP
+        torch.Size([2, 384])
+    """
+    rows = []
+    for text in tqdm(texts, desc="embeddings", leave=False, disable=not progress):
+        encoded = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+        output = model(**encoded)
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        rows.append(F.normalize(hidden[0].float().mean(0), dim=-1))
+    return torch.stack(rows)
+
+
+def embedding_cosine(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    """Cosine similarity between matching rows of two embedding matrices: mean and 5th
+    percentile (the tail is where a compressor breaks first).
+
+    Example:
+        >>> embedding_cosine(torch.eye(2), torch.eye(2))
+        {'cosine_mean': 1.0, 'cosine_p05': 1.0}
+    """
+    cosine = F.cosine_similarity(reference.float(), candidate.float(), dim=-1)
+    return {"cosine_mean": round(float(cosine.mean()), 6),
+            "cosine_p05": round(float(torch.quantile(cosine, 0.05)), 6)}
