@@ -68,3 +68,8 @@ def check_budget(budget: float) -> float:
             f"token; 0.5 means half), got {budget!r}. Pass e.g. --budgets 0.3 0.5 0.7."
         )
     return value
+
+
+class MethodNotApplicable(ValueError):
+    """A method cannot run on this model (e.g. tardis on gated FFNs). ``run_eval`` records the
+    reason under ``results["skipped"]`` and goes on with the other methods."""

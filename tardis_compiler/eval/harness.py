@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .errors import MethodNotApplicable
 from .accounting import FFNBytes, PreparedModel
 from .config import EvalConfig
 from .corpus import (calibration_batches, evaluation_passages, evaluation_windows, special_tokens,
@@ -139,10 +140,14 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     fingerprint = _fingerprint(loaded.model)
 
     plan = [(m, b) for m in methods for b in (config.budgets if m.uses_budget else (1.0,))]
-    rows = []
+    rows, skipped = [], []
     for method, budget in tqdm(plan, desc=f"eval {config.model}", disable=not config.progress):
         begin = time.time()
-        prepared = method.fn(loaded.model, data.calibration, budget)
+        try:
+            prepared = method.fn(loaded.model, data.calibration, budget)
+        except MethodNotApplicable as exc:  # e.g. tardis on gated FFNs: say why, run the rest
+            skipped.append({"method": method.name, "budget": budget, "reason": str(exc)})
+            continue
         prepared_at = time.time()
         metrics, ffn_bytes, source = measure(prepared, loaded, data, context_length,
                                              progress=config.progress)
@@ -162,7 +167,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
                       "kind": loaded.spec.kind, "class": type(loaded.model).__name__,
                       "dtype": str(next(loaded.model.parameters()).dtype),
                       "context_length": context_length},
-            "data": data.summary(), "rows": rows, "seconds": round(time.time() - started, 1)}
+            "data": data.summary(), "rows": rows, "skipped": skipped,
+            "seconds": round(time.time() - started, 1)}
 
 
 def _fingerprint(model: torch.nn.Module) -> tuple:

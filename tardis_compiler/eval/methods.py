@@ -21,6 +21,7 @@ from .accounting import FFNBytes, PreparedModel
 from .activation_sparsity import teal
 from .ffn import dense_ffn_bytes
 from .pruning import ria, wanda
+from .tardis_method import tardis
 
 MethodFn = Callable[[torch.nn.Module, Iterable[Any], float], PreparedModel]
 
@@ -101,3 +102,4 @@ register_method("dense", dense, uses_budget=False)
 register_method("wanda", wanda)
 register_method("ria", ria)
 register_method("teal", teal)
+register_method("tardis", tardis)

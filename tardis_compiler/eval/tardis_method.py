@@ -18,15 +18,12 @@ from ..profile import Profile
 from ..report import ffn_bytes_per_token
 from ..runtime.stats import RuntimeStats, _ACTIVE
 from .accounting import FFNBytes, PreparedModel
+from .errors import MethodNotApplicable
 from .ffn import dense_ffn_bytes
 
 #: The guard the eval uses: on MiniLM it flags almost exactly the oracle's set and reads the
 #: fewest bytes at every coverage up to 0.85 (docs/RESULTS.md, coverage x guard table).
 EVAL_GUARD = "int8"
-
-
-class MethodNotApplicable(ValueError):
-    """The method cannot run on this model (e.g. tardis on a gated FFN); the harness records why."""
 
 
 class TardisMeter:

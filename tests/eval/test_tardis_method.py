@@ -26,3 +26,8 @@ def test_tardis_method_meets_budget_and_meter_measures():
 def test_tardis_method_on_a_gated_model_is_not_applicable():
     with pytest.raises(MethodNotApplicable, match="gated"):
         tardis(tiny_llama(), [torch.randint(0, 128, (1, 16))], 0.5)
+
+
+def test_tardis_is_registered_by_default():
+    from tardis_compiler.eval import method_names
+    assert "tardis" in method_names()
