@@ -39,6 +39,10 @@ def pareto_plot(results: dict[str, Any], path: str | Path) -> Path:
             axis.plot(x, y, marker=marker, color=color, label=method,
                       markersize=12 if method == "dense" else 6,
                       linestyle="-" if len(rows) > 1 else "")
+        dense = [r["metrics"][metric] for r in results["rows"]
+                 if r["method"] == "dense" and metric in r["metrics"]]
+        if dense:  # the reference level every method is measured against
+            axis.axhline(dense[0], color="black", linestyle=":", linewidth=1, alpha=0.6)
         if log_scale:
             axis.set_yscale("log")
         axis.set_xlabel("FFN weight bytes read per token (fraction of dense)")
