@@ -26,6 +26,7 @@ from .calibrate import Recorder, recording
 from .config import TardisOptions
 from .passes import (FFNMatch, PassContext, copy_graph_module, find_ffns, fold_ffns,
                      placeholder_fqns, record_ffn_inputs)
+from .calibrate_gated import gated_dense_bytes
 from .profile import FFNProfile, Profile
 from .report import FFNReport, GraphReport, ffn_bytes_per_token, resident_bytes_added
 from .runtime.fold import neuron_major, w2_neuron_major
@@ -75,7 +76,8 @@ class TardisCompiler:
             report.code = gm.code
             return self._inner(gm, example_inputs)
         if opts.profile is not None:  # before any compile work: a mismatch must fail fast
-            opts.profile.check({m.name: (m.d_in, m.d_hidden, m.d_out, m.activation.name) for m in selected})
+            opts.profile.check({m.name: (m.d_in, m.d_hidden, m.d_out, m.activation.name, m.kind)
+                                for m in selected})
 
         ctx = PassContext(opts, {m.name for m in selected})
         folded = fold_ffns(copy_graph_module(gm), ctx)
@@ -112,6 +114,8 @@ class TardisCompiler:
             report.ffns.append(row)
             if self.options.skips(m.name):
                 row.status, row.reason = "dense", "excluded by options['skip']"
+            elif m.kind == "gated" and any(lin.layout != "out_in" for lin in (m.gate, m.up, m.down)):
+                row.status, row.reason = "dense", "gated FFN with a transposed (x @ W) weight: only nn.Linear layouts"
             else:
                 selected.append(m)
         if selected and torch.is_grad_enabled() and any(
@@ -179,7 +183,7 @@ class AutoCalibratingGraph:
         state.calls += 1
         if state.calls >= self.options.calibration_calls:
             n = state.calls
-            state.profile = state.recorder.fit(source=f"auto-calibration on calls 1-{n}")
+            state.profile = state.recorder.fit(source=f"auto-calibration on calls 1-{n}", guard=self.options.guard)
             state.recorder = None  # free the recorded tokens
             note = (f"calibrated on calls 1-{n} ({state.profile.tokens} tokens); calls after that "
                     "run the folded graph")
@@ -191,8 +195,8 @@ class AutoCalibratingGraph:
         return out
 
     def _state(self, args) -> _CalibrationState:
-        first = args[self.ffns[0][3]["w1"]]
-        key = tuple(args[slots["w1"]].data_ptr() for _, _, _, slots in self.ffns)
+        first = args[self.ffns[0][3]["key"]]
+        key = tuple(args[slots["key"]].data_ptr() for _, _, _, slots in self.ffns)
         fingerprint = float(first.reshape(-1)[:: max(1, first.numel() // 16)].double().sum())
         state = _STATES.get(key)
         if state is None or state.fingerprint != fingerprint:
@@ -263,16 +267,22 @@ def _refuse_training_graph(gm: GraphModule) -> None:
                     "with backend='tardis'.")
 
 
-def _row(m: FFNMatch, example_inputs, positions) -> FFNReport:
-    w1 = example_inputs[positions[m.first.weight]]
-    has_bias = m.first.bias is not None or m.second.bias is not None
+def _row(m, example_inputs, positions) -> FFNReport:
+    linears = [m.gate, m.up, m.down] if m.kind == "gated" else [m.first, m.second]
+    w1 = example_inputs[positions[linears[0].weight]]
+    has_bias = any(lin.bias is not None for lin in linears)
     row = FFNReport(m.name, m.pattern, m.activation.name, "rewritten", d_in=m.d_in, d_hidden=m.d_hidden,
-                    d_out=m.d_out)
+                    d_out=m.d_out, kind=m.kind)
     row.elem_bytes, row.has_bias = w1.element_size(), has_bias
-    row.bytes_dense = ffn_bytes_per_token(m.d_in, m.d_hidden, m.d_out, row.elem_bytes, has_bias)
+    if m.kind == "gated":
+        row.bytes_dense = gated_dense_bytes(m.d_in, m.d_hidden, m.d_out, row.elem_bytes,
+                                            m.gate.bias is not None or m.up.bias is not None, m.down.bias is not None)
+        row.copied_weights = 1  # W_d, to neuron-major rows
+    else:
+        row.bytes_dense = ffn_bytes_per_token(m.d_in, m.d_hidden, m.d_out, row.elem_bytes, has_bias)
+        # The exact path reads neuron rows; weights stored the other way round get a row-major copy.
+        row.copied_weights = int(m.first.layout == "in_out") + int(m.second.layout == "out_in")
     row.resident_dense = row.bytes_dense
-    # The exact path reads neuron rows; weights stored the other way round get a row-major copy.
-    row.copied_weights = int(m.first.layout == "in_out") + int(m.second.layout == "out_in")
     return row
 
 
@@ -281,6 +291,8 @@ def _fill_from_profile(row: FFNReport, ffn: FFNProfile, guard: str) -> None:
     row.status = "rewritten"
     row.coverage = ffn.stats["coverage"]
     row.error_bound = ffn.stats["error_bound"]
+    if ffn.kind == "gated":
+        row.policy = ffn.stats["policy"]["counts"]
     measured = ffn.stats["guards"].get(guard)
     if measured is not None:
         row.flag_rate, row.recall, row.rel_error = measured["flag_rate"], measured["recall"], measured["rel_error"]
@@ -288,22 +300,37 @@ def _fill_from_profile(row: FFNReport, ffn: FFNProfile, guard: str) -> None:
     elif guard == "all":
         row.flag_rate, row.recall, row.rel_error = 1.0, 1.0, 0.0
     guard_bytes = measured.get("bytes", 0) if measured else 0
+    fold = ffn.kind != "gated" or ffn.stats["policy"]["folded_matrix"]
     row.resident_tardis = row.resident_dense + resident_bytes_added(
-        ffn.d_in, ffn.d_hidden, ffn.d_out, row.elem_bytes, guard_bytes, row.copied_weights)
+        ffn.d_in, ffn.d_hidden, ffn.d_out, row.elem_bytes, guard_bytes, row.copied_weights, fold)
     row.bytes_tardis = ffn.bytes_per_token(guard, row.elem_bytes, row.has_bias)  # live dtype, not calibration's
 
 
-def _weight_slots(m: FFNMatch, positions: dict) -> dict:
-    """Where an FFN's weights sit among the graph's inputs, and their layouts."""
-    return {"w1": positions[m.first.weight], "b1": positions.get(m.first.bias),
+def _weight_slots(m, positions: dict) -> dict:
+    """Where an FFN's weights sit among the graph's inputs, and their layouts; ``key`` is the
+    weight that identifies a model instance."""
+    if m.kind == "gated":
+        return {"kind": "gated", "key": positions[m.gate.weight],
+                "wg": positions[m.gate.weight], "bg": positions.get(m.gate.bias),
+                "wu": positions[m.up.weight], "bu": positions.get(m.up.bias),
+                "wd": positions[m.down.weight], "bd": positions.get(m.down.bias),
+                "offsets": (m.gate_offset, m.up_offset), "m": m.d_hidden}
+    return {"kind": "plain", "key": positions[m.first.weight],
+            "w1": positions[m.first.weight], "b1": positions.get(m.first.bias),
             "w2": positions[m.second.weight], "b2": positions.get(m.second.bias),
             "layouts": (m.first.layout, m.second.layout)}
 
 
 def _weights(slots: dict, values: Sequence[Any]) -> dict:
     """The FFN's weights from the graph's input ``values``, neuron-major, as calibration wants them."""
-    l1, l2 = slots["layouts"]
     bias = lambda k: values[slots[k]] if slots[k] is not None else None  # noqa: E731
+    if slots["kind"] == "gated":
+        (go, uo), m = slots["offsets"], slots["m"]
+        rows = lambda k, off: values[slots[k]].narrow(0, off, m)  # noqa: E731
+        cut = lambda b, off: b.narrow(0, off, m) if b is not None else None  # noqa: E731
+        return {"wg_rows": rows("wg", go), "bg": cut(bias("bg"), go), "wu_rows": rows("wu", uo),
+                "bu": cut(bias("bu"), uo), "wd_rows": values[slots["wd"]].t(), "bd": bias("bd")}
+    l1, l2 = slots["layouts"]
     return {"w1_rows": neuron_major(values[slots["w1"]], l1), "b1": bias("b1"),
             "w2_rows": w2_neuron_major(values[slots["w2"]], l2), "b2": bias("b2")}
 

@@ -35,7 +35,9 @@ class FFNRecord:
     def __init__(self, name: str, pattern: str, activation: str, weights: dict[str, torch.Tensor | None],
                  max_tokens: int, seed: int) -> None:
         self.name, self.pattern, self.activation = name, pattern, activation
-        self.weights = weights  # w1_rows (m, d_in), b1, w2_rows (m, d_out), b2
+        # Plain: w1_rows (m, d_in), b1, w2_rows (m, d_out), b2. Gated: wg_rows, bg, wu_rows, bu
+        # (m, d_in) and (m,), wd_rows (m, d_out), bd.
+        self.weights = weights
         self.max_tokens = max_tokens
         self.samples: torch.Tensor | None = None
         self.filled = 0
@@ -58,6 +60,11 @@ class FFNRecord:
             self.samples[slots[keep]] = rest[keep]
         self.seen += rows.shape[0]
 
+    @property
+    def gated(self) -> bool:
+        """True for a gated FFN (weights wg_rows, wu_rows, wd_rows and biases)."""
+        return "wg_rows" in self.weights
+
     def tokens(self) -> torch.Tensor:
         """The kept input rows, (n, d_in) float32."""
         return self.samples[:self.filled] if self.samples is not None else torch.empty(0, 0)
@@ -76,9 +83,11 @@ class Recorder:
             seed = self.config.seed + len(self.ffns)
             self.ffns[name] = FFNRecord(name, pattern, activation, weights, self.config.max_tokens, seed)
 
-    def fit(self, source: str, config: CalibrationConfig | None = None) -> Profile:
+    def fit(self, source: str, config: CalibrationConfig | None = None, guard: str = "int8") -> Profile:
         """Fit every recorded FFN (see the module docstring) into a ``Profile``; ``config``
-        overrides the recorder's (e.g. another coverage over the same recorded tokens)."""
+        overrides the recorder's (e.g. another coverage over the same recorded tokens). Gated FFNs
+        are fitted for ``guard`` (their neuron mix depends on what the guard costs), plain FFNs
+        for every low-bit guard at once."""
         config = config or self.config
         empty = [n for n, r in self.ffns.items() if r.filled == 0]
         if not self.ffns or empty:
@@ -92,7 +101,12 @@ class Recorder:
 
             records = tqdm(records, total=len(self.ffns), desc="tardis: fitting FFN ranges", leave=False)
         for name, record in records:
-            ffns[name] = fit_ffn(record, config)
+            if record.gated:
+                from .calibrate_gated import fit_gated_ffn
+
+                ffns[name] = fit_gated_ffn(record, config, guard)
+            else:
+                ffns[name] = fit_ffn(record, config)
         tokens = max(r.seen for r in self.ffns.values())
         return Profile(ffns=ffns, config=config, tokens=tokens, source=source)
 
@@ -178,7 +192,8 @@ def calibrate_for_budget(model: torch.nn.Module, batches: Iterable[Any], budget:
                          config: CalibrationConfig | None = None, steps: int = 7) -> Profile:
     """Calibrate so the model's FFNs read at most ``budget`` of their dense bytes per token.
 
-    Records once, then bisects the coverage p over the same tokens: a lower p flags more neurons
+    Gated FFNs meet it each by their per-neuron mix (calibrate_gated.py). For plain FFNs it
+    records once, then bisects the coverage p over the same tokens: a lower p flags more neurons
     (more exact, more bytes). Bytes are those ``explain`` reports, with the flag rate ``guard``
     measured on the held-out calibration tokens. Raises ``ValueError`` if even p = 1 (nothing
     flagged but what the guard's margins catch) reads more than the budget.
@@ -193,10 +208,12 @@ def calibrate_for_budget(model: torch.nn.Module, batches: Iterable[Any], budget:
     """
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"budget is a fraction of dense FFN bytes read per token, in (0, 1]; got {budget}")
-    config = config or CalibrationConfig()
+    config = dataclasses.replace(config or CalibrationConfig(), budget=budget)
     recorder = record(model, batches, config)
     source = f"calibrate_for_budget({budget}, {guard!r}): {recorder.batches} batches"
-    fit = lambda p: recorder.fit(source, dataclasses.replace(config, coverage=p, progress=False))  # noqa: E731
+    if all(r.gated for r in recorder.ffns.values()):  # each gated FFN meets the budget by its neuron mix
+        return recorder.fit(source, config, guard)
+    fit = lambda p: recorder.fit(source, dataclasses.replace(config, coverage=p, progress=False), guard)  # noqa: E731
     best = fit(1.0)
     if best.bytes_fraction(guard) > budget:
         raise ValueError(f"budget {budget} is below what tardis reads with every neuron folded "
@@ -225,10 +242,8 @@ def fit_ffn(record: FFNRecord, config: CalibrationConfig) -> FFNProfile:
     """Fit one FFN's per-neuron ranges, lines and guard margins, and measure them on held-out tokens."""
     w = {k: (v.detach().float().cpu() if v is not None else None) for k, v in record.weights.items()}
     act = get_activation_rule(record.activation).fn
-    x = record.tokens()
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed))
-    n_hold = int(x.shape[0] * config.holdout_fraction) if x.shape[0] >= 20 else 0
-    x_fit, x_hold = x[perm[n_hold:]], x[perm[:n_hold]]
+    x_fit, x_hold, measured_on = split_tokens(record.tokens(), config)
+    n_hold = x_hold.shape[0]
     z_fit = F.linear(x_fit, w["w1_rows"], w["b1"])
 
     lower, upper = shortest_intervals(z_fit, config.coverage)
@@ -239,7 +254,7 @@ def fit_ffn(record: FFNRecord, config: CalibrationConfig) -> FFNProfile:
                              "elem_bytes": record.weights["w1_rows"].element_size(),
                              "has_bias": record.weights["b1"] is not None or record.weights["b2"] is not None}
     x_eval = x_hold if n_hold else x_fit  # tiny sets: report in-sample numbers, and say so
-    stats["measured_on"] = "holdout" if n_hold else "fit tokens (too few for a holdout)"
+    stats["measured_on"] = measured_on
     z_eval = F.linear(x_eval, w["w1_rows"], w["b1"])
     outside = (z_eval < lower) | (z_eval > upper)
     stats["coverage"] = 1.0 - outside.float().mean().item()
@@ -266,6 +281,21 @@ def fit_ffn(record: FFNRecord, config: CalibrationConfig) -> FFNProfile:
         slope=slope, intercept=intercept, lower=lower, upper=upper, line_error=line_error,
         margins=margins, stats=stats,
     )
+
+
+def split_tokens(x: torch.Tensor, config: CalibrationConfig) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Seeded split of recorded tokens into (fit, holdout, what stats are measured on); sets of
+    fewer than 20 tokens get no holdout.
+
+    Example:
+        >>> fit, hold, on = split_tokens(torch.randn(100, 4), CalibrationConfig(holdout_fraction=0.2))
+        >>> fit.shape[0], hold.shape[0], on
+        (80, 20, 'holdout')
+    """
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed))
+    n_hold = int(x.shape[0] * config.holdout_fraction) if x.shape[0] >= 20 else 0
+    measured_on = "holdout" if n_hold else "fit tokens (too few for a holdout)"
+    return x[perm[n_hold:]], x[perm[:n_hold]], measured_on
 
 
 def shortest_intervals(z: torch.Tensor, coverage: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,9 @@ class CalibrationConfig:
             prediction-error std) that flag this fraction of out-of-range inputs on the fitting
             tokens; higher favours accuracy, lower fewer flags (speed).
         group_size: quantization group size of the guard's low-bit W1 copy.
+        budget: FFN weight bytes read per token, as a fraction of the dense FFN's, in (0, 1].
+            Gated FFNs choose each neuron's option (exact, guarded, folded) to fit it with the
+            least calibration error (None: 0.5). Plain FFNs use ``coverage`` instead.
         seed: seeds the token reservoir.
         progress: show a progress bar.
 
@@ -46,6 +49,7 @@ class CalibrationConfig:
     holdout_fraction: float = 0.2
     target_recall: float = 0.999
     group_size: int = 64
+    budget: float | None = None
     seed: int = 0
     progress: bool = True
 
@@ -58,6 +62,8 @@ class CalibrationConfig:
                f"target_recall must be in (0, 1], got {self.target_recall}")
         _check(self.group_size >= 8 and self.group_size % 8 == 0,
                f"group_size must be a positive multiple of 8, got {self.group_size}")
+        _check(self.budget is None or 0.0 < self.budget <= 1.0,
+               f"budget is a fraction of dense FFN bytes read per token, in (0, 1]; got {self.budget}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, for JSON. Example: ``CalibrationConfig().to_dict()["coverage"]``."""
@@ -82,6 +88,8 @@ class TardisOptions:
         inner: compiler for the rewritten graph: "inductor" (default) or "eager" (debugging).
         calibration_calls: calls recorded before auto-calibration (no-profile mode).
         calibration: ``CalibrationConfig`` (or dict) for auto-calibration.
+        budget: shortcut for ``calibration.budget``: FFN weight bytes read per token as a
+            fraction of dense (``{"budget": 0.5}``: half), met per gated FFN by its neuron mix.
         dense_above: if more than this fraction of an FFN's neurons is flagged in a call (the
             union over its tokens), run that FFN dense: cheaper than a near-full correction.
         skip: FFN names or regexes to leave dense.
@@ -98,6 +106,7 @@ class TardisOptions:
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     dense_above: float = 0.5
     skip: tuple[str, ...] = ()
+    budget: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.guard in GUARDS, f"guard must be one of {GUARDS}, got {self.guard!r}")
@@ -110,6 +119,8 @@ class TardisOptions:
             self.calibration = CalibrationConfig.from_dict(self.calibration)
         _check(isinstance(self.calibration, CalibrationConfig),
                "calibration must be a CalibrationConfig or a dict of its fields")
+        if self.budget is not None:
+            self.calibration = dataclasses.replace(self.calibration, budget=self.budget)
         if isinstance(self.skip, str):
             self.skip = (self.skip,)
         self.skip = tuple(self.skip)

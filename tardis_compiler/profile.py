@@ -49,6 +49,7 @@ class FFNProfile:
     line_error: torch.Tensor
     margins: dict[str, torch.Tensor]
     stats: dict[str, Any]
+    kind: str = "plain"  # "gated": intercept holds the constant gate c, slope is zero
 
     def params(self, guard: str) -> torch.Tensor:
         """The (6, m) tensor the fused op takes: slope, intercept, lower, upper, flag thresholds.
@@ -56,6 +57,10 @@ class FFNProfile:
         Example: ``profile.ffns[name].params("int4")``.
         """
         if guard in LOW_BIT_GUARDS:
+            if guard not in self.margins:
+                raise ValueError(f"FFN {self.name!r} was calibrated for guard(s) {sorted(self.margins) or ['exact']}"
+                                 f", not {guard!r} (a gated FFN's neuron mix depends on its guard): "
+                                 "calibrate again with this guard")
             margin = self.margins[guard]
             lo, hi = self.lower + margin, self.upper - margin
         else:
@@ -71,6 +76,8 @@ class FFNProfile:
         """
         from .report import ffn_bytes_per_token
 
+        if self.kind == "gated":
+            return self._gated_bytes_per_token(guard, elem_bytes)
         elem_bytes = self.stats.get("elem_bytes", 4) if elem_bytes is None else elem_bytes
         has_bias = self.stats.get("has_bias", True) if has_bias is None else has_bias
         measured = self.stats.get("guards", {}).get(guard, {})
@@ -78,9 +85,22 @@ class FFNProfile:
         return ffn_bytes_per_token(self.d_in, self.d_hidden, self.d_out, elem_bytes, has_bias, guard, rate,
                                    measured.get("bytes", 0))
 
-    def signature(self) -> tuple[int, int, int, str]:
+    def _gated_bytes_per_token(self, guard: str, elem_bytes: int | None) -> float:
+        # Measured by calibration for its guard (calibrate_gated); scaled to another weight dtype.
+        scale = 1.0 if elem_bytes is None else elem_bytes / self.stats["elem_bytes"]
+        if guard == "dense":
+            return self.stats["dense_bytes"] * scale
+        measured = self.stats["guards"].get(guard)
+        if measured is None:
+            if guard != "all":
+                raise ValueError(f"FFN {self.name!r} was calibrated for guard {sorted(self.stats['guards'])}, "
+                                 f"not {guard!r}: calibrate again with this guard")
+            return self.stats["dense_bytes"] * scale * (1 + self.d_out / (3 * self.d_hidden))
+        return measured["bytes_per_token"] * scale
+
+    def signature(self) -> tuple[int, int, int, str, str]:
         """What must match between a model's FFN and this profile."""
-        return (self.d_in, self.d_hidden, self.d_out, self.activation)
+        return (self.d_in, self.d_hidden, self.d_out, self.activation, self.kind)
 
 
 @dataclasses.dataclass(eq=False)
@@ -114,7 +134,7 @@ class Profile:
             ffns[name] = {
                 "pattern": ffn.pattern, "activation": ffn.activation, "d_in": ffn.d_in,
                 "d_hidden": ffn.d_hidden, "d_out": ffn.d_out, "guards": sorted(ffn.margins),
-                "stats": ffn.stats,
+                "stats": ffn.stats, "kind": ffn.kind,
             }
         meta = {
             "format": FORMAT, "version": self.version, "tokens": self.tokens, "source": self.source,
@@ -145,7 +165,7 @@ class Profile:
                 d_in=info["d_in"], d_hidden=info["d_hidden"], d_out=info["d_out"],
                 **{field: tensors[f"{name}/{field}"] for field in _VECTORS},
                 margins={g: tensors[f"{name}/margin.{g}"] for g in info["guards"]},
-                stats=info["stats"],
+                stats=info["stats"], kind=info.get("kind", "plain"),
             )
         return cls(ffns=ffns, config=CalibrationConfig.from_dict(meta["config"]),
                    tokens=meta["tokens"], source=meta["source"], version=meta["version"])
@@ -158,16 +178,16 @@ class Profile:
         dense = sum(f.bytes_per_token("dense") for f in self.ffns.values())
         return sum(f.bytes_per_token(guard) for f in self.ffns.values()) / dense
 
-    def check(self, found: dict[str, tuple[int, int, int, str]]) -> None:
+    def check(self, found: dict[str, tuple[int, int, int, str, str]]) -> None:
         """Raise ``ProfileMismatchError`` unless every FFN in ``found`` (name -> d_in, d_hidden,
-        d_out, activation) was calibrated with the same shapes and activation."""
+        d_out, activation, kind) was calibrated with the same shapes, activation and kind."""
         problems = []
         for name, signature in found.items():
             ffn = self.ffns.get(name)
             if ffn is None:
                 problems.append(f"  {name}: not in the profile")
             elif ffn.signature() != signature:
-                problems.append(f"  {name}: model has (d_in, d_hidden, d_out, act)={signature}, "
+                problems.append(f"  {name}: model has (d_in, d_hidden, d_out, act, kind)={signature}, "
                                 f"profile has {ffn.signature()}")
         if problems:
             known = ", ".join(list(self.ffns)[:4]) + (" ..." if len(self.ffns) > 4 else "")

@@ -32,6 +32,8 @@ class FFNReport:
     guard_kernel: str = ""
     elem_bytes: int = 4
     has_bias: bool = True
+    kind: str = "plain"  # or "gated"
+    policy: dict[str, int] | None = None  # gated: neurons per option (exact, guarded@p, folded, ...)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, for JSON."""
@@ -79,7 +81,7 @@ def ffn_bytes_per_token(d_in: int, d_hidden: int, d_out: int, elem_bytes: int, h
 
 
 def resident_bytes_added(d_in: int, d_hidden: int, d_out: int, elem_bytes: int, guard_bytes: int,
-                         copied_weights: int) -> int:
+                         copied_weights: int, fold: bool = True) -> int:
     """Memory tardis adds to an FFN: Wf and bf, the guard's low-bit W1, neuron-major copies of
     weights stored the other way round, and six float32 calibration vectors.
 
@@ -87,8 +89,8 @@ def resident_bytes_added(d_in: int, d_hidden: int, d_out: int, elem_bytes: int, 
         >>> resident_bytes_added(384, 1536, 384, 4, 0, 1)   # MiniLM, exact guard, W2 copied
         2987520
     """
-    return ((d_out * d_in + d_out) * elem_bytes + guard_bytes + copied_weights * d_hidden * d_out * elem_bytes
-            + 6 * d_hidden * 4)
+    return ((d_out * d_in + d_out) * elem_bytes * fold + guard_bytes
+            + copied_weights * d_hidden * d_out * elem_bytes + 6 * d_hidden * 4)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -119,7 +121,28 @@ def render_table(graphs: list[GraphReport]) -> str:
         held = sum(f.resident_dense for g in graphs for f in g.ffns)
         held_tardis = sum(f.resident_tardis or f.resident_dense for g in graphs for f in g.ffns)
         lines.append(f"FFN weight bytes resident: dense {held / 1e6:.3f} MB, tardis {held_tardis / 1e6:.3f} MB "
-                     f"({held_tardis / held:.3f} of dense: the exact path keeps W1 and W2)")
+                     f"({held_tardis / held:.3f} of dense: the exact path keeps the original weights)")
+    mixes = [(f, mix_summary(f.policy)) for g in graphs for f in g.ffns if f.policy]
+    if mixes:
+        lines.append("Neuron mix per gated FFN (exact: always computed; guarded@p: folded on a range holding p of "
+                     "calibration inputs, exact when flagged; folded/dropped: never computed):")
+        lines.extend(f"  {f.name}: {mix}; reads {f.bytes_tardis / f.bytes_dense:.3f} of dense" for f, mix in mixes)
     for g in graphs:
         lines.extend(f"graph {g.index}: {note}" for note in g.notes)
     return "\n".join(lines)
+
+
+def mix_summary(counts: dict[str, int]) -> str:
+    """One line for a gated FFN's neuron mix.
+
+    Example:
+        >>> mix_summary({"exact": 3, "guarded@0.7": 10, "guarded@0.9": 5, "folded": 2})
+        'exact 3, guarded 15 (p=0.7: 10, p=0.9: 5), folded 2'
+    """
+    guarded = {k.split("@")[1]: n for k, n in counts.items() if k.startswith("guarded@")}
+    parts = [f"exact {counts.get('exact', 0)}"]
+    if guarded:
+        detail = ", ".join(f"p={p}: {n}" for p, n in guarded.items())
+        parts.append(f"guarded {sum(guarded.values())} ({detail})")
+    parts += [f"{k} {counts[k]}" for k in ("folded", "dropped") if counts.get(k)]
+    return ", ".join(parts)

@@ -8,7 +8,8 @@ MODULES = [
     "tardis_compiler.activations", "tardis_compiler.config", "tardis_compiler.profile", "tardis_compiler.calibrate",
     "tardis_compiler.backend", "tardis_compiler.explain", "tardis_compiler.report", "tardis_compiler.passes.find_ffns",
     "tardis_compiler.runtime.ops", "tardis_compiler.runtime.fold", "tardis_compiler.runtime.guard",
-    "tardis_compiler.runtime.stats", "tardis_compiler.runtime.correction",
+    "tardis_compiler.runtime.stats", "tardis_compiler.runtime.correction", "tardis_compiler.passes.find_gated_ffns",
+    "tardis_compiler.runtime.gated_ops", "tardis_compiler.calibrate_gated", "tardis_compiler.policy",
 ]
 
 

@@ -1,7 +1,8 @@
 """The tardis rows of the evaluation: the backend at a given FFN bytes budget.
 
-``tardis(model, batches, budget)`` calibrates once on the calibration batches, bisects the coverage
-p so the FFNs read at most ``budget`` of their dense bytes per token (``calibrate_for_budget``),
+``tardis(model, batches, budget)`` calibrates once on the calibration batches so the FFNs read at
+most ``budget`` of their dense bytes per token (``calibrate_for_budget``: a per-neuron mix for gated
+FFNs, a bisection of the coverage p for plain ones),
 and returns ``torch.compile(model, backend="tardis", ...)``. The model itself is untouched: the
 compiled wrapper folds at run time. Bytes read are then *measured* on the evaluation text by
 counting the guard's flags (``TardisMeter``), at batch-1 accounting.
@@ -50,7 +51,13 @@ class TardisMeter:
         tardis = dense = 0.0
         for name, ffn in self.profile.ffns.items():
             counters = self.stats.ffns.get(name)
-            rate = counters.flag_rate if counters is not None else ffn.stats["guards"][self.guard]["flag_rate"]
+            measured = ffn.stats["guards"][self.guard]
+            if ffn.kind == "gated":  # flags count the always-exact neurons too: corrected per token
+                rate = counters.flag_rate if counters is not None else measured["corrected_rate"]
+                tardis += measured["fixed_bytes"] + rate * ffn.d_hidden * measured["exact_cost"]
+                dense += ffn.stats["dense_bytes"]
+                continue
+            rate = counters.flag_rate if counters is not None else measured["flag_rate"]
             guard_bytes = ffn.stats["guards"][self.guard].get("bytes", 0)
             args = (ffn.d_in, ffn.d_hidden, ffn.d_out, ffn.stats["elem_bytes"], ffn.stats["has_bias"])
             tardis += ffn_bytes_per_token(*args, self.guard, rate, guard_bytes)
@@ -74,8 +81,7 @@ def tardis(model: torch.nn.Module, batches: Iterable[Any], budget: float, guard:
         profile = calibrate_for_budget(model, batches, budget, guard, config)
     except ValueError as exc:
         if "found no FFN" in str(exc):
-            raise MethodNotApplicable("tardis found no plain FFN in this model (gated FFNs, as in "
-                                      "LLaMA/SmolLM2, are not supported yet)") from exc
+            raise MethodNotApplicable("tardis found no FFN it can fold in this model") from exc
         if "budget" in str(exc):
             raise MethodNotApplicable(str(exc)) from exc
         raise
@@ -84,7 +90,8 @@ def tardis(model: torch.nn.Module, batches: Iterable[Any], budget: float, guard:
     dense_bytes = dense_ffn_bytes(model)
     read = profile.bytes_fraction(guard) * dense_bytes
     resident = dense_bytes + _added_resident(profile, guard)
-    details = {"method": "tardis", "guard": guard, "coverage": profile.config.coverage,
+    details = {"method": "tardis", "guard": guard, "coverage": profile.config.coverage, "budget": budget,
+               "policy": {n: f.stats["policy"]["counts"] for n, f in profile.ffns.items() if f.kind == "gated"},
                "calibration_tokens": profile.tokens,
                "flag_rate": {n: f.stats["guards"][guard]["flag_rate"] for n, f in profile.ffns.items()},
                "recall": {n: f.stats["guards"][guard]["recall"] for n, f in profile.ffns.items()}}
@@ -98,6 +105,8 @@ def _added_resident(profile: Profile, guard: str) -> int:
     total = 0
     for ffn in profile.ffns.values():
         guard_bytes = ffn.stats["guards"].get(guard, {}).get("bytes", 0)
-        # nn.Linear models: W2 is copied to neuron-major rows for the exact path.
-        total += resident_bytes_added(ffn.d_in, ffn.d_hidden, ffn.d_out, ffn.stats["elem_bytes"], guard_bytes, 1)
+        fold = ffn.kind != "gated" or ffn.stats["policy"]["folded_matrix"]
+        # nn.Linear models: W2 (W_d) is copied to neuron-major rows for the exact path.
+        total += resident_bytes_added(ffn.d_in, ffn.d_hidden, ffn.d_out, ffn.stats["elem_bytes"], guard_bytes, 1,
+                                      fold)
     return total

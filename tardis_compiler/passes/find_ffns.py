@@ -79,6 +79,7 @@ class FFNMatch:
     activation: ActivationRule
     region: list[Node]
     pattern: str
+    kind: str = "plain"
 
     @property
     def d_in(self) -> int:
@@ -102,8 +103,9 @@ class SkippedFFN:
     reason: str
 
 
-def find_ffns(gm: GraphModule, fqns: dict[Node, str]) -> tuple[list[FFNMatch], list[SkippedFFN]]:
-    """Find plain FFNs in ``gm``; ``fqns`` maps parameter placeholders to their module FQNs.
+def find_ffns(gm: GraphModule, fqns: dict[Node, str]) -> tuple[list, list[SkippedFFN]]:
+    """Find the FFNs in ``gm``, plain (``FFNMatch``) and gated (``GatedFFNMatch``, see
+    find_gated_ffns.py); ``fqns`` maps parameter placeholders to their module FQNs.
 
     Returns the matches (graph order) and the FFN-shaped patterns that were declined.
 
@@ -115,9 +117,10 @@ def find_ffns(gm: GraphModule, fqns: dict[Node, str]) -> tuple[list[FFNMatch], l
         >>> [m.name for m in find_ffns(gm, fqns)[0]]
         ['']
     """
-    matches: list[FFNMatch] = []
-    skipped: list[SkippedFFN] = []
-    claimed: set[Node] = set()
+    from .find_gated_ffns import find_gated_ffns  # it builds on this module's helpers
+
+    matches, skipped = find_gated_ffns(gm, fqns)
+    claimed: set[Node] = {n for m in matches for n in linear_nodes(m)}
     for node in gm.graph.nodes:
         first = as_linear(node, fqns)
         if first is None or first.node in claimed:
@@ -130,8 +133,22 @@ def find_ffns(gm: GraphModule, fqns: dict[Node, str]) -> tuple[list[FFNMatch], l
             continue
         claimed.update({result.first.node, result.second.node})
         matches.append(result)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    matches.sort(key=lambda m: order[linear_nodes(m)[-1]])
     _dedupe_names(matches, fqns)
     return matches, skipped
+
+
+def linear_nodes(match) -> list[Node]:
+    """The result nodes of an FFN match's linears, the output linear last."""
+    if match.kind == "gated":
+        return [match.gate.node, match.up.node, match.down.node]
+    return [match.first.node, match.second.node]
+
+
+def ffn_input(match) -> Node:
+    """The node an FFN match reads its tokens from."""
+    return match.gate.x if match.kind == "gated" else match.first.x
 
 
 def as_linear(node: Node, fqns: dict[Node, str]) -> LinearSpec | None:
@@ -177,15 +194,14 @@ def _match_from(first: LinearSpec, fqns: dict[Node, str]) -> FFNMatch | SkippedF
         return None  # two linears in a row, or no activation at all: not an FFN
     name = _ffn_name(first, None, fqns)
     if len(exits) != 1:
-        return None if not exits else SkippedFFN(
-            name, "linear -> ?", f"activation output is used {len(exits)} times; a plain FFN needs one")
+        if not any(_feeds_linear(consumer, first.out_features, fqns) for _, consumer in exits):
+            return None  # e.g. a norm's pow(2) right after a projection: not an activation
+        return SkippedFFN(name, "linear -> ?", f"activation output is used {len(exits)} times; a plain FFN needs one")
     exit_node, consumer = exits[0]
     second_node = _follow_shape_only_to_consumer(consumer, first.out_features)
     second = as_linear(second_node, fqns) if second_node is not None else None
     if second is None:
-        if _looks_like_gate(region, consumer):
-            return SkippedFFN(name, "gated (act(g) * u)", "gated FFNs are not supported by this pass yet")
-        return None  # e.g. a pooler's tanh feeding the output: not an FFN
+        return None  # gated FFNs (act(g) * u) are find_gated_ffns' to match or decline  # e.g. a pooler's tanh feeding the output: not an FFN
     name = _ffn_name(first, second, fqns)
     pattern = f"{first.spelling} -> {{act}} -> {second.spelling}"
     if second.in_features != first.out_features:
@@ -198,6 +214,11 @@ def _match_from(first: LinearSpec, fqns: dict[Node, str]) -> FFNMatch | SkippedF
         return SkippedFFN(name, pattern.format(act=how),
                           "unrecognised activation: register it with tardis_compiler.register_activation_rule")
     return FFNMatch(name, first, second, rule, region, pattern.format(act=f"{rule.name} ({how})"))
+
+
+def _feeds_linear(consumer: Node, last_dim: int, fqns: dict[Node, str]) -> bool:
+    node = _follow_shape_only_to_consumer(consumer, last_dim)
+    return node is not None and as_linear(node, fqns) is not None
 
 
 def _follow_shape_only(node: Node, last_dim: int) -> Node:
@@ -258,10 +279,6 @@ def _identify(region: list[Node], z: Node, out: Node) -> tuple[ActivationRule | 
             return identify_activation(evaluate), how
     except Exception as exc:  # an op that rejects float64 probes etc.: decline, don't crash
         return None, f"{how} (not evaluable: {type(exc).__name__})"
-
-
-def _looks_like_gate(region: list[Node], consumer: Node) -> bool:
-    return consumer.target in (operator.mul, torch.mul) or (consumer.op == "call_method" and consumer.target == "mul")
 
 
 def _is_param(node, fqns: dict[Node, str]) -> bool:
@@ -414,4 +431,4 @@ def _dedupe_names(matches: list[FFNMatch], fqns: dict[Node, str]) -> None:
         counts[m.name] = counts.get(m.name, 0) + 1
     for m in matches:
         if counts[m.name] > 1:
-            m.name = _module_of(fqns[m.first.weight])
+            m.name = _module_of(fqns[(m.gate if m.kind == "gated" else m.first).weight])

@@ -1,4 +1,5 @@
-"""Rewrite: replace each selected FFN ``second(act(first(x)))`` by one ``tardis::folded_ffn`` call.
+"""Rewrite: replace each selected FFN by one fused op: ``second(act(first(x)))`` by
+``tardis::folded_ffn``, a gated ``down(act(gate(x)) * up(x))`` by ``tardis::gated_ffn``.
 
 The op takes the *weights themselves* (graph inputs, so a reused graph folds the weights it is
 given) and one extra graph input per FFN: the (6, m) calibration tensor of ``FFNProfile.params``,
@@ -11,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from ..runtime import ops  # noqa: F401  (registers torch.ops.tardis.folded_ffn)
+from ..runtime import gated_ops, ops  # noqa: F401  (register torch.ops.tardis.folded_ffn, gated_ffn)
 from .context import PassContext
-from .find_ffns import FFNMatch
+from .find_gated_ffns import GatedFFNMatch
 
 
 def fold_ffns(gm: GraphModule, ctx: PassContext) -> GraphModule:
@@ -35,14 +36,18 @@ def fold_ffns(gm: GraphModule, ctx: PassContext) -> GraphModule:
         last_placeholder = params
         names.append(match.name)
         _replace(graph, match, params, ctx)
-        ctx.log.append(f"fold_ffns: {match.name}: {match.pattern} -> tardis.folded_ffn")
+        op = "gated_ffn" if match.kind == "gated" else "folded_ffn"
+        ctx.log.append(f"fold_ffns: {match.name}: {match.pattern} -> tardis.{op}")
     gm.meta["tardis_folded"] = names
     graph.lint()
     gm.recompile()
     return gm
 
 
-def _replace(graph: torch.fx.Graph, match: FFNMatch, params: Node, ctx: PassContext) -> None:
+def _replace(graph: torch.fx.Graph, match, params: Node, ctx: PassContext) -> None:
+    if match.kind == "gated":
+        _replace_gated(graph, match, params, ctx)
+        return
     first, second = match.first, match.second
     opts = ctx.options
     with graph.inserting_before(second.node):
@@ -57,6 +62,20 @@ def _replace(graph: torch.fx.Graph, match: FFNMatch, params: Node, ctx: PassCont
             out = graph.call_method("reshape", (fused, -1, match.d_out))
     second.node.replace_all_uses_with(out)
     _erase_dead_upstream(graph, second.node)
+
+
+def _replace_gated(graph: torch.fx.Graph, match: GatedFFNMatch, params: Node, ctx: PassContext) -> None:
+    gate, up, down = match.gate, match.up, match.down
+    opts = ctx.options
+    with graph.inserting_before(down.node):
+        fused = graph.call_function(
+            torch.ops.tardis.gated_ffn.default,
+            (gate.x, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias, params, match.name,
+             match.activation.name, match.gate_offset, match.up_offset, opts.guard,
+             opts.calibration.group_size, opts.dense_above),
+        )
+    down.node.replace_all_uses_with(fused)
+    _erase_dead_upstream(graph, down.node)
 
 
 def _rank(node: Node) -> int:

@@ -9,6 +9,7 @@ from torch.fx import GraphModule
 
 from ..calibrate import record_ffn_input
 from .context import PassContext
+from .find_ffns import ffn_input, linear_nodes
 
 
 def record_ffn_inputs(gm: GraphModule, ctx: PassContext) -> GraphModule:
@@ -18,8 +19,8 @@ def record_ffn_inputs(gm: GraphModule, ctx: PassContext) -> GraphModule:
         >>> # built by the backend: record_ffn_inputs(copy_graph_module(gm), ctx)
     """
     for match in ctx.selected(gm):
-        with gm.graph.inserting_before(match.first.node):
-            gm.graph.call_function(record_ffn_input, (match.first.x, match.name))
+        with gm.graph.inserting_before(linear_nodes(match)[0]):
+            gm.graph.call_function(record_ffn_input, (ffn_input(match), match.name))
         ctx.log.append(f"record_ffn_inputs: {match.name}")
     gm.recompile()
     return gm

@@ -46,6 +46,53 @@ class FoldedFFN:
         return total
 
 
+@dataclasses.dataclass
+class FoldedGatedFFN:
+    """What one gated FFN's fast path needs (see runtime/gated_ops.py): the folded affine map
+    ``W_d diag(c) W_u`` (None when every constant is zero), which neurons are always exact and
+    which are guarded, the guard's low-bit copy of the guarded gate rows, and W_d neuron-major."""
+
+    weight: torch.Tensor | None  # (d_out, d_in)
+    bias: torch.Tensor | None  # W_d (c * b_u) + b_d, (d_out,)
+    always: torch.Tensor  # (k_a,) long: neurons always computed exactly
+    guarded: torch.Tensor  # (k_g,) long: neurons the guard watches
+    guard: LowBitGuard | None  # over the guarded gate rows, in ``guarded`` order
+    wd_rows: torch.Tensor  # (m, d_out), rows contiguous
+
+    def extra_resident_bytes(self, wd: torch.Tensor) -> int:
+        """Bytes this fold keeps beyond the model's own weights."""
+        size = lambda t: t.numel() * t.element_size() if t is not None else 0  # noqa: E731
+        total = size(self.weight) + size(self.bias) + size(self.always) + size(self.guarded)
+        total += sum(size(t) for t in (self.guard.weight, self.guard.scales)) if self.guard else 0
+        return total + (size(self.wd_rows) if self.wd_rows.data_ptr() != wd.data_ptr() else 0)
+
+
+def fold_gated_ffn(
+    wu_rows: torch.Tensor,
+    bu: torch.Tensor | None,
+    wd_rows: torch.Tensor,
+    bd: torch.Tensor | None,
+    constant: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold ``y = W_d (c * (W_u x + b_u)) + b_d`` into ``Wf x + bf`` (float32 or wider).
+
+    Example:
+        >>> wu, wd = torch.randn(6, 4), torch.randn(6, 3)     # neuron-major
+        >>> c, x = torch.rand(6), torch.randn(4)
+        >>> wf, bf = fold_gated_ffn(wu, None, wd, None, c)
+        >>> torch.allclose(wf @ x + bf, wd.t() @ (c * (wu @ x)), atol=1e-5)
+        True
+    """
+    compute = torch.float64 if wu_rows.dtype == torch.float64 else torch.float32
+    c = constant.to(compute)
+    wd = wd_rows.to(compute)
+    weight = wd.t() @ (c[:, None] * wu_rows.to(compute))
+    bias = wd.t() @ (c * bu.to(compute)) if bu is not None else torch.zeros(wd.shape[1], dtype=compute)
+    if bd is not None:
+        bias = bias + bd.to(compute)
+    return weight.to(wu_rows.dtype), bias.to(wu_rows.dtype)
+
+
 def rows_contiguous(w: torch.Tensor) -> torch.Tensor:
     """``w`` if each row is contiguous, else a row-major copy."""
     return w if w.stride(-1) == 1 else w.contiguous()
@@ -97,19 +144,19 @@ def fold_ffn(
 
 
 class FoldCache:
-    """LRU cache of ``FoldedFFN`` keyed on (FFN name, weight and calibration pointers); validated
-    on every hit."""
+    """LRU cache of folds (``FoldedFFN``, ``FoldedGatedFFN``) keyed on (FFN name, weight and
+    calibration pointers); validated on every hit."""
 
     def __init__(self, max_entries: int = _MAX_ENTRIES) -> None:
         self._entries: collections.OrderedDict = collections.OrderedDict()
         self.max_entries = max_entries
         self.builds = 0  # how many folds were computed (tests assert reuse and invalidation)
 
-    def get(self, name: str, tensors: dict[str, torch.Tensor | None], build) -> FoldedFFN:
+    def get(self, name: str, tensors: dict[str, torch.Tensor | None], build):
         """Return the cached fold for ``tensors`` (the op's inputs) or call ``build()`` and cache it."""
         # The calibration tensor is part of the slot: two profiles of one model (two compiled
         # variants, a sweep) must not evict each other's folds on every alternation.
-        slot = (name, tensors["w1"].data_ptr(), tensors["w2"].data_ptr(), tensors["params"].data_ptr())
+        slot = (name, *(t.data_ptr() if t is not None else 0 for t in tensors.values()))
         values = tuple(tensors.values())
         entry = self._entries.get(slot)
         if entry is not None and (entry.same_objects(values) or entry.same_contents(values)):

@@ -1,0 +1,258 @@
+"""Calibrate gated FFNs ``y = W_d (act(W_g x + b_g) * (W_u x + b_u)) + b_d``: constant-gate ranges
+and the per-neuron policy under a bytes budget (DESIGN sections 1.3-1.4).
+
+A linear gate does not fold, a constant one does: where act(g_i) ~= c_i, neuron i contributes
+``c_i W_d[:, i] (W_u[i] . x + b_u_i)``, so all such neurons fold into ``W_d diag(c) W_u`` (d x d).
+Per neuron, on the recorded FFN inputs:
+
+- error weights: neuron i's output error on a token is ``(act(g_i) - c_i) u_i W_d[:, i]``, whose
+  squared norm is ``((act(g_i) - c_i) u_i)^2 ||W_d[:, i]||^2``;
+- ``guarded@p`` options: the interval of g holding a share p of the tokens on which that error is
+  smallest (a window over the tokens sorted by g, with c_i the u^2-weighted mean of act(g_i) in it:
+  the least-squares constant), the guard's margins (``recall_margins``), and the error and flag
+  rate that guard actually gives on the fitting tokens;
+- ``folded``: c_i over all tokens, never flagged; ``exact``: always computed.
+
+``policy.choose`` then picks the mix that fits the budget with the least error, once with the
+folded matrix (its d x d bytes are a fixed cost) and once without it (constants forced to zero:
+contextual sparsity), and keeps the better. Held-out calibration tokens measure the result.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .activations import get_activation_rule
+from .calibrate import FFNRecord, recall_margins, split_tokens
+from .config import LOW_BIT_GUARDS, CalibrationConfig
+from .policy import Choice, NeuronOptions, choose
+from .profile import FFNProfile
+from .runtime.guard import LowBitGuard
+
+#: Range coverages offered to each guarded neuron.
+COVERAGES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+_INF = math.inf
+
+
+def gated_dense_bytes(d_in: int, m: int, d_out: int, elem_bytes: int, gate_up_bias: bool, down_bias: bool) -> int:
+    """Weight bytes a dense gated FFN reads per token.
+
+    Example:
+        >>> gated_dense_bytes(576, 1536, 576, 4, False, False)   # SmolLM2-135M, fp32
+        10616832
+    """
+    return (2 * m * d_in + m * d_out + 2 * m * gate_up_bias + d_out * down_bias) * elem_bytes
+
+
+def fit_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> FFNProfile:
+    """Fit one gated FFN's constants, ranges, guard margins and per-neuron policy for ``guard``
+    within ``config.budget`` of its dense bytes read per token, and measure it on held-out tokens.
+
+    Example:
+        >>> import torch, tardis_compiler as tc
+        >>> from tardis_compiler.calibrate import FFNRecord
+        >>> _ = torch.manual_seed(0); d, m = 32, 64
+        >>> w = {"wg_rows": torch.randn(m, d) / 4, "bg": None, "wu_rows": torch.randn(m, d) / 4, "bu": None,
+        ...      "wd_rows": torch.randn(m, d) / 8, "bd": None}
+        >>> rec = FFNRecord("mlp", "gated", "silu", w, max_tokens=2048, seed=0); rec.add(torch.randn(2048, d))
+        >>> ffn = fit_gated_ffn(rec, tc.CalibrationConfig(budget=0.5, progress=False), "int8")
+        >>> ffn.kind, ffn.stats["bytes_fraction"] <= 0.5 + 0.05
+        ('gated', True)
+    """
+    budget = config.budget if config.budget is not None else 0.5
+    w = {k: (v.detach().float().cpu() if v is not None else None) for k, v in record.weights.items()}
+    act = get_activation_rule(record.activation).fn
+    m, d_in = w["wg_rows"].shape
+    d_out = w["wd_rows"].shape[1]
+    elem = record.weights["wg_rows"].element_size()
+    gate_up_bias = w["bg"] is not None or w["bu"] is not None
+    down_bias = w["bd"] is not None
+    dense_bytes = gated_dense_bytes(d_in, m, d_out, elem, gate_up_bias, down_bias)
+
+    x_fit, x_hold, measured_on = split_tokens(record.tokens(), config)
+    g, u = _linear(x_fit, w["wg_rows"], w["bg"]), _linear(x_fit, w["wu_rows"], w["bu"])
+    a = act(g)
+    col_norm2 = w["wd_rows"].double().pow(2).sum(1)  # ||W_d[:, i]||^2
+    predictor = _predictor(w["wg_rows"], guard, config.group_size)
+    g_hat = _predict(predictor, x_fit, w["bg"], g)
+
+    exact_cost = float((2 * d_in + d_out + 2 * gate_up_bias) * elem + 4)
+    guard_row = _guard_row_bytes(predictor, guard, m, d_in, elem, gate_up_bias)
+    fold_bytes = float((d_out * d_in + d_out) * elem)
+    budget_bytes = budget * dense_bytes - down_bias * d_out * elem  # b_d is read either way
+
+    candidates = []
+    for with_fold in (True, False):
+        opts, plan = _options(g, u, a, g_hat, col_norm2, with_fold, exact_cost, guard_row, config)
+        choice = choose(opts, budget_bytes, fixed_bytes=fold_bytes if with_fold else 0.0)
+        candidates.append((not choice.within_budget, choice.error, with_fold, opts, plan, choice))
+    _, _, with_fold, opts, plan, choice = min(candidates, key=lambda c: c[:2])
+    params = _params_from_choice(opts, plan, choice, m)
+
+    stats: dict[str, Any] = {
+        "tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0], "measured_on": measured_on,
+        "elem_bytes": elem, "has_bias": gate_up_bias or down_bias, "gate_up_bias": gate_up_bias,
+        "down_bias": down_bias, "budget": budget, "dense_bytes": dense_bytes,
+        "policy": {"counts": choice.counts(opts.labels), "folded_matrix": with_fold,
+                   "within_budget": choice.within_budget, "calibration_error": choice.error},
+        "error_bound": None,  # u is unbounded: no worst-case bound for a gated FFN
+    }
+    x_eval = x_hold if x_hold.shape[0] else x_fit
+    stats.update(_measure(x_eval, w, act, params, predictor, guard, with_fold, fold_bytes, guard_row,
+                          exact_cost, dense_bytes, down_bias * d_out * elem))
+    return FFNProfile(
+        name=record.name, pattern=record.pattern, activation=record.activation, d_in=d_in, d_hidden=m,
+        d_out=d_out, slope=torch.zeros(m), intercept=params["c"], lower=params["lower"],
+        upper=params["upper"], line_error=params["line_error"],
+        margins={guard: params["margin"]} if guard in LOW_BIT_GUARDS else {}, stats=stats, kind="gated",
+    )
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, w, b)
+
+
+def _predictor(wg_rows: torch.Tensor, guard: str, group_size: int) -> LowBitGuard | None:
+    return LowBitGuard.build(wg_rows, LOW_BIT_GUARDS[guard], group_size) if guard in LOW_BIT_GUARDS else None
+
+
+def _predict(predictor: LowBitGuard | None, x: torch.Tensor, bg: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
+    if predictor is None:  # "exact" (and "all", which flags everything anyway): the true g
+        return g
+    return predictor.predict(x) + (bg if bg is not None else 0.0)
+
+
+def _guard_row_bytes(predictor: LowBitGuard | None, guard: str, m: int, d_in: int, elem: int, bias: bool) -> float:
+    """Bytes the guard reads per guarded neuron: its low-bit row (the full W_g row for "exact"),
+    the gate bias and two float32 thresholds."""
+    row = predictor.bytes_read(m, d_in) / m if predictor is not None else d_in * elem
+    return row + bias * elem + 8
+
+
+def _options(g, u, a, g_hat, col_norm2, with_fold: bool, exact_cost: float, guard_row: float,
+             config: CalibrationConfig) -> tuple[NeuronOptions, dict]:
+    """Per-neuron error and cost of each option, and the ranges/constants/margins behind them."""
+    n, m = g.shape
+    u2 = u.double().pow(2)
+    ad = a.double()
+    labels, errors, costs = ["exact"], [torch.zeros(m, dtype=torch.float64)], [torch.full((m,), exact_cost)]
+    plan: dict[str, dict[str, torch.Tensor]] = {}
+
+    c_all = _weighted_constant(ad, u2, with_fold)
+    labels.append("folded" if with_fold else "dropped")
+    errors.append(col_norm2 * ((ad - c_all) ** 2 * u2).sum(0) / n)
+    costs.append(torch.zeros(m, dtype=torch.float64))
+    plan[labels[-1]] = {"c": c_all.float()}
+
+    order = g.argsort(dim=0)
+    g_sorted = g.gather(0, order)
+    a_sorted, u2_sorted = ad.gather(0, order), u2.gather(0, order)
+    prefix = {k: _prefix(v) for k, v in (("uu", u2_sorted), ("auu", a_sorted * u2_sorted),
+                                          ("aauu", a_sorted * a_sorted * u2_sorted))}
+    for p in COVERAGES:
+        lower, upper, c = _best_window(g_sorted, prefix, p, with_fold)
+        margin = recall_margins(g, g_hat, lower, upper, config.target_recall, steps=12) if g_hat is not g \
+            else torch.zeros(m)
+        flags = (g_hat < lower + margin) | (g_hat > upper - margin)
+        kept = (~flags).double()
+        errors.append(col_norm2 * (kept * (ad - c.double()) ** 2 * u2).sum(0) / n)
+        costs.append(guard_row + flags.double().mean(0) * exact_cost)
+        labels.append(f"guarded@{p}")
+        plan[labels[-1]] = {"c": c, "lower": lower, "upper": upper, "margin": margin}
+    return NeuronOptions(labels, torch.stack(errors, 1), torch.stack(costs, 1)), plan
+
+
+def _weighted_constant(a: torch.Tensor, u2: torch.Tensor, with_fold: bool) -> torch.Tensor:
+    """Least-squares constant for act(g) * u ~= c * u: the u^2-weighted mean of act(g) (0 without a fold)."""
+    if not with_fold:
+        return torch.zeros(a.shape[1], dtype=torch.float64)
+    return (a * u2).sum(0) / u2.sum(0).clamp(min=1e-30)
+
+
+def _prefix(v: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.zeros(1, v.shape[1], dtype=v.dtype), v.cumsum(0)])
+
+
+def _best_window(g_sorted, prefix, coverage: float, with_fold: bool):
+    """Per neuron, the window of ``coverage`` of the g-sorted tokens with the least squared error
+    of act(g) u ~= c u (c the window's least-squares constant, or 0 without a fold)."""
+    n, m = g_sorted.shape
+    k = max(1, min(n, math.ceil(coverage * n)))
+    window = {key: p[k:] - p[: n - k + 1] for key, p in prefix.items()}
+    if with_fold:
+        sse = window["aauu"] - window["auu"] ** 2 / window["uu"].clamp(min=1e-30)
+    else:
+        sse = window["aauu"]
+    start = sse.clamp(min=0).argmin(dim=0)
+    cols = torch.arange(m)
+    lower, upper = g_sorted[start, cols].clone(), g_sorted[start + k - 1, cols].clone()
+    if with_fold:
+        c = (window["auu"][start, cols] / window["uu"][start, cols].clamp(min=1e-30)).float()
+    else:
+        c = torch.zeros(m)
+    return lower, upper, c
+
+
+def _params_from_choice(opts: NeuronOptions, plan: dict, choice: Choice, m: int) -> dict[str, torch.Tensor]:
+    """Per-neuron constant, range and margin encoding the chosen options for the fused op:
+    exact neurons get an empty range (+inf, -inf), so every guard flags them; folded and dropped
+    neurons an unbounded one, so none does."""
+    c = torch.zeros(m)
+    lower, upper = torch.full((m,), _INF), torch.full((m,), -_INF)
+    margin = torch.zeros(m)
+    for k, label in enumerate(opts.labels):
+        sel = choice.option == k
+        if label == "exact" or not sel.any():
+            continue
+        c[sel] = plan[label]["c"][sel]
+        if label.startswith("guarded"):
+            lower[sel], upper[sel] = plan[label]["lower"][sel], plan[label]["upper"][sel]
+            margin[sel] = plan[label]["margin"][sel]
+        else:
+            lower[sel], upper[sel] = -_INF, _INF
+    return {"c": c, "lower": lower, "upper": upper, "margin": margin, "line_error": torch.zeros(m)}
+
+
+def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_row, exact_cost, dense_bytes,
+             down_bias_bytes) -> dict[str, Any]:
+    """What the chosen policy does on ``x`` (held-out tokens): coverage, flags, recall, output
+    error and bytes read per token."""
+    g, u = _linear(x, w["wg_rows"], w["bg"]), _linear(x, w["wu_rows"], w["bu"])
+    a = act(g)
+    c, lower, upper, margin = params["c"], params["lower"], params["upper"], params["margin"]
+    always = lower > upper
+    guarded = torch.isfinite(lower) | torch.isfinite(upper)
+    guarded &= ~always
+    outside = ((g < lower) | (g > upper))
+    g_hat = _predict(predictor, x, w["bg"], g)
+    flags = (g_hat < lower + margin) | (g_hat > upper - margin)
+    flags |= always
+    if guard == "all":
+        flags = torch.ones_like(flags)
+    delta_h = torch.where(flags, torch.zeros_like(a), (c - a) * u)
+    dense_y = (a * u) @ w["wd_rows"]
+    delta_y = delta_h @ w["wd_rows"]
+    missed = outside & ~flags
+    corrected_rate = flags.float().mean().item()
+    guard_bytes = guarded.sum().item() * guard_row
+    fixed_bytes = (fold_bytes if with_fold else 0.0) + guard_bytes + down_bias_bytes
+    per_token = fixed_bytes + flags.float().sum(1).mean().item() * exact_cost
+    guard_stats = {
+        "flag_rate": flags[:, guarded].float().mean().item() if guarded.any() else 0.0,
+        "corrected_rate": corrected_rate,
+        "recall": 1.0 - missed.sum().item() / max(1, outside.sum().item()),
+        "rel_error": (delta_y.norm() / dense_y.norm().clamp(min=1e-30)).item(),
+        "max_abs_error": delta_y.abs().max().item() if delta_y.numel() else 0.0,
+        "kernel": predictor.kernel if predictor is not None else guard,
+        "bytes": guard_bytes, "bytes_per_token": per_token,
+        # bytes per token = fixed_bytes + corrected_rate * m * exact_cost (the meter's formula)
+        "fixed_bytes": fixed_bytes, "exact_cost": exact_cost,
+    }
+    return {
+        "coverage": 1.0 - (outside | always).float().mean().item(),  # (token, neuron) pairs the fold serves
+        "guards": {guard: guard_stats},
+        "bytes_fraction": per_token / dense_bytes,
+    }

@@ -1,0 +1,96 @@
+"""Per-neuron policy under a bytes budget (DESIGN section 1.4).
+
+Every neuron of an FFN takes one of a few options, each with a calibration error (its expected
+squared contribution to the FFN's output error per token) and a cost (weight bytes read per token):
+
+- ``exact``: always computed exactly (FFSplit's heavy hitters): no error, the most bytes;
+- ``guarded@p``: folded on a range holding a share p of its calibration inputs; the guard flags it
+  for the exact path outside that range: the guard's row plus the flagged share of the exact cost;
+- ``folded``: folded everywhere, no guard: nothing read beyond the shared folded matrix;
+- ``dropped``: contributes nothing (a folded constant of zero), for layers without a folded matrix.
+
+Choosing one option per neuron to minimise the summed error within a byte budget is a
+multiple-choice knapsack. We solve its Lagrangian relaxation: at a price ``lam`` per byte each
+neuron independently takes the option minimising ``error + lam * cost``; total bytes fall as the
+price rises, so a bisection on ``lam`` finds the cheapest price that fits the budget. The result is
+optimal for the bytes it spends (the usual knapsack duality gap is at most one neuron's option).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+
+@dataclasses.dataclass
+class NeuronOptions:
+    """The options open to each of m neurons: ``error`` and ``cost`` are (m, K), ``labels`` has K
+    names. An option a neuron cannot take has infinite error."""
+
+    labels: list[str]
+    error: torch.Tensor
+    cost: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.error.shape != self.cost.shape or self.error.dim() != 2 or self.error.shape[1] != len(self.labels):
+            raise ValueError(f"error {tuple(self.error.shape)} and cost {tuple(self.cost.shape)} must both be "
+                             f"(neurons, {len(self.labels)} options)")
+        self.error = self.error.double()
+        self.cost = self.cost.double()
+
+
+@dataclasses.dataclass
+class Choice:
+    """The chosen option per neuron (indices into ``labels``) and what it adds up to."""
+
+    option: torch.Tensor  # (m,) long
+    bytes: float  # fixed + per-neuron bytes per token
+    error: float
+    price: float  # the Lagrange multiplier that produced it
+    within_budget: bool
+
+    def counts(self, labels: list[str]) -> dict[str, int]:
+        """How many neurons took each option (options no neuron took are left out)."""
+        hist = torch.bincount(self.option, minlength=len(labels))
+        return {label: int(n) for label, n in zip(labels, hist.tolist()) if n}
+
+
+def choose(options: NeuronOptions, budget_bytes: float, fixed_bytes: float = 0.0, steps: int = 80) -> Choice:
+    """Pick one option per neuron to minimise total error with ``fixed_bytes`` + chosen costs
+    within ``budget_bytes`` (Lagrangian bisection, see the module docstring).
+
+    When even the cheapest options exceed the budget, returns them with ``within_budget=False``.
+
+    Example:
+        >>> opts = NeuronOptions(["exact", "folded"], error=torch.tensor([[0., 5.], [0., 1.]]),
+        ...                      cost=torch.tensor([[10., 0.], [10., 0.]]))
+        >>> c = choose(opts, budget_bytes=10)
+        >>> c.option.tolist(), c.bytes, c.error       # the costly error gets the exact path
+        ([0, 1], 10.0, 1.0)
+    """
+    def pick(price: float) -> Choice:
+        score = options.error + price * options.cost
+        score = torch.where(torch.isnan(score), torch.full_like(score, math.inf), score)
+        option = score.argmin(dim=1)
+        cost = fixed_bytes + options.cost.gather(1, option[:, None]).sum().item()
+        error = options.error.gather(1, option[:, None]).sum().item()
+        return Choice(option, cost, error, price, cost <= budget_bytes * (1 + 1e-9))
+
+    best = pick(0.0)
+    if best.within_budget:
+        return best
+    # Prices span many decades (errors and bytes have unrelated units): bisect the exponent.
+    lo, hi = -60.0, 60.0
+    cheapest = pick(10.0 ** hi)
+    if not cheapest.within_budget:
+        return cheapest
+    best = cheapest
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        candidate = pick(10.0 ** mid)
+        if candidate.within_budget:
+            best, hi = candidate, mid
+        else:
+            lo = mid
+    return best
