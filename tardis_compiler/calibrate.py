@@ -349,12 +349,14 @@ def max_line_error(act, slope, intercept, lower, upper, points: int = 257) -> to
 
 
 def recall_margins(z: torch.Tensor, z_hat: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
-                   target_recall: float, steps: int = 24) -> torch.Tensor:
+                   target_recall: float, max_scale: float = 64.0) -> torch.Tensor:
     """Per-neuron guard margins ``s * std(z_hat - z)``, with the smallest scale s (one per FFN)
     whose flags catch ``target_recall`` of the out-of-range (token, neuron) pairs.
 
     Misses happen only near the range's ends (far outliers are flagged with any margin), so a
-    recall target needs far less margin than a high quantile of the prediction error.
+    recall target needs far less margin than a high quantile of the prediction error. Computed in
+    one pass: an out-of-range pair is flagged once s exceeds its critical scale
+    ``min(z_hat - lower, upper - z_hat) / std``, so s is a quantile of those critical scales.
 
     Example:
         >>> z = torch.randn(1000, 4); z_hat = z + 0.1 * torch.randn(1000, 4)
@@ -364,24 +366,20 @@ def recall_margins(z: torch.Tensor, z_hat: torch.Tensor, lower: torch.Tensor, up
     """
     sigma = (z_hat - z).std(dim=0)
     outside = (z < lower) | (z > upper)
-    total = outside.sum().item()
+    total = int(outside.sum())
     if total == 0:
         return torch.zeros_like(sigma)
-
-    def recall(scale: float) -> float:
-        margin = scale * sigma
-        flags = (z_hat < lower + margin) | (z_hat > upper - margin)
-        return (flags & outside).sum().item() / total
-
-    lo, hi = 0.0, 1.0
-    while recall(hi) < target_recall and hi < 64:
-        hi *= 2
-    if recall(lo) >= target_recall:
+    # Flagged iff z_hat < lower + s*sigma or z_hat > upper - s*sigma, i.e. iff s > critical.
+    critical = (torch.minimum(z_hat - lower, upper - z_hat) / sigma.clamp(min=1e-30))[outside]
+    k = max(1, math.ceil(target_recall * total))
+    critical = critical.float()
+    scale = critical.kthvalue(k).values.item()
+    if scale < 0:  # the target is met with no margin at all
         return torch.zeros_like(sigma)
-    for _ in range(steps):  # bisection on the monotone recall(scale)
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if recall(mid) >= target_recall else (mid, hi)
-    return hi * sigma
+    # Strictly above the k-th critical scale (the comparisons are strict), with room for float
+    # rounding in ``lower + margin``: halfway to the next one, at least 1e-4 relative.
+    gap = (critical.kthvalue(k + 1).values.item() - scale) / 2 if k < total else 0.0
+    return min(scale + max(gap, 1e-4 * abs(scale) + 1e-9), max_scale) * sigma
 
 
 def _guard_stats(flags, outside, act, line, z, w2_rows, dense_y) -> dict[str, float]:

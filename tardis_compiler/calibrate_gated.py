@@ -84,9 +84,10 @@ def fit_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> F
     fold_bytes = float((d_out * d_in + d_out) * elem)
     budget_bytes = budget * dense_bytes - down_bias * d_out * elem  # b_d is read either way
 
+    sorted_stats = _sorted_stats(g, u, a)
     candidates = []
     for with_fold in (True, False):
-        opts, plan = _options(g, u, a, g_hat, col_norm2, with_fold, exact_cost, guard_row, config)
+        opts, plan = _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold, exact_cost, guard_row, config)
         choice = choose(opts, budget_bytes, fixed_bytes=fold_bytes if with_fold else 0.0)
         candidates.append((not choice.within_budget, choice.error, with_fold, opts, plan, choice))
     _, _, with_fold, opts, plan, choice = min(candidates, key=lambda c: c[:2])
@@ -132,44 +133,55 @@ def _guard_row_bytes(predictor: LowBitGuard | None, guard: str, m: int, d_in: in
     return row + bias * elem + 8
 
 
-def _options(g, u, a, g_hat, col_norm2, with_fold: bool, exact_cost: float, guard_row: float,
+def _sorted_stats(g: torch.Tensor, u: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """g sorted per neuron, and prefix sums (float64) of u^2, a u^2 and a^2 u^2 in that order:
+    every window's least-squares constant and error in O(1)."""
+    order = g.argsort(dim=0)
+    a_sorted, u2_sorted = a.gather(0, order).double(), u.gather(0, order).double().pow(2)
+    prefix = {"uu": _prefix(u2_sorted), "auu": _prefix(a_sorted * u2_sorted),
+              "aauu": _prefix(a_sorted * a_sorted * u2_sorted)}
+    return g.gather(0, order), prefix
+
+
+def _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold: bool, exact_cost: float, guard_row: float,
              config: CalibrationConfig) -> tuple[NeuronOptions, dict]:
     """Per-neuron error and cost of each option, and the ranges/constants/margins behind them."""
     n, m = g.shape
-    u2 = u.double().pow(2)
-    ad = a.double()
+    u2 = u.pow(2)
     labels, errors, costs = ["exact"], [torch.zeros(m, dtype=torch.float64)], [torch.full((m,), exact_cost)]
     plan: dict[str, dict[str, torch.Tensor]] = {}
 
-    c_all = _weighted_constant(ad, u2, with_fold)
+    g_sorted, prefix = sorted_stats
+    c_all = _weighted_constant(prefix, with_fold)
     labels.append("folded" if with_fold else "dropped")
-    errors.append(col_norm2 * ((ad - c_all) ** 2 * u2).sum(0) / n)
+    errors.append(col_norm2 * _window_sse(prefix["uu"][-1], prefix["auu"][-1], prefix["aauu"][-1], c_all) / n)
     costs.append(torch.zeros(m, dtype=torch.float64))
     plan[labels[-1]] = {"c": c_all.float()}
 
-    order = g.argsort(dim=0)
-    g_sorted = g.gather(0, order)
-    a_sorted, u2_sorted = ad.gather(0, order), u2.gather(0, order)
-    prefix = {k: _prefix(v) for k, v in (("uu", u2_sorted), ("auu", a_sorted * u2_sorted),
-                                          ("aauu", a_sorted * a_sorted * u2_sorted))}
     for p in COVERAGES:
         lower, upper, c = _best_window(g_sorted, prefix, p, with_fold)
-        margin = recall_margins(g, g_hat, lower, upper, config.target_recall, steps=12) if g_hat is not g \
+        margin = recall_margins(g, g_hat, lower, upper, config.target_recall) if g_hat is not g \
             else torch.zeros(m)
         flags = (g_hat < lower + margin) | (g_hat > upper - margin)
-        kept = (~flags).double()
-        errors.append(col_norm2 * (kept * (ad - c.double()) ** 2 * u2).sum(0) / n)
-        costs.append(guard_row + flags.double().mean(0) * exact_cost)
+        kept = torch.where(flags, 0.0, (a - c) ** 2 * u2)  # float32 terms, float64 sum
+        errors.append(col_norm2 * kept.sum(0, dtype=torch.float64) / n)
+        costs.append(guard_row + flags.sum(0, dtype=torch.float64) / n * exact_cost)
         labels.append(f"guarded@{p}")
         plan[labels[-1]] = {"c": c, "lower": lower, "upper": upper, "margin": margin}
     return NeuronOptions(labels, torch.stack(errors, 1), torch.stack(costs, 1)), plan
 
 
-def _weighted_constant(a: torch.Tensor, u2: torch.Tensor, with_fold: bool) -> torch.Tensor:
-    """Least-squares constant for act(g) * u ~= c * u: the u^2-weighted mean of act(g) (0 without a fold)."""
+def _weighted_constant(prefix: dict, with_fold: bool) -> torch.Tensor:
+    """Least-squares constant for act(g) * u ~= c * u over all tokens: the u^2-weighted mean of
+    act(g) (0 without a fold)."""
     if not with_fold:
-        return torch.zeros(a.shape[1], dtype=torch.float64)
-    return (a * u2).sum(0) / u2.sum(0).clamp(min=1e-30)
+        return torch.zeros(prefix["uu"].shape[1], dtype=torch.float64)
+    return prefix["auu"][-1] / prefix["uu"][-1].clamp(min=1e-30)
+
+
+def _window_sse(uu, auu, aauu, c):
+    """sum (a - c)^2 u^2 from the window's sums of u^2, a u^2 and a^2 u^2."""
+    return (aauu - 2 * c * auu + c * c * uu).clamp(min=0)
 
 
 def _prefix(v: torch.Tensor) -> torch.Tensor:
