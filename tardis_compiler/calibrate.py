@@ -94,21 +94,24 @@ class Recorder:
             raise ValueError(
                 "calibration saw no tokens" + (f" for FFNs {empty[:3]}" if empty else "")
                 + ": pass a non-empty iterable of model inputs (tensors or dicts of keyword arguments)")
-        ffns = {}
-        records = self.ffns.items()
-        if config.progress and len(self.ffns) > 1:
-            from tqdm.auto import tqdm
+        plain = [r for r in self.ffns.values() if not r.gated]
+        gated = [r for r in self.ffns.values() if r.gated]
+        ffns = {r.name: fit_ffn(r, config) for r in _progress(plain, config, "tardis: fitting FFN ranges")}
+        if gated:  # fitted together: with allocation="model" they share one budget
+            from .calibrate_gated import fit_gated_ffns
 
-            records = tqdm(records, total=len(self.ffns), desc="tardis: fitting FFN ranges", leave=False)
-        for name, record in records:
-            if record.gated:
-                from .calibrate_gated import fit_gated_ffn
-
-                ffns[name] = fit_gated_ffn(record, config, guard)
-            else:
-                ffns[name] = fit_ffn(record, config)
+            ffns.update(fit_gated_ffns(_progress(gated, config, "tardis: fitting gated FFNs"), config, guard))
+        ffns = {name: ffns[name] for name in self.ffns}  # graph order
         tokens = max(r.seen for r in self.ffns.values())
         return Profile(ffns=ffns, config=config, tokens=tokens, source=source)
+
+
+def _progress(records: list, config: CalibrationConfig, desc: str):
+    if config.progress and len(records) > 1:
+        from tqdm.auto import tqdm
+
+        return tqdm(records, desc=desc, leave=False)
+    return records
 
 
 _ACTIVE: list[Recorder] = []

@@ -19,8 +19,9 @@ contextual sparsity), and keeps the better. Held-out calibration tokens measure 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from .activations import get_activation_rule
 from .calibrate import FFNRecord, recall_margins, split_tokens
 from .config import LOW_BIT_GUARDS, CalibrationConfig
-from .policy import Choice, NeuronOptions, choose
+from .policy import Choice, NeuronOptions, choose, choose_across
 from .profile import FFNProfile
 from .runtime.guard import LowBitGuard
 
@@ -47,22 +48,27 @@ def gated_dense_bytes(d_in: int, m: int, d_out: int, elem_bytes: int, gate_up_bi
     return (2 * m * d_in + m * d_out + 2 * m * gate_up_bias + d_out * down_bias) * elem_bytes
 
 
-def fit_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> FFNProfile:
-    """Fit one gated FFN's constants, ranges, guard margins and per-neuron policy for ``guard``
-    within ``config.budget`` of its dense bytes read per token, and measure it on held-out tokens.
+@dataclasses.dataclass
+class GatedCandidates:
+    """One gated FFN's options, computed once: per variant (with / without the folded matrix) the
+    per-neuron ``NeuronOptions`` and the ranges behind them, plus what finishing the fit needs."""
 
-    Example:
-        >>> import torch, tardis_compiler as tc
-        >>> from tardis_compiler.calibrate import FFNRecord
-        >>> _ = torch.manual_seed(0); d, m = 32, 64
-        >>> w = {"wg_rows": torch.randn(m, d) / 4, "bg": None, "wu_rows": torch.randn(m, d) / 4, "bu": None,
-        ...      "wd_rows": torch.randn(m, d) / 8, "bd": None}
-        >>> rec = FFNRecord("mlp", "gated", "silu", w, max_tokens=2048, seed=0); rec.add(torch.randn(2048, d))
-        >>> ffn = fit_gated_ffn(rec, tc.CalibrationConfig(budget=0.5, progress=False), "int8")
-        >>> ffn.kind, ffn.stats["bytes_fraction"] <= 0.5 + 0.05
-        ('gated', True)
-    """
-    budget = config.budget if config.budget is not None else 0.5
+    record: FFNRecord
+    weights: dict[str, torch.Tensor | None]  # float32 CPU copies
+    variants: list[tuple[bool, NeuronOptions, dict, float]]  # (with_fold, options, plan, fixed bytes)
+    dense_bytes: int
+    energy: float  # mean squared norm of the dense FFN output on the fit tokens (error scale)
+    stats: dict[str, Any]
+    x_eval: torch.Tensor
+    measure: dict[str, Any]
+
+    def budget_bytes(self, budget: float) -> float:
+        """Bytes per token the neuron mix may spend (b_d is read either way)."""
+        return budget * self.dense_bytes - self.measure["down_bias_bytes"]
+
+
+def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> GatedCandidates:
+    """Every option of every neuron of one gated FFN, with its error and bytes (module docstring)."""
     w = {k: (v.detach().float().cpu() if v is not None else None) for k, v in record.weights.items()}
     act = get_activation_rule(record.activation).fn
     m, d_in = w["wg_rows"].shape
@@ -78,38 +84,95 @@ def fit_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> F
     col_norm2 = w["wd_rows"].double().pow(2).sum(1)  # ||W_d[:, i]||^2
     predictor = _predictor(w["wg_rows"], guard, config.group_size)
     g_hat = _predict(predictor, x_fit, w["bg"], g)
+    energy = ((a * u) @ w["wd_rows"]).pow(2).sum(1).mean().item()
 
     exact_cost = float((2 * d_in + d_out + 2 * gate_up_bias) * elem + 4)
     guard_row = _guard_row_bytes(predictor, guard, m, d_in, elem, gate_up_bias)
     fold_bytes = float((d_out * d_in + d_out) * elem)
-    budget_bytes = budget * dense_bytes - down_bias * d_out * elem  # b_d is read either way
-
     sorted_stats = _sorted_stats(g, u, a)
-    candidates = []
+    variants = []
     for with_fold in (True, False):
         opts, plan = _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold, exact_cost, guard_row, config)
-        choice = choose(opts, budget_bytes, fixed_bytes=fold_bytes if with_fold else 0.0)
-        candidates.append((not choice.within_budget, choice.error, with_fold, opts, plan, choice))
-    _, _, with_fold, opts, plan, choice = min(candidates, key=lambda c: c[:2])
-    params = _params_from_choice(opts, plan, choice, m)
+        variants.append((with_fold, opts, plan, fold_bytes if with_fold else 0.0))
+    stats = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0], "measured_on": measured_on,
+             "elem_bytes": elem, "has_bias": gate_up_bias or down_bias, "gate_up_bias": gate_up_bias,
+             "down_bias": down_bias, "dense_bytes": dense_bytes,
+             "error_bound": None}  # u is unbounded: no worst-case bound for a gated FFN
+    measure = {"act": act, "predictor": predictor, "guard": guard, "fold_bytes": fold_bytes,
+               "guard_row": guard_row, "exact_cost": exact_cost, "down_bias_bytes": down_bias * d_out * elem}
+    return GatedCandidates(record, w, variants, dense_bytes, energy, stats, x_hold if x_hold.shape[0] else x_fit,
+                           measure)
 
-    stats: dict[str, Any] = {
-        "tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0], "measured_on": measured_on,
-        "elem_bytes": elem, "has_bias": gate_up_bias or down_bias, "gate_up_bias": gate_up_bias,
-        "down_bias": down_bias, "budget": budget, "dense_bytes": dense_bytes,
-        "policy": {"counts": choice.counts(opts.labels), "folded_matrix": with_fold,
-                   "within_budget": choice.within_budget, "calibration_error": choice.error},
-        "error_bound": None,  # u is unbounded: no worst-case bound for a gated FFN
-    }
-    x_eval = x_hold if x_hold.shape[0] else x_fit
-    stats.update(_measure(x_eval, w, act, params, predictor, guard, with_fold, fold_bytes, guard_row,
-                          exact_cost, dense_bytes, down_bias * d_out * elem))
+
+def finish_gated_ffn(cand: GatedCandidates, variant: int, choice: Choice, budget: float) -> FFNProfile:
+    """Encode the chosen options as the op's per-neuron params and measure them on held-out tokens."""
+    with_fold, opts, plan, _ = cand.variants[variant]
+    m = cand.weights["wg_rows"].shape[0]
+    params = _params_from_choice(opts, plan, choice, m)
+    stats = dict(cand.stats, budget=budget,
+                 policy={"counts": choice.counts(opts.labels), "folded_matrix": with_fold,
+                         "within_budget": choice.within_budget, "calibration_bytes_fraction": choice.bytes /
+                         cand.dense_bytes, "calibration_rel_error": (opts.error.gather(1, choice.option[:, None])
+                                                                      .sum().item() / max(cand.energy, 1e-30)) ** 0.5})
+    k = cand.measure
+    stats.update(_measure(cand.x_eval, cand.weights, k["act"], params, k["predictor"], k["guard"], with_fold,
+                          k["fold_bytes"], k["guard_row"], k["exact_cost"], cand.dense_bytes, k["down_bias_bytes"]))
+    rec, guard = cand.record, k["guard"]
     return FFNProfile(
-        name=record.name, pattern=record.pattern, activation=record.activation, d_in=d_in, d_hidden=m,
-        d_out=d_out, slope=torch.zeros(m), intercept=params["c"], lower=params["lower"],
-        upper=params["upper"], line_error=params["line_error"],
+        name=rec.name, pattern=rec.pattern, activation=rec.activation, d_in=cand.weights["wg_rows"].shape[1],
+        d_hidden=m, d_out=cand.weights["wd_rows"].shape[1], slope=torch.zeros(m), intercept=params["c"],
+        lower=params["lower"], upper=params["upper"], line_error=params["line_error"],
         margins={guard: params["margin"]} if guard in LOW_BIT_GUARDS else {}, stats=stats, kind="gated",
     )
+
+
+def fit_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> FFNProfile:
+    """Fit one gated FFN's constants, ranges, guard margins and per-neuron policy for ``guard``
+    within ``config.budget`` of its dense bytes read per token, and measure it on held-out tokens.
+
+    Example:
+        >>> import torch, tardis_compiler as tc
+        >>> from tardis_compiler.calibrate import FFNRecord
+        >>> _ = torch.manual_seed(0); d, m = 32, 64
+        >>> w = {"wg_rows": torch.randn(m, d) / 4, "bg": None, "wu_rows": torch.randn(m, d) / 4, "bu": None,
+        ...      "wd_rows": torch.randn(m, d) / 8, "bd": None}
+        >>> rec = FFNRecord("mlp", "gated", "silu", w, max_tokens=2048, seed=0); rec.add(torch.randn(2048, d))
+        >>> ffn = fit_gated_ffn(rec, tc.CalibrationConfig(budget=0.5, progress=False), "int8")
+        >>> ffn.kind, ffn.stats["bytes_fraction"] <= 0.5 + 0.05
+        ('gated', True)
+    """
+    budget = _budget(config)
+    cand = prepare_gated_ffn(record, config, guard)
+    best = None
+    for i, (_, opts, _, fixed) in enumerate(cand.variants):
+        choice = choose(opts, cand.budget_bytes(budget), fixed_bytes=fixed)
+        key = (not choice.within_budget, choice.error)
+        if best is None or key < best[0]:
+            best = (key, i, choice)
+    return finish_gated_ffn(cand, best[1], best[2], budget)
+
+
+def fit_gated_ffns(records: Iterable[FFNRecord], config: CalibrationConfig, guard: str) -> dict[str, FFNProfile]:
+    """Fit every gated FFN of a model. ``config.allocation="layer"``: each FFN meets the budget on
+    its own; ``"model"``: the FFNs share it, and bytes go where they cut the most *relative* error
+    (each FFN's error divided by its dense output's energy), as one Lagrangian over all neurons.
+
+    Example:
+        >>> # called by Recorder.fit for the gated FFNs it recorded
+    """
+    if config.allocation == "layer":
+        return {r.name: fit_gated_ffn(r, config, guard) for r in records}
+    budget = _budget(config)
+    cands = [prepare_gated_ffn(r, config, guard) for r in records]
+    layers = [[(opts.scaled(1.0 / max(c.energy, 1e-30)), fixed) for _, opts, _, fixed in c.variants] for c in cands]
+    total = sum(c.budget_bytes(budget) for c in cands)
+    picks = choose_across(layers, total)
+    return {c.record.name: finish_gated_ffn(c, variant, choice, budget)
+            for c, (variant, choice) in zip(cands, picks)}
+
+
+def _budget(config: CalibrationConfig) -> float:
+    return config.budget if config.budget is not None else 0.5
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

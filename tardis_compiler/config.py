@@ -34,6 +34,8 @@ class CalibrationConfig:
         budget: FFN weight bytes read per token, as a fraction of the dense FFN's, in (0, 1].
             Gated FFNs choose each neuron's option (exact, guarded, folded) to fit it with the
             least calibration error (None: 0.5). Plain FFNs use ``coverage`` instead.
+        allocation: how gated FFNs share the budget: "layer" (each meets it) or "model" (bytes go
+            to the FFNs whose relative error they cut most; the model as a whole meets it).
         seed: seeds the token reservoir.
         progress: show a progress bar.
 
@@ -50,6 +52,7 @@ class CalibrationConfig:
     target_recall: float = 0.999
     group_size: int = 64
     budget: float | None = None
+    allocation: str = "layer"
     seed: int = 0
     progress: bool = True
 
@@ -62,6 +65,8 @@ class CalibrationConfig:
                f"target_recall must be in (0, 1], got {self.target_recall}")
         _check(self.group_size >= 8 and self.group_size % 8 == 0,
                f"group_size must be a positive multiple of 8, got {self.group_size}")
+        _check(self.allocation in ("layer", "model"),
+               f"allocation must be 'layer' or 'model', got {self.allocation!r}")
         _check(self.budget is None or 0.0 < self.budget <= 1.0,
                f"budget is a fraction of dense FFN bytes read per token, in (0, 1]; got {self.budget}")
 

@@ -39,6 +39,10 @@ class NeuronOptions:
         self.error = self.error.double()
         self.cost = self.cost.double()
 
+    def scaled(self, factor: float) -> "NeuronOptions":
+        """The same options with errors multiplied by ``factor`` (to compare FFNs on one scale)."""
+        return NeuronOptions(self.labels, self.error * factor, self.cost)
+
 
 @dataclasses.dataclass
 class Choice:
@@ -56,6 +60,35 @@ class Choice:
         return {label: int(n) for label, n in zip(labels, hist.tolist()) if n}
 
 
+def _pick(options: NeuronOptions, price: float, fixed_bytes: float, budget_bytes: float) -> Choice:
+    score = options.error + price * options.cost
+    score = torch.where(torch.isnan(score), torch.full_like(score, math.inf), score)
+    option = score.argmin(dim=1)
+    cost = fixed_bytes + options.cost.gather(1, option[:, None]).sum().item()
+    error = options.error.gather(1, option[:, None]).sum().item()
+    return Choice(option, cost, error, price, cost <= budget_bytes * (1 + 1e-9))
+
+
+def _bisect_price(pick, steps: int):
+    """The cheapest price whose pick fits (``pick(price).within_budget``), by bisection on its
+    exponent: prices span many decades, since errors and bytes have unrelated units."""
+    best = pick(0.0)
+    if best.within_budget:
+        return best
+    lo, hi = -60.0, 60.0
+    best = pick(10.0 ** hi)
+    if not best.within_budget:
+        return best
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        candidate = pick(10.0 ** mid)
+        if candidate.within_budget:
+            best, hi = candidate, mid
+        else:
+            lo = mid
+    return best
+
+
 def choose(options: NeuronOptions, budget_bytes: float, fixed_bytes: float = 0.0, steps: int = 80) -> Choice:
     """Pick one option per neuron to minimise total error with ``fixed_bytes`` + chosen costs
     within ``budget_bytes`` (Lagrangian bisection, see the module docstring).
@@ -69,28 +102,46 @@ def choose(options: NeuronOptions, budget_bytes: float, fixed_bytes: float = 0.0
         >>> c.option.tolist(), c.bytes, c.error       # the costly error gets the exact path
         ([0, 1], 10.0, 1.0)
     """
-    def pick(price: float) -> Choice:
-        score = options.error + price * options.cost
-        score = torch.where(torch.isnan(score), torch.full_like(score, math.inf), score)
-        option = score.argmin(dim=1)
-        cost = fixed_bytes + options.cost.gather(1, option[:, None]).sum().item()
-        error = options.error.gather(1, option[:, None]).sum().item()
-        return Choice(option, cost, error, price, cost <= budget_bytes * (1 + 1e-9))
+    return _bisect_price(lambda price: _pick(options, price, fixed_bytes, budget_bytes), steps)
 
-    best = pick(0.0)
-    if best.within_budget:
-        return best
-    # Prices span many decades (errors and bytes have unrelated units): bisect the exponent.
-    lo, hi = -60.0, 60.0
-    cheapest = pick(10.0 ** hi)
-    if not cheapest.within_budget:
-        return cheapest
-    best = cheapest
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        candidate = pick(10.0 ** mid)
-        if candidate.within_budget:
-            best, hi = candidate, mid
-        else:
-            lo = mid
-    return best
+
+@dataclasses.dataclass
+class JointChoice:
+    """``choose_across``'s result: per FFN the chosen variant and its ``Choice``."""
+
+    picks: list[tuple[int, Choice]]
+    bytes: float
+    error: float
+    price: float
+    within_budget: bool
+
+
+def choose_across(ffns: list[list[tuple[NeuronOptions, float]]], budget_bytes: float,
+                  steps: int = 80) -> list[tuple[int, Choice]]:
+    """One budget shared by several FFNs. Each FFN offers variants ``(options, fixed_bytes)`` (e.g.
+    with and without a folded matrix); at one common price every FFN takes its best variant and
+    every neuron its best option, so bytes go where they buy the most error. Returns, per FFN,
+    the chosen variant's index and ``Choice``.
+
+    Example:
+        >>> cheap = NeuronOptions(["exact", "folded"], torch.tensor([[0., 1.]]), torch.tensor([[10., 0.]]))
+        >>> costly = NeuronOptions(["exact", "folded"], torch.tensor([[0., 9.]]), torch.tensor([[10., 0.]]))
+        >>> picks = choose_across([[(cheap, 0.0)], [(costly, 0.0)]], budget_bytes=10)
+        >>> [choice.option.tolist() for _, choice in picks]      # the budget goes to the costly error
+        [[1], [0]]
+    """
+    def pick(price: float) -> JointChoice:
+        picks = []
+        for variants in ffns:
+            # A variant's fixed bytes count at the same price as its neurons' bytes.
+            scored = [(c.error + price * c.bytes, i, c) for i, (opts, fixed) in enumerate(variants)
+                      for c in [_pick(opts, price, fixed, math.inf)]]
+            _, i, c = min(scored, key=lambda t: t[:2])
+            picks.append((i, c))
+        total = sum(c.bytes for _, c in picks)
+        return JointChoice(picks, total, sum(c.error for _, c in picks), price, total <= budget_bytes * (1 + 1e-9))
+
+    joint = _bisect_price(pick, steps)
+    for _, c in joint.picks:
+        c.within_budget = joint.within_budget
+    return joint.picks

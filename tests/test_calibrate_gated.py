@@ -97,3 +97,17 @@ def test_profile_round_trip_keeps_the_kind(tmp_path):
 def test_dense_bytes():
     assert gated_dense_bytes(4, 8, 4, 2, True, True) == (2 * 8 * 4 + 8 * 4 + 16 + 4) * 2
     assert math.isfinite(gated_dense_bytes(576, 1536, 576, 4, False, False))
+
+
+def test_model_allocation_meets_the_budget_overall_and_moves_bytes_to_the_larger_error():
+    from tardis_compiler.calibrate_gated import fit_gated_ffns
+
+    easy, hard = _record(seed=1), _record(seed=2)
+    easy.name, hard.name = "easy", "hard"
+    with torch.no_grad():  # "hard": the same FFN with gates spread far wider, so folding costs more
+        hard.weights["wg_rows"].mul_(3.0)
+    cfg = tc.CalibrationConfig(budget=0.5, progress=False, allocation="model")
+    ffns = fit_gated_ffns([easy, hard], cfg, "int8")
+    spent = {n: f.stats["policy"]["calibration_bytes_fraction"] for n, f in ffns.items()}
+    assert (spent["easy"] + spent["hard"]) / 2 <= 0.5 + 1e-6
+    assert spent["hard"] > spent["easy"]
