@@ -19,28 +19,14 @@ import torch
 
 import tardis_compiler as tc
 from tardis_compiler.calibrate import record
-from tardis_compiler.calibrate_gated import finish_gated_ffn, prepare_gated_ffn
-from tardis_compiler.policy import choose, choose_across
+from tardis_compiler.calibrate_gated import allocate, finish_gated_ffn, prepare_gated_ffn
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
-def profiles_for(cands, budget: float, allocation: str, config) -> tc.Profile:
-    if allocation == "layer":
-        ffns = {}
-        for c in cands:
-            best = None
-            for i, (_, opts, _, fixed) in enumerate(c.variants):
-                choice = choose(opts, c.budget_bytes(budget), fixed_bytes=fixed)
-                key = (not choice.within_budget, choice.error)
-                if best is None or key < best[0]:
-                    best = (key, i, choice)
-            ffns[c.record.name] = finish_gated_ffn(c, best[1], best[2], budget)
-    else:
-        layers = [[(opts.scaled(1.0 / max(c.energy, 1e-30)), fixed) for _, opts, _, fixed in c.variants]
-                  for c in cands]
-        picks = choose_across(layers, sum(c.budget_bytes(budget) for c in cands))
-        ffns = {c.record.name: finish_gated_ffn(c, v, ch, budget) for c, (v, ch) in zip(cands, picks)}
+def profile_for(cands, budget: float, allocation: str, config) -> tc.Profile:
+    picks = allocate(cands, budget, allocation)
+    ffns = {c.record.name: finish_gated_ffn(c, v, ch, budget) for c, (v, ch) in zip(cands, picks)}
     return tc.Profile(ffns=ffns, config=config, tokens=0, source=f"gated_policy {budget} {allocation}")
 
 
@@ -74,7 +60,7 @@ def main() -> None:
     print(f"dense PPL {dense:.2f} ({len(windows)} windows); options prepared in {prepare_s:.0f} s")
     for budget in args.budgets:
         for allocation in args.allocations:
-            profile = profiles_for(cands, budget, allocation, config)
+            profile = profile_for(cands, budget, allocation, config)
             torch.compiler.reset()
             compiled = torch.compile(model, backend="tardis", options={"profile": profile, "guard": args.guard})
             with torch.no_grad():

@@ -143,32 +143,44 @@ def fit_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> F
     """
     budget = _budget(config)
     cand = prepare_gated_ffn(record, config, guard)
-    best = None
-    for i, (_, opts, _, fixed) in enumerate(cand.variants):
-        choice = choose(opts, cand.budget_bytes(budget), fixed_bytes=fixed)
-        key = (not choice.within_budget, choice.error)
-        if best is None or key < best[0]:
-            best = (key, i, choice)
-    return finish_gated_ffn(cand, best[1], best[2], budget)
+    (variant, choice), = allocate([cand], budget, "layer")
+    return finish_gated_ffn(cand, variant, choice, budget)
 
 
 def fit_gated_ffns(records: Iterable[FFNRecord], config: CalibrationConfig, guard: str) -> dict[str, FFNProfile]:
-    """Fit every gated FFN of a model. ``config.allocation="layer"``: each FFN meets the budget on
-    its own; ``"model"``: the FFNs share it, and bytes go where they cut the most *relative* error
-    (each FFN's error divided by its dense output's energy), as one Lagrangian over all neurons.
+    """Fit every gated FFN of a model, sharing the budget as ``config.allocation`` says (see
+    ``allocate``).
 
     Example:
         >>> # called by Recorder.fit for the gated FFNs it recorded
     """
-    if config.allocation == "layer":
-        return {r.name: fit_gated_ffn(r, config, guard) for r in records}
     budget = _budget(config)
     cands = [prepare_gated_ffn(r, config, guard) for r in records]
-    layers = [[(opts.scaled(1.0 / max(c.energy, 1e-30)), fixed) for _, opts, _, fixed in c.variants] for c in cands]
-    total = sum(c.budget_bytes(budget) for c in cands)
-    picks = choose_across(layers, total)
-    return {c.record.name: finish_gated_ffn(c, variant, choice, budget)
-            for c, (variant, choice) in zip(cands, picks)}
+    picks = allocate(cands, budget, config.allocation)
+    return {c.record.name: finish_gated_ffn(c, variant, choice, budget) for c, (variant, choice) in zip(cands, picks)}
+
+
+def allocate(cands: list[GatedCandidates], budget: float, allocation: str) -> list[tuple[int, Choice]]:
+    """Per FFN, the variant (with or without the folded matrix) and neuron mix to use.
+
+    ``"layer"``: each FFN meets the budget on its own, with the variant of least error. ``"model"``:
+    the FFNs share it, bytes going where they cut the most *relative* error (each FFN's error over
+    its dense output's energy), one Lagrangian over all neurons. On SmolLM2, "layer" measured better
+    at every budget (docs/RESULTS.md): output energy is a poor proxy for a layer's effect on the loss.
+
+    Example:
+        >>> # allocate([prepare_gated_ffn(rec, config, "int8")], 0.5, "layer")
+    """
+    if allocation == "model":
+        layers = [[(opts.scaled(1.0 / max(c.energy, 1e-30)), fixed) for _, opts, _, fixed in c.variants]
+                  for c in cands]
+        return choose_across(layers, sum(c.budget_bytes(budget) for c in cands))
+    picks = []
+    for c in cands:
+        choices = [choose(opts, c.budget_bytes(budget), fixed_bytes=fixed) for _, opts, _, fixed in c.variants]
+        best = min(range(len(choices)), key=lambda i: (not choices[i].within_budget, choices[i].error))
+        picks.append((best, choices[best]))
+    return picks
 
 
 def _budget(config: CalibrationConfig) -> float:

@@ -67,32 +67,6 @@ class FoldedGatedFFN:
         return total + (size(self.wd_rows) if self.wd_rows.data_ptr() != wd.data_ptr() else 0)
 
 
-def fold_gated_ffn(
-    wu_rows: torch.Tensor,
-    bu: torch.Tensor | None,
-    wd_rows: torch.Tensor,
-    bd: torch.Tensor | None,
-    constant: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fold ``y = W_d (c * (W_u x + b_u)) + b_d`` into ``Wf x + bf`` (float32 or wider).
-
-    Example:
-        >>> wu, wd = torch.randn(6, 4), torch.randn(6, 3)     # neuron-major
-        >>> c, x = torch.rand(6), torch.randn(4)
-        >>> wf, bf = fold_gated_ffn(wu, None, wd, None, c)
-        >>> torch.allclose(wf @ x + bf, wd.t() @ (c * (wu @ x)), atol=1e-5)
-        True
-    """
-    compute = torch.float64 if wu_rows.dtype == torch.float64 else torch.float32
-    c = constant.to(compute)
-    wd = wd_rows.to(compute)
-    weight = wd.t() @ (c[:, None] * wu_rows.to(compute))
-    bias = wd.t() @ (c * bu.to(compute)) if bu is not None else torch.zeros(wd.shape[1], dtype=compute)
-    if bd is not None:
-        bias = bias + bd.to(compute)
-    return weight.to(wu_rows.dtype), bias.to(wu_rows.dtype)
-
-
 def rows_contiguous(w: torch.Tensor) -> torch.Tensor:
     """``w`` if each row is contiguous, else a row-major copy."""
     return w if w.stride(-1) == 1 else w.contiguous()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..activations import get_activation_rule
 from .correction import gather_rows_matmul, scatter_rows_matmul
-from .fold import FOLD_CACHE, FoldedGatedFFN, fold_gated_ffn, rows_contiguous
+from .fold import FOLD_CACHE, FoldedGatedFFN, fold_ffn, rows_contiguous
 from .guard import LowBitGuard
 from .stats import active_stats
 
@@ -135,7 +135,8 @@ def _folded(name, wg, bg, wu, bu, wd, bd, wg_rows, wu_rows, bu_m, constant, para
         guarded = watched.nonzero().squeeze(1)
         weight = bias = None
         if bool((constant != 0).any()):
-            weight, bias = fold_gated_ffn(wu_rows, bu_m, wd.t(), bd, constant)
+            # W_d (c * (W_u x + b_u)) + b_d is fold_ffn's W2 (a * (W1 x + b1) + 0) + b2 with a = c.
+            weight, bias = fold_ffn(wu_rows, bu_m, wd.t(), bd, constant, torch.zeros_like(constant))
         low_bit = None
         if guard in _GUARD_BITS and guarded.numel():
             low_bit = LowBitGuard.build(wg_rows.index_select(0, guarded), _GUARD_BITS[guard], group_size)
