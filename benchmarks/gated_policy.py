@@ -4,7 +4,8 @@ budget; "model": one budget shared by all FFNs, bytes to the largest relative er
 Calibrates once (the per-neuron options do not depend on the budget), then chooses the mix for
 every setting. Perplexity on held-out Wikipedia windows (context 512), ``backend="tardis"``.
 
-    python benchmarks/gated_policy.py                        # writes benchmarks/results/gated_policy-int8.json
+    python benchmarks/gated_policy.py                        # writes benchmarks/results/gated_policy-int4.json
+    python benchmarks/gated_policy.py --guard int8           # the int8 guard, for comparison
     python benchmarks/gated_policy.py --windows 8 --budgets 0.5
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--allocations", nargs="+", default=["layer", "model"])
-    parser.add_argument("--guard", default="int8")
+    parser.add_argument("--guard", default="int4", help="int4 is the default for gated FFNs")
     parser.add_argument("--calibration-batches", type=int, default=16)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)

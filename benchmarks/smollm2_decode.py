@@ -6,7 +6,7 @@ Prompts are the starts of held-out Wikipedia windows; every variant generates ex
 generated tokens tardis shares with dense greedy decoding (prefix agreement), since a compressed
 model's tokens/s means little without it.
 
-    python benchmarks/smollm2_decode.py                   # budget 0.5, int8 guard
+    python benchmarks/smollm2_decode.py                   # budget 0.5, default guard (int4)
     python benchmarks/smollm2_decode.py --budget 0.7 --profile /tmp/smol-0.7   # reuse a profile
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=0.5)
-    parser.add_argument("--guard", default="int8")
+    parser.add_argument("--guard", default=None, help="default: the backend's (int4 for gated FFNs)")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=32)
@@ -53,7 +53,7 @@ def main() -> None:
     variants = {
         "dense eager": eager,
         "dense inductor": torch.compile(eager, backend="inductor", dynamic=True),
-        f"tardis {args.budget} ({args.guard})": torch.compile(
+        f"tardis {args.budget} ({args.guard or 'int4'})": torch.compile(
             eager, backend="tardis", dynamic=True, options={"profile": profile, "guard": args.guard}),
     }
     generate = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,

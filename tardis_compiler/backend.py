@@ -66,7 +66,7 @@ class TardisCompiler:
 
     def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
         opts = self.options
-        report = GraphReport(index=next(_GRAPH_IDS), guard=opts.guard)
+        report = GraphReport(index=next(_GRAPH_IDS), guard=opts.guard or "default")
         if self.reports is not None:
             self.reports.append(report)
         _refuse_training_graph(gm)
@@ -93,9 +93,9 @@ class TardisCompiler:
         if opts.profile is not None:
             profile: Profile = opts.profile
             for m in ordered:
-                _fill_from_profile(rows[m.name], profile.ffns[m.name], opts.guard)
+                _fill_from_profile(rows[m.name], profile.ffns[m.name], opts.guard_for(m.kind))
             report.notes.append(f"profile: {profile.source} ({profile.tokens} tokens)")
-            packs = [profile.ffns[m.name].params(opts.guard).to(device) for m in ordered]
+            packs = [profile.ffns[m.name].params(opts.guard_for(m.kind)).to(device) for m in ordered]
             return _with_params(compiled, packs)
 
         recording_gm = record_ffn_inputs(copy_graph_module(gm), PassContext(opts, ctx.names))
@@ -183,7 +183,8 @@ class AutoCalibratingGraph:
         state.calls += 1
         if state.calls >= self.options.calibration_calls:
             n = state.calls
-            state.profile = state.recorder.fit(source=f"auto-calibration on calls 1-{n}", guard=self.options.guard)
+            state.profile = state.recorder.fit(source=f"auto-calibration on calls 1-{n}",
+                                               guard=self.options.guard_for("gated"))
             state.recorder = None  # free the recorded tokens
             note = (f"calibrated on calls 1-{n} ({state.profile.tokens} tokens); calls after that "
                     "run the folded graph")
@@ -191,7 +192,8 @@ class AutoCalibratingGraph:
             self.report.notes.append(note)
             for row in self.report.ffns:
                 if row.name in state.profile.ffns:
-                    _fill_from_profile(row, state.profile.ffns[row.name], self.options.guard)
+                    ffn = state.profile.ffns[row.name]
+                    _fill_from_profile(row, ffn, self.options.guard_for(ffn.kind))
         return out
 
     def _state(self, args) -> _CalibrationState:
@@ -211,7 +213,8 @@ class AutoCalibratingGraph:
         cache = getattr(profile, "_packs", None)
         if cache is None:
             device = _device_of(args)
-            cache = [profile.ffns[name].params(self.options.guard).to(device) for name, *_ in self.ffns]
+            cache = [ffn.params(self.options.guard_for(ffn.kind)).to(device)
+                     for ffn in (profile.ffns[name] for name, *_ in self.ffns)]
             profile._packs = cache
         return cache
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import get_activation_rule
-from .config import LOW_BIT_GUARDS, CalibrationConfig
+from .config import DEFAULT_GUARDS, LOW_BIT_GUARDS, CalibrationConfig
 from .profile import FFNProfile, Profile
 from .runtime.guard import LowBitGuard
 
@@ -83,11 +83,11 @@ class Recorder:
             seed = self.config.seed + len(self.ffns)
             self.ffns[name] = FFNRecord(name, pattern, activation, weights, self.config.max_tokens, seed)
 
-    def fit(self, source: str, config: CalibrationConfig | None = None, guard: str = "int8") -> Profile:
+    def fit(self, source: str, config: CalibrationConfig | None = None, guard: str | None = None) -> Profile:
         """Fit every recorded FFN (see the module docstring) into a ``Profile``; ``config``
         overrides the recorder's (e.g. another coverage over the same recorded tokens). Gated FFNs
-        are fitted for ``guard`` (their neuron mix depends on what the guard costs), plain FFNs
-        for every low-bit guard at once."""
+        are fitted for ``guard`` (their neuron mix depends on what the guard costs; None: the
+        default for gated FFNs, ``DEFAULT_GUARDS["gated"]``), plain FFNs for every low-bit guard."""
         config = config or self.config
         empty = [n for n, r in self.ffns.items() if r.filled == 0]
         if not self.ffns or empty:
@@ -100,6 +100,7 @@ class Recorder:
         if gated:  # fitted together: with allocation="model" they share one budget
             from .calibrate_gated import fit_gated_ffns
 
+            guard = guard or DEFAULT_GUARDS["gated"]
             ffns.update(fit_gated_ffns(_progress(gated, config, "tardis: fitting gated FFNs"), config, guard))
         ffns = {name: ffns[name] for name in self.ffns}  # graph order
         tokens = max(r.seen for r in self.ffns.values())
@@ -191,14 +192,14 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any], config: Calibratio
     return recorder.fit(source=f"calibrate(): {recorder.batches} batches")
 
 
-def calibrate_for_budget(model: torch.nn.Module, batches: Iterable[Any], budget: float, guard: str = "int8",
+def calibrate_for_budget(model: torch.nn.Module, batches: Iterable[Any], budget: float, guard: str | None = None,
                          config: CalibrationConfig | None = None, steps: int = 7) -> Profile:
     """Calibrate so the model's FFNs read at most ``budget`` of their dense bytes per token.
 
     Gated FFNs meet it each by their per-neuron mix (calibrate_gated.py). For plain FFNs it
     records once, then bisects the coverage p over the same tokens: a lower p flags more neurons
     (more exact, more bytes). Bytes are those ``explain`` reports, with the flag rate ``guard``
-    measured on the held-out calibration tokens. Raises ``ValueError`` if even p = 1 (nothing
+    measured on the held-out calibration tokens (None: each FFN kind's default guard). Raises ``ValueError`` if even p = 1 (nothing
     flagged but what the guard's margins catch) reads more than the budget.
 
     Example:

@@ -14,6 +14,10 @@ from typing import Any, Mapping
 #: testing); "all" flags every neuron, which must reproduce the dense model (exactness invariant).
 LOW_BIT_GUARDS = {"int2": 2, "int4": 4, "int8": 8}
 GUARDS = (*LOW_BIT_GUARDS, "exact", "all")
+#: The guard each FFN kind gets when none is given: the one that measured best (docs/RESULTS.md):
+#: int8 on MiniLM's plain FFNs (fewest bytes for its recall), int4 on SmolLM2's gated FFNs (its
+#: cheaper rows leave more of the budget to exact neurons: lower perplexity at every budget).
+DEFAULT_GUARDS = {"plain": "int8", "gated": "int4"}
 INNER_COMPILERS = ("inductor", "eager")
 
 
@@ -88,8 +92,9 @@ class TardisOptions:
         profile: a ``Profile`` from ``calibrate`` (or a path to a saved one). Without one, the
             compiled model runs dense for ``calibration_calls`` calls while it records FFN
             inputs, then calibrates and switches to the folded graph.
-        guard: "int8" (default: it measured best on MiniLM, in bytes and time, docs/RESULTS.md),
-            "int4", "int2", "exact" or "all"; see ``GUARDS``.
+        guard: "int8", "int4", "int2", "exact" or "all" (see ``GUARDS``); None (default) takes
+            per FFN kind the one that measured best, ``DEFAULT_GUARDS``: int8 for plain FFNs,
+            int4 for gated ones.
         inner: compiler for the rewritten graph: "inductor" (default) or "eager" (debugging).
         calibration_calls: calls recorded before auto-calibration (no-profile mode).
         calibration: ``CalibrationConfig`` (or dict) for auto-calibration.
@@ -105,7 +110,7 @@ class TardisOptions:
     """
 
     profile: Any = None
-    guard: str = "int8"
+    guard: str | None = None
     inner: str = "inductor"
     calibration_calls: int = 8
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
@@ -114,7 +119,7 @@ class TardisOptions:
     budget: float | None = None
 
     def __post_init__(self) -> None:
-        _check(self.guard in GUARDS, f"guard must be one of {GUARDS}, got {self.guard!r}")
+        _check(self.guard is None or self.guard in GUARDS, f"guard must be one of {GUARDS}, got {self.guard!r}")
         _check(self.inner in INNER_COMPILERS,
                f"inner must be one of {INNER_COMPILERS}, got {self.inner!r}")
         _check(isinstance(self.calibration_calls, int) and self.calibration_calls >= 1,
@@ -135,6 +140,15 @@ class TardisOptions:
             from .profile import Profile  # a path: load it here so a bad path fails at compile time
 
             self.profile = Profile.load(self.profile)
+
+    def guard_for(self, kind: str) -> str:
+        """The guard an FFN of ``kind`` ("plain" or "gated") runs with.
+
+        Example:
+            >>> TardisOptions().guard_for("gated"), TardisOptions(guard="exact").guard_for("gated")
+            ('int4', 'exact')
+        """
+        return self.guard if self.guard is not None else DEFAULT_GUARDS[kind]
 
     def skips(self, ffn_name: str) -> bool:
         """True if ``ffn_name`` is excluded by ``skip`` (exact name or full regex match)."""

@@ -170,13 +170,16 @@ class Profile:
         return cls(ffns=ffns, config=CalibrationConfig.from_dict(meta["config"]),
                    tokens=meta["tokens"], source=meta["source"], version=meta["version"])
 
-    def bytes_fraction(self, guard: str) -> float:
-        """FFN weight bytes read per token with ``guard``, as a fraction of dense (all FFNs).
+    def bytes_fraction(self, guard: str | None = None) -> float:
+        """FFN weight bytes read per token with ``guard`` (None: each FFN kind's default guard),
+        as a fraction of dense (all FFNs).
 
         Example: ``tc.calibrate(model, batches).bytes_fraction("int4")``.
         """
         dense = sum(f.bytes_per_token("dense") for f in self.ffns.values())
-        return sum(f.bytes_per_token(guard) for f in self.ffns.values()) / dense
+        from .config import DEFAULT_GUARDS
+
+        return sum(f.bytes_per_token(guard or DEFAULT_GUARDS[f.kind]) for f in self.ffns.values()) / dense
 
     def check(self, found: dict[str, tuple[int, int, int, str, str]]) -> None:
         """Raise ``ProfileMismatchError`` unless every FFN in ``found`` (name -> d_in, d_hidden,

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import torch
 
 from ..calibrate import calibrate_for_budget
-from ..config import CalibrationConfig
+from ..config import DEFAULT_GUARDS, CalibrationConfig
 from ..profile import Profile
 from ..report import ffn_bytes_per_token
 from ..runtime.stats import RuntimeStats, _ACTIVE
@@ -22,9 +22,9 @@ from .accounting import FFNBytes, PreparedModel
 from .errors import MethodNotApplicable
 from .ffn import dense_ffn_bytes
 
-#: The guard the eval uses: on MiniLM it flags almost exactly the oracle's set and reads the
-#: fewest bytes at every coverage up to 0.85 (docs/RESULTS.md, coverage x guard table).
-EVAL_GUARD = "int8"
+#: The guard the eval uses: None is the backend's default per FFN kind (``DEFAULT_GUARDS``), the one
+#: that measured best: int8 for plain FFNs (MiniLM), int4 for gated ones (SmolLM2).
+EVAL_GUARD = None
 
 
 class TardisMeter:
@@ -35,7 +35,7 @@ class TardisMeter:
         >>> meter.reset(); run_model(); meter.read_per_token()  # doctest: +SKIP
     """
 
-    def __init__(self, profile: Profile, guard: str, dense_weight_bytes: int) -> None:
+    def __init__(self, profile: Profile, guard: str | None, dense_weight_bytes: int) -> None:
         self.profile, self.guard, self.dense_weight_bytes = profile, guard, dense_weight_bytes
         self.stats: RuntimeStats | None = None
 
@@ -51,16 +51,17 @@ class TardisMeter:
         tardis = dense = 0.0
         for name, ffn in self.profile.ffns.items():
             counters = self.stats.ffns.get(name)
-            measured = ffn.stats["guards"][self.guard]
+            guard = _guard_of(ffn, self.guard)
+            measured = ffn.stats["guards"][guard]
             if ffn.kind == "gated":  # flags count the always-exact neurons too: corrected per token
                 rate = counters.flag_rate if counters is not None else measured["corrected_rate"]
                 tardis += measured["fixed_bytes"] + rate * ffn.d_hidden * measured["exact_cost"]
                 dense += ffn.stats["dense_bytes"]
                 continue
             rate = counters.flag_rate if counters is not None else measured["flag_rate"]
-            guard_bytes = ffn.stats["guards"][self.guard].get("bytes", 0)
+            guard_bytes = measured.get("bytes", 0)
             args = (ffn.d_in, ffn.d_hidden, ffn.d_out, ffn.stats["elem_bytes"], ffn.stats["has_bias"])
-            tardis += ffn_bytes_per_token(*args, self.guard, rate, guard_bytes)
+            tardis += ffn_bytes_per_token(*args, guard, rate, guard_bytes)
             dense += ffn_bytes_per_token(*args)
         _ACTIVE.remove(self.stats)
         self.stats = None
@@ -68,7 +69,7 @@ class TardisMeter:
         return tardis / dense * self.dense_weight_bytes
 
 
-def tardis(model: torch.nn.Module, batches: Iterable[Any], budget: float, guard: str = EVAL_GUARD) -> PreparedModel:
+def tardis(model: torch.nn.Module, batches: Iterable[Any], budget: float, guard: str | None = EVAL_GUARD) -> PreparedModel:
     """The tardis backend at ``budget`` of dense FFN bytes read per token.
 
     Example:
@@ -90,21 +91,27 @@ def tardis(model: torch.nn.Module, batches: Iterable[Any], budget: float, guard:
     dense_bytes = dense_ffn_bytes(model)
     read = profile.bytes_fraction(guard) * dense_bytes
     resident = dense_bytes + _added_resident(profile, guard)
-    details = {"method": "tardis", "guard": guard, "coverage": profile.config.coverage, "budget": budget,
+    guards = {n: _guard_of(f, guard) for n, f in profile.ffns.items()}
+    details = {"method": "tardis", "guard": sorted(set(guards.values())), "coverage": profile.config.coverage,
+               "budget": budget,
                "policy": {n: f.stats["policy"]["counts"] for n, f in profile.ffns.items() if f.kind == "gated"},
                "calibration_tokens": profile.tokens,
-               "flag_rate": {n: f.stats["guards"][guard]["flag_rate"] for n, f in profile.ffns.items()},
-               "recall": {n: f.stats["guards"][guard]["recall"] for n, f in profile.ffns.items()}}
+               "flag_rate": {n: f.stats["guards"][guards[n]]["flag_rate"] for n, f in profile.ffns.items()},
+               "recall": {n: f.stats["guards"][guards[n]]["recall"] for n, f in profile.ffns.items()}}
     return PreparedModel(compiled, FFNBytes(read, resident, dense_bytes),
                          meter=TardisMeter(profile, guard, dense_bytes), details=details)
 
 
-def _added_resident(profile: Profile, guard: str) -> int:
+def _guard_of(ffn, guard: str | None) -> str:
+    return guard or DEFAULT_GUARDS[ffn.kind]
+
+
+def _added_resident(profile: Profile, guard: str | None) -> int:
     from ..report import resident_bytes_added
 
     total = 0
     for ffn in profile.ffns.values():
-        guard_bytes = ffn.stats["guards"].get(guard, {}).get("bytes", 0)
+        guard_bytes = ffn.stats["guards"].get(_guard_of(ffn, guard), {}).get("bytes", 0)
         fold = ffn.kind != "gated" or ffn.stats["policy"]["folded_matrix"]
         # nn.Linear models: W2 (W_d) is copied to neuron-major rows for the exact path.
         total += resident_bytes_added(ffn.d_in, ffn.d_hidden, ffn.d_out, ffn.stats["elem_bytes"], guard_bytes, 1,

@@ -54,7 +54,7 @@ def _replace(graph: torch.fx.Graph, match, params: Node, ctx: PassContext) -> No
         fused = graph.call_function(
             torch.ops.tardis.folded_ffn.default,
             (first.x, first.weight, first.bias, second.weight, second.bias, params, match.name,
-             match.activation.name, first.layout, second.layout, opts.guard,
+             match.activation.name, first.layout, second.layout, opts.guard_for("plain"),
              opts.calibration.group_size, opts.dense_above),
         )
         out = fused
@@ -71,7 +71,7 @@ def _replace_gated(graph: torch.fx.Graph, match: GatedFFNMatch, params: Node, ct
         fused = graph.call_function(
             torch.ops.tardis.gated_ffn.default,
             (gate.x, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias, params, match.name,
-             match.activation.name, match.gate_offset, match.up_offset, opts.guard,
+             match.activation.name, match.gate_offset, match.up_offset, opts.guard_for("gated"),
              opts.calibration.group_size, opts.dense_above),
         )
     down.node.replace_all_uses_with(fused)

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from ..activations import get_activation_rule
+from ..config import LOW_BIT_GUARDS
 from .correction import gather_rows_matmul, scatter_rows_matmul
 from .fold import FOLD_CACHE, FoldedGatedFFN, fold_ffn, rows_contiguous
 from .guard import LowBitGuard
 from .stats import active_stats
 
-_GUARD_BITS = {"int2": 2, "int4": 4, "int8": 8}
 
 
 @torch.library.custom_op("tardis::gated_ffn", mutates_args=())
@@ -138,8 +138,8 @@ def _folded(name, wg, bg, wu, bu, wd, bd, wg_rows, wu_rows, bu_m, constant, para
             # W_d (c * (W_u x + b_u)) + b_d is fold_ffn's W2 (a * (W1 x + b1) + 0) + b2 with a = c.
             weight, bias = fold_ffn(wu_rows, bu_m, wd.t(), bd, constant, torch.zeros_like(constant))
         low_bit = None
-        if guard in _GUARD_BITS and guarded.numel():
-            low_bit = LowBitGuard.build(wg_rows.index_select(0, guarded), _GUARD_BITS[guard], group_size)
+        if guard in LOW_BIT_GUARDS and guarded.numel():
+            low_bit = LowBitGuard.build(wg_rows.index_select(0, guarded), LOW_BIT_GUARDS[guard], group_size)
         return FoldedGatedFFN(weight, bias, always, guarded, low_bit, rows_contiguous(wd.t()))
 
     tensors = {"wg": wg, "wu": wu, "wd": wd, "bg": bg, "bu": bu, "bd": bd, "params": params}

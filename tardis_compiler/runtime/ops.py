@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from ..activations import get_activation_rule
+from ..config import LOW_BIT_GUARDS
 from .correction import gather_rows_matmul, scatter_rows_matmul
 from .fold import FOLD_CACHE, FoldedFFN, fold_ffn, neuron_major, rows_contiguous, w2_neuron_major
 from .guard import LowBitGuard
 from .stats import active_stats
 
 PARAM_ROWS = ("slope", "intercept", "lower", "upper", "guard_lower", "guard_upper")
-_GUARD_BITS = {"int2": 2, "int4": 4, "int8": 8}
 
 
 @torch.library.custom_op("tardis::folded_ffn", mutates_args=())
@@ -108,8 +108,8 @@ def _folded(name, w1, b1, w2, b2, w1_rows, w2_rows, slope, intercept, guard, gro
     def build() -> FoldedFFN:
         weight, bias = fold_ffn(w1_rows, b1, w2_rows, b2, slope, intercept)
         low_bit = None
-        if guard in _GUARD_BITS:
-            low_bit = LowBitGuard.build(w1_rows, _GUARD_BITS[guard], group_size)
+        if guard in LOW_BIT_GUARDS:
+            low_bit = LowBitGuard.build(w1_rows, LOW_BIT_GUARDS[guard], group_size)
         return FoldedFFN(weight, bias, low_bit, rows_contiguous(w1_rows), rows_contiguous(w2_rows))
 
     tensors = {"w1": w1, "w2": w2, "b1": b1, "b2": b2, "params": params}

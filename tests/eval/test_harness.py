@@ -41,12 +41,9 @@ def tiny_specs(monkeypatch):
 def test_decoder_run_measures_every_method_side_by_side(tiny_specs):
     results = run_eval(EvalConfig(model="tiny-llama", **TINY))
     rows = {r["method"]: r for r in results["rows"]}
-    assert list(rows) == ["dense", "wanda", "ria", "teal"]
-    # tardis cannot fold gated FFNs yet: recorded as skipped, with the reason, and the run goes on.
-    assert {s["method"] for s in results["skipped"]} == {"tardis"}
-    assert all("gated" in s["reason"] for s in results["skipped"])
+    assert list(rows) == ["dense", "wanda", "ria", "teal", "tardis"] and not results["skipped"]
     assert rows["dense"]["ffn_bytes"]["ffn_read_fraction"] == 1.0
-    for name in ("wanda", "ria", "teal"):
+    for name in ("wanda", "ria", "teal", "tardis"):
         assert rows[name]["ffn_bytes"]["ffn_read_fraction"] == pytest.approx(0.5, abs=0.1)
         assert rows[name]["metrics"]["ppl"] > 1.0
     assert rows["teal"]["bytes_source"] == "measured on evaluation text"
@@ -111,3 +108,16 @@ def test_real_smollm2_quick_path_end_to_end(tmp_path, capsys):
     assert rows["wanda"]["metrics"]["ppl"] > rows["dense"]["metrics"]["ppl"]
     assert list(tmp_path.glob("eval-smollm2-quick-*.png"))
     assert "## Evaluation harness" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_a_method_that_cannot_run_on_a_model_is_recorded_as_skipped(tiny_specs, monkeypatch):
+    from tardis_compiler.eval import methods
+    from tardis_compiler.eval.errors import MethodNotApplicable
+
+    def never(model, batches, budget):
+        raise MethodNotApplicable("this model has nothing it can compress")
+
+    monkeypatch.setitem(methods._METHODS, "never", methods.Method("never", never))
+    results = run_eval(EvalConfig(model="tiny-llama", methods=("dense", "never"), tasks=("piqa",), **TINY))
+    assert [r["method"] for r in results["rows"]] == ["dense"]
+    assert results["skipped"] == [{"method": "never", "budget": 0.5, "reason": "this model has nothing it can compress"}]

@@ -23,9 +23,25 @@ def test_tardis_method_meets_budget_and_meter_measures():
         assert torch.equal(v, before[k]), k
 
 
-def test_tardis_method_on_a_gated_model_is_not_applicable():
-    with pytest.raises(MethodNotApplicable, match="gated"):
-        tardis(tiny_llama(), [torch.randint(0, 128, (1, 16))], 0.5)
+def test_tardis_method_on_a_gated_model_meets_the_budget_per_neuron():
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepared = tardis(model, [torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(i))
+                              for i in range(4)], 0.5)
+    assert prepared.ffn_bytes.read_fraction <= 0.5 + 1e-6
+    assert prepared.details["guard"] == ["int4"] and prepared.details["policy"]
+    prepared.meter.reset()
+    with torch.no_grad():
+        prepared.model(torch.randint(0, 128, (1, 24)))
+    assert 0.05 < prepared.meter.read_per_token() / prepared.ffn_bytes.dense < 1.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_tardis_method_on_a_model_without_ffns_is_not_applicable():
+    attention_only = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)).eval()
+    with pytest.raises(MethodNotApplicable, match="no FFN"):
+        tardis(attention_only, [torch.randn(4, 8)], 0.5)
 
 
 def test_tardis_is_registered_by_default():
