@@ -76,6 +76,9 @@ class Recorder:
     def __init__(self, config: CalibrationConfig) -> None:
         self.config = config
         self.ffns: dict[str, FFNRecord] = {}
+        # Gated FFNs' per-neuron options do not depend on the budget: computed once per guard and
+        # config, and reused by every budget or allocation fitted from this recorder.
+        self.prepared: dict = {}
 
     def register(self, name: str, pattern: str, activation: str, weights: dict) -> None:
         """Declare an FFN (first time its graph is compiled or run)."""
@@ -101,7 +104,8 @@ class Recorder:
             from .calibrate_gated import fit_gated_ffns
 
             guard = guard or DEFAULT_GUARDS["gated"]
-            ffns.update(fit_gated_ffns(_progress(gated, config, "tardis: fitting gated FFNs"), config, guard))
+            ffns.update(fit_gated_ffns(_progress(gated, config, "tardis: fitting gated FFNs"), config, guard,
+                                       self.prepared))
         ffns = {name: ffns[name] for name in self.ffns}  # graph order
         tokens = max(r.seen for r in self.ffns.values())
         return Profile(ffns=ffns, config=config, tokens=tokens, source=source)
@@ -193,13 +197,16 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any], config: Calibratio
 
 
 def calibrate_for_budget(model: torch.nn.Module, batches: Iterable[Any], budget: float, guard: str | None = None,
-                         config: CalibrationConfig | None = None, steps: int = 7) -> Profile:
+                         config: CalibrationConfig | None = None, steps: int = 7,
+                         recorder: Recorder | None = None) -> Profile:
     """Calibrate so the model's FFNs read at most ``budget`` of their dense bytes per token.
 
     Gated FFNs meet it each by their per-neuron mix (calibrate_gated.py). For plain FFNs it
     records once, then bisects the coverage p over the same tokens: a lower p flags more neurons
     (more exact, more bytes). Bytes are those ``explain`` reports, with the flag rate ``guard``
-    measured on the held-out calibration tokens (None: each FFN kind's default guard). Raises ``ValueError`` if even p = 1 (nothing
+    measured on the held-out calibration tokens (None: each FFN kind's default guard). Pass a
+    ``recorder`` from ``record(model, batches, config)`` to fit several budgets from one recording
+    (``batches`` is then not run again). Raises ``ValueError`` if even p = 1 (nothing
     flagged but what the guard's margins catch) reads more than the budget.
 
     Example:
@@ -213,7 +220,7 @@ def calibrate_for_budget(model: torch.nn.Module, batches: Iterable[Any], budget:
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"budget is a fraction of dense FFN bytes read per token, in (0, 1]; got {budget}")
     config = dataclasses.replace(config or CalibrationConfig(), budget=budget)
-    recorder = record(model, batches, config)
+    recorder = recorder if recorder is not None else record(model, batches, config)
     source = f"calibrate_for_budget({budget}, {guard!r}): {recorder.batches} batches"
     if all(r.gated for r in recorder.ffns.values()):  # each gated FFN meets the budget by its neuron mix
         return recorder.fit(source, config, guard)

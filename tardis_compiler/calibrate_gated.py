@@ -147,15 +147,24 @@ def fit_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> F
     return finish_gated_ffn(cand, variant, choice, budget)
 
 
-def fit_gated_ffns(records: Iterable[FFNRecord], config: CalibrationConfig, guard: str) -> dict[str, FFNProfile]:
+def fit_gated_ffns(records: Iterable[FFNRecord], config: CalibrationConfig, guard: str,
+                   prepared: dict | None = None) -> dict[str, FFNProfile]:
     """Fit every gated FFN of a model, sharing the budget as ``config.allocation`` says (see
-    ``allocate``).
+    ``allocate``). ``prepared`` (a dict owned by the caller) memoises the per-neuron options,
+    which do not depend on the budget or the allocation.
 
     Example:
         >>> # called by Recorder.fit for the gated FFNs it recorded
     """
     budget = _budget(config)
-    cands = [prepare_gated_ffn(r, config, guard) for r in records]
+    key = (guard, tuple(sorted(dataclasses.asdict(
+        dataclasses.replace(config, budget=None, allocation="layer", progress=False)).items())))
+    if prepared is not None and key in prepared:
+        cands = prepared[key]
+    else:
+        cands = [prepare_gated_ffn(r, config, guard) for r in records]
+        if prepared is not None:
+            prepared[key] = cands
     picks = allocate(cands, budget, config.allocation)
     return {c.record.name: finish_gated_ffn(c, variant, choice, budget) for c, (variant, choice) in zip(cands, picks)}
 

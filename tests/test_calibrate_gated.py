@@ -111,3 +111,15 @@ def test_model_allocation_meets_the_budget_overall_and_moves_bytes_to_the_larger
     spent = {n: f.stats["policy"]["calibration_bytes_fraction"] for n, f in ffns.items()}
     assert (spent["easy"] + spent["hard"]) / 2 <= 0.5 + 1e-6
     assert spent["hard"] > spent["easy"]
+
+
+def test_budgets_fitted_from_one_recording_share_the_prepared_options():
+    from tardis_compiler.calibrate import calibrate_for_budget, record
+    from tests.tiny_models import build_tiny, token_batches
+
+    model, batches = build_tiny("llama"), token_batches(4)
+    recorder = record(model, batches, tc.CalibrationConfig(progress=False))
+    profiles = [calibrate_for_budget(model, batches, b, recorder=recorder) for b in (0.3, 0.6)]
+    assert len(recorder.prepared) == 1  # one guard, one config: options computed once
+    fractions = [p.bytes_fraction() for p in profiles]
+    assert fractions[0] <= 0.3 * 1.05 and 0.3 * 1.05 < fractions[1] <= 0.6 * 1.05

@@ -79,7 +79,8 @@ def tardis(model: torch.nn.Module, batches: Iterable[Any], budget: float, guard:
     """
     config = CalibrationConfig(progress=False)
     try:
-        profile = calibrate_for_budget(model, batches, budget, guard, config)
+        profile = calibrate_for_budget(model, batches, budget, guard, config,
+                                       recorder=_recorder(model, batches, config))
     except ValueError as exc:
         if "found no FFN" in str(exc):
             raise MethodNotApplicable("tardis found no FFN it can fold in this model") from exc
@@ -100,6 +101,21 @@ def tardis(model: torch.nn.Module, batches: Iterable[Any], budget: float, guard:
                "recall": {n: f.stats["guards"][guards[n]]["recall"] for n, f in profile.ffns.items()}}
     return PreparedModel(compiled, FFNBytes(read, resident, dense_bytes),
                          meter=TardisMeter(profile, guard, dense_bytes), details=details)
+
+
+# One recording per (model, calibration batches): every budget of a run fits from it (and, for
+# gated FFNs, from the per-neuron options prepared once). Holds the last pair only.
+_LAST_RECORDING: list = []
+
+
+def _recorder(model: torch.nn.Module, batches, config: CalibrationConfig):
+    from ..calibrate import record
+
+    if _LAST_RECORDING and _LAST_RECORDING[0] is model and _LAST_RECORDING[1] is batches:
+        return _LAST_RECORDING[2]
+    recorder = record(model, batches, config)
+    _LAST_RECORDING[:] = [model, batches, recorder]
+    return recorder
 
 
 def _guard_of(ffn, guard: str | None) -> str:
