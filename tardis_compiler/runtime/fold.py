@@ -36,15 +36,6 @@ class FoldedFFN:
     w1_rows: torch.Tensor  # (m, d_in), rows contiguous
     w2_rows: torch.Tensor  # (m, d_out), rows contiguous
 
-    def extra_resident_bytes(self, w1: torch.Tensor, w2: torch.Tensor) -> int:
-        """Bytes this fold keeps beyond the model's own weights."""
-        size = lambda t: t.numel() * t.element_size()  # noqa: E731
-        total = size(self.weight) + size(self.bias)
-        total += sum(size(t) for t in (self.guard.weight, self.guard.scales) if t is not None) if self.guard else 0
-        total += size(self.w1_rows) if self.w1_rows.data_ptr() != w1.data_ptr() else 0
-        total += size(self.w2_rows) if self.w2_rows.data_ptr() != w2.data_ptr() else 0
-        return total
-
 
 @dataclasses.dataclass
 class FoldedGatedFFN:
@@ -58,13 +49,6 @@ class FoldedGatedFFN:
     guarded: torch.Tensor  # (k_g,) long: neurons the guard watches
     guard: LowBitGuard | None  # over the guarded gate rows, in ``guarded`` order
     wd_rows: torch.Tensor  # (m, d_out), rows contiguous
-
-    def extra_resident_bytes(self, wd: torch.Tensor) -> int:
-        """Bytes this fold keeps beyond the model's own weights."""
-        size = lambda t: t.numel() * t.element_size() if t is not None else 0  # noqa: E731
-        total = size(self.weight) + size(self.bias) + size(self.always) + size(self.guarded)
-        total += sum(size(t) for t in (self.guard.weight, self.guard.scales)) if self.guard else 0
-        return total + (size(self.wd_rows) if self.wd_rows.data_ptr() != wd.data_ptr() else 0)
 
 
 def rows_contiguous(w: torch.Tensor) -> torch.Tensor:
