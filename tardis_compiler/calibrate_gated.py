@@ -79,7 +79,7 @@ def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     dense_bytes = gated_dense_bytes(d_in, m, d_out, elem, gate_up_bias, down_bias)
 
     x_fit, x_hold, measured_on = split_tokens(record.tokens(), config)
-    g, u = _linear(x_fit, w["wg_rows"], w["bg"]), _linear(x_fit, w["wu_rows"], w["bu"])
+    g, u = F.linear(x_fit, w["wg_rows"], w["bg"]), F.linear(x_fit, w["wu_rows"], w["bu"])
     a = act(g)
     col_norm2 = w["wd_rows"].double().pow(2).sum(1)  # ||W_d[:, i]||^2
     predictor = _predictor(w["wg_rows"], guard, config.group_size)
@@ -194,10 +194,6 @@ def allocate(cands: list[GatedCandidates], budget: float, allocation: str) -> li
 
 def _budget(config: CalibrationConfig) -> float:
     return config.budget if config.budget is not None else 0.5
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, w, b)
 
 
 def _predictor(wg_rows: torch.Tensor, guard: str, group_size: int) -> LowBitGuard | None:
@@ -316,7 +312,7 @@ def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_r
              down_bias_bytes) -> dict[str, Any]:
     """What the chosen policy does on ``x`` (held-out tokens): coverage, flags, recall, output
     error and bytes read per token."""
-    g, u = _linear(x, w["wg_rows"], w["bg"]), _linear(x, w["wu_rows"], w["bu"])
+    g, u = F.linear(x, w["wg_rows"], w["bg"]), F.linear(x, w["wu_rows"], w["bu"])
     a = act(g)
     c, lower, upper, margin = params["c"], params["lower"], params["upper"], params["margin"]
     always = lower > upper
