@@ -360,7 +360,7 @@ def max_line_error(act, slope, intercept, lower, upper, points: int = 257) -> to
 
 
 def recall_margins(z: torch.Tensor, z_hat: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
-                   target_recall: float, max_scale: float = 64.0) -> torch.Tensor:
+                   target_recall: float, max_scale: float = 64.0, sigma: torch.Tensor | None = None) -> torch.Tensor:
     """Per-neuron guard margins ``s * std(z_hat - z)``, with the smallest scale s (one per FFN)
     whose flags catch ``target_recall`` of the out-of-range (token, neuron) pairs.
 
@@ -368,6 +368,7 @@ def recall_margins(z: torch.Tensor, z_hat: torch.Tensor, lower: torch.Tensor, up
     recall target needs far less margin than a high quantile of the prediction error. Computed in
     one pass: an out-of-range pair is flagged once s exceeds its critical scale
     ``min(z_hat - lower, upper - z_hat) / std``, so s is a quantile of those critical scales.
+    ``sigma`` (the per-neuron std of ``z_hat - z``) may be passed when calling for many ranges.
 
     Example:
         >>> z = torch.randn(1000, 4); z_hat = z + 0.1 * torch.randn(1000, 4)
@@ -375,15 +376,14 @@ def recall_margins(z: torch.Tensor, z_hat: torch.Tensor, lower: torch.Tensor, up
         >>> bool((m > 0).all() and (m < 0.5).all())
         True
     """
-    sigma = (z_hat - z).std(dim=0)
+    sigma = (z_hat - z).std(dim=0) if sigma is None else sigma
     outside = (z < lower) | (z > upper)
     total = int(outside.sum())
     if total == 0:
         return torch.zeros_like(sigma)
     # Flagged iff z_hat < lower + s*sigma or z_hat > upper - s*sigma, i.e. iff s > critical.
-    critical = (torch.minimum(z_hat - lower, upper - z_hat) / sigma.clamp(min=1e-30))[outside]
+    critical = (torch.minimum(z_hat - lower, upper - z_hat).div_(sigma.clamp(min=1e-30)))[outside].float()
     k = max(1, math.ceil(target_recall * total))
-    critical = critical.float()
     scale = critical.kthvalue(k).values.item()
     if scale < 0:  # the target is met with no margin at all
         return torch.zeros_like(sigma)

@@ -232,6 +232,7 @@ def _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold: bool, exact_cos
     plan: dict[str, dict[str, torch.Tensor]] = {}
 
     g_sorted, prefix = sorted_stats
+    sigma = (g_hat - g).std(dim=0) if g_hat is not g else None
     c_all = _weighted_constant(prefix, with_fold)
     labels.append("folded" if with_fold else "dropped")
     errors.append(col_norm2 * _window_sse(prefix["uu"][-1], prefix["auu"][-1], prefix["aauu"][-1], c_all) / n)
@@ -240,12 +241,12 @@ def _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold: bool, exact_cos
 
     for p in COVERAGES:
         lower, upper, c = _best_window(g_sorted, prefix, p, with_fold)
-        margin = recall_margins(g, g_hat, lower, upper, config.target_recall) if g_hat is not g \
-            else torch.zeros(m)
+        margin = recall_margins(g, g_hat, lower, upper, config.target_recall, sigma=sigma) \
+            if sigma is not None else torch.zeros(m)
         flags = (g_hat < lower + margin) | (g_hat > upper - margin)
-        kept = torch.where(flags, 0.0, (a - c) ** 2 * u2)  # float32 terms, float64 sum
-        errors.append(col_norm2 * kept.sum(0, dtype=torch.float64) / n)
-        costs.append(guard_row + flags.sum(0, dtype=torch.float64) / n * exact_cost)
+        kept = (a - c).square_().mul_(u2).masked_fill_(flags, 0.0)
+        errors.append(col_norm2 * kept.sum(0).double() / n)  # float32 pairwise sums: ample here
+        costs.append(guard_row + flags.sum(0).double() / n * exact_cost)
         labels.append(f"guarded@{p}")
         plan[labels[-1]] = {"c": c, "lower": lower, "upper": upper, "margin": margin}
     return NeuronOptions(labels, torch.stack(errors, 1), torch.stack(costs, 1)), plan
@@ -273,12 +274,13 @@ def _best_window(g_sorted, prefix, coverage: float, with_fold: bool):
     of act(g) u ~= c u (c the window's least-squares constant, or 0 without a fold)."""
     n, m = g_sorted.shape
     k = max(1, min(n, math.ceil(coverage * n)))
-    window = {key: p[k:] - p[: n - k + 1] for key, p in prefix.items()}
+    keys = ("uu", "auu", "aauu") if with_fold else ("aauu",)  # c = 0 needs only sum a^2 u^2
+    window = {key: prefix[key][k:] - prefix[key][: n - k + 1] for key in keys}
     if with_fold:
-        sse = window["aauu"] - window["auu"] ** 2 / window["uu"].clamp(min=1e-30)
+        sse = window["aauu"].sub_(window["auu"].square() / window["uu"].clamp(min=1e-30))
     else:
         sse = window["aauu"]
-    start = sse.clamp(min=0).argmin(dim=0)
+    start = sse.clamp_(min=0).argmin(dim=0)
     cols = torch.arange(m)
     lower, upper = g_sorted[start, cols].clone(), g_sorted[start + k - 1, cols].clone()
     if with_fold:

@@ -16,7 +16,7 @@ from .tasks import TASKS
 
 #: Sizes per preset. ``None`` means "all of it".
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"calibration_batches": 8, "ppl_windows": 16, "task_limit": 25, "passages": 128},
+    "quick": {"calibration_batches": 8, "ppl_windows": 12, "task_limit": 25, "passages": 128},
     "standard": {"calibration_batches": 32, "ppl_windows": 64, "task_limit": 100, "passages": 1024},
     "full": {"calibration_batches": 64, "ppl_windows": None, "task_limit": None, "passages": None},
 }

@@ -130,7 +130,14 @@ def score_continuations(model: torch.nn.Module, requests: Sequence[tuple[list[in
             kwargs["attention_mask"] = mask
             kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
         if keep_logits:
-            kwargs["logits_to_keep"] = longest_continuation + 1
+            # Positions as a tensor, not an int: dynamo specialises on ints, so a compiled model
+            # would retrace for every new continuation length.
+            kwargs["logits_to_keep"] = torch.arange(width - longest_continuation - 1, width)
+        for tensor in (input_ids, *kwargs.values()):
+            # Batches vary in rows and width: a compiled model traces them once, symbolically,
+            # rather than once static and again dynamic (no effect on an eager model).
+            for dim in range(tensor.dim()):
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
         logits = _logits(model(input_ids, **kwargs))[:, -(longest_continuation + 1):-1]
         for row, i in enumerate(batch):
             ids, n = sequences[i]

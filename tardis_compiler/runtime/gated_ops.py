@@ -86,18 +86,18 @@ def gated_ffn(
         band_lo, band_hi = guard_lower[folded.guarded], guard_upper[folded.guarded]
         sub = (g_hat < band_lo) | (g_hat > band_hi)
         hit = sub.any(dim=0)
-        idx = torch.cat([folded.always, folded.guarded[hit]])
-        mask = torch.cat([sub.new_ones(tokens, folded.always.numel()), sub[:, hit]], dim=1)
-        flags = None
-        if idx.numel() > dense_above * m:
-            flags = torch.zeros(tokens, m, dtype=torch.bool, device=x.device)
-            flags[:, folded.always] = True
+        if folded.always.numel() + int(hit.sum()) > dense_above * m:  # long prefills: no gathers
+            flags = (lower > upper).expand(tokens, m).clone()  # the always-exact neurons
             flags[:, folded.guarded] = sub
-    if guard != "all" and idx.numel() > dense_above * m:
-        _record(name, tokens, m, int(mask.sum()), m, dense=True)
+            idx, mask = None, None
+        else:
+            idx = torch.cat([folded.always, folded.guarded[hit]])
+            mask = torch.cat([sub.new_ones(tokens, folded.always.numel()), sub[:, hit]], dim=1)
+    if guard != "all" and (idx is None or idx.numel() > dense_above * m):
+        _record(name, tokens, m, int(flags.sum()), m, dense=True)
         g = g_full if g_full is not None else F.linear(x2, wg_rows, bg_m)
         u = F.linear(x2, wu_rows, bu_m)
-        hidden = torch.where(flags, act(g.float()), constant) * u.float()
+        hidden = torch.where(flags, act(g.float()), constant).mul_(u)
         return F.linear(hidden.to(x.dtype), wd, bd).reshape(*x.shape[:-1], d_out)
 
     if folded.weight is not None:
