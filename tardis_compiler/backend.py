@@ -184,7 +184,7 @@ class AutoCalibratingGraph:
         if state.calls >= self.options.calibration_calls:
             n = state.calls
             state.profile = state.recorder.fit(source=f"auto-calibration on calls 1-{n}",
-                                               guard=self.options.guard_for("gated"))
+                                               guard=self.options.guard)  # None: each kind's default
             state.recorder = None  # free the recorded tokens
             note = (f"calibrated on calls 1-{n} ({state.profile.tokens} tokens); calls after that "
                     "run the folded graph")
@@ -294,7 +294,7 @@ def _fill_from_profile(row: FFNReport, ffn: FFNProfile, guard: str) -> None:
     row.status = "rewritten"
     row.coverage = ffn.stats["coverage"]
     row.error_bound = ffn.stats["error_bound"]
-    if ffn.kind == "gated":
+    if ffn.has_policy:
         row.policy = ffn.stats["policy"]["counts"]
     measured = ffn.stats["guards"].get(guard)
     if measured is not None:
@@ -303,7 +303,7 @@ def _fill_from_profile(row: FFNReport, ffn: FFNProfile, guard: str) -> None:
     elif guard == "all":
         row.flag_rate, row.recall, row.rel_error = 1.0, 1.0, 0.0
     guard_bytes = measured.get("bytes", 0) if measured else 0
-    fold = ffn.kind != "gated" or ffn.stats["policy"]["folded_matrix"]
+    fold = not ffn.has_policy or ffn.stats["policy"]["folded_matrix"]
     row.resident_tardis = row.resident_dense + resident_bytes_added(
         ffn.d_in, ffn.d_hidden, ffn.d_out, row.elem_bytes, guard_bytes, row.copied_weights, fold)
     row.bytes_tardis = ffn.bytes_per_token(guard, row.elem_bytes, row.has_bias)  # live dtype, not calibration's

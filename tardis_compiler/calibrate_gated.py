@@ -28,10 +28,11 @@ import torch.nn.functional as F
 
 from .activations import get_activation_rule
 from .calibrate import FFNRecord, recall_margins, split_tokens
-from .config import LOW_BIT_GUARDS, CalibrationConfig
+from .config import LOW_BIT_GUARDS, PREDICTOR_GUARDS, CalibrationConfig
 from .policy import Choice, NeuronOptions, choose, choose_across
 from .profile import FFNProfile
 from .runtime.guard import LowBitGuard
+from .runtime.svd_predictor import SVDPredictor, greedy_margins
 
 #: Range coverages offered to each guarded neuron.
 COVERAGES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
@@ -82,24 +83,26 @@ def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     g, u = F.linear(x_fit, w["wg_rows"], w["bg"]), F.linear(x_fit, w["wu_rows"], w["bu"])
     a = act(g)
     col_norm2 = w["wd_rows"].double().pow(2).sum(1)  # ||W_d[:, i]||^2
-    predictor = _predictor(w["wg_rows"], guard, config.group_size)
+    predictor = predictor_for(w["wg_rows"], guard, config, x_fit)
     g_hat = _predict(predictor, x_fit, w["bg"], g)
     energy = ((a * u) @ w["wd_rows"]).pow(2).sum(1).mean().item()
 
     exact_cost = float((2 * d_in + d_out + 2 * gate_up_bias) * elem + 4)
-    guard_row = _guard_row_bytes(predictor, guard, m, d_in, elem, gate_up_bias)
+    guard_row, guard_fixed = guard_bytes(predictor, m, d_in, elem, gate_up_bias)
     fold_bytes = float((d_out * d_in + d_out) * elem)
     sorted_stats = _sorted_stats(g, u, a)
     variants = []
     for with_fold in (True, False):
-        opts, plan = _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold, exact_cost, guard_row, config)
-        variants.append((with_fold, opts, plan, fold_bytes if with_fold else 0.0))
+        opts, plan = _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold, exact_cost, guard_row, guard,
+                              config)
+        variants.append((with_fold, opts, plan, (fold_bytes if with_fold else 0.0) + guard_fixed))
     stats = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0], "measured_on": measured_on,
              "elem_bytes": elem, "has_bias": gate_up_bias or down_bias, "gate_up_bias": gate_up_bias,
              "down_bias": down_bias, "dense_bytes": dense_bytes,
              "error_bound": None}  # u is unbounded: no worst-case bound for a gated FFN
     measure = {"act": act, "predictor": predictor, "guard": guard, "fold_bytes": fold_bytes,
-               "guard_row": guard_row, "exact_cost": exact_cost, "down_bias_bytes": down_bias * d_out * elem}
+               "guard_row": guard_row, "guard_fixed": guard_fixed, "exact_cost": exact_cost,
+               "down_bias_bytes": down_bias * d_out * elem}
     return GatedCandidates(record, w, variants, dense_bytes, energy, stats, x_hold if x_hold.shape[0] else x_fit,
                            measure)
 
@@ -116,13 +119,15 @@ def finish_gated_ffn(cand: GatedCandidates, variant: int, choice: Choice, budget
                                                                       .sum().item() / max(cand.energy, 1e-30)) ** 0.5})
     k = cand.measure
     stats.update(_measure(cand.x_eval, cand.weights, k["act"], params, k["predictor"], k["guard"], with_fold,
-                          k["fold_bytes"], k["guard_row"], k["exact_cost"], cand.dense_bytes, k["down_bias_bytes"]))
+                          k["fold_bytes"], (k["guard_row"], k["guard_fixed"]), k["exact_cost"], cand.dense_bytes,
+                          k["down_bias_bytes"]))
     rec, guard = cand.record, k["guard"]
     return FFNProfile(
         name=rec.name, pattern=rec.pattern, activation=rec.activation, d_in=cand.weights["wg_rows"].shape[1],
         d_hidden=m, d_out=cand.weights["wd_rows"].shape[1], slope=torch.zeros(m), intercept=params["c"],
         lower=params["lower"], upper=params["upper"], line_error=params["line_error"],
-        margins={guard: params["margin"]} if guard in LOW_BIT_GUARDS else {}, stats=stats, kind="gated",
+        margins={guard: params["margin"]} if guard in PREDICTOR_GUARDS else {}, stats=stats, kind="gated",
+        predictor=packed_predictor(k["predictor"]),
     )
 
 
@@ -141,32 +146,10 @@ def fit_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> F
         >>> ffn.kind, ffn.stats["bytes_fraction"] <= 0.5 + 0.05
         ('gated', True)
     """
-    budget = _budget(config)
+    budget = budget_of(config)
     cand = prepare_gated_ffn(record, config, guard)
     (variant, choice), = allocate([cand], budget, "layer")
     return finish_gated_ffn(cand, variant, choice, budget)
-
-
-def fit_gated_ffns(records: Iterable[FFNRecord], config: CalibrationConfig, guard: str,
-                   prepared: dict | None = None) -> dict[str, FFNProfile]:
-    """Fit every gated FFN of a model, sharing the budget as ``config.allocation`` says (see
-    ``allocate``). ``prepared`` (a dict owned by the caller) memoises the per-neuron options,
-    which do not depend on the budget or the allocation.
-
-    Example:
-        >>> # called by Recorder.fit for the gated FFNs it recorded
-    """
-    budget = _budget(config)
-    key = (guard, tuple(sorted(dataclasses.asdict(
-        dataclasses.replace(config, budget=None, allocation="layer", progress=False)).items())))
-    if prepared is not None and key in prepared:
-        cands = prepared[key]
-    else:
-        cands = [prepare_gated_ffn(r, config, guard) for r in records]
-        if prepared is not None:
-            prepared[key] = cands
-    picks = allocate(cands, budget, config.allocation)
-    return {c.record.name: finish_gated_ffn(c, variant, choice, budget) for c, (variant, choice) in zip(cands, picks)}
 
 
 def allocate(cands: list[GatedCandidates], budget: float, allocation: str) -> list[tuple[int, Choice]]:
@@ -192,12 +175,70 @@ def allocate(cands: list[GatedCandidates], budget: float, allocation: str) -> li
     return picks
 
 
-def _budget(config: CalibrationConfig) -> float:
+def budget_of(config: CalibrationConfig) -> float:
+    """The budget to fit: ``config.budget``, or 0.5 of dense when none is set."""
     return config.budget if config.budget is not None else 0.5
 
 
-def _predictor(wg_rows: torch.Tensor, guard: str, group_size: int) -> LowBitGuard | None:
-    return LowBitGuard.build(wg_rows, LOW_BIT_GUARDS[guard], group_size) if guard in LOW_BIT_GUARDS else None
+def predictor_for(w_rows: torch.Tensor, guard: str, config: CalibrationConfig,
+                  x: torch.Tensor) -> LowBitGuard | SVDPredictor | None:
+    """The predictor a guard flags with, fitted to ``w_rows`` (and, for "svd", to the calibration
+    inputs ``x``); None for "exact" and "all".
+
+    Example:
+        >>> predictor_for(torch.randn(32, 64), "int8", CalibrationConfig(), torch.randn(100, 64)).kernel
+        'int8pack'
+    """
+    if guard in LOW_BIT_GUARDS:
+        return LowBitGuard.build(w_rows, LOW_BIT_GUARDS[guard], config.group_size)
+    if guard == "svd":
+        m, d = w_rows.shape
+        rank = min(config.svd_rank or max(1, d // 4), m, d)
+        return SVDPredictor.build(w_rows, x, rank)
+    return None
+
+
+def guard_bytes(predictor: LowBitGuard | SVDPredictor | None, m: int, d_in: int, elem: int,
+                bias: bool) -> tuple[float, float]:
+    """Bytes the guard reads per token: (per guarded neuron, once for all of them). A low-bit row
+    (the full row for "exact") or the SVD's Q row, plus the bias and two float32 thresholds per
+    neuron; the SVD's P (r x d_in, float32 as the op holds it) once.
+
+    Example:
+        >>> guard_bytes(None, 8, 16, 4, False)
+        (72.0, 0.0)
+    """
+    per_neuron = bias * elem + 8
+    if isinstance(predictor, SVDPredictor):
+        return float(predictor.rank * 4 + per_neuron), float(predictor.rank * d_in * 4)
+    row = predictor.bytes_read(m, d_in) / m if predictor is not None else d_in * elem
+    return float(row + per_neuron), 0.0
+
+
+def guard_margins(guard: str, z: torch.Tensor, z_hat: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+                  error_terms: torch.Tensor, col_norm2: torch.Tensor, config: CalibrationConfig,
+                  sigma: torch.Tensor | None) -> torch.Tensor:
+    """Per-neuron margins of the guard's flag band: for "svd" SVDP's greedy per-neuron thresholds
+    (leaving at most 1 - target_recall of the out-of-range error unflagged), for the low-bit guards
+    one scale of each neuron's prediction-error std meeting the recall target; none for "exact".
+
+    Example:
+        >>> # margin = guard_margins("int8", z, z_hat, lower, upper, terms, norms, config, sigma)
+    """
+    if sigma is None:
+        return torch.zeros(z.shape[1])
+    if guard == "svd":
+        cost = error_terms * col_norm2.float()
+        return greedy_margins(z, z_hat, lower, upper, cost, 1.0 - config.target_recall)
+    return recall_margins(z, z_hat, lower, upper, config.target_recall, sigma=sigma)
+
+
+def packed_predictor(predictor: LowBitGuard | SVDPredictor | None) -> torch.Tensor | None:
+    """What the profile stores of an "svd" guard: ``[Q^T | P]``, (r, m + d_in), float32 (the op's
+    extra params rows); None for the other guards, which the op rebuilds from the weights."""
+    if not isinstance(predictor, SVDPredictor):
+        return None
+    return torch.cat([predictor.Q.t(), predictor.P], dim=1).float().contiguous()
 
 
 def _predict(predictor: LowBitGuard | None, x: torch.Tensor, bg: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
@@ -206,25 +247,18 @@ def _predict(predictor: LowBitGuard | None, x: torch.Tensor, bg: torch.Tensor | 
     return predictor.predict(x) + (bg if bg is not None else 0.0)
 
 
-def _guard_row_bytes(predictor: LowBitGuard | None, guard: str, m: int, d_in: int, elem: int, bias: bool) -> float:
-    """Bytes the guard reads per guarded neuron: its low-bit row (the full W_g row for "exact"),
-    the gate bias and two float32 thresholds."""
-    row = predictor.bytes_read(m, d_in) / m if predictor is not None else d_in * elem
-    return row + bias * elem + 8
-
-
 def _sorted_stats(g: torch.Tensor, u: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """g sorted per neuron, and prefix sums (float64) of u^2, a u^2 and a^2 u^2 in that order:
     every window's least-squares constant and error in O(1)."""
     order = g.argsort(dim=0)
     a_sorted, u2_sorted = a.gather(0, order).double(), u.gather(0, order).double().pow(2)
-    prefix = {"uu": _prefix(u2_sorted), "auu": _prefix(a_sorted * u2_sorted),
-              "aauu": _prefix(a_sorted * a_sorted * u2_sorted)}
+    prefix = {"uu": prefix_sums(u2_sorted), "auu": prefix_sums(a_sorted * u2_sorted),
+              "aauu": prefix_sums(a_sorted * a_sorted * u2_sorted)}
     return g.gather(0, order), prefix
 
 
 def _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold: bool, exact_cost: float, guard_row: float,
-             config: CalibrationConfig) -> tuple[NeuronOptions, dict]:
+             guard: str, config: CalibrationConfig) -> tuple[NeuronOptions, dict]:
     """Per-neuron error and cost of each option, and the ranges/constants/margins behind them."""
     n, m = g.shape
     u2 = u.pow(2)
@@ -241,10 +275,10 @@ def _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold: bool, exact_cos
 
     for p in COVERAGES:
         lower, upper, c = _best_window(g_sorted, prefix, p, with_fold)
-        margin = recall_margins(g, g_hat, lower, upper, config.target_recall, sigma=sigma) \
-            if sigma is not None else torch.zeros(m)
+        error_terms = (a - c).square_().mul_(u2)
+        margin = guard_margins(guard, g, g_hat, lower, upper, error_terms, col_norm2, config, sigma)
         flags = (g_hat < lower + margin) | (g_hat > upper - margin)
-        kept = (a - c).square_().mul_(u2).masked_fill_(flags, 0.0)
+        kept = error_terms.masked_fill_(flags, 0.0)
         errors.append(col_norm2 * kept.sum(0).double() / n)  # float32 pairwise sums: ample here
         costs.append(guard_row + flags.sum(0).double() / n * exact_cost)
         labels.append(f"guarded@{p}")
@@ -265,7 +299,8 @@ def _window_sse(uu, auu, aauu, c):
     return (aauu - 2 * c * auu + c * c * uu).clamp(min=0)
 
 
-def _prefix(v: torch.Tensor) -> torch.Tensor:
+def prefix_sums(v: torch.Tensor) -> torch.Tensor:
+    """Column-wise prefix sums with a leading zero row: window sums are differences of two rows."""
     return torch.cat([torch.zeros(1, v.shape[1], dtype=v.dtype), v.cumsum(0)])
 
 
@@ -310,7 +345,7 @@ def _params_from_choice(opts: NeuronOptions, plan: dict, choice: Choice, m: int)
     return {"c": c, "lower": lower, "upper": upper, "margin": margin, "line_error": torch.zeros(m)}
 
 
-def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_row, exact_cost, dense_bytes,
+def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_cost, exact_cost, dense_bytes,
              down_bias_bytes) -> dict[str, Any]:
     """What the chosen policy does on ``x`` (held-out tokens): coverage, flags, recall, output
     error and bytes read per token."""
@@ -331,8 +366,8 @@ def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_r
     delta_y = delta_h @ w["wd_rows"]
     missed = outside & ~flags
     corrected_rate = flags.float().mean().item()
-    guard_bytes = guarded.sum().item() * guard_row
-    fixed_bytes = (fold_bytes if with_fold else 0.0) + guard_bytes + down_bias_bytes
+    guard_read = guarded.sum().item() * guard_cost[0] + guard_cost[1] * bool(guarded.any())
+    fixed_bytes = (fold_bytes if with_fold else 0.0) + guard_read + down_bias_bytes
     per_token = fixed_bytes + flags.float().sum(1).mean().item() * exact_cost
     guard_stats = {
         "flag_rate": flags[:, guarded].float().mean().item() if guarded.any() else 0.0,
@@ -341,7 +376,7 @@ def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_r
         "rel_error": (delta_y.norm() / dense_y.norm().clamp(min=1e-30)).item(),
         "max_abs_error": delta_y.abs().max().item() if delta_y.numel() else 0.0,
         "kernel": predictor.kernel if predictor is not None else guard,
-        "bytes": guard_bytes, "bytes_per_token": per_token,
+        "bytes": guard_read, "bytes_per_token": per_token,
         # bytes per token = fixed_bytes + corrected_rate * m * exact_cost (the meter's formula)
         "fixed_bytes": fixed_bytes, "exact_cost": exact_cost,
     }

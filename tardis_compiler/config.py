@@ -10,10 +10,13 @@ import difflib
 import re
 from typing import Any, Mapping
 
-#: Guards: a low-bit copy of W1 predicts z (int2/int4/int8); "exact" computes z in full (slow, for
-#: testing); "all" flags every neuron, which must reproduce the dense model (exactness invariant).
+#: Guards: a low-bit copy of W1 predicts z (int2/int4/int8); "svd" a whitened rank-r factorisation
+#: of W1 fitted to the calibration inputs (SVDP; only with a per-neuron mix, i.e. a budget); "exact"
+#: computes z in full (slow, for testing); "all" flags every neuron, which must reproduce the dense
+#: model (exactness invariant).
 LOW_BIT_GUARDS = {"int2": 2, "int4": 4, "int8": 8}
-GUARDS = (*LOW_BIT_GUARDS, "exact", "all")
+PREDICTOR_GUARDS = (*LOW_BIT_GUARDS, "svd")  # guards that predict z and carry calibrated margins
+GUARDS = (*PREDICTOR_GUARDS, "exact", "all")
 #: The guard each FFN kind gets when none is given: the one that measured best (docs/RESULTS.md):
 #: int8 on MiniLM's plain FFNs (fewest bytes for its recall), int4 on SmolLM2's gated FFNs (its
 #: cheaper rows leave more of the budget to exact neurons: lower perplexity at every budget).
@@ -35,11 +38,13 @@ class CalibrationConfig:
             prediction-error std) that flag this fraction of out-of-range inputs on the fitting
             tokens; higher favours accuracy, lower fewer flags (speed).
         group_size: quantization group size of the guard's low-bit W1 copy.
+        svd_rank: rank of the "svd" guard's factorisation; 0 (default): a quarter of d_in.
         budget: FFN weight bytes read per token, as a fraction of the dense FFN's, in (0, 1].
-            Gated FFNs choose each neuron's option (exact, guarded, folded) to fit it with the
-            least calibration error (None: 0.5). Plain FFNs use ``coverage`` instead.
-        allocation: how gated FFNs share the budget: "layer" (each meets it) or "model" (bytes go
-            to the FFNs whose relative error they cut most; the model as a whole meets it).
+            Every FFN chooses each neuron's option (exact, guarded at some coverage, folded,
+            dropped) to fit it with the least calibration error. None: gated FFNs fit 0.5, plain
+            FFNs use ``coverage`` for every neuron (ranges with a worst-case error bound).
+        allocation: how FFNs fitted to a budget share it: "layer" (each meets it) or "model" (bytes
+            go to the FFNs whose relative error they cut most; the model as a whole meets it).
         seed: seeds the token reservoir.
         progress: show a progress bar.
 
@@ -55,6 +60,7 @@ class CalibrationConfig:
     holdout_fraction: float = 0.2
     target_recall: float = 0.999
     group_size: int = 64
+    svd_rank: int = 0
     budget: float | None = None
     allocation: str = "layer"
     seed: int = 0
@@ -69,6 +75,7 @@ class CalibrationConfig:
                f"target_recall must be in (0, 1], got {self.target_recall}")
         _check(self.group_size >= 8 and self.group_size % 8 == 0,
                f"group_size must be a positive multiple of 8, got {self.group_size}")
+        _check(self.svd_rank >= 0, f"svd_rank must be >= 0 (0: a quarter of d_in), got {self.svd_rank}")
         _check(self.allocation in ("layer", "model"),
                f"allocation must be 'layer' or 'model', got {self.allocation!r}")
         _check(self.budget is None or 0.0 < self.budget <= 1.0,
@@ -92,14 +99,14 @@ class TardisOptions:
         profile: a ``Profile`` from ``calibrate`` (or a path to a saved one). Without one, the
             compiled model runs dense for ``calibration_calls`` calls while it records FFN
             inputs, then calibrates and switches to the folded graph.
-        guard: "int8", "int4", "int2", "exact" or "all" (see ``GUARDS``); None (default) takes
+        guard: "int8", "int4", "int2", "svd", "exact" or "all" (see ``GUARDS``); None (default) takes
             per FFN kind the one that measured best, ``DEFAULT_GUARDS``: int8 for plain FFNs,
             int4 for gated ones.
         inner: compiler for the rewritten graph: "inductor" (default) or "eager" (debugging).
         calibration_calls: calls recorded before auto-calibration (no-profile mode).
         calibration: ``CalibrationConfig`` (or dict) for auto-calibration.
         budget: shortcut for ``calibration.budget``: FFN weight bytes read per token as a
-            fraction of dense (``{"budget": 0.5}``: half), met per gated FFN by its neuron mix.
+            fraction of dense (``{"budget": 0.5}``: half), met per FFN by its neuron mix.
         dense_above: if more than this fraction of an FFN's neurons is flagged in a call (the
             union over its tokens), run that FFN dense: cheaper than a near-full correction.
         skip: FFN names or regexes to leave dense.

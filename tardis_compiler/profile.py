@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import LOW_BIT_GUARDS, CalibrationConfig
+from .config import PREDICTOR_GUARDS, CalibrationConfig
 
 FORMAT = "tardis-profile"
 FORMAT_VERSION = 1
@@ -50,22 +50,28 @@ class FFNProfile:
     margins: dict[str, torch.Tensor]
     stats: dict[str, Any]
     kind: str = "plain"  # "gated": intercept holds the constant gate c, slope is zero
+    predictor: torch.Tensor | None = None  # the "svd" guard's factors [Q^T | P], (r, m + d_in)
 
     def params(self, guard: str) -> torch.Tensor:
-        """The (6, m) tensor the fused op takes: slope, intercept, lower, upper, flag thresholds.
+        """The (6, m) tensor the fused op takes: slope, intercept, lower, upper, flag thresholds
+        (for "svd", (6 + r, m + d_in): the predictor's factors below, see ``fold.split_params``).
 
         Example: ``profile.ffns[name].params("int4")``.
         """
-        if guard in LOW_BIT_GUARDS:
+        if guard in PREDICTOR_GUARDS:
             if guard not in self.margins:
                 raise ValueError(f"FFN {self.name!r} was calibrated for guard(s) {sorted(self.margins) or ['exact']}"
-                                 f", not {guard!r} (a gated FFN's neuron mix depends on its guard): "
-                                 "calibrate again with this guard")
+                                 f", not {guard!r} (a per-neuron mix depends on its guard's cost): "
+                                 "calibrate again with this guard"
+                                 + (" and a budget" if guard == "svd" else ""))
             margin = self.margins[guard]
             lo, hi = self.lower + margin, self.upper - margin
         else:
             lo, hi = self.lower, self.upper
-        return torch.stack([self.slope, self.intercept, self.lower, self.upper, lo, hi]).float().contiguous()
+        rows = torch.stack([self.slope, self.intercept, self.lower, self.upper, lo, hi]).float()
+        if guard == "svd":  # the predictor's factors ride below the per-neuron rows (fold.split_params)
+            rows = torch.cat([torch.cat([rows, rows.new_zeros(6, self.d_in)], dim=1), self.predictor.float()])
+        return rows.contiguous()
 
     def bytes_per_token(self, guard: str, elem_bytes: int | None = None, has_bias: bool | None = None) -> float:
         """FFN weight bytes read per token (batch 1) when folded with ``guard``, at the flag rate
@@ -76,8 +82,11 @@ class FFNProfile:
         """
         from .report import ffn_bytes_per_token
 
-        if self.kind == "gated":
-            return self._gated_bytes_per_token(guard, elem_bytes)
+        if self.kind == "gated" and guard == "all":  # fold + every neuron: W_g, W_u rows and W_d columns
+            scale = 1.0 if elem_bytes is None else elem_bytes / self.stats["elem_bytes"]
+            return self.stats["dense_bytes"] * scale * (1 + self.d_out / (3 * self.d_hidden))
+        if self.has_policy and guard != "all":
+            return self._policy_bytes_per_token(guard, elem_bytes)
         elem_bytes = self.stats.get("elem_bytes", 4) if elem_bytes is None else elem_bytes
         has_bias = self.stats.get("has_bias", True) if has_bias is None else has_bias
         measured = self.stats.get("guards", {}).get(guard, {})
@@ -85,17 +94,20 @@ class FFNProfile:
         return ffn_bytes_per_token(self.d_in, self.d_hidden, self.d_out, elem_bytes, has_bias, guard, rate,
                                    measured.get("bytes", 0))
 
-    def _gated_bytes_per_token(self, guard: str, elem_bytes: int | None) -> float:
-        # Measured by calibration for its guard (calibrate_gated); scaled to another weight dtype.
+    @property
+    def has_policy(self) -> bool:
+        """Whether a per-neuron mix was fitted (every gated FFN; plain ones fitted to a budget)."""
+        return "policy" in self.stats
+
+    def _policy_bytes_per_token(self, guard: str, elem_bytes: int | None) -> float:
+        # Measured by calibration for its guard (calibrate_gated/_plain); scaled to another weight dtype.
         scale = 1.0 if elem_bytes is None else elem_bytes / self.stats["elem_bytes"]
         if guard == "dense":
             return self.stats["dense_bytes"] * scale
         measured = self.stats["guards"].get(guard)
         if measured is None:
-            if guard != "all":
-                raise ValueError(f"FFN {self.name!r} was calibrated for guard {sorted(self.stats['guards'])}, "
-                                 f"not {guard!r}: calibrate again with this guard")
-            return self.stats["dense_bytes"] * scale * (1 + self.d_out / (3 * self.d_hidden))
+            raise ValueError(f"FFN {self.name!r} was calibrated for guard {sorted(self.stats['guards'])}, "
+                             f"not {guard!r}: calibrate again with this guard")
         return measured["bytes_per_token"] * scale
 
     def signature(self) -> tuple[int, int, int, str, str]:
@@ -131,6 +143,8 @@ class Profile:
                 tensors[f"{name}/{field}"] = getattr(ffn, field).float().contiguous()
             for guard, margin in ffn.margins.items():
                 tensors[f"{name}/margin.{guard}"] = margin.float().contiguous()
+            if ffn.predictor is not None:
+                tensors[f"{name}/predictor"] = ffn.predictor.float().contiguous()
             ffns[name] = {
                 "pattern": ffn.pattern, "activation": ffn.activation, "d_in": ffn.d_in,
                 "d_hidden": ffn.d_hidden, "d_out": ffn.d_out, "guards": sorted(ffn.margins),
@@ -165,7 +179,7 @@ class Profile:
                 d_in=info["d_in"], d_hidden=info["d_hidden"], d_out=info["d_out"],
                 **{field: tensors[f"{name}/{field}"] for field in _VECTORS},
                 margins={g: tensors[f"{name}/margin.{g}"] for g in info["guards"]},
-                stats=info["stats"], kind=info.get("kind", "plain"),
+                stats=info["stats"], kind=info.get("kind", "plain"), predictor=tensors.get(f"{name}/predictor"),
             )
         return cls(ffns=ffns, config=CalibrationConfig.from_dict(meta["config"]),
                    tokens=meta["tokens"], source=meta["source"], version=meta["version"])

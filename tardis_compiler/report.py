@@ -33,7 +33,7 @@ class FFNReport:
     elem_bytes: int = 4
     has_bias: bool = True
     kind: str = "plain"  # or "gated"
-    policy: dict[str, int] | None = None  # gated: neurons per option (exact, guarded@p, folded, ...)
+    policy: dict[str, int] | None = None  # neurons per option (exact, guarded@p, folded, ...), if a mix was fitted
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, for JSON."""
@@ -124,7 +124,7 @@ def render_table(graphs: list[GraphReport]) -> str:
                      f"({held_tardis / held:.3f} of dense: the exact path keeps the original weights)")
     mixes = [(f, mix_summary(f.policy)) for g in graphs for f in g.ffns if f.policy]
     if mixes:
-        lines.append("Neuron mix per gated FFN (exact: always computed; guarded@p: folded on a range holding p of "
+        lines.append("Neuron mix per FFN (exact: always computed; guarded@p: folded on a range holding p of "
                      "calibration inputs, exact when flagged; folded/dropped: never computed):")
         lines.extend(f"  {f.name}: {mix}; reads {f.bytes_tardis / f.bytes_dense:.3f} of dense" for f, mix in mixes)
     for g in graphs:
@@ -133,7 +133,7 @@ def render_table(graphs: list[GraphReport]) -> str:
 
 
 def mix_summary(counts: dict[str, int]) -> str:
-    """One line for a gated FFN's neuron mix.
+    """One line for an FFN's neuron mix.
 
     Example:
         >>> mix_summary({"exact": 3, "guarded@0.7": 10, "guarded@0.9": 5, "folded": 2})

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import tardis_compiler as tc
 from tardis_compiler.calibrate import FFNRecord
-from tardis_compiler.calibrate_gated import _best_window, _prefix, fit_gated_ffn, gated_dense_bytes
+from tardis_compiler.calibrate_gated import _best_window, prefix_sums, fit_gated_ffn, gated_dense_bytes
 
 
 def _record(seed: int = 0, d: int = 32, m: int = 128, tokens: int = 3000, bias: bool = False) -> FFNRecord:
@@ -56,7 +56,7 @@ def test_best_window_matches_brute_force():
     z, a, u = torch.randn(40, 3, generator=g), torch.randn(40, 3, generator=g), torch.randn(40, 3, generator=g)
     order = z.argsort(0)
     zs, as_, u2 = z.gather(0, order), a.double().gather(0, order), u.double().pow(2).gather(0, order)
-    prefix = {"uu": _prefix(u2), "auu": _prefix(as_ * u2), "aauu": _prefix(as_ * as_ * u2)}
+    prefix = {"uu": prefix_sums(u2), "auu": prefix_sums(as_ * u2), "aauu": prefix_sums(as_ * as_ * u2)}
     lower, upper, c = _best_window(zs, prefix, 0.5, with_fold=True)
     k = 20
     for j in range(3):

@@ -1,8 +1,7 @@
 """The tardis rows of the evaluation: the backend at a given FFN bytes budget.
 
 ``tardis(model, batches, budget)`` calibrates once on the calibration batches so the FFNs read at
-most ``budget`` of their dense bytes per token (``calibrate_for_budget``: a per-neuron mix for gated
-FFNs, a bisection of the coverage p for plain ones),
+most ``budget`` of their dense bytes per token (``calibrate_for_budget``: a per-neuron mix per FFN),
 and returns ``torch.compile(model, backend="tardis", ...)``. The model itself is untouched: the
 compiled wrapper folds at run time. Bytes read are then *measured* on the evaluation text by
 counting the guard's flags (``TardisMeter``), at batch-1 accounting.
@@ -53,7 +52,7 @@ class TardisMeter:
             counters = self.stats.ffns.get(name)
             guard = _guard_of(ffn, self.guard)
             measured = ffn.stats["guards"][guard]
-            if ffn.kind == "gated":  # flags count the always-exact neurons too: corrected per token
+            if ffn.has_policy:  # flags count the always-exact neurons too: corrected per token
                 rate = counters.flag_rate if counters is not None else measured["corrected_rate"]
                 tardis += measured["fixed_bytes"] + rate * ffn.d_hidden * measured["exact_cost"]
                 dense += ffn.stats["dense_bytes"]
@@ -95,9 +94,9 @@ def tardis(model: torch.nn.Module, batches: Iterable[Any], budget: float, guard:
     read = profile.bytes_fraction(guard) * dense_bytes
     resident = dense_bytes + _added_resident(profile, guard)
     guards = {n: _guard_of(f, guard) for n, f in profile.ffns.items()}
-    details = {"method": "tardis", "guard": sorted(set(guards.values())), "coverage": profile.config.coverage,
+    details = {"method": "tardis", "guard": sorted(set(guards.values())),
                "budget": budget,
-               "policy": {n: f.stats["policy"]["counts"] for n, f in profile.ffns.items() if f.kind == "gated"},
+               "policy": {n: f.stats["policy"]["counts"] for n, f in profile.ffns.items() if f.has_policy},
                "calibration_tokens": profile.tokens,
                "flag_rate": {n: f.stats["guards"][guards[n]]["flag_rate"] for n, f in profile.ffns.items()},
                "recall": {n: f.stats["guards"][guards[n]]["recall"] for n, f in profile.ffns.items()}}
@@ -130,7 +129,7 @@ def _added_resident(profile: Profile, guard: str | None) -> int:
     total = 0
     for ffn in profile.ffns.values():
         guard_bytes = ffn.stats["guards"].get(_guard_of(ffn, guard), {}).get("bytes", 0)
-        fold = ffn.kind != "gated" or ffn.stats["policy"]["folded_matrix"]
+        fold = not ffn.has_policy or ffn.stats["policy"]["folded_matrix"]
         # nn.Linear models: W2 (W_d) is copied to neuron-major rows for the exact path.
         total += resident_bytes_added(ffn.d_in, ffn.d_hidden, ffn.d_out, ffn.stats["elem_bytes"], guard_bytes, 1,
                                       fold)

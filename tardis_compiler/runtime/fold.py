@@ -18,7 +18,9 @@ import weakref
 
 import torch
 
+from ..config import LOW_BIT_GUARDS
 from .guard import LowBitGuard
+from .svd_predictor import SVDPredictor
 
 _MAX_ENTRIES = 1024
 
@@ -30,11 +32,13 @@ class FoldedFFN:
     already are; else a copy: gathering k neurons from a column-major matrix touches nearly
     every cache line of it, i.e. costs a dense read, see runtime/correction.py)."""
 
-    weight: torch.Tensor  # Wf = W2 diag(a) W1, (d_out, d_in), in the model dtype
-    bias: torch.Tensor  # bf = W2 (a * b1 + c) + b2, (d_out,)
-    guard: LowBitGuard | None
+    weight: torch.Tensor | None  # Wf = W2 diag(a) W1, (d_out, d_in), in the model dtype; None if a = c = 0
+    bias: torch.Tensor | None  # bf = W2 (a * b1 + c) + b2, (d_out,)
+    guard: LowBitGuard | SVDPredictor | None  # over the guarded W1 rows, in ``guarded`` order
     w1_rows: torch.Tensor  # (m, d_in), rows contiguous
     w2_rows: torch.Tensor  # (m, d_out), rows contiguous
+    always: torch.Tensor | None = None  # (k_a,) long: neurons always computed exactly
+    guarded: torch.Tensor | None = None  # (k_g,) long: neurons the guard watches
 
 
 @dataclasses.dataclass
@@ -47,8 +51,45 @@ class FoldedGatedFFN:
     bias: torch.Tensor | None  # W_d (c * b_u) + b_d, (d_out,)
     always: torch.Tensor  # (k_a,) long: neurons always computed exactly
     guarded: torch.Tensor  # (k_g,) long: neurons the guard watches
-    guard: LowBitGuard | None  # over the guarded gate rows, in ``guarded`` order
+    guard: LowBitGuard | SVDPredictor | None  # over the guarded gate rows, in ``guarded`` order
     wd_rows: torch.Tensor  # (m, d_out), rows contiguous
+
+
+def split_params(params: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An op's calibration tensor as its (6, m) per-neuron rows and, with the "svd" guard, the
+    predictor rows (r, m + d_in) below them: ``[Q^T | P]`` of ``SVDPredictor``.
+
+    Example:
+        >>> rows, predictor = split_params(torch.zeros(6, 8), 8)
+        >>> rows.shape, predictor
+        (torch.Size([6, 8]), None)
+    """
+    if params.shape[0] == 6:
+        return params, None
+    return params[:6, :m], params[6:]
+
+
+def build_guard(guard: str, w_rows: torch.Tensor, guarded: torch.Tensor, group_size: int,
+                predictor_rows: torch.Tensor | None) -> LowBitGuard | SVDPredictor | None:
+    """The guard's predictor over the ``guarded`` neurons only (None if it watches none).
+
+    Example:
+        >>> build_guard("int8", torch.randn(32, 64), torch.arange(16), 64, None).kernel
+        'int8pack'
+    """
+    if not guarded.numel():
+        return None
+    if guard in LOW_BIT_GUARDS:
+        rows = w_rows if guarded.numel() == w_rows.shape[0] else w_rows.index_select(0, guarded)
+        return LowBitGuard.build(rows, LOW_BIT_GUARDS[guard], group_size)
+    if guard == "svd":
+        if predictor_rows is None:
+            raise ValueError("guard 'svd' needs the factors calibration stores in the profile: "
+                             "calibrate with guard='svd' and a budget")
+        m = w_rows.shape[0]
+        return SVDPredictor(P=predictor_rows[:, m:].contiguous(),
+                            Q=predictor_rows[:, :m].index_select(1, guarded).t().contiguous())
+    return None
 
 
 def rows_contiguous(w: torch.Tensor) -> torch.Tensor:

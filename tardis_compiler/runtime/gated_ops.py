@@ -19,10 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..activations import get_activation_rule
-from ..config import LOW_BIT_GUARDS
 from .correction import gather_rows_matmul, scatter_rows_matmul
-from .fold import FOLD_CACHE, FoldedGatedFFN, fold_ffn, rows_contiguous
-from .guard import LowBitGuard
+from .fold import FOLD_CACHE, FoldedGatedFFN, build_guard, fold_ffn, rows_contiguous, split_params
 from .stats import active_stats
 
 
@@ -59,7 +57,7 @@ def gated_ffn(
         >>> torch.allclose(y, dense, atol=1e-5)
         True
     """
-    m = params.shape[1]
+    m = wd.shape[1]
     wg_rows, wu_rows = wg.narrow(0, gate_offset, m), wu.narrow(0, up_offset, m)
     bg_m = bg.narrow(0, gate_offset, m) if bg is not None else None
     bu_m = bu.narrow(0, up_offset, m) if bu is not None else None
@@ -67,7 +65,7 @@ def gated_ffn(
     x2 = x.reshape(-1, d_in)
     tokens = x2.shape[0]
     params = params.to(device=x.device, dtype=torch.float32)
-    _, constant, lower, upper, guard_lower, guard_upper = params.unbind(0)
+    _, constant, lower, upper, guard_lower, guard_upper = split_params(params, m)[0].unbind(0)
     act = get_activation_rule(activation).fn
     folded = _folded(name, wg, bg, wu, bu, wd, bd, wg_rows, wu_rows, bu_m, constant, params, guard, group_size)
 
@@ -129,7 +127,8 @@ def _gather(x2: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None, idx
 
 def _folded(name, wg, bg, wu, bu, wd, bd, wg_rows, wu_rows, bu_m, constant, params, guard, group_size):
     def build() -> FoldedGatedFFN:
-        _, _, lower, upper, band_lo, band_hi = params.unbind(0)
+        rows, predictor_rows = split_params(params, wg_rows.shape[0])
+        _, _, lower, upper, band_lo, band_hi = rows.unbind(0)
         always = (lower > upper).nonzero().squeeze(1)
         watched = (torch.isfinite(band_lo) | torch.isfinite(band_hi)) & ~(lower > upper)
         guarded = watched.nonzero().squeeze(1)
@@ -137,10 +136,8 @@ def _folded(name, wg, bg, wu, bu, wd, bd, wg_rows, wu_rows, bu_m, constant, para
         if bool((constant != 0).any()):
             # W_d (c * (W_u x + b_u)) + b_d is fold_ffn's W2 (a * (W1 x + b1) + 0) + b2 with a = c.
             weight, bias = fold_ffn(wu_rows, bu_m, wd.t(), bd, constant, torch.zeros_like(constant))
-        low_bit = None
-        if guard in LOW_BIT_GUARDS and guarded.numel():
-            low_bit = LowBitGuard.build(wg_rows.index_select(0, guarded), LOW_BIT_GUARDS[guard], group_size)
-        return FoldedGatedFFN(weight, bias, always, guarded, low_bit, rows_contiguous(wd.t()))
+        predictor = build_guard(guard, wg_rows, guarded, group_size, predictor_rows)
+        return FoldedGatedFFN(weight, bias, always, guarded, predictor, rows_contiguous(wd.t()))
 
     tensors = {"wg": wg, "wu": wu, "wd": wd, "bg": bg, "bu": bu, "bd": bd, "params": params}
     return FOLD_CACHE.get(f"{name}|gated|{guard}|{group_size}", tensors, build)

@@ -11,7 +11,11 @@ never takes that shortcut: it exists to check the folded path against the dense 
 
 The op is opaque to inductor (kept as an extern call) and carries a fake kernel for tracing.
 ``params`` packs the per-neuron calibration as rows: slope, intercept, lower, upper, and the
-guard's lower/upper flag thresholds (see ``PARAM_ROWS``).
+guard's lower/upper flag thresholds (see ``PARAM_ROWS``); with the "svd" guard, the predictor's
+factors follow as further rows (``fold.split_params``). A per-neuron policy (calibrate_plain.py)
+is encoded in the thresholds, as for gated FFNs: an empty band (lower > upper) flags a neuron for
+every token (always exact), an unbounded one never (folded unguarded); the low-bit guard holds only
+the rows of the neurons it watches, and when every line is zero there is no folded matrix.
 """
 from __future__ import annotations
 
@@ -19,10 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ..activations import get_activation_rule
-from ..config import LOW_BIT_GUARDS
 from .correction import gather_rows_matmul, scatter_rows_matmul
-from .fold import FOLD_CACHE, FoldedFFN, fold_ffn, neuron_major, rows_contiguous, w2_neuron_major
-from .guard import LowBitGuard
+from .fold import (FOLD_CACHE, FoldedFFN, build_guard, fold_ffn, neuron_major, rows_contiguous, split_params,
+                   w2_neuron_major)
 from .stats import active_stats
 
 PARAM_ROWS = ("slope", "intercept", "lower", "upper", "guard_lower", "guard_upper")
@@ -62,7 +65,7 @@ def folded_ffn(
     d_out = w2_rows.shape[1]
     x2 = x.reshape(-1, d_in)
     params = params.to(device=x.device, dtype=torch.float32)
-    slope, intercept, lower, upper, guard_lower, guard_upper = params.unbind(0)
+    slope, intercept, lower, upper, guard_lower, guard_upper = split_params(params, m)[0].unbind(0)
     folded = _folded(name, w1, b1, w2, b2, w1_rows, w2_rows, slope, intercept, guard, group_size, params)
 
     if guard == "all":
@@ -72,10 +75,7 @@ def folded_ffn(
             z = F.linear(x2, w1_rows, b1).float()
             flags = (z < lower) | (z > upper)
         else:
-            z_hat = folded.guard.predict(x2)
-            if b1 is not None:
-                z_hat = z_hat + b1.float()
-            flags = (z_hat < guard_lower) | (z_hat > guard_upper)
+            flags = _guard_flags(folded, x2, b1, guard_lower, guard_upper)
         idx = flags.any(dim=0).nonzero().squeeze(1)
         if idx.numel() > dense_above * m:
             _record(name, flags, m, dense=True)
@@ -83,7 +83,10 @@ def folded_ffn(
             hidden = torch.where(flags, get_activation_rule(activation).fn(z), slope * z + intercept)
             return F.linear(hidden.to(x.dtype), w2_rows.t(), b2).reshape(*x.shape[:-1], d_out)
 
-    y = F.linear(x2, folded.weight, folded.bias)
+    if folded.weight is not None:
+        y = F.linear(x2, folded.weight, folded.bias)
+    else:  # contextual sparsity: unflagged neurons contribute nothing
+        y = x2.new_zeros(x2.shape[0], d_out) + (b2 if b2 is not None else 0)
     if idx.numel():
         z_k = gather_rows_matmul(x2, folded.w1_rows, idx)
         if b1 is not None:
@@ -104,13 +107,33 @@ def _folded_ffn_fake(x, w1, b1, w2, b2, params, name, activation, w1_layout, w2_
     return x.new_empty((*x.shape[:-1], d_out))
 
 
+def _guard_flags(folded: FoldedFFN, x2: torch.Tensor, b1: torch.Tensor | None, guard_lower: torch.Tensor,
+                 guard_upper: torch.Tensor) -> torch.Tensor:
+    """(tokens, m) flags of a low-bit guard: the watched rows by prediction, the rest by policy."""
+    m = guard_lower.shape[0]
+    watched = folded.guarded
+    z_hat = folded.guard.predict(x2) if watched.numel() else None
+    if z_hat is not None and b1 is not None:
+        z_hat = z_hat + b1[watched].float()
+    if watched.numel() == m:  # every neuron watched (a coverage-only calibration)
+        return (z_hat < guard_lower) | (z_hat > guard_upper)
+    flags = (guard_lower > guard_upper).expand(x2.shape[0], m).clone()  # the always-exact neurons
+    if z_hat is not None:
+        flags[:, watched] = (z_hat < guard_lower[watched]) | (z_hat > guard_upper[watched])
+    return flags
+
+
 def _folded(name, w1, b1, w2, b2, w1_rows, w2_rows, slope, intercept, guard, group_size, params) -> FoldedFFN:
     def build() -> FoldedFFN:
-        weight, bias = fold_ffn(w1_rows, b1, w2_rows, b2, slope, intercept)
-        low_bit = None
-        if guard in LOW_BIT_GUARDS:
-            low_bit = LowBitGuard.build(w1_rows, LOW_BIT_GUARDS[guard], group_size)
-        return FoldedFFN(weight, bias, low_bit, rows_contiguous(w1_rows), rows_contiguous(w2_rows))
+        weight = bias = None
+        if bool((slope != 0).any() or (intercept != 0).any()):
+            weight, bias = fold_ffn(w1_rows, b1, w2_rows, b2, slope, intercept)
+        rows, predictor_rows = split_params(params, w1_rows.shape[0])
+        band_lo, band_hi = rows[4], rows[5]
+        always = (band_lo > band_hi).nonzero().squeeze(1)
+        guarded = ((torch.isfinite(band_lo) | torch.isfinite(band_hi)) & ~(band_lo > band_hi)).nonzero().squeeze(1)
+        predictor = build_guard(guard, w1_rows, guarded, group_size, predictor_rows)
+        return FoldedFFN(weight, bias, predictor, rows_contiguous(w1_rows), rows_contiguous(w2_rows), always, guarded)
 
     tensors = {"w1": w1, "w2": w2, "b1": b1, "b2": b2, "params": params}
     return FOLD_CACHE.get(f"{name}|{guard}|{group_size}", tensors, build)

@@ -142,3 +142,68 @@ def test_two_profiles_of_one_model_keep_their_own_folds():
         _call(x, w1, b1, w2, b2, params, "out_in", "all", name="pair")
         _call(x, w1, b1, w2, b2, other, "out_in", "all", name="pair")
     assert FOLD_CACHE.builds == builds
+
+
+def _policy_params(m=48, seed=0, lines=True):
+    """A per-neuron mix: 8 always exact, 16 folded unguarded, the rest guarded."""
+    *_, params = _ffn(m=m, seed=seed)
+    inf = float("inf")
+    if not lines:
+        params[0:2] = 0.0
+    params[0:2, :8] = 0.0
+    params[2:6:2, :8], params[3:6:2, :8] = inf, -inf          # empty range and band: always flagged
+    params[2:6:2, 8:24], params[3:6:2, 8:24] = -inf, inf      # unbounded: never flagged
+    return params
+
+
+@pytest.mark.parametrize("lines", [True, False])
+@pytest.mark.parametrize("guard", ["int8", "int4"])
+def test_policy_mix_matches_its_reference(guard, lines):
+    """Always-exact neurons are corrected for every token, unguarded ones never, the guarded ones
+    where the guard's low-bit copy (of their rows only) leaves the band; lines = 0: no fold."""
+    from tardis_compiler.runtime.guard import LowBitGuard
+
+    FOLD_CACHE.clear()
+    w1, b1, w2, b2, _ = _ffn()
+    params = _policy_params(lines=lines)
+    x = torch.randn(5, 32)
+    for dense_above in (1.0, 0.0):  # the gather path and the dense prefill path
+        y = _call(x, w1, b1, w2, b2, params, "out_in", guard, dense_above=dense_above, name=f"mix{guard}{lines}")
+        z = x @ w1.T + b1
+        watched = torch.arange(24, 48)
+        low_bit = LowBitGuard.build(w1[watched], {"int8": 8, "int4": 4}[guard], 32)
+        z_hat = low_bit.predict(x) + b1[watched]
+        flags = torch.zeros(5, 48, dtype=torch.bool)
+        flags[:, :8] = True
+        flags[:, watched] = (z_hat < params[4, watched]) | (z_hat > params[5, watched])
+        h = torch.where(flags, torch.nn.functional.gelu(z), params[0] * z + params[1])
+        torch.testing.assert_close(y, h @ w2.T + b2, atol=1e-5, rtol=1e-5)
+    folded = next(e.value for slot, e in FOLD_CACHE._entries.items() if slot[0].startswith(f"mix{guard}{lines}|"))
+    assert folded.always.tolist() == list(range(8)) and folded.guarded.tolist() == list(range(24, 48))
+    assert (folded.weight is None) == (not lines)
+
+
+@pytest.mark.parametrize("guard", ["all", "int8"])
+def test_opcheck_policy_mix(guard):
+    w1, b1, w2, b2, _ = _ffn()
+    torch.library.opcheck(OP.default, (torch.randn(3, 32), w1, b1, w2, b2, _policy_params(), "opcheck-mix", "gelu",
+                                       "out_in", "out_in", guard, 32, 0.5))
+
+
+def test_svd_guard_flags_from_the_factors_below_the_params():
+    from tardis_compiler.runtime.svd_predictor import SVDPredictor
+
+    FOLD_CACHE.clear()
+    w1, b1, w2, b2, _ = _ffn()
+    rows = _policy_params()
+    predictor = SVDPredictor.build(w1, torch.randn(200, 32), rank=6)
+    params = torch.cat([torch.cat([rows, torch.zeros(6, 32)], 1), torch.cat([predictor.Q.t(), predictor.P], 1)])
+    x = torch.randn(5, 32)
+    y = _call(x, w1, b1, w2, b2, params, "out_in", "svd", name="svd-mix")
+    z, z_hat = x @ w1.T + b1, predictor.predict(x) + b1
+    flags = (z_hat < rows[4]) | (z_hat > rows[5])
+    flags[:, :8] = True
+    h = torch.where(flags, torch.nn.functional.gelu(z), rows[0] * z + rows[1])
+    torch.testing.assert_close(y, h @ w2.T + b2, atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(OP.default, (x, w1, b1, w2, b2, params, "svd-opcheck", "gelu", "out_in", "out_in", "svd",
+                                       32, 0.5))

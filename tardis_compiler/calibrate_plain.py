@@ -1,0 +1,251 @@
+"""The per-neuron policy for plain FFNs ``y = W2 act(W1 x + b1) + b2`` under a bytes budget: the
+same options and knapsack as gated FFNs (calibrate_gated.py, policy.py), with lines instead of
+constants.
+
+Per neuron i, on the recorded FFN inputs (z = W1[i] . x + b1_i, error weight ``||W2[:, i]||^2``):
+
+- ``guarded@p``: the window of a share p of the z-sorted tokens on which the least-squares line
+  ``a_i z + c_i`` fits act(z) best (least squared error, from prefix sums in O(1) per window), the
+  guard's margins (``recall_margins``), and the error and flag rate that guard really gives;
+- ``folded``: the least-squares line over all tokens, never flagged;
+- ``exact`` (heavy hitters): always computed; no error, the full row and column read per token.
+
+Without a folded matrix (the second variant: contextual sparsity) lines are zero: ``dropped``
+neurons contribute nothing and guarded windows are where act(z) is nearest zero. Used whenever a
+budget is given (``calibrate_for_budget``, ``options={"budget": ...}``); without one, plain FFNs keep
+the coverage calibration of ``fit_ffn``, whose ranges carry a worst-case error bound.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .activations import get_activation_rule
+from .calibrate import FFNRecord, max_line_error, split_tokens
+from .calibrate_gated import (COVERAGES, allocate, budget_of, guard_bytes, guard_margins, packed_predictor,
+                              predictor_for, prefix_sums)
+from .config import PREDICTOR_GUARDS, CalibrationConfig
+from .policy import Choice, NeuronOptions
+from .profile import FFNProfile
+from .report import ffn_bytes_per_token
+
+_INF = math.inf
+
+
+@dataclasses.dataclass
+class PlainCandidates:
+    """One plain FFN's options, computed once (the plain counterpart of ``GatedCandidates``)."""
+
+    record: FFNRecord
+    weights: dict[str, torch.Tensor | None]  # float32 CPU copies
+    variants: list[tuple[bool, NeuronOptions, dict, float]]  # (with_fold, options, plan, fixed bytes)
+    dense_bytes: float
+    energy: float  # mean squared norm of the dense FFN output on the fit tokens
+    stats: dict[str, Any]
+    x_eval: torch.Tensor
+    measure: dict[str, Any]
+
+    def budget_bytes(self, budget: float) -> float:
+        """Bytes per token the neuron mix and the fixed parts may spend."""
+        return budget * self.dense_bytes
+
+
+def prepare_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> PlainCandidates:
+    """Every option of every neuron of one plain FFN, with its error and bytes (module docstring)."""
+    w = {k: (v.detach().float().cpu() if v is not None else None) for k, v in record.weights.items()}
+    act = get_activation_rule(record.activation).fn
+    m, d_in = w["w1_rows"].shape
+    d_out = w["w2_rows"].shape[1]
+    elem = record.weights["w1_rows"].element_size()
+    has_bias = w["b1"] is not None or w["b2"] is not None
+    dense_bytes = ffn_bytes_per_token(d_in, m, d_out, elem, has_bias)
+
+    x_fit, x_hold, measured_on = split_tokens(record.tokens(), config)
+    z = F.linear(x_fit, w["w1_rows"], w["b1"])
+    y = act(z)
+    col_norm2 = w["w2_rows"].double().pow(2).sum(1)
+    predictor = predictor_for(w["w1_rows"], guard, config, x_fit)
+    z_hat = predictor.predict(x_fit) + (w["b1"] if w["b1"] is not None else 0.0) if predictor is not None else z
+    energy = (y @ w["w2_rows"]).pow(2).sum(1).mean().item()
+
+    # As ffn_bytes_per_token: W1 row, W2 column, b1, and the float32 slope and intercept.
+    exact_cost = float((d_in + d_out + has_bias) * elem + 8)
+    guard_row, guard_fixed = guard_bytes(predictor, m, d_in, elem, has_bias)
+    fold_bytes = float((d_out * d_in + d_out) * elem)
+    order = z.argsort(dim=0)
+    z_sorted, y_sorted = z.gather(0, order), y.gather(0, order)
+    zd, yd = z_sorted.double(), y_sorted.double()
+    prefix = {"z": prefix_sums(zd), "zz": prefix_sums(zd * zd), "y": prefix_sums(yd),
+              "zy": prefix_sums(zd * yd), "yy": prefix_sums(yd * yd)}
+    sigma = (z_hat - z).std(dim=0) if predictor is not None else None
+    variants = []
+    for with_fold in (True, False):
+        opts, plan = _options(z, y, z_hat, z_sorted, prefix, sigma, col_norm2, with_fold, exact_cost, guard_row,
+                              guard, config)
+        fixed = (fold_bytes if with_fold else float(d_out * elem * has_bias)) + guard_fixed
+        variants.append((with_fold, opts, plan, fixed))
+    stats = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0], "measured_on": measured_on,
+             "elem_bytes": elem, "has_bias": has_bias, "dense_bytes": dense_bytes}
+    measure = {"act": act, "predictor": predictor, "guard": guard, "guard_row": guard_row, "guard_fixed": guard_fixed,
+               "exact_cost": exact_cost}
+    return PlainCandidates(record, w, variants, dense_bytes, energy, stats, x_hold if x_hold.shape[0] else x_fit,
+                           measure)
+
+
+def finish_plain_ffn(cand: PlainCandidates, variant: int, choice: Choice, budget: float) -> FFNProfile:
+    """Encode the chosen options as the op's per-neuron params and measure them on held-out tokens."""
+    with_fold, opts, plan, fixed = cand.variants[variant]
+    w, k = cand.weights, cand.measure
+    m = w["w1_rows"].shape[0]
+    p = _params_from_choice(opts, plan, choice, m)
+    guarded = torch.isfinite(p["lower"]) & (p["lower"] <= p["upper"])
+    line_error = torch.zeros(m)
+    if guarded.any():
+        line_error[guarded] = max_line_error(k["act"], p["slope"][guarded], p["intercept"][guarded],
+                                             p["lower"][guarded], p["upper"][guarded])
+    unguarded = torch.isinf(p["lower"]) & (p["lower"] < p["upper"])
+    line_error[unguarded] = _INF
+    stats = dict(cand.stats, budget=budget,
+                 policy={"counts": choice.counts(opts.labels), "folded_matrix": with_fold,
+                         "within_budget": choice.within_budget,
+                         "calibration_bytes_fraction": choice.bytes / cand.dense_bytes,
+                         "calibration_rel_error": (opts.error.gather(1, choice.option[:, None]).sum().item()
+                                                   / max(cand.energy, 1e-30)) ** 0.5})
+    # |dy|_inf <= sum_i |W2[:, i]| line_error_i when the guard misses nothing; none if a neuron is unguarded.
+    stats["error_bound"] = None if bool(unguarded.any()) else \
+        (w["w2_rows"].abs() * line_error[:, None]).sum(0).max().item()
+    stats.update(_measure(cand, p, fixed))
+    rec, guard = cand.record, k["guard"]
+    return FFNProfile(
+        name=rec.name, pattern=rec.pattern, activation=rec.activation, d_in=w["w1_rows"].shape[1], d_hidden=m,
+        d_out=w["w2_rows"].shape[1], slope=p["slope"], intercept=p["intercept"], lower=p["lower"],
+        upper=p["upper"], line_error=line_error,
+        margins={guard: p["margin"]} if guard in PREDICTOR_GUARDS else {}, stats=stats,
+        predictor=packed_predictor(k["predictor"]),
+    )
+
+
+def fit_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> FFNProfile:
+    """Fit one plain FFN's per-neuron policy for ``guard`` within ``config.budget`` of its dense bytes
+    read per token, and measure it on held-out tokens.
+
+    Example:
+        >>> import torch, tardis_compiler as tc
+        >>> from tardis_compiler.calibrate import FFNRecord
+        >>> _ = torch.manual_seed(0); d, m = 32, 128
+        >>> w = {"w1_rows": torch.randn(m, d) / 4, "b1": None, "w2_rows": torch.randn(m, d) / 8, "b2": None}
+        >>> rec = FFNRecord("mlp", "linear-act-linear", "gelu", w, max_tokens=2048, seed=0)
+        >>> rec.add(torch.randn(2048, d))
+        >>> ffn = fit_plain_ffn(rec, tc.CalibrationConfig(budget=0.5, progress=False), "int8")
+        >>> ffn.stats["bytes_fraction"] <= 0.5 + 0.05
+        True
+    """
+    budget = budget_of(config)
+    cand = prepare_plain_ffn(record, config, guard)
+    (variant, choice), = allocate([cand], budget, "layer")
+    return finish_plain_ffn(cand, variant, choice, budget)
+
+
+def _options(z, y, z_hat, z_sorted, prefix, sigma, col_norm2, with_fold: bool, exact_cost: float,
+             guard_row: float, guard: str, config: CalibrationConfig) -> tuple[NeuronOptions, dict]:
+    """Per-neuron error and cost of each option, and the ranges/lines/margins behind them."""
+    n, m = z.shape
+    labels, errors, costs = ["exact"], [torch.zeros(m, dtype=torch.float64)], [torch.full((m,), exact_cost)]
+    plan: dict[str, dict[str, torch.Tensor]] = {}
+
+    total = {key: p[-1:] for key, p in prefix.items()}
+    slope, intercept, sse = _window_lines(total, n, with_fold)
+    labels.append("folded" if with_fold else "dropped")
+    errors.append(col_norm2 * sse[0] / n)
+    costs.append(torch.zeros(m, dtype=torch.float64))
+    plan[labels[-1]] = {"slope": slope[0].float(), "intercept": intercept[0].float()}
+
+    cols = torch.arange(m)
+    for p in COVERAGES:
+        k = max(1, min(n, math.ceil(p * n)))
+        window = {key: v[k:] - v[: n - k + 1] for key, v in prefix.items()}
+        slopes, intercepts, sse = _window_lines(window, k, with_fold)
+        start = sse.argmin(dim=0)
+        lower, upper = z_sorted[start, cols].clone(), z_sorted[start + k - 1, cols].clone()
+        a, c = slopes[start, cols].float(), intercepts[start, cols].float()
+        error_terms = (y - (a * z + c)).square_()
+        margin = guard_margins(guard, z, z_hat, lower, upper, error_terms, col_norm2, config, sigma)
+        flags = (z_hat < lower + margin) | (z_hat > upper - margin)
+        kept = error_terms.masked_fill_(flags, 0.0)
+        errors.append(col_norm2 * kept.sum(0).double() / n)
+        costs.append(guard_row + flags.sum(0).double() / n * exact_cost)
+        labels.append(f"guarded@{p}")
+        plan[labels[-1]] = {"slope": a, "intercept": c, "lower": lower, "upper": upper, "margin": margin}
+    return NeuronOptions(labels, torch.stack(errors, 1), torch.stack(costs, 1)), plan
+
+
+def _window_lines(s: dict[str, torch.Tensor], k: int, with_fold: bool):
+    """Least-squares line of y on z over windows of k tokens from their sums: (slope, intercept,
+    squared error), each (windows, m) float64. Without a fold the line is zero."""
+    if not with_fold:
+        zero = torch.zeros_like(s["yy"])
+        return zero, zero, s["yy"].clamp(min=0)
+    var_z = s["zz"] - s["z"] * s["z"] / k
+    cov = s["zy"] - s["z"] * s["y"] / k
+    flat = var_z <= 1e-12 * s["zz"].abs().clamp(min=1e-30)  # all z equal: a constant, no slope
+    slope = torch.where(flat, 0.0, cov / var_z.clamp(min=1e-30))
+    intercept = (s["y"] - slope * s["z"]) / k
+    sse = s["yy"] - s["y"] * s["y"] / k - torch.where(flat, 0.0, cov * slope)
+    return slope, intercept, sse.clamp(min=0)
+
+
+def _params_from_choice(opts: NeuronOptions, plan: dict, choice: Choice, m: int) -> dict[str, torch.Tensor]:
+    """Per-neuron line, range and margin encoding the chosen options: exact neurons get an empty
+    range (+inf, -inf) and a zero line, folded and dropped ones an unbounded range."""
+    slope, intercept, margin = torch.zeros(m), torch.zeros(m), torch.zeros(m)
+    lower, upper = torch.full((m,), _INF), torch.full((m,), -_INF)
+    for k, label in enumerate(opts.labels):
+        sel = choice.option == k
+        if label == "exact" or not sel.any():
+            continue
+        slope[sel], intercept[sel] = plan[label]["slope"][sel], plan[label]["intercept"][sel]
+        if label.startswith("guarded"):
+            lower[sel], upper[sel] = plan[label]["lower"][sel], plan[label]["upper"][sel]
+            margin[sel] = plan[label]["margin"][sel]
+        else:
+            lower[sel], upper[sel] = -_INF, _INF
+    return {"slope": slope, "intercept": intercept, "lower": lower, "upper": upper, "margin": margin}
+
+
+def _measure(cand: PlainCandidates, p: dict[str, torch.Tensor], fixed: float) -> dict[str, Any]:
+    """What the chosen policy does on held-out tokens: coverage, flags, recall, output error, bytes."""
+    w, k, x = cand.weights, cand.measure, cand.x_eval
+    act, predictor, guard = k["act"], k["predictor"], k["guard"]
+    z = F.linear(x, w["w1_rows"], w["b1"])
+    y = act(z)
+    always = p["lower"] > p["upper"]
+    guarded = torch.isfinite(p["lower"]) & ~always
+    outside = (z < p["lower"]) | (z > p["upper"])
+    z_hat = predictor.predict(x) + (w["b1"] if w["b1"] is not None else 0.0) if predictor is not None else z
+    flags = (z_hat < p["lower"] + p["margin"]) | (z_hat > p["upper"] - p["margin"]) | always
+    if guard == "all":
+        flags = torch.ones_like(flags)
+    line = p["slope"] * z + p["intercept"]
+    delta_y = torch.where(flags, 0.0, line - y) @ w["w2_rows"]
+    dense_y = F.linear(y, w["w2_rows"].t(), w["b2"])
+    missed = outside & ~flags
+    fixed_bytes = fixed - k["guard_fixed"] * (not bool(guarded.any()))
+    guard_read = guarded.sum().item() * k["guard_row"] + k["guard_fixed"] * bool(guarded.any())
+    fixed_bytes += guarded.sum().item() * k["guard_row"]
+    per_token = fixed_bytes + flags.float().sum(1).mean().item() * k["exact_cost"]
+    guard_stats = {
+        "flag_rate": flags[:, guarded].float().mean().item() if guarded.any() else 0.0,
+        "corrected_rate": flags.float().mean().item(),
+        "recall": 1.0 - missed.sum().item() / max(1, outside.sum().item()),
+        "rel_error": (delta_y.norm() / dense_y.norm().clamp(min=1e-30)).item(),
+        "max_abs_error": delta_y.abs().max().item() if delta_y.numel() else 0.0,
+        "kernel": predictor.kernel if predictor is not None else guard,
+        "bytes": guard_read, "bytes_per_token": per_token, "fixed_bytes": fixed_bytes,
+        "exact_cost": k["exact_cost"],
+    }
+    return {"coverage": 1.0 - (outside | always).float().mean().item(), "guards": {guard: guard_stats},
+            "bytes_fraction": per_token / cand.dense_bytes}
