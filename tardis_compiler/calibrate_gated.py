@@ -9,8 +9,9 @@ Per neuron, on the recorded FFN inputs:
   squared norm is ``((act(g_i) - c_i) u_i)^2 ||W_d[:, i]||^2``;
 - ``guarded@p`` options: the interval of g holding a share p of the tokens on which that error is
   smallest (a window over the tokens sorted by g, with c_i the u^2-weighted mean of act(g_i) in it:
-  the least-squares constant), the guard's margins (``recall_margins``), and the error and flag
-  rate that guard actually gives on the fitting tokens;
+  the least-squares constant), the guard's margins (``guard_margins``: one recall scale for the
+  low-bit copies, SVDP's greedy per-neuron thresholds for "svd"), and the error and flag rate that
+  guard actually gives on the fitting tokens;
 - ``folded``: c_i over all tokens, never flagged; ``exact``: always computed.
 
 ``policy.choose`` then picks the mix that fits the budget with the least error, once with the
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

