@@ -112,7 +112,8 @@ def finish_gated_ffn(cand: GatedCandidates, variant: int, choice: Choice, budget
     """Encode the chosen options as the op's per-neuron params and measure them on held-out tokens."""
     with_fold, opts, plan, _ = cand.variants[variant]
     m = cand.weights["wg_rows"].shape[0]
-    params = _params_from_choice(opts, plan, choice, m)
+    params = encode_choice(opts, plan, choice, m)
+    params["line_error"] = torch.zeros(m)
     stats = dict(cand.stats, budget=budget,
                  policy={"counts": choice.counts(opts.labels), "folded_matrix": with_fold,
                          "within_budget": choice.within_budget, "calibration_bytes_fraction": choice.bytes /
@@ -326,24 +327,62 @@ def _best_window(g_sorted, prefix, coverage: float, with_fold: bool):
     return lower, upper, c
 
 
-def _params_from_choice(opts: NeuronOptions, plan: dict, choice: Choice, m: int) -> dict[str, torch.Tensor]:
-    """Per-neuron constant, range and margin encoding the chosen options for the fused op:
-    exact neurons get an empty range (+inf, -inf), so every guard flags them; folded and dropped
-    neurons an unbounded one, so none does."""
-    c = torch.zeros(m)
-    lower, upper = torch.full((m,), _INF), torch.full((m,), -_INF)
-    margin = torch.zeros(m)
+def encode_choice(opts: NeuronOptions, plan: dict, choice: Choice, m: int,
+                  values: tuple[str, ...] = ("c",)) -> dict[str, torch.Tensor]:
+    """Per-neuron ``values`` (the constant c, or a line's slope and intercept), range and margin
+    encoding the chosen options for the fused op: exact neurons get an empty range (+inf, -inf) and
+    zero values, so every guard flags them; folded and dropped neurons an unbounded one, so none does.
+
+    Example:
+        >>> # encode_choice(opts, plan, choose(opts, budget), m)["lower"]
+    """
+    out = {key: torch.zeros(m) for key in (*values, "margin")}
+    out["lower"], out["upper"] = torch.full((m,), _INF), torch.full((m,), -_INF)
     for k, label in enumerate(opts.labels):
         sel = choice.option == k
         if label == "exact" or not sel.any():
             continue
-        c[sel] = plan[label]["c"][sel]
+        for key in values:
+            out[key][sel] = plan[label][key][sel]
         if label.startswith("guarded"):
-            lower[sel], upper[sel] = plan[label]["lower"][sel], plan[label]["upper"][sel]
-            margin[sel] = plan[label]["margin"][sel]
+            for key in ("lower", "upper", "margin"):
+                out[key][sel] = plan[label][key][sel]
         else:
-            lower[sel], upper[sel] = -_INF, _INF
-    return {"c": c, "lower": lower, "upper": upper, "margin": margin, "line_error": torch.zeros(m)}
+            out["lower"][sel], out["upper"][sel] = -_INF, _INF
+    return out
+
+
+def policy_measurements(flags: torch.Tensor, outside: torch.Tensor, always: torch.Tensor, guarded: torch.Tensor,
+                        delta_y: torch.Tensor, dense_y: torch.Tensor, predictor, guard: str, guard_cost: tuple,
+                        fixed: float, exact_cost: float, dense_bytes: float) -> dict[str, Any]:
+    """Stats of a fitted mix on held-out tokens, shared by gated and plain FFNs: coverage, and for
+    ``guard`` flag rate, recall, output error and bytes per token (``fixed`` = what is read whatever
+    the guard, e.g. the folded matrix and output bias).
+
+    Example:
+        >>> # stats.update(policy_measurements(flags, outside, always, guarded, dy, y, ...))
+    """
+    any_guarded = bool(guarded.any())
+    guard_read = guarded.sum().item() * guard_cost[0] + guard_cost[1] * any_guarded
+    fixed_bytes = fixed + guard_read
+    per_token = fixed_bytes + flags.float().sum(1).mean().item() * exact_cost
+    missed = outside & ~flags
+    guard_stats = {
+        "flag_rate": flags[:, guarded].float().mean().item() if any_guarded else 0.0,
+        "corrected_rate": flags.float().mean().item(),
+        "recall": 1.0 - missed.sum().item() / max(1, outside.sum().item()),
+        "rel_error": (delta_y.norm() / dense_y.norm().clamp(min=1e-30)).item(),
+        "max_abs_error": delta_y.abs().max().item() if delta_y.numel() else 0.0,
+        "kernel": predictor.kernel if predictor is not None else guard,
+        "bytes": guard_read, "bytes_per_token": per_token,
+        # bytes per token = fixed_bytes + corrected_rate * m * exact_cost (the meter's formula)
+        "fixed_bytes": fixed_bytes, "exact_cost": exact_cost,
+    }
+    return {
+        "coverage": 1.0 - (outside | always).float().mean().item(),  # (token, neuron) pairs the fold serves
+        "guards": {guard: guard_stats},
+        "bytes_fraction": per_token / dense_bytes,
+    }
 
 
 def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_cost, exact_cost, dense_bytes,
@@ -363,26 +402,6 @@ def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_c
     if guard == "all":
         flags = torch.ones_like(flags)
     delta_h = torch.where(flags, torch.zeros_like(a), (c - a) * u)
-    dense_y = (a * u) @ w["wd_rows"]
-    delta_y = delta_h @ w["wd_rows"]
-    missed = outside & ~flags
-    corrected_rate = flags.float().mean().item()
-    guard_read = guarded.sum().item() * guard_cost[0] + guard_cost[1] * bool(guarded.any())
-    fixed_bytes = (fold_bytes if with_fold else 0.0) + guard_read + down_bias_bytes
-    per_token = fixed_bytes + flags.float().sum(1).mean().item() * exact_cost
-    guard_stats = {
-        "flag_rate": flags[:, guarded].float().mean().item() if guarded.any() else 0.0,
-        "corrected_rate": corrected_rate,
-        "recall": 1.0 - missed.sum().item() / max(1, outside.sum().item()),
-        "rel_error": (delta_y.norm() / dense_y.norm().clamp(min=1e-30)).item(),
-        "max_abs_error": delta_y.abs().max().item() if delta_y.numel() else 0.0,
-        "kernel": predictor.kernel if predictor is not None else guard,
-        "bytes": guard_read, "bytes_per_token": per_token,
-        # bytes per token = fixed_bytes + corrected_rate * m * exact_cost (the meter's formula)
-        "fixed_bytes": fixed_bytes, "exact_cost": exact_cost,
-    }
-    return {
-        "coverage": 1.0 - (outside | always).float().mean().item(),  # (token, neuron) pairs the fold serves
-        "guards": {guard: guard_stats},
-        "bytes_fraction": per_token / dense_bytes,
-    }
+    fixed = (fold_bytes if with_fold else 0.0) + down_bias_bytes
+    return policy_measurements(flags, outside, always, guarded, delta_h @ w["wd_rows"], (a * u) @ w["wd_rows"],
+                               predictor, guard, guard_cost, fixed, exact_cost, dense_bytes)

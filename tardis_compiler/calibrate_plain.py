@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from .activations import get_activation_rule
 from .calibrate import FFNRecord, max_line_error, split_tokens
-from .calibrate_gated import (COVERAGES, allocate, budget_of, guard_bytes, guard_margins, packed_predictor,
-                              predictor_for, prefix_sums)
+from .calibrate_gated import (COVERAGES, allocate, budget_of, encode_choice, guard_bytes, guard_margins,
+                              packed_predictor, policy_measurements, predictor_for, prefix_sums)
 from .config import PREDICTOR_GUARDS, CalibrationConfig
 from .policy import Choice, NeuronOptions
 from .profile import FFNProfile
@@ -101,7 +101,7 @@ def finish_plain_ffn(cand: PlainCandidates, variant: int, choice: Choice, budget
     with_fold, opts, plan, fixed = cand.variants[variant]
     w, k = cand.weights, cand.measure
     m = w["w1_rows"].shape[0]
-    p = _params_from_choice(opts, plan, choice, m)
+    p = encode_choice(opts, plan, choice, m, values=("slope", "intercept"))
     guarded = torch.isfinite(p["lower"]) & (p["lower"] <= p["upper"])
     line_error = torch.zeros(m)
     if guarded.any():
@@ -198,24 +198,6 @@ def _window_lines(s: dict[str, torch.Tensor], k: int, with_fold: bool):
     return slope, intercept, sse.clamp(min=0)
 
 
-def _params_from_choice(opts: NeuronOptions, plan: dict, choice: Choice, m: int) -> dict[str, torch.Tensor]:
-    """Per-neuron line, range and margin encoding the chosen options: exact neurons get an empty
-    range (+inf, -inf) and a zero line, folded and dropped ones an unbounded range."""
-    slope, intercept, margin = torch.zeros(m), torch.zeros(m), torch.zeros(m)
-    lower, upper = torch.full((m,), _INF), torch.full((m,), -_INF)
-    for k, label in enumerate(opts.labels):
-        sel = choice.option == k
-        if label == "exact" or not sel.any():
-            continue
-        slope[sel], intercept[sel] = plan[label]["slope"][sel], plan[label]["intercept"][sel]
-        if label.startswith("guarded"):
-            lower[sel], upper[sel] = plan[label]["lower"][sel], plan[label]["upper"][sel]
-            margin[sel] = plan[label]["margin"][sel]
-        else:
-            lower[sel], upper[sel] = -_INF, _INF
-    return {"slope": slope, "intercept": intercept, "lower": lower, "upper": upper, "margin": margin}
-
-
 def _measure(cand: PlainCandidates, p: dict[str, torch.Tensor], fixed: float) -> dict[str, Any]:
     """What the chosen policy does on held-out tokens: coverage, flags, recall, output error, bytes."""
     w, k, x = cand.weights, cand.measure, cand.x_eval
@@ -232,20 +214,7 @@ def _measure(cand: PlainCandidates, p: dict[str, torch.Tensor], fixed: float) ->
     line = p["slope"] * z + p["intercept"]
     delta_y = torch.where(flags, 0.0, line - y) @ w["w2_rows"]
     dense_y = F.linear(y, w["w2_rows"].t(), w["b2"])
-    missed = outside & ~flags
-    fixed_bytes = fixed - k["guard_fixed"] * (not bool(guarded.any()))
-    guard_read = guarded.sum().item() * k["guard_row"] + k["guard_fixed"] * bool(guarded.any())
-    fixed_bytes += guarded.sum().item() * k["guard_row"]
-    per_token = fixed_bytes + flags.float().sum(1).mean().item() * k["exact_cost"]
-    guard_stats = {
-        "flag_rate": flags[:, guarded].float().mean().item() if guarded.any() else 0.0,
-        "corrected_rate": flags.float().mean().item(),
-        "recall": 1.0 - missed.sum().item() / max(1, outside.sum().item()),
-        "rel_error": (delta_y.norm() / dense_y.norm().clamp(min=1e-30)).item(),
-        "max_abs_error": delta_y.abs().max().item() if delta_y.numel() else 0.0,
-        "kernel": predictor.kernel if predictor is not None else guard,
-        "bytes": guard_read, "bytes_per_token": per_token, "fixed_bytes": fixed_bytes,
-        "exact_cost": k["exact_cost"],
-    }
-    return {"coverage": 1.0 - (outside | always).float().mean().item(), "guards": {guard: guard_stats},
-            "bytes_fraction": per_token / cand.dense_bytes}
+    # ``fixed`` counted the svd guard's P already; policy_measurements adds it back if any neuron is guarded.
+    return policy_measurements(flags, outside, always, guarded, delta_y, dense_y, predictor, guard,
+                               (k["guard_row"], k["guard_fixed"]), fixed - k["guard_fixed"], k["exact_cost"],
+                               cand.dense_bytes)
