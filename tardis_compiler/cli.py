@@ -33,7 +33,7 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"])
     preset = parser.add_mutually_exclusive_group()
     preset.add_argument("--preset", choices=sorted(PRESETS), default="standard",
-                        help="data sizes: quick (minutes), standard (about an hour on 2 cores, default), "
+                        help="data sizes: quick (minutes), standard (about 1.5 hours on 2 cores, default), "
                              "full (every window and task item)")
     preset.add_argument("--quick", dest="preset", action="store_const", const="quick")
     preset.add_argument("--full", dest="preset", action="store_const", const="full")

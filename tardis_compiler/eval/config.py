@@ -1,9 +1,9 @@
 """``EvalConfig``: one validated description of an evaluation run, with named size presets.
 
 Presets trade coverage for time (measured on a 2-core CPU with SmolLM2-135M):
-"quick" takes minutes (SmolLM2, every method: 14.4 min measured), "standard"
-about an hour (64.9 min measured without tardis rows), "full" uses every window and every task item
-(hours on a CPU). Every size can be overridden.
+"quick" takes minutes (SmolLM2, every method: 14.4 min measured), "standard" about an hour and a
+half (64.9 min measured without tardis rows; dense + tardis alone 19.9 min), "full" uses every
+window and every task item (hours on a CPU). Every size can be overridden.
 """
 from __future__ import annotations
 
