@@ -109,7 +109,8 @@ def _folded_ffn_fake(x, w1, b1, w2, b2, params, name, activation, w1_layout, w2_
 
 def _guard_flags(folded: FoldedFFN, x2: torch.Tensor, b1: torch.Tensor | None, guard_lower: torch.Tensor,
                  guard_upper: torch.Tensor) -> torch.Tensor:
-    """(tokens, m) flags of a low-bit guard: the watched rows by prediction, the rest by policy."""
+    """(tokens, m) flags of a predicting guard (low-bit or svd): the watched rows by prediction, the rest
+    by policy."""
     m = guard_lower.shape[0]
     watched = folded.guarded
     z_hat = folded.guard.predict(x2) if watched.numel() else None
