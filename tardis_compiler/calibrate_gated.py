@@ -85,7 +85,7 @@ def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     a = act(g)
     col_norm2 = w["wd_rows"].double().pow(2).sum(1)  # ||W_d[:, i]||^2
     predictor = predictor_for(w["wg_rows"], guard, config, x_fit)
-    g_hat = _predict(predictor, x_fit, w["bg"], g)
+    g_hat = guard_prediction(predictor, x_fit, w["bg"], g)
     energy = ((a * u) @ w["wd_rows"]).pow(2).sum(1).mean().item()
 
     exact_cost = float((2 * d_in + d_out + 2 * gate_up_bias) * elem + 4)
@@ -243,10 +243,19 @@ def packed_predictor(predictor: LowBitGuard | SVDPredictor | None) -> torch.Tens
     return torch.cat([predictor.Q.t(), predictor.P], dim=1).float().contiguous()
 
 
-def _predict(predictor: LowBitGuard | None, x: torch.Tensor, bg: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
-    if predictor is None:  # "exact" (and "all", which flags everything anyway): the true g
-        return g
-    return predictor.predict(x) + (bg if bg is not None else 0.0)
+def guard_prediction(predictor: LowBitGuard | SVDPredictor | None, x: torch.Tensor, bias: torch.Tensor | None,
+                     exact: torch.Tensor) -> torch.Tensor:
+    """What the guard predicts for the pre-activations whose true values are ``exact``: the
+    predictor's output plus the bias, or ``exact`` itself for "exact" and "all" (no predictor).
+
+    Example:
+        >>> z = torch.randn(4, 8)
+        >>> guard_prediction(None, torch.randn(4, 16), None, z) is z
+        True
+    """
+    if predictor is None:
+        return exact
+    return predictor.predict(x) + (bias if bias is not None else 0.0)
 
 
 def _sorted_stats(g: torch.Tensor, u: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -396,7 +405,7 @@ def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_c
     guarded = torch.isfinite(lower) | torch.isfinite(upper)
     guarded &= ~always
     outside = ((g < lower) | (g > upper))
-    g_hat = _predict(predictor, x, w["bg"], g)
+    g_hat = guard_prediction(predictor, x, w["bg"], g)
     flags = (g_hat < lower + margin) | (g_hat > upper - margin)
     flags |= always
     if guard == "all":

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from .activations import get_activation_rule
 from .calibrate import FFNRecord, max_line_error, split_tokens
 from .calibrate_gated import (COVERAGES, allocate, budget_of, encode_choice, guard_bytes, guard_margins,
-                              packed_predictor, policy_measurements, predictor_for, prefix_sums)
+                              guard_prediction, packed_predictor, policy_measurements, predictor_for,
+                              prefix_sums)
 from .config import PREDICTOR_GUARDS, CalibrationConfig
 from .policy import Choice, NeuronOptions
 from .profile import FFNProfile
@@ -69,7 +70,7 @@ def prepare_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     y = act(z)
     col_norm2 = w["w2_rows"].double().pow(2).sum(1)
     predictor = predictor_for(w["w1_rows"], guard, config, x_fit)
-    z_hat = predictor.predict(x_fit) + (w["b1"] if w["b1"] is not None else 0.0) if predictor is not None else z
+    z_hat = guard_prediction(predictor, x_fit, w["b1"], z)
     energy = (y @ w["w2_rows"]).pow(2).sum(1).mean().item()
 
     # As ffn_bytes_per_token: W1 row, W2 column, b1, and the float32 slope and intercept.
@@ -207,7 +208,7 @@ def _measure(cand: PlainCandidates, p: dict[str, torch.Tensor], fixed: float) ->
     always = p["lower"] > p["upper"]
     guarded = torch.isfinite(p["lower"]) & ~always
     outside = (z < p["lower"]) | (z > p["upper"])
-    z_hat = predictor.predict(x) + (w["b1"] if w["b1"] is not None else 0.0) if predictor is not None else z
+    z_hat = guard_prediction(predictor, x, w["b1"], z)
     flags = (z_hat < p["lower"] + p["margin"]) | (z_hat > p["upper"] - p["margin"]) | always
     if guard == "all":
         flags = torch.ones_like(flags)
