@@ -3,7 +3,7 @@
     model = torch.compile(model, backend="tardis", options={"profile": profile})
 
 Pipeline: capture (backend) -> match (passes.find_ffns) -> calibrate -> rewrite (passes.fold_ffns)
--> lower (runtime.ops) -> inspect (explain).
+-> lower (runtime.ffn_op, runtime/cpu) -> inspect (explain).
 """
 from .activations import (ActivationRule, activation_rules, get_activation_rule,
                           register_activation_rule, unregister_activation_rule)
@@ -12,7 +12,7 @@ from .calibrate import calibrate, calibrate_for_budget, record
 from .config import GUARDS, CalibrationConfig, TardisOptions
 from .explain import ExplainReport, explain
 from .profile import FFNProfile, Profile, ProfileMismatchError
-from .runtime.fold import clear_caches
+from .caches import clear_caches
 from .runtime.stats import collect_stats
 
 __version__ = "0.1.0"

@@ -187,5 +187,21 @@ register_activation_rule("quick_gelu", _quick_gelu)
 register_activation_rule("relu", torch.relu, targets=(torch.relu, F.relu, "relu"))
 register_activation_rule("silu", F.silu, targets=(F.silu, "silu"))
 
+#: The built-in rules as registered at import: the fused CPU kernel evaluates these itself.
+_BUILTIN: dict[str, ActivationRule] = dict(_RULES)
+
+
+def is_builtin(name: str) -> bool:
+    """True if ``name`` is a built-in rule that no ``override=True`` registration has replaced
+    (only those run in the fused CPU kernel; others take the torch path).
+
+    Example:
+        >>> is_builtin("silu"), is_builtin("softsign_demo")
+        (True, False)
+    """
+    rule = _BUILTIN.get(name)
+    return rule is not None and _RULES.get(name) is rule
+
+
 # sqrt(2/pi) as the formula GELUs spell it; kept here so tests can build such graphs by hand.
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)

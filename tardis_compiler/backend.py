@@ -1,7 +1,7 @@
 """Capture: the ``"tardis"`` torch.compile backend.
 
-``torch.compile(model, backend="tardis", options={...})`` finds the plain FFNs of each dynamo
-graph and replaces them with the fused ``tardis::folded_ffn`` op, then hands the graph to inductor
+``torch.compile(model, backend="tardis", options={...})`` finds the FFNs (plain and gated) of each
+dynamo graph and replaces each with the fused ``tardis::ffn`` op, then hands the graph to inductor
 (or runs it eagerly with ``inner="eager"``). Registered through the ``torch_dynamo_backends`` entry
 point, so no import is needed.
 
@@ -12,10 +12,11 @@ weights the graph is called with, because dynamo reuses one graph for every inst
 """
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
+import threading
 import warnings
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -28,8 +29,9 @@ from .passes import (FFNMatch, PassContext, copy_graph_module, find_ffns, fold_f
                      placeholder_fqns, record_ffn_inputs)
 from .calibrate_gated import gated_dense_bytes
 from .profile import FFNProfile, Profile
-from .report import FFNReport, GraphReport, ffn_bytes_per_token, resident_bytes_added
-from .runtime.fold import neuron_major, w2_neuron_major
+from .report import FFNReport, GraphReport, ffn_bytes_per_token
+from .runtime.cpu.kernel import status as kernel_status
+from .runtime.graph_packs import FFNSlots, GraphPacks, dummy_pack_inputs
 
 log = logging.getLogger("tardis_compiler")
 _GRAPH_IDS = itertools.count()
@@ -59,10 +61,11 @@ class TardisCompiler:
     """A backend instance with fixed options; ``reports`` collects a ``GraphReport`` per graph."""
 
     def __init__(self, options: TardisOptions, mode: str | None = None,
-                 reports: list[GraphReport] | None = None) -> None:
+                 reports: list[GraphReport] | None = None, states: "CalibrationStates | None" = None) -> None:
         self.options = options
         self.mode = mode
         self.reports = reports
+        self.states = states  # auto-calibration states; None: the process-wide ones (STATES)
 
     def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
         opts = self.options
@@ -85,23 +88,26 @@ class TardisCompiler:
         for line in ctx.log:
             log.info("tardis graph %d: %s", report.index, line)
         ordered = _in_order(selected, folded.meta["tardis_folded"])
-        device = _device_of(example_inputs)
-        dummy = [torch.zeros(6, m.d_hidden, device=device) for m in ordered]  # shapes only
-        compiled = self._inner(folded, [*example_inputs, *dummy])
+        slots = [_ffn_slots(m, positions) for m in ordered]
+        dtype = example_inputs[slots[0].slots["wg" if slots[0].kind == "gated" else "w1"]].dtype
+        compiled = self._inner(folded, [*example_inputs, *dummy_pack_inputs(slots, _device_of(example_inputs), dtype)],
+                               pack_inputs=True)
+        packs = GraphPacks(slots, [opts.guard_for(m.kind) for m in ordered], opts.calibration.group_size)
         rows = {row.name: row for row in report.ffns}
+        report.notes.append(f"FFN runtime: {kernel_status()}")
 
         if opts.profile is not None:
             profile: Profile = opts.profile
             for m in ordered:
-                _fill_from_profile(rows[m.name], profile.ffns[m.name], opts.guard_for(m.kind))
+                _fill_from_profile(rows[m.name], profile.ffns[m.name], opts.guard_for(m.kind), opts.calibration.group_size)
             report.notes.append(f"profile: {profile.source} ({profile.tokens} tokens)")
-            packs = [profile.ffns[m.name].params(opts.guard_for(m.kind)).to(device) for m in ordered]
-            return _with_params(compiled, packs)
+            return PackedGraph(compiled, packs, profile)
 
         recording_gm = record_ffn_inputs(copy_graph_module(gm), PassContext(opts, ctx.names))
         for m in ordered:
             rows[m.name].status = "calibrating"
-        return AutoCalibratingGraph(recording_gm, compiled, ordered, positions, opts, report)
+        return AutoCalibratingGraph(recording_gm, compiled, packs, opts, report,
+                                    self.states if self.states is not None else STATES)
 
     def _select(self, gm: GraphModule, example_inputs, positions, report: GraphReport) -> list[FFNMatch]:
         """Find the FFNs, report each, and return those to rewrite (none when autograd is on)."""
@@ -130,54 +136,96 @@ class TardisCompiler:
             return []
         return selected
 
-    def _inner(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
+    def _inner(self, gm: GraphModule, example_inputs: Sequence[Any], pack_inputs: bool = False) -> Callable:
         if self.options.inner == "eager":
             return gm.forward
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        patches = list_mode_options(self.mode) if self.mode else None
-        return compile_fx(gm, list(example_inputs), config_patches=patches)
+        patches = dict(list_mode_options(self.mode)) if self.mode else {}
+        if pack_inputs:
+            # Pack tensors differ in size between FFNs, instances and profiles, and only the opaque
+            # op reads them: the compiled graph must not assert the sizes it was compiled with.
+            patches.update(size_asserts=False, alignment_asserts=False)
+        return compile_fx(gm, list(example_inputs), config_patches=patches or None)
 
 
-def _with_params(compiled: Callable, packs: list[torch.Tensor]) -> Callable:
-    def run(*args):
-        return compiled(*args, *packs)
+class PackedGraph:
+    """A folded graph: each call appends the packs of the weights it is called with."""
 
-    return run
+    def __init__(self, compiled: Callable, packs: GraphPacks, profile: Profile) -> None:
+        self.compiled, self.packs, self.profile = compiled, packs, profile
+
+    def __call__(self, *args):
+        return self.compiled(*args, *self.packs.flat(args, self.profile))
 
 
 class _CalibrationState:
-    def __init__(self, recorder: Recorder, fingerprint: float) -> None:
-        self.recorder = recorder
-        self.fingerprint = fingerprint
+    def __init__(self, recorder: Recorder, weights: Sequence[torch.Tensor]) -> None:
+        self.recorder: Recorder | None = recorder
+        self.refs = tuple(weakref.ref(w) for w in weights)
         self.calls = 0
         self.profile: Profile | None = None
 
 
-# Keyed by the data pointers of a graph's FFN weights: one state per model instance, shared by
-# every graph (prefill, decode, recompiles) that runs on those weights.
-_STATES: collections.OrderedDict = collections.OrderedDict()
-_MAX_STATES = 64
+class CalibrationStates:
+    """Auto-calibration state per (model weights, options), shared by every graph (prefill,
+    decode, recompiles) that runs on those weights with those options. Holds the weights only
+    weakly: a deleted model's state goes with it."""
+
+    def __init__(self) -> None:
+        self._states: dict[tuple, _CalibrationState] = {}
+        self._lock = threading.Lock()
+
+    def get(self, weights: Sequence[torch.Tensor], options: TardisOptions) -> _CalibrationState:
+        """The state for these weight objects and options, new if there is none yet."""
+        key = (id(weights[0]), _options_key(options))
+        with self._lock:
+            state = self._states.get(key)
+            if state is None or any(ref() is not w for ref, w in zip(state.refs, weights)):
+                state = _CalibrationState(Recorder(options.calibration), weights)
+                self._states[key] = state
+                weakref.finalize(weights[0], self._drop, key, state)
+            return state
+
+    def _drop(self, key: tuple, state: _CalibrationState) -> None:
+        with self._lock:
+            if self._states.get(key) is state:
+                del self._states[key]
+
+    def clear(self) -> None:
+        """Forget every state (``clear_caches``)."""
+        with self._lock:
+            self._states.clear()
+
+
+def _options_key(options: TardisOptions) -> str:
+    """What shapes an auto-calibration: the guard, the calls recorded, the calibration config."""
+    return repr((options.guard, options.calibration_calls, sorted(options.calibration.to_dict().items())))
+
+
+STATES = CalibrationStates()
 
 
 class AutoCalibratingGraph:
     """Runs dense while recording the first ``calibration_calls`` calls, then the folded graph."""
 
-    def __init__(self, recording_gm: GraphModule, compiled: Callable, matches: list[FFNMatch],
-                 positions: dict, options: TardisOptions, report: GraphReport) -> None:
+    def __init__(self, recording_gm: GraphModule, compiled: Callable, packs: GraphPacks, options: TardisOptions,
+                 report: GraphReport, states: CalibrationStates) -> None:
         self.recording_gm = recording_gm
         self.compiled = compiled
+        self.packs = packs
         self.options = options
         self.report = report
-        self.ffns = [(m.name, m.pattern, m.activation.name, _weight_slots(m, positions)) for m in matches]
+        self.states = states
 
     def __call__(self, *args):
-        state = self._state(args)
+        ffns = self.packs.ffns
+        state = self.states.get([args[f.slots["wg" if f.kind == "gated" else "w1"]] for f in ffns], self.options)
         if state.profile is not None:
-            return self.compiled(*args, *self._packs(state.profile, args))
-        for name, pattern, act, slots in self.ffns:
-            state.recorder.register(name, pattern, act, _weights(slots, args))
+            return self.compiled(*args, *self.packs.flat(args, state.profile))
+        for f in ffns:
+            state.recorder.register(f.name, f.pattern, f.activation, f.weights(args))
         with torch.no_grad(), recording(state.recorder):
             out = self.recording_gm(*args)
         state.calls += 1
@@ -193,30 +241,8 @@ class AutoCalibratingGraph:
             for row in self.report.ffns:
                 if row.name in state.profile.ffns:
                     ffn = state.profile.ffns[row.name]
-                    _fill_from_profile(row, ffn, self.options.guard_for(ffn.kind))
+                    _fill_from_profile(row, ffn, self.options.guard_for(ffn.kind), self.options.calibration.group_size)
         return out
-
-    def _state(self, args) -> _CalibrationState:
-        first = args[self.ffns[0][3]["key"]]
-        key = tuple(args[slots["key"]].data_ptr() for _, _, _, slots in self.ffns)
-        fingerprint = float(first.reshape(-1)[:: max(1, first.numel() // 16)].double().sum())
-        state = _STATES.get(key)
-        if state is None or state.fingerprint != fingerprint:
-            state = _CalibrationState(Recorder(self.options.calibration), fingerprint)
-            _STATES[key] = state
-            while len(_STATES) > _MAX_STATES:
-                _STATES.popitem(last=False)
-        _STATES.move_to_end(key)
-        return state
-
-    def _packs(self, profile: Profile, args) -> list[torch.Tensor]:
-        cache = getattr(profile, "_packs", None)
-        if cache is None:
-            device = _device_of(args)
-            cache = [ffn.params(self.options.guard_for(ffn.kind)).to(device)
-                     for ffn in (profile.ffns[name] for name, *_ in self.ffns)]
-            profile._packs = cache
-        return cache
 
 
 def recording_backend(recorder: Recorder) -> Callable:
@@ -228,8 +254,7 @@ def recording_backend(recorder: Recorder) -> Callable:
         matches, _ = find_ffns(gm, fqns)
         positions = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
         for m in matches:
-            recorder.register(m.name, m.pattern, m.activation.name,
-                              _weights(_weight_slots(m, positions), example_inputs))
+            recorder.register(m.name, m.pattern, m.activation.name, _ffn_slots(m, positions).weights(example_inputs))
         ctx = PassContext(TardisOptions(), {m.name for m in matches})
         return record_ffn_inputs(copy_graph_module(gm), ctx).forward
 
@@ -276,20 +301,17 @@ def _row(m, example_inputs, positions) -> FFNReport:
     has_bias = any(lin.bias is not None for lin in linears)
     row = FFNReport(m.name, m.pattern, m.activation.name, "rewritten", d_in=m.d_in, d_hidden=m.d_hidden,
                     d_out=m.d_out, kind=m.kind)
-    row.elem_bytes, row.has_bias = w1.element_size(), has_bias
+    row.elem_bytes, row.has_bias, row.dtype = w1.element_size(), has_bias, str(w1.dtype).removeprefix("torch.")
     if m.kind == "gated":
         row.bytes_dense = gated_dense_bytes(m.d_in, m.d_hidden, m.d_out, row.elem_bytes,
                                             m.gate.bias is not None or m.up.bias is not None, m.down.bias is not None)
-        row.copied_weights = 1  # W_d, to neuron-major rows
     else:
         row.bytes_dense = ffn_bytes_per_token(m.d_in, m.d_hidden, m.d_out, row.elem_bytes, has_bias)
-        # The exact path reads neuron rows; weights stored the other way round get a row-major copy.
-        row.copied_weights = int(m.first.layout == "in_out") + int(m.second.layout == "out_in")
     row.resident_dense = row.bytes_dense
     return row
 
 
-def _fill_from_profile(row: FFNReport, ffn: FFNProfile, guard: str) -> None:
+def _fill_from_profile(row: FFNReport, ffn: FFNProfile, guard: str, group_size: int) -> None:
     """Copy calibration measurements for ``guard`` into the row and price the folded FFN."""
     row.status = "rewritten"
     row.coverage = ffn.stats["coverage"]
@@ -302,40 +324,24 @@ def _fill_from_profile(row: FFNReport, ffn: FFNProfile, guard: str) -> None:
         row.guard_kernel = measured.get("kernel", guard)
     elif guard == "all":
         row.flag_rate, row.recall, row.rel_error = 1.0, 1.0, 0.0
-    guard_bytes = measured.get("bytes", 0) if measured else 0
-    fold = not ffn.has_policy or ffn.stats["policy"]["folded_matrix"]
-    row.resident_tardis = row.resident_dense + resident_bytes_added(
-        ffn.d_in, ffn.d_hidden, ffn.d_out, row.elem_bytes, guard_bytes, row.copied_weights, fold)
+    layout = ffn.layout(guard, getattr(torch, row.dtype), group_size)
+    # The model keeps its own weights (the backend never changes them); the pack comes on top.
+    row.resident_tardis = row.resident_dense + layout.resident_bytes()
     row.bytes_tardis = ffn.bytes_per_token(guard, row.elem_bytes, row.has_bias)  # live dtype, not calibration's
 
 
-def _weight_slots(m, positions: dict) -> dict:
-    """Where an FFN's weights sit among the graph's inputs, and their layouts; ``key`` is the
-    weight that identifies a model instance."""
+def _ffn_slots(m, positions: dict) -> FFNSlots:
+    """Where an FFN's weights sit among the graph's inputs (``positions``: placeholder -> index)."""
     if m.kind == "gated":
-        return {"kind": "gated", "key": positions[m.gate.weight],
-                "wg": positions[m.gate.weight], "bg": positions.get(m.gate.bias),
-                "wu": positions[m.up.weight], "bu": positions.get(m.up.bias),
-                "wd": positions[m.down.weight], "bd": positions.get(m.down.bias),
-                "offsets": (m.gate_offset, m.up_offset), "m": m.d_hidden}
-    return {"kind": "plain", "key": positions[m.first.weight],
-            "w1": positions[m.first.weight], "b1": positions.get(m.first.bias),
-            "w2": positions[m.second.weight], "b2": positions.get(m.second.bias),
-            "layouts": (m.first.layout, m.second.layout)}
-
-
-def _weights(slots: dict, values: Sequence[Any]) -> dict:
-    """The FFN's weights from the graph's input ``values``, neuron-major, as calibration wants them."""
-    bias = lambda k: values[slots[k]] if slots[k] is not None else None  # noqa: E731
-    if slots["kind"] == "gated":
-        (go, uo), m = slots["offsets"], slots["m"]
-        rows = lambda k, off: values[slots[k]].narrow(0, off, m)  # noqa: E731
-        cut = lambda b, off: b.narrow(0, off, m) if b is not None else None  # noqa: E731
-        return {"wg_rows": rows("wg", go), "bg": cut(bias("bg"), go), "wu_rows": rows("wu", uo),
-                "bu": cut(bias("bu"), uo), "wd_rows": values[slots["wd"]].t(), "bd": bias("bd")}
-    l1, l2 = slots["layouts"]
-    return {"w1_rows": neuron_major(values[slots["w1"]], l1), "b1": bias("b1"),
-            "w2_rows": w2_neuron_major(values[slots["w2"]], l2), "b2": bias("b2")}
+        slots = {"wg": positions[m.gate.weight], "bg": positions.get(m.gate.bias),
+                 "wu": positions[m.up.weight], "bu": positions.get(m.up.bias),
+                 "wd": positions[m.down.weight], "bd": positions.get(m.down.bias)}
+        return FFNSlots(m.name, "gated", m.activation.name, slots, m.d_hidden, pattern=m.pattern,
+                        offsets=(m.gate_offset, m.up_offset))
+    slots = {"w1": positions[m.first.weight], "b1": positions.get(m.first.bias),
+             "w2": positions[m.second.weight], "b2": positions.get(m.second.bias)}
+    return FFNSlots(m.name, "plain", m.activation.name, slots, m.d_hidden, pattern=m.pattern,
+                    layouts=(m.first.layout, m.second.layout))
 
 
 def _in_order(matches: list[FFNMatch], names: list[str]) -> list[FFNMatch]:

@@ -26,7 +26,7 @@ def fit_policy_ffns(records: Iterable[FFNRecord], config: CalibrationConfig, gua
         >>> #     CalibrationConfig(budget=0.5), {"plain": "int8", "gated": "int4"}, recorder.prepared)
     """
     budget = budget_of(config)
-    base = dataclasses.replace(config, budget=None, allocation="layer", progress=False)
+    base = dataclasses.replace(config, budget=None, allocation="layer", fold=None, progress=False)
     key_config = tuple(sorted(dataclasses.asdict(base).items()))
     cands = []
     for record in records:
@@ -40,6 +40,6 @@ def fit_policy_ffns(records: Iterable[FFNRecord], config: CalibrationConfig, gua
                 continue
             prepared[key] = cand
         cands.append(prepared[key])
-    picks = allocate(cands, budget, config.allocation)
+    picks = allocate(cands, budget, config.allocation, config.fold)
     return {c.record.name: (finish_gated_ffn if c.record.gated else finish_plain_ffn)(c, variant, choice, budget)
             for c, (variant, choice) in zip(cands, picks)}

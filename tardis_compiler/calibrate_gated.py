@@ -33,6 +33,7 @@ from .config import LOW_BIT_GUARDS, PREDICTOR_GUARDS, CalibrationConfig
 from .policy import Choice, NeuronOptions, choose, choose_across
 from .profile import FFNProfile
 from .runtime.guard import LowBitGuard
+from .runtime.layout import always_read_bytes, exact_neuron_bytes, folded_matrix_bytes, guard_neuron_bytes
 from .runtime.svd_predictor import SVDPredictor, greedy_margins
 
 #: Range coverages offered to each guarded neuron.
@@ -65,8 +66,8 @@ class GatedCandidates:
     measure: dict[str, Any]
 
     def budget_bytes(self, budget: float) -> float:
-        """Bytes per token the neuron mix may spend (b_d is read either way)."""
-        return budget * self.dense_bytes - self.measure["down_bias_bytes"]
+        """Bytes per token the neuron mix may spend (the folded bias is read either way)."""
+        return budget * self.dense_bytes - self.measure["always_bytes"]
 
 
 def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> GatedCandidates:
@@ -88,9 +89,9 @@ def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     g_hat = guard_prediction(predictor, x_fit, w["bg"], g)
     energy = ((a * u) @ w["wd_rows"]).pow(2).sum(1).mean().item()
 
-    exact_cost = float((2 * d_in + d_out + 2 * gate_up_bias) * elem + 4)
-    guard_row, guard_fixed = guard_bytes(predictor, m, d_in, elem, gate_up_bias)
-    fold_bytes = float((d_out * d_in + d_out) * elem)
+    exact_cost = float(exact_neuron_bytes("gated", d_in, d_out, elem))
+    guard_row, guard_fixed = guard_bytes(predictor, d_in, elem)
+    fold_bytes = float(folded_matrix_bytes(d_in, d_out, elem))
     sorted_stats = _sorted_stats(g, u, a)
     variants = []
     for with_fold in (True, False):
@@ -103,7 +104,7 @@ def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
              "error_bound": None}  # u is unbounded: no worst-case bound for a gated FFN
     measure = {"act": act, "predictor": predictor, "guard": guard, "fold_bytes": fold_bytes,
                "guard_row": guard_row, "guard_fixed": guard_fixed, "exact_cost": exact_cost,
-               "down_bias_bytes": down_bias * d_out * elem}
+               "always_bytes": always_read_bytes(d_out)}
     return GatedCandidates(record, w, variants, dense_bytes, energy, stats, x_hold if x_hold.shape[0] else x_fit,
                            measure)
 
@@ -122,7 +123,7 @@ def finish_gated_ffn(cand: GatedCandidates, variant: int, choice: Choice, budget
     k = cand.measure
     stats.update(_measure(cand.x_eval, cand.weights, k["act"], params, k["predictor"], k["guard"], with_fold,
                           k["fold_bytes"], (k["guard_row"], k["guard_fixed"]), k["exact_cost"], cand.dense_bytes,
-                          k["down_bias_bytes"]))
+                          k["always_bytes"]))
     rec, guard = cand.record, k["guard"]
     return FFNProfile(
         name=rec.name, pattern=rec.pattern, activation=rec.activation, d_in=cand.weights["wg_rows"].shape[1],
@@ -150,29 +151,33 @@ def fit_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> F
     """
     budget = budget_of(config)
     cand = prepare_gated_ffn(record, config, guard)
-    (variant, choice), = allocate([cand], budget, "layer")
+    (variant, choice), = allocate([cand], budget, "layer", config.fold)
     return finish_gated_ffn(cand, variant, choice, budget)
 
 
-def allocate(cands: list[GatedCandidates], budget: float, allocation: str) -> list[tuple[int, Choice]]:
+def allocate(cands: list[GatedCandidates], budget: float, allocation: str,
+             fold: bool | None = None) -> list[tuple[int, Choice]]:
     """Per FFN, the variant (with or without the folded matrix) and neuron mix to use.
 
     ``"layer"``: each FFN meets the budget on its own, with the variant of least error. ``"model"``:
     the FFNs share it, bytes going where they cut the most *relative* error (each FFN's error over
     its dense output's energy), one Lagrangian over all neurons. On SmolLM2, "layer" measured better
     at every budget (docs/RESULTS.md): output energy is a poor proxy for a layer's effect on the loss.
+    ``fold`` restricts the variants: None both, True only with the folded matrix, False only without.
 
     Example:
         >>> # allocate([prepare_gated_ffn(rec, config, "int8")], 0.5, "layer")
     """
+    allowed = [[i for i, v in enumerate(c.variants) if fold is None or v[0] == fold] for c in cands]
     if allocation == "model":
-        layers = [[(opts.scaled(1.0 / max(c.energy, 1e-30)), fixed) for _, opts, _, fixed in c.variants]
-                  for c in cands]
-        return choose_across(layers, sum(c.budget_bytes(budget) for c in cands))
+        layers = [[(c.variants[i][1].scaled(1.0 / max(c.energy, 1e-30)), c.variants[i][3]) for i in ids]
+                  for c, ids in zip(cands, allowed)]
+        picks = choose_across(layers, sum(c.budget_bytes(budget) for c in cands))
+        return [(ids[k], choice) for ids, (k, choice) in zip(allowed, picks)]
     picks = []
-    for c in cands:
-        choices = [choose(opts, c.budget_bytes(budget), fixed_bytes=fixed) for _, opts, _, fixed in c.variants]
-        best = min(range(len(choices)), key=lambda i: (not choices[i].within_budget, choices[i].error))
+    for c, ids in zip(cands, allowed):
+        choices = {i: choose(c.variants[i][1], c.budget_bytes(budget), fixed_bytes=c.variants[i][3]) for i in ids}
+        best = min(ids, key=lambda i: (not choices[i].within_budget, choices[i].error))
         picks.append((best, choices[best]))
     return picks
 
@@ -189,7 +194,7 @@ def predictor_for(w_rows: torch.Tensor, guard: str, config: CalibrationConfig,
 
     Example:
         >>> predictor_for(torch.randn(32, 64), "int8", CalibrationConfig(), torch.randn(100, 64)).kernel
-        'int8pack'
+        'int8'
     """
     if guard in LOW_BIT_GUARDS:
         return LowBitGuard.build(w_rows, LOW_BIT_GUARDS[guard], config.group_size)
@@ -200,21 +205,20 @@ def predictor_for(w_rows: torch.Tensor, guard: str, config: CalibrationConfig,
     return None
 
 
-def guard_bytes(predictor: LowBitGuard | SVDPredictor | None, m: int, d_in: int, elem: int,
-                bias: bool) -> tuple[float, float]:
-    """Bytes the guard reads per token: (per guarded neuron, once for all of them). A low-bit row
-    (the full row for "exact") or the SVD's Q row, plus the bias and two float32 thresholds per
-    neuron; the SVD's P (r x d_in, float32 as the op holds it) once.
+def guard_bytes(predictor: LowBitGuard | SVDPredictor | None, d_in: int, elem: int) -> tuple[float, float]:
+    """Bytes the guard reads per token: (per guarded neuron, once for all of them), as the pack
+    lays them out (``runtime/layout.py``): a low-bit row and its scales, the full row for "exact",
+    or the SVD's Q row, plus the neuron's band; the SVD's P (r x d_in, float32) once.
 
     Example:
-        >>> guard_bytes(None, 8, 16, 4, False)
+        >>> guard_bytes(None, 16, 4)
         (72.0, 0.0)
     """
-    per_neuron = bias * elem + 8
     if isinstance(predictor, SVDPredictor):
-        return float(predictor.rank * 4 + per_neuron), float(predictor.rank * d_in * 4)
-    row = predictor.bytes_read(m, d_in) / m if predictor is not None else d_in * elem
-    return float(row + per_neuron), 0.0
+        return float(guard_neuron_bytes("svd", d_in, elem, rank=predictor.rank)), float(predictor.rank * d_in * 4)
+    if predictor is None:
+        return float(guard_neuron_bytes("exact", d_in, elem)), 0.0
+    return float(guard_neuron_bytes(predictor.kernel, d_in, elem, predictor.group_size)), 0.0
 
 
 def guard_margins(guard: str, z: torch.Tensor, z_hat: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
@@ -395,7 +399,7 @@ def policy_measurements(flags: torch.Tensor, outside: torch.Tensor, always: torc
 
 
 def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_cost, exact_cost, dense_bytes,
-             down_bias_bytes) -> dict[str, Any]:
+             always_bytes) -> dict[str, Any]:
     """What the chosen policy does on ``x`` (held-out tokens): coverage, flags, recall, output
     error and bytes read per token."""
     g, u = F.linear(x, w["wg_rows"], w["bg"]), F.linear(x, w["wu_rows"], w["bu"])
@@ -411,6 +415,6 @@ def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_c
     if guard == "all":
         flags = torch.ones_like(flags)
     delta_h = torch.where(flags, torch.zeros_like(a), (c - a) * u)
-    fixed = (fold_bytes if with_fold else 0.0) + down_bias_bytes
+    fixed = (fold_bytes if with_fold else 0.0) + always_bytes
     return policy_measurements(flags, outside, always, guarded, delta_h @ w["wd_rows"], (a * u) @ w["wd_rows"],
                                predictor, guard, guard_cost, fixed, exact_cost, dense_bytes)

@@ -33,6 +33,7 @@ from .config import PREDICTOR_GUARDS, CalibrationConfig
 from .policy import Choice, NeuronOptions
 from .profile import FFNProfile
 from .report import ffn_bytes_per_token
+from .runtime.layout import always_read_bytes, exact_neuron_bytes, folded_matrix_bytes
 
 _INF = math.inf
 
@@ -73,10 +74,10 @@ def prepare_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     z_hat = guard_prediction(predictor, x_fit, w["b1"], z)
     energy = (y @ w["w2_rows"]).pow(2).sum(1).mean().item()
 
-    # As ffn_bytes_per_token: W1 row, W2 column, b1, and the float32 slope and intercept.
-    exact_cost = float((d_in + d_out + has_bias) * elem + 8)
-    guard_row, guard_fixed = guard_bytes(predictor, m, d_in, elem, has_bias)
-    fold_bytes = float((d_out * d_in + d_out) * elem)
+    # As the pack lays them out (runtime/layout.py): a bundle [W1 row | W2 column] and four floats.
+    exact_cost = float(exact_neuron_bytes("plain", d_in, d_out, elem))
+    guard_row, guard_fixed = guard_bytes(predictor, d_in, elem)
+    fold_bytes = float(folded_matrix_bytes(d_in, d_out, elem))
     order = z.argsort(dim=0)
     z_sorted, y_sorted = z.gather(0, order), y.gather(0, order)
     zd, yd = z_sorted.double(), y_sorted.double()
@@ -87,7 +88,7 @@ def prepare_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     for with_fold in (True, False):
         opts, plan = _options(z, y, z_hat, z_sorted, prefix, sigma, col_norm2, with_fold, exact_cost, guard_row,
                               guard, config)
-        fixed = (fold_bytes if with_fold else float(d_out * elem * has_bias)) + guard_fixed
+        fixed = (fold_bytes if with_fold else 0.0) + always_read_bytes(d_out) + guard_fixed
         variants.append((with_fold, opts, plan, fixed))
     stats = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0], "measured_on": measured_on,
              "elem_bytes": elem, "has_bias": has_bias, "dense_bytes": dense_bytes}
@@ -147,7 +148,7 @@ def fit_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> F
     """
     budget = budget_of(config)
     cand = prepare_plain_ffn(record, config, guard)
-    (variant, choice), = allocate([cand], budget, "layer")
+    (variant, choice), = allocate([cand], budget, "layer", config.fold)
     return finish_plain_ffn(cand, variant, choice, budget)
 
 

@@ -45,6 +45,9 @@ class CalibrationConfig:
             FFNs use ``coverage`` for every neuron (ranges with a worst-case error bound).
         allocation: how FFNs fitted to a budget share it: "layer" (each meets it) or "model" (bytes
             go to the FFNs whose relative error they cut most; the model as a whole meets it).
+        fold: with a budget, whether the mix may fold neurons into the matrix ``Wf``: None (default)
+            takes whichever of the two variants has less error per FFN, False never folds (neurons
+            off the exact path contribute nothing: contextual activation sparsity, c = 0), True always.
         seed: seeds the token reservoir.
         progress: show a progress bar.
 
@@ -63,6 +66,7 @@ class CalibrationConfig:
     svd_rank: int = 0
     budget: float | None = None
     allocation: str = "layer"
+    fold: bool | None = None
     seed: int = 0
     progress: bool = True
 
@@ -78,6 +82,7 @@ class CalibrationConfig:
         _check(self.svd_rank >= 0, f"svd_rank must be >= 0 (0: a quarter of d_in), got {self.svd_rank}")
         _check(self.allocation in ("layer", "model"),
                f"allocation must be 'layer' or 'model', got {self.allocation!r}")
+        _check(self.fold in (None, True, False), f"fold must be None, True or False, got {self.fold!r}")
         _check(self.budget is None or 0.0 < self.budget <= 1.0,
                f"budget is a fraction of dense FFN bytes read per token, in (0, 1]; got {self.budget}")
 
@@ -107,8 +112,6 @@ class TardisOptions:
         calibration: ``CalibrationConfig`` (or dict) for auto-calibration.
         budget: shortcut for ``calibration.budget``: FFN weight bytes read per token as a
             fraction of dense (``{"budget": 0.5}``: half), met per FFN by its neuron mix.
-        dense_above: if more than this fraction of an FFN's neurons is flagged in a call (the
-            union over its tokens), run that FFN dense: cheaper than a near-full correction.
         skip: FFN names or regexes to leave dense.
 
     Example:
@@ -121,7 +124,6 @@ class TardisOptions:
     inner: str = "inductor"
     calibration_calls: int = 8
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
-    dense_above: float = 0.5
     skip: tuple[str, ...] = ()
     budget: float | None = None
 
@@ -131,7 +133,6 @@ class TardisOptions:
                f"inner must be one of {INNER_COMPILERS}, got {self.inner!r}")
         _check(isinstance(self.calibration_calls, int) and self.calibration_calls >= 1,
                f"calibration_calls must be an int >= 1, got {self.calibration_calls!r}")
-        _check(0.0 < self.dense_above <= 1.0, f"dense_above must be in (0, 1], got {self.dense_above}")
         if isinstance(self.calibration, Mapping):
             self.calibration = CalibrationConfig.from_dict(self.calibration)
         _check(isinstance(self.calibration, CalibrationConfig),

@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .config import PREDICTOR_GUARDS, CalibrationConfig
+
+if TYPE_CHECKING:
+    from .runtime.layout import Layout
 
 FORMAT = "tardis-profile"
 FORMAT_VERSION = 1
@@ -54,7 +57,7 @@ class FFNProfile:
 
     def params(self, guard: str) -> torch.Tensor:
         """The (6, m) tensor the fused op takes: slope, intercept, lower, upper, flag thresholds
-        (for "svd", (6 + r, m + d_in): the predictor's factors below, see ``fold.split_params``).
+        (for "svd", (6 + r, m + d_in): the predictor's factors below, see ``pack.split_params``).
 
         Example: ``profile.ffns[name].params("int4")``.
         """
@@ -69,7 +72,7 @@ class FFNProfile:
         else:
             lo, hi = self.lower, self.upper
         rows = torch.stack([self.slope, self.intercept, self.lower, self.upper, lo, hi]).float()
-        if guard == "svd":  # the predictor's factors ride below the per-neuron rows (fold.split_params)
+        if guard == "svd":  # the predictor's factors ride below the per-neuron rows (pack.split_params)
             rows = torch.cat([torch.cat([rows, rows.new_zeros(6, self.d_in)], dim=1), self.predictor.float()])
         return rows.contiguous()
 
@@ -109,6 +112,17 @@ class FFNProfile:
             raise ValueError(f"FFN {self.name!r} was calibrated for guard {sorted(self.stats['guards'])}, "
                              f"not {guard!r}: calibrate again with this guard")
         return measured["bytes_per_token"] * scale
+
+    def layout(self, guard: str, dtype: torch.dtype, group_size: int) -> "Layout":
+        """The layout of the pack this calibration gives with ``guard`` in ``dtype``: its resident
+        bytes and what each neuron costs (``runtime/layout.py``), without building it.
+
+        Example: ``ffn.layout("int4", torch.bfloat16, 64).resident_bytes()``.
+        """
+        from .runtime.pack import pack_layout
+
+        return pack_layout(self.kind, self.activation, dtype, self.d_in, self.d_out, self.d_hidden,
+                           self.params(guard), guard, group_size)
 
     def signature(self) -> tuple[int, int, int, str, str]:
         """What must match between a model's FFN and this profile."""

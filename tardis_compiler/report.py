@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .runtime.layout import always_read_bytes, exact_neuron_bytes, folded_matrix_bytes
+
 
 @dataclasses.dataclass
 class FFNReport:
@@ -28,9 +30,9 @@ class FFNReport:
     bytes_tardis: float | None = None
     resident_dense: int = 0  # FFN weights held in memory
     resident_tardis: int | None = None  # the model's weights plus what tardis adds
-    copied_weights: int = 0  # weights copied to neuron-major layout (nn.Linear W2, Conv1D W1)
     guard_kernel: str = ""
     elem_bytes: int = 4
+    dtype: str = "float32"  # the weights' dtype
     has_bias: bool = True
     kind: str = "plain"  # or "gated"
     policy: dict[str, int] | None = None  # neurons per option (exact, guarded@p, folded, ...), if a mix was fitted
@@ -58,11 +60,12 @@ class GraphReport:
 
 def ffn_bytes_per_token(d_in: int, d_hidden: int, d_out: int, elem_bytes: int, has_bias: bool,
                         guard: str = "dense", corrected_rate: float = 0.0, guard_bytes: int = 0) -> float:
-    """FFN weight bytes read per token at batch 1, dense (``guard="dense"``) or folded.
+    """Plain FFN weight bytes read per token at batch 1, dense (``guard="dense"``) or folded with
+    every neuron guarded (a coverage fit), as the pack lays them out (``runtime/layout.py``).
 
-    Folded: Wf and bf, the guard (its low-bit W1 plus b1 and two float32 thresholds per neuron;
-    the full W1 for ``guard="exact"``), and for each corrected neuron its W1 row, W2 column, bias
-    and its float32 slope and intercept.
+    Folded: Wf and the float32 bf, the guard (``guard_bytes``: the low-bit rows and scales; the full
+    W1 for ``guard="exact"``) and each neuron's float32 band, and for each corrected neuron its
+    bundle [W1 row | W2 column] and four floats.
 
     Example:
         >>> ffn_bytes_per_token(384, 1536, 384, 4, True)   # MiniLM FFN, fp32
@@ -71,26 +74,12 @@ def ffn_bytes_per_token(d_in: int, d_hidden: int, d_out: int, elem_bytes: int, h
     m = d_hidden
     if guard == "dense":
         return (m * d_in + m * d_out + (m + d_out) * has_bias) * elem_bytes
-    folded = (d_out * d_in + d_out) * elem_bytes
+    folded = folded_matrix_bytes(d_in, d_out, elem_bytes) + always_read_bytes(d_out)
     if guard == "exact":
         guard_bytes = m * d_in * elem_bytes
     if guard != "all":
-        guard_bytes += m * elem_bytes * has_bias + m * 4 * 2
-    per_neuron = (d_in + d_out + has_bias) * elem_bytes + 2 * 4
-    return folded + guard_bytes + corrected_rate * m * per_neuron
-
-
-def resident_bytes_added(d_in: int, d_hidden: int, d_out: int, elem_bytes: int, guard_bytes: int,
-                         copied_weights: int, fold: bool = True) -> int:
-    """Memory tardis adds to an FFN: Wf and bf, the guard's low-bit W1, neuron-major copies of
-    weights stored the other way round, and six float32 calibration vectors.
-
-    Example:
-        >>> resident_bytes_added(384, 1536, 384, 4, 0, 1)   # MiniLM, exact guard, W2 copied
-        2987520
-    """
-    return ((d_out * d_in + d_out) * elem_bytes * fold + guard_bytes
-            + copied_weights * d_hidden * d_out * elem_bytes + 6 * d_hidden * 4)
+        guard_bytes += 8 * m
+    return folded + guard_bytes + corrected_rate * m * exact_neuron_bytes("plain", d_in, d_out, elem_bytes)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -121,7 +110,8 @@ def render_table(graphs: list[GraphReport]) -> str:
         held = sum(f.resident_dense for g in graphs for f in g.ffns)
         held_tardis = sum(f.resident_tardis or f.resident_dense for g in graphs for f in g.ffns)
         lines.append(f"FFN weight bytes resident: dense {held / 1e6:.3f} MB, tardis {held_tardis / 1e6:.3f} MB "
-                     f"({held_tardis / held:.3f} of dense: the exact path keeps the original weights)")
+                     f"({held_tardis / held:.3f} of dense: the model keeps its weights; the packs, with Wf, the "
+                     "guard and the bundles of the neurons that can take the exact path, come on top)")
     mixes = [(f, mix_summary(f.policy)) for g in graphs for f in g.ffns if f.policy]
     if mixes:
         lines.append("Neuron mix per FFN (exact: always computed; guarded@p: folded on a range holding p of "

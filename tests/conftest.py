@@ -1,10 +1,6 @@
-"""Shared fixtures: tiny random-weight HF models built in memory (structure and exactness tests).
-
-TRITON_INTERPRET must be set before any Triton kernel is decorated, so it is set here, first.
-"""
+"""Shared fixtures: tiny random-weight HF models built in memory (structure and exactness tests)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402

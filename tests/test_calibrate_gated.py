@@ -6,6 +6,8 @@ import torch.nn.functional as F
 
 import tardis_compiler as tc
 from tardis_compiler.calibrate import FFNRecord
+from tardis_compiler.runtime import ffn_op
+from tardis_compiler.runtime.pack import build_pack
 from tardis_compiler.calibrate_gated import _best_window, prefix_sums, fit_gated_ffn, gated_dense_bytes
 
 
@@ -42,8 +44,7 @@ def test_held_out_error_matches_the_op(tmp_path):
     ffn = fit_gated_ffn(rec, _cfg(0.5), "exact")
     w = rec.weights
     x = torch.randn(500, 32, generator=torch.Generator().manual_seed(9))
-    out = torch.ops.tardis.gated_ffn(x, w["wg_rows"], w["bg"], w["wu_rows"], w["bu"], w["wd_rows"].t(), w["bd"],
-                                     ffn.params("exact"), "cal", "silu", 0, 0, "exact", 64, 1.0)
+    out = ffn_op.ffn(x, build_pack("gated", w, ffn.params("exact"), "exact", "silu", 64))
     dense = F.linear(F.silu(F.linear(x, w["wg_rows"], w["bg"])) * F.linear(x, w["wu_rows"], w["bu"]),
                      w["wd_rows"].t(), w["bd"])
     rel = ((out - dense).norm() / dense.norm()).item()

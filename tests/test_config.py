@@ -9,7 +9,7 @@ def test_unknown_option_suggests_the_right_one():
         tc.TardisOptions.from_mapping({"gaurd": "int4"})
 
 
-@pytest.mark.parametrize("bad", [{"guard": "int3"}, {"inner": "tvm"}, {"calibration_calls": 0}, {"dense_above": 0},
+@pytest.mark.parametrize("bad", [{"guard": "int3"}, {"inner": "tvm"}, {"calibration_calls": 0},
                                  {"calibration": {"coverage": 1.5}}])
 def test_bad_values_rejected(bad):
     with pytest.raises(ValueError):

@@ -7,9 +7,11 @@ import pytest
 MODULES = [
     "tardis_compiler.activations", "tardis_compiler.config", "tardis_compiler.profile", "tardis_compiler.calibrate",
     "tardis_compiler.backend", "tardis_compiler.explain", "tardis_compiler.report", "tardis_compiler.passes.find_ffns",
-    "tardis_compiler.runtime.ops", "tardis_compiler.runtime.fold", "tardis_compiler.runtime.guard",
-    "tardis_compiler.runtime.stats", "tardis_compiler.runtime.correction", "tardis_compiler.passes.find_gated_ffns",
-    "tardis_compiler.runtime.gated_ops", "tardis_compiler.calibrate_gated", "tardis_compiler.policy",
+    "tardis_compiler.runtime.ffn_op", "tardis_compiler.runtime.pack", "tardis_compiler.runtime.guard",
+    "tardis_compiler.runtime.layout", "tardis_compiler.runtime.pack_cache", "tardis_compiler.runtime.torch_path",
+    "tardis_compiler.runtime.graph_packs", "tardis_compiler.runtime.cpu.kernel", "tardis_compiler.runtime.cpu.build",
+    "tardis_compiler.runtime.stats", "tardis_compiler.passes.find_gated_ffns", "tardis_compiler.caches",
+    "tardis_compiler.calibrate_gated", "tardis_compiler.policy",
 ]
 
 

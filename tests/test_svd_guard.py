@@ -1,11 +1,11 @@
 """The "svd" guard end to end: SVDP's whitened low-rank predictor of W1 / W_g, stored in the profile,
-passed to the ops below the per-neuron params, restricted to the guarded neurons."""
+passed below the per-neuron params, packed, restricted to the guarded neurons."""
 import pytest
 import torch
 
 import tardis_compiler as tc
-from tardis_compiler.runtime.fold import FOLD_CACHE, split_params
-from tardis_compiler.runtime.svd_predictor import SVDPredictor
+from tardis_compiler.runtime.pack import split_params
+from tardis_compiler.runtime.pack_cache import PACK_CACHE
 from tests.tiny_models import build_tiny, logits, token_batches
 
 CONFIG = tc.CalibrationConfig(progress=False, group_size=32, svd_rank=8)
@@ -38,8 +38,8 @@ def test_profile_carries_the_factors_and_the_ops_take_them(calibrated):
     torch.testing.assert_close(_run(model, ids, profile=profile, guard="all"), expected, atol=1e-5, rtol=1e-5)
     got = _run(model, ids, profile=profile, guard="svd")
     assert ((got - expected).norm() / expected.norm()).item() < 0.5
-    folds = [e.value for e in FOLD_CACHE._entries.values() if isinstance(e.value.guard, SVDPredictor)]
-    assert folds and all(f.guard.Q.shape[0] == f.guarded.numel() for f in folds)
+    packs = [e.pack for e in PACK_CACHE._entries.values() if e.pack.layout.guard == "svd"]
+    assert packs and all(p.guard.numel() == p.layout.k_guard * 8 * 4 for p in packs)  # Q: guarded rows only
 
 
 def test_save_and_load_keep_the_predictor(calibrated, tmp_path):

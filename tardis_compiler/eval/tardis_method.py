@@ -124,13 +124,7 @@ def _guard_of(ffn, guard: str | None) -> str:
 
 
 def _added_resident(profile: Profile, guard: str | None) -> int:
-    from ..report import resident_bytes_added
-
-    total = 0
-    for ffn in profile.ffns.values():
-        guard_bytes = ffn.stats["guards"].get(_guard_of(ffn, guard), {}).get("bytes", 0)
-        fold = not ffn.has_policy or ffn.stats["policy"]["folded_matrix"]
-        # nn.Linear models: W2 (W_d) is copied to neuron-major rows for the exact path.
-        total += resident_bytes_added(ffn.d_in, ffn.d_hidden, ffn.d_out, ffn.stats["elem_bytes"], guard_bytes, 1,
-                                      fold)
-    return total
+    """Bytes the packs hold on top of the model's own weights (the backend never changes those)."""
+    group = profile.config.group_size
+    return sum(ffn.layout(_guard_of(ffn, guard), torch.float32 if ffn.stats["elem_bytes"] == 4 else torch.bfloat16,
+                          group).resident_bytes() for ffn in profile.ffns.values())

@@ -1,24 +1,23 @@
-"""Rewrite: replace each selected FFN by one fused op: ``second(act(first(x)))`` by
-``tardis::folded_ffn``, a gated ``down(act(gate(x)) * up(x))`` by ``tardis::gated_ffn``.
+"""Rewrite: replace each selected FFN, plain ``second(act(first(x)))`` or gated
+``down(act(gate(x)) * up(x))``, by one ``tardis::ffn`` op.
 
-The op takes the *weights themselves* (graph inputs, so a reused graph folds the weights it is
-given) and one extra graph input per FFN: the (6, m) calibration tensor of ``FFNProfile.params``,
-appended after the original placeholders in the graph order of the FFNs (``gm.meta["tardis_folded"]``
-names them). The caller passes those tensors after the original inputs, so nothing calibrated is
-baked into the graph and one compiled graph serves every instance and every profile.
+The op reads the FFN's pack (``runtime/pack.py``): four extra graph inputs per FFN, appended after
+the original placeholders in the graph order of the FFNs (``gm.meta["tardis_folded"]`` names them).
+The caller (``runtime.graph_packs.GraphPacks``) finds the packs for the weights each call receives,
+so nothing calibrated or folded is baked into the graph and one compiled graph serves every instance
+and every profile. The FFN's own weights stay graph inputs: they key the packs.
 """
 from __future__ import annotations
 
 import torch
 from torch.fx import GraphModule, Node
 
-from ..runtime import gated_ops, ops  # noqa: F401  (register torch.ops.tardis.folded_ffn, gated_ffn)
+from ..runtime import ffn_op  # noqa: F401  (registers torch.ops.tardis.ffn)
 from .context import PassContext
-from .find_gated_ffns import GatedFFNMatch
 
 
 def fold_ffns(gm: GraphModule, ctx: PassContext) -> GraphModule:
-    """Replace each selected FFN with the fused op; returns ``gm`` with one new input per FFN.
+    """Replace each selected FFN with the fused op; returns ``gm`` with four new inputs per FFN.
 
     ``ctx.log`` gets one line per rewrite; ``gm.meta["tardis_folded"]`` lists the folded FFN names
     in the order of their new inputs.
@@ -31,51 +30,35 @@ def fold_ffns(gm: GraphModule, ctx: PassContext) -> GraphModule:
     last_placeholder = list(graph.find_nodes(op="placeholder"))[-1]
     names = []
     for match in matches:
-        with graph.inserting_after(last_placeholder):
-            params = graph.placeholder(f"tardis_params_{len(names)}")
-        last_placeholder = params
+        pack = []
+        for part in PACK_INPUTS:
+            with graph.inserting_after(last_placeholder):
+                last_placeholder = graph.placeholder(f"tardis_{part}_{len(names)}")
+            pack.append(last_placeholder)
         names.append(match.name)
-        _replace(graph, match, params, ctx)
-        op = "gated_ffn" if match.kind == "gated" else "folded_ffn"
-        ctx.log.append(f"fold_ffns: {match.name}: {match.pattern} -> tardis.{op}")
+        _replace(graph, match, pack)
+        ctx.log.append(f"fold_ffns: {match.name}: {match.pattern} -> tardis.ffn")
     gm.meta["tardis_folded"] = names
     graph.lint()
     gm.recompile()
     return gm
 
 
-def _replace(graph: torch.fx.Graph, match, params: Node, ctx: PassContext) -> None:
+PACK_INPUTS = ("weights", "guard", "floats", "meta")
+
+
+def _replace(graph: torch.fx.Graph, match, pack: list[Node]) -> None:
     if match.kind == "gated":
-        _replace_gated(graph, match, params, ctx)
-        return
-    first, second = match.first, match.second
-    opts = ctx.options
-    with graph.inserting_before(second.node):
-        fused = graph.call_function(
-            torch.ops.tardis.folded_ffn.default,
-            (first.x, first.weight, first.bias, second.weight, second.bias, params, match.name,
-             match.activation.name, first.layout, second.layout, opts.guard_for("plain"),
-             opts.calibration.group_size, opts.dense_above),
-        )
-        out = fused
-        if _rank(second.node) != _rank(first.x):  # Conv1D flattens tokens to 2-D around addmm
-            out = graph.call_method("reshape", (fused, -1, match.d_out))
-    second.node.replace_all_uses_with(out)
-    _erase_dead_upstream(graph, second.node)
-
-
-def _replace_gated(graph: torch.fx.Graph, match: GatedFFNMatch, params: Node, ctx: PassContext) -> None:
-    gate, up, down = match.gate, match.up, match.down
-    opts = ctx.options
-    with graph.inserting_before(down.node):
-        fused = graph.call_function(
-            torch.ops.tardis.gated_ffn.default,
-            (gate.x, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias, params, match.name,
-             match.activation.name, match.gate_offset, match.up_offset, opts.guard_for("gated"),
-             opts.calibration.group_size, opts.dense_above),
-        )
-    down.node.replace_all_uses_with(fused)
-    _erase_dead_upstream(graph, down.node)
+        x, last = match.gate.x, match.down.node
+    else:
+        x, last = match.first.x, match.second.node
+    with graph.inserting_before(last):
+        out = graph.call_function(torch.ops.tardis.ffn.default,
+                                  (x, *pack, match.d_out, match.activation.name, match.name))
+        if match.kind == "plain" and _rank(last) != _rank(x):  # Conv1D flattens tokens to 2-D around addmm
+            out = graph.call_method("reshape", (out, -1, match.d_out))
+    last.replace_all_uses_with(out)
+    _erase_dead_upstream(graph, last)
 
 
 def _rank(node: Node) -> int:

@@ -1,1 +1,1 @@
-"""Lowering: the fused custom op, its fold cache, the guard, and the correction kernels."""
+"""Lowering: the pack layout and builder, the ``tardis::ffn`` op, the fused CPU kernel, the guard."""

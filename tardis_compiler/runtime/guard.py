@@ -1,13 +1,17 @@
-"""The online guard: a low-bit copy of W1 that predicts z = W1 x cheaply.
+"""The online guard: a low-bit copy of the first weight rows that predicts ``z = W1 x`` cheaply.
 
-Group-wise round-to-nearest, asymmetric (per-group min and scale). On CPU the prediction runs on
-torch's packed low-bit GEMV kernels (what torchao's weight-only quantization uses):
-``_weight_int4pack_mm_for_cpu`` for int2/int4 (int2 codes live in int4 containers, so they read
-4 bits per weight; the explain report says so) and ``_weight_int8pack_mm`` for int8 (per-row
-scales). Both are fast only with bf16 activations (measured: 0.9 ms vs 29 ms in fp32 for an
-8192x2048 int4 GEMV on this CPU), so x is cast to bf16 for the prediction; calibration measures
-the error of exactly this path, so the margins cover the bf16 rounding too. Where no packed kernel
-applies (CUDA, or a shape the kernel rejects) the dequantized bf16 weight is used.
+The one home of the guard's encoding, shared by the fused kernel (which reads these bytes), the
+torch path and calibration (which measures the prediction error of exactly this arithmetic):
+
+* int8: symmetric, one float32 scale per row: ``w ~= scale * q``, q in [-127, 127].
+* int4 / int2: asymmetric groups of ``group_size`` along the row (the last one may be shorter),
+  a bf16 scale and minimum per group: ``w ~= low + scale * q``, q in [0, 2^bits). Codes are
+  packed so that unpacking is a shift and a mask: in a group of ``s`` elements with
+  ``part = ceil(s / per_byte)``, byte ``b`` holds element ``b + k * part`` in bits
+  ``[k * bits, (k + 1) * bits)``. int2 really reads 2 bits per weight.
+
+The prediction is ``x @ dequantized.T`` in float32 with x in float32 (the kernel computes the same
+sums in another order: the two agree to float32 rounding).
 """
 from __future__ import annotations
 
@@ -15,17 +19,74 @@ import dataclasses
 
 import torch
 
-_INT4_KERNEL_GROUPS = (32, 64, 128, 256)
-# Measured on torch 2.13 CPU: _weight_int8pack_mm gives wrong results at in_features 8 and crashes
-# (segfault) with 5+ rows there; in_features >= 16 was correct for every shape tried. The int4
-# pack refuses out_features not divisible by 16. Shapes outside these use the dequantized path.
-_INT8_KERNEL_MIN_IN = 16
-_INT4_KERNEL_OUT_MULTIPLE = 16
+from .layout import group_sizes, guard_codes_bytes, guard_row_bytes
+
+LOW_BIT_ENCODINGS = {"int8": 8, "int4": 4, "int2": 2}
+
+
+def quantize(w_rows: torch.Tensor, encoding: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (codes, scales) bytes of ``w_rows`` (rows, d) in ``encoding``: uint8 tensors of
+    (rows, codes bytes per row) and (rows, scale bytes per row).
+
+    Example:
+        >>> codes, scales = quantize(torch.randn(3, 70), "int4", 64)
+        >>> codes.shape, scales.shape           # 32 + 3 bytes of codes, 2 groups x 4 bytes of scales
+        (torch.Size([3, 35]), torch.Size([3, 8]))
+    """
+    w = w_rows.detach().float().cpu()
+    rows, d = w.shape
+    if encoding == "int8":
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-30)
+        codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return codes.view(torch.uint8), scale[:, None].contiguous().view(torch.uint8)
+    bits = LOW_BIT_ENCODINGS[encoding]
+    levels, per_byte = (1 << bits) - 1, 8 // bits
+    code_parts, scale_parts, start = [], [], 0
+    for size in group_sizes(d, group_size):
+        chunk = w[:, start:start + size]
+        start += size
+        low = chunk.amin(dim=1).to(torch.bfloat16)
+        scale = ((chunk.amax(dim=1) - low.float()) / levels).clamp(min=1e-30).to(torch.bfloat16)
+        q = torch.round((chunk - low.float()[:, None]) / scale.float()[:, None]).clamp(0, levels).to(torch.int32)
+        part = -(-size // per_byte)
+        q = torch.nn.functional.pad(q, (0, part * per_byte - size)).reshape(rows, per_byte, part)
+        packed = sum(q[:, k] << (k * bits) for k in range(per_byte))
+        code_parts.append(packed.to(torch.uint8))
+        scale_parts.append(torch.stack([scale, low], dim=1))
+    codes = torch.cat(code_parts, dim=1)
+    scales = torch.cat(scale_parts, dim=1).contiguous().view(torch.uint8)
+    return codes.contiguous(), scales.contiguous()
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, encoding: str, d_in: int, group_size: int) -> torch.Tensor:
+    """The float32 (rows, d_in) weights that ``quantize`` encoded (what the guard predicts with).
+
+    Example:
+        >>> w = torch.randn(4, 64)
+        >>> codes, scales = quantize(w, "int8", 64)
+        >>> bool((dequantize(codes, scales, "int8", 64, 64) - w).abs().max() < w.abs().max() / 127)
+        True
+    """
+    rows = codes.shape[0]
+    if encoding == "int8":
+        return codes.view(torch.int8).float() * scales.view(torch.float32)
+    bits = LOW_BIT_ENCODINGS[encoding]
+    per_byte = 8 // bits
+    pairs = scales.view(torch.bfloat16).float().reshape(rows, -1, 2)
+    out, offset = [], 0
+    for g, size in enumerate(group_sizes(d_in, group_size)):
+        part = -(-size // per_byte)
+        b = codes[:, offset:offset + part].to(torch.int32)
+        offset += part
+        q = torch.stack([(b >> (k * bits)) & ((1 << bits) - 1) for k in range(per_byte)], dim=1)
+        q = q.reshape(rows, per_byte * part)[:, :size].float()
+        out.append(q * pairs[:, g, 0:1] + pairs[:, g, 1:2])
+    return torch.cat(out, dim=1)
 
 
 @dataclasses.dataclass
 class LowBitGuard:
-    """A quantized neuron-major W1 (m, d) that predicts ``x @ W1.T`` (bias not included).
+    """A quantized neuron-major W1 (rows, d) that predicts ``x @ W1.T`` (bias not included).
 
     Example:
         >>> w = torch.randn(64, 128)
@@ -38,66 +99,47 @@ class LowBitGuard:
 
     bits: int
     group_size: int
-    kernel: str  # "int4pack", "int8pack" or "dequantized"
-    weight: torch.Tensor  # packed codes, or the dequantized bf16 matrix
-    scales: torch.Tensor | None
+    codes: torch.Tensor  # uint8 (rows, code bytes per row)
+    scales: torch.Tensor  # uint8 (rows, scale bytes per row)
+    d_in: int
+    _dequantized: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def build(cls, w1_rows: torch.Tensor, bits: int, group_size: int) -> "LowBitGuard":
-        """Quantize ``w1_rows`` (m, d), neuron-major, to ``bits`` bits in groups along d."""
-        w = w1_rows.detach().float()
-        m, d = w.shape
-        if bits == 8:
-            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-            codes = torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8)
-            if w.device.type == "cpu" and d >= _INT8_KERNEL_MIN_IN:
-                return cls(8, d, "int8pack", codes.contiguous(), scale.to(torch.bfloat16))
-            return cls(8, d, "dequantized", (codes.float() * scale[:, None]).to(torch.bfloat16), None)
-        group = _fit_group(d, group_size)
-        levels = (1 << bits) - 1
-        wg = w.reshape(m, d // group, group)
-        lo = wg.amin(dim=-1, keepdim=True)
-        scale = ((wg.amax(dim=-1, keepdim=True) - lo) / levels).clamp(min=1e-12)
-        codes = torch.round((wg - lo) / scale).clamp(0, levels)
-        if w.device.type == "cpu" and group in _INT4_KERNEL_GROUPS and m % _INT4_KERNEL_OUT_MULTIPLE == 0:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                codes.reshape(m, d).to(torch.int32).contiguous(), 1)
-            # The kernel dequantizes (q - 8) * scale + zero; ours is q * scale + lo.
-            zero = lo + 8 * scale
-            scales = torch.stack([scale.squeeze(-1).t(), zero.squeeze(-1).t()], dim=-1)
-            return cls(bits, group, "int4pack", packed, scales.to(torch.bfloat16).contiguous())
-        dequant = (codes * scale + lo).reshape(m, d).to(torch.bfloat16)
-        return cls(bits, group, "dequantized", dequant, None)
+        """Quantize ``w1_rows`` (m, d), neuron-major, to ``bits`` bits (8: per row; 4, 2: per group)."""
+        codes, scales = quantize(w1_rows, cls.encoding_of(bits), group_size)
+        return cls(bits, group_size, codes, scales, w1_rows.shape[1])
+
+    @staticmethod
+    def encoding_of(bits: int) -> str:
+        """``"int8"``, ``"int4"`` or ``"int2"``."""
+        return f"int{bits}"
+
+    @property
+    def kernel(self) -> str:
+        """The encoding's name (what reports show)."""
+        return self.encoding_of(self.bits)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weights the prediction uses (computed once)."""
+        if self._dequantized is None:
+            self._dequantized = dequantize(self.codes, self.scales, self.kernel, self.d_in, self.group_size)
+        return self._dequantized
 
     def predict(self, x2d: torch.Tensor) -> torch.Tensor:
         """Predicted ``x2d @ W1.T`` in float32, shape (T, m)."""
-        xb = x2d.to(torch.bfloat16)
-        if self.kernel == "int4pack":
-            out = torch._weight_int4pack_mm_for_cpu(xb, self.weight, self.group_size, self.scales)
-        elif self.kernel == "int8pack":
-            out = torch._weight_int8pack_mm(xb, self.weight, self.scales)
-        else:
-            out = xb @ self.weight.t()
-        return out.float()
+        w = self.dequantized().to(x2d.device)
+        return x2d.float() @ w.t()
 
     @property
     def bits_read(self) -> int:
-        """Bits per weight the prediction actually reads (int2 sits in int4 containers)."""
-        return {"int4pack": 4, "int8pack": 8, "dequantized": 16}[self.kernel]
+        """Bits per weight the prediction reads (scales not included)."""
+        return self.bits
 
     def bytes_read(self, m: int, d: int) -> int:
-        """Bytes read per prediction: codes plus scales (and zeros)."""
-        codes = m * d * self.bits_read // 8
-        if self.kernel == "int4pack":
-            return codes + m * (d // self.group_size) * 2 * 2
-        if self.kernel == "int8pack":
-            return codes + m * 2
-        return codes
+        """Bytes read per prediction over ``m`` rows of ``d``: codes plus scales."""
+        return m * guard_row_bytes(self.kernel, d, self.group_size)
 
-
-def _fit_group(d: int, group_size: int) -> int:
-    """Largest group <= group_size dividing d (the packed kernel needs whole groups)."""
-    group = min(group_size, d)
-    while d % group:
-        group -= 1
-    return group
+    def code_bytes(self) -> int:
+        """Bytes of one row's codes."""
+        return guard_codes_bytes(self.kernel, self.d_in, self.group_size)

@@ -7,7 +7,7 @@ from tardis_compiler.passes import PassContext, copy_graph_module, find_ffns, fo
 from tardis_compiler.backend import capture_graphs
 from tests.tiny_models import LAYERS, build_tiny, token_batches
 
-FUSED = torch.ops.tardis.folded_ffn.default
+FUSED = torch.ops.tardis.ffn.default
 
 
 def _targets(gm):
@@ -33,7 +33,8 @@ def test_fold_expected_and_unexpected_ops(tiny_arch):
     assert unexpected & set(before), "the test must look for ops the model really has"
     assert len(folded.meta["tardis_folded"]) == LAYERS
     placeholders = [n.name for n in folded.graph.find_nodes(op="placeholder")]
-    assert placeholders[-LAYERS:] == [f"tardis_params_{i}" for i in range(LAYERS)]
+    assert placeholders[-4 * LAYERS:] == [f"tardis_{part}_{i}" for i in range(LAYERS)
+                                          for part in ("weights", "guard", "floats", "meta")]
     assert len(ctx.log) == LAYERS
 
 

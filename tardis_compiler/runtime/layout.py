@@ -1,0 +1,245 @@
+"""The pack layout: what the fused FFN kernel reads, where, and how many bytes it is.
+
+One FFN's pack is four buffers (see ``runtime/pack.py``, which fills them):
+
+* ``weights`` (the model's dtype): the folded matrix ``Wf`` (d_out, d_in), then one contiguous
+  *bundle* per neuron that can take the exact path: ``[W1 row | W2 column]`` for a plain FFN,
+  ``[W_g row | W_u row | W_d column]`` for a gated one, each padded to a 64-byte stride. Bundles
+  ``[0, k_guard)`` are the guarded neurons, in guard order; ``[k_guard, k_guard + k_always)`` the
+  always-exact ones. Neurons that are never computed exactly (folded unguarded, dropped) have none.
+* ``guard`` (uint8): the guard's codes of the guarded neurons' first rows, then their scales.
+* ``floats`` (float32): the folded bias ``bf`` (d_out), each guarded neuron's flag band with the
+  bias taken out (lo, hi), four floats per bundle (first bias, up bias, slope, intercept), and the
+  svd guard's projection ``P`` (rank, d_in).
+* ``meta`` (int64): the fields of ``META_FIELDS``: shapes, codes and offsets.
+
+This module is the one home of those sizes: the pack builder, the kernel's checks
+(``ffn_kernel.cpp`` recomputes them), calibration's cost model and the reports all use it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+META_FIELDS = ("MAGIC", "VERSION", "KIND", "ACT", "DTYPE", "D_IN", "D_OUT", "M", "K_GUARD", "K_ALWAYS", "GUARD",
+               "GROUP", "RANK", "STRIDE", "HAS_WF", "OFF_BUNDLES", "OFF_GSCALES", "OFF_BF", "OFF_BANDS",
+               "OFF_NEURON", "OFF_P", "N_WEIGHTS", "N_GUARD", "N_FLOATS")
+FIELD = {name: i for i, name in enumerate(META_FIELDS)}
+MAGIC = 0x7A4D5446
+LAYOUT_VERSION = 1
+KINDS = {"plain": 0, "gated": 1}
+#: Activations the kernel evaluates itself (others run the torch path).
+KERNEL_ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "quick_gelu": 4}
+#: Guard encodings: a low-bit copy of the guarded first rows (int8: per-row scale; int4/int2:
+#: per-group scale and minimum), "exact" (the bundle's own first row), "svd" (rank-r factors).
+GUARD_ENCODINGS = {"none": 0, "int8": 1, "int4": 2, "int2": 3, "exact": 4, "svd": 5}
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's dtypes; others run the torch path
+NEURON_FLOATS = 4
+ALIGN_BYTES = 64
+
+
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``. Example: ``round_up(70, 64) == 128``."""
+    return (n + multiple - 1) // multiple * multiple
+
+
+def bundle_row(kind: str, d_in: int, d_out: int) -> int:
+    """Elements of one neuron's bundle: its first row(s) and its output column.
+
+    Example:
+        >>> bundle_row("gated", 576, 576), bundle_row("plain", 384, 384)
+        (1728, 768)
+    """
+    return (2 if kind == "gated" else 1) * d_in + d_out
+
+
+def bundle_stride(kind: str, d_in: int, d_out: int, elem_bytes: int) -> int:
+    """Elements between bundles: the row padded to 64 bytes."""
+    return round_up(bundle_row(kind, d_in, d_out), ALIGN_BYTES // elem_bytes)
+
+
+def group_sizes(d_in: int, group: int) -> list[int]:
+    """Sizes of the quantization groups along a row: ``group`` each, the last one partial."""
+    return [min(group, d_in - start) for start in range(0, d_in, group)]
+
+
+def guard_codes_bytes(encoding: str, d_in: int, group: int = 64, rank: int = 0) -> int:
+    """Bytes of one guarded row's codes (svd: its float32 row of Q); scales are stored after all codes."""
+    if encoding == "int8":
+        return d_in
+    if encoding in ("int4", "int2"):
+        bits = 4 if encoding == "int4" else 2
+        return sum((s * bits + 7) // 8 for s in group_sizes(d_in, group))
+    if encoding == "svd":
+        return 4 * rank
+    return 0
+
+
+def guard_scale_bytes(encoding: str, d_in: int, group: int = 64) -> int:
+    """Bytes of one guarded row's scales: a float32 scale (int8), a bf16 scale and minimum per group."""
+    if encoding == "int8":
+        return 4
+    if encoding in ("int4", "int2"):
+        return 4 * len(group_sizes(d_in, group))
+    return 0
+
+
+def guard_row_bytes(encoding: str, d_in: int, group: int = 64, rank: int = 0) -> int:
+    """Bytes of one guarded neuron's codes and scales (not its band).
+
+    Example:
+        >>> guard_row_bytes("int8", 576), guard_row_bytes("int4", 576, 64), guard_row_bytes("int2", 576, 64)
+        (580, 324, 180)
+    """
+    return guard_codes_bytes(encoding, d_in, group, rank) + guard_scale_bytes(encoding, d_in, group)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Shapes, counts and offsets of one pack: the ``meta`` tensor in readable form."""
+
+    kind: str
+    activation: str
+    dtype: torch.dtype
+    d_in: int
+    d_out: int
+    m: int
+    k_guard: int
+    k_always: int
+    guard: str
+    group: int
+    rank: int
+    has_wf: bool
+
+    @property
+    def k_bundles(self) -> int:
+        """Neurons with a bundle (guarded + always exact)."""
+        return self.k_guard + self.k_always
+
+    @property
+    def elem_bytes(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+    @property
+    def stride(self) -> int:
+        return bundle_stride(self.kind, self.d_in, self.d_out, self.elem_bytes)
+
+    @property
+    def off_bundles(self) -> int:
+        return round_up(self.d_out * self.d_in if self.has_wf else 0, ALIGN_BYTES // self.elem_bytes)
+
+    @property
+    def n_weights(self) -> int:
+        return self.off_bundles + self.k_bundles * self.stride
+
+    @property
+    def off_gscales(self) -> int:
+        return round_up(self.k_guard * guard_codes_bytes(self.guard, self.d_in, self.group, self.rank), 16)
+
+    @property
+    def n_guard(self) -> int:
+        return self.off_gscales + self.k_guard * guard_scale_bytes(self.guard, self.d_in, self.group)
+
+    @property
+    def off_bands(self) -> int:
+        return self.d_out
+
+    @property
+    def off_neuron(self) -> int:
+        return self.off_bands + 2 * self.k_guard
+
+    @property
+    def off_p(self) -> int:
+        return self.off_neuron + NEURON_FLOATS * self.k_bundles
+
+    @property
+    def n_floats(self) -> int:
+        return self.off_p + (self.rank * self.d_in if self.guard == "svd" else 0)
+
+    def meta(self) -> torch.Tensor:
+        """The int64 ``meta`` tensor the kernel reads."""
+        values = {
+            "MAGIC": MAGIC, "VERSION": LAYOUT_VERSION, "KIND": KINDS[self.kind],
+            "ACT": KERNEL_ACTIVATIONS.get(self.activation, -1), "DTYPE": DTYPES.get(self.dtype, -1),
+            "D_IN": self.d_in, "D_OUT": self.d_out, "M": self.m, "K_GUARD": self.k_guard,
+            "K_ALWAYS": self.k_always, "GUARD": GUARD_ENCODINGS[self.guard], "GROUP": self.group,
+            "RANK": self.rank, "STRIDE": self.stride, "HAS_WF": int(self.has_wf), "OFF_BUNDLES": self.off_bundles,
+            "OFF_GSCALES": self.off_gscales, "OFF_BF": 0, "OFF_BANDS": self.off_bands,
+            "OFF_NEURON": self.off_neuron, "OFF_P": self.off_p, "N_WEIGHTS": self.n_weights,
+            "N_GUARD": self.n_guard, "N_FLOATS": self.n_floats,
+        }
+        return torch.tensor([values[name] for name in META_FIELDS], dtype=torch.int64)
+
+    @classmethod
+    def from_meta(cls, meta: torch.Tensor, activation: str, dtype: torch.dtype) -> "Layout":
+        """Read a ``meta`` tensor back (the activation's name and the dtype are not in it)."""
+        v = meta.tolist()
+        if len(v) != len(META_FIELDS) or v[FIELD["MAGIC"]] != MAGIC:
+            raise ValueError("not a tardis FFN pack: its meta tensor has the wrong length or magic number")
+        if v[FIELD["VERSION"]] != LAYOUT_VERSION:
+            raise ValueError(f"tardis pack layout version {v[FIELD['VERSION']]}, this package reads {LAYOUT_VERSION}")
+        kinds = {code: name for name, code in KINDS.items()}
+        guards = {code: name for name, code in GUARD_ENCODINGS.items()}
+        layout = cls(kinds[v[FIELD["KIND"]]], activation, dtype, v[FIELD["D_IN"]], v[FIELD["D_OUT"]],
+                     v[FIELD["M"]], v[FIELD["K_GUARD"]], v[FIELD["K_ALWAYS"]], guards[v[FIELD["GUARD"]]],
+                     v[FIELD["GROUP"]], v[FIELD["RANK"]], bool(v[FIELD["HAS_WF"]]))
+        if layout.meta().tolist()[FIELD["STRIDE"]:] != v[FIELD["STRIDE"]:]:
+            raise ValueError("tardis pack meta is inconsistent (offsets or sizes do not match its shapes)")
+        return layout
+
+    # --- bytes: what the kernel reads per token and what the pack holds -----------------------
+    def bundle_bytes(self) -> int:
+        """Bytes the exact path reads for one neuron: its bundle (unpadded) and its four floats."""
+        return bundle_row(self.kind, self.d_in, self.d_out) * self.elem_bytes + 4 * NEURON_FLOATS
+
+    def fixed_bytes(self) -> int:
+        """Bytes read per token whatever is flagged: Wf, bf, the guard and the bands, svd's P."""
+        wf = self.d_out * self.d_in * self.elem_bytes if self.has_wf else 0
+        guard = self.k_guard * (guard_row_bytes(self.guard, self.d_in, self.group, self.rank) + 8)
+        if self.guard == "exact":
+            guard += self.k_guard * self.d_in * self.elem_bytes  # the first rows of every guarded bundle
+        p = self.rank * self.d_in * 4 if self.guard == "svd" else 0
+        return wf + 4 * self.d_out + guard + p
+
+    def bytes_per_token(self, corrected_neurons: float) -> float:
+        """Bytes read per token (batch 1) when ``corrected_neurons`` take the exact path."""
+        return self.fixed_bytes() + corrected_neurons * self.bundle_bytes()
+
+    def resident_bytes(self) -> int:
+        """Bytes the pack holds (padding included)."""
+        return (self.n_weights * self.elem_bytes + self.n_guard + self.n_floats * 4
+                + len(META_FIELDS) * 8)
+
+
+# --- the cost model calibration prices options with (the same bytes ``Layout`` counts) ----------
+def exact_neuron_bytes(kind: str, d_in: int, d_out: int, elem_bytes: int) -> int:
+    """Bytes one neuron on the exact path reads: its bundle and its four floats.
+
+    Example:
+        >>> exact_neuron_bytes("gated", 576, 576, 2)
+        3472
+    """
+    return bundle_row(kind, d_in, d_out) * elem_bytes + 4 * NEURON_FLOATS
+
+
+def folded_matrix_bytes(d_in: int, d_out: int, elem_bytes: int) -> int:
+    """Bytes of Wf, read once per token when the FFN has one."""
+    return d_out * d_in * elem_bytes
+
+
+def always_read_bytes(d_out: int) -> int:
+    """Bytes read per token whatever the mix: the folded bias bf (float32)."""
+    return 4 * d_out
+
+
+def guard_neuron_bytes(encoding: str, d_in: int, elem_bytes: int, group: int = 64, rank: int = 0) -> int:
+    """Bytes the guard reads per guarded neuron: its codes and scales (for "exact", its first row
+    in the model's dtype) and its band (two float32).
+
+    Example:
+        >>> guard_neuron_bytes("int4", 576, 2, 64), guard_neuron_bytes("exact", 576, 2)
+        (332, 1160)
+    """
+    row = d_in * elem_bytes if encoding == "exact" else guard_row_bytes(encoding, d_in, group, rank)
+    return row + 8

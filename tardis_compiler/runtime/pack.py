@@ -1,0 +1,246 @@
+"""Build an FFN's pack: the fold, the guard and the per-neuron bundles, once, from its weights
+and calibration (layout in ``runtime/layout.py``).
+
+The per-neuron calibration comes as the (6, m) rows of ``FFNProfile.params``: slope, intercept,
+lower, upper, and the guard's flag band (lower/upper with the margins applied); with the "svd"
+guard its factors ``[Q^T | P]`` follow below (``split_params``). The band encodes each neuron's
+option: an empty band (lo > hi) flags it for every token (always exact), an unbounded one never
+(folded unguarded or dropped: no bundle is kept), anything else is guarded.
+
+Every neuron's line (plain: ``a z + c``; gated: the constant ``c``) folds into ``Wf``; the exact
+path adds ``delta`` for the flagged ones, which is exact for any superset of the out-of-range
+neurons: ``guard="all"`` (every neuron always exact) reproduces the dense FFN.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from .guard import LOW_BIT_ENCODINGS, quantize
+from .layout import NEURON_FLOATS, Layout, bundle_row
+
+#: Guards a pack can be built for; "all" flags every neuron (the exactness check).
+PACK_GUARDS = (*LOW_BIT_ENCODINGS, "svd", "exact", "all")
+
+
+@dataclasses.dataclass(eq=False)
+class FFNPack:
+    """What the fused op reads for one FFN: four tensors, the activation's name, and which neuron
+    each bundle belongs to (for reports; the kernel does not read it).
+
+    Example:
+        >>> w = {"w1_rows": torch.randn(16, 8), "b1": None, "w2_rows": torch.randn(16, 8), "b2": None}
+        >>> params = torch.zeros(6, 16); params[0] = 1.0                  # the line z -> z
+        >>> pack = build_pack("plain", w, params, "all", "relu", 64)
+        >>> pack.layout.k_always, pack.layout.k_guard
+        (16, 0)
+    """
+
+    weights: torch.Tensor  # model dtype, 1-D: Wf, then the bundles
+    guard: torch.Tensor  # uint8, 1-D: guard codes, then scales
+    floats: torch.Tensor  # float32 (float64 for float64 models), 1-D
+    meta: torch.Tensor  # int64, the layout's fields
+    activation: str
+    neurons: torch.Tensor  # int64 (k_bundles,): the neuron of each bundle
+    layout: Layout
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weights, guard, floats, meta): the op's tensor arguments after x."""
+        return self.weights, self.guard, self.floats, self.meta
+
+    def to(self, device: torch.device | str) -> "FFNPack":
+        """The pack on ``device`` (the layout is device-independent)."""
+        moved = [t.to(device) for t in (self.weights, self.guard, self.floats, self.meta, self.neurons)]
+        return FFNPack(*moved[:4], self.activation, moved[4], self.layout)
+
+
+def split_params(params: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An FFN's calibration tensor as its (6, m) per-neuron rows and, with the "svd" guard, the
+    predictor rows (r, m + d_in) below them: ``[Q^T | P]`` of ``SVDPredictor``.
+
+    Example:
+        >>> rows, predictor = split_params(torch.zeros(6, 8), 8)
+        >>> rows.shape, predictor
+        (torch.Size([6, 8]), None)
+    """
+    if params.shape[0] == 6:
+        return params, None
+    return params[:6, :m], params[6:]
+
+
+def neuron_classes(params: torch.Tensor, guard: str, m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(guarded, always-exact) neuron ids of a calibration of ``m`` neurons (default: the width of
+    ``params``, which with the svd factors below is m + d_in): see the module docstring.
+
+    Example:
+        >>> inf = float("inf")
+        >>> p = torch.tensor([[0.] * 3, [0.] * 3, [-1., inf, -inf], [1., -inf, inf], [-1., inf, -inf], [1., -inf, inf]])
+        >>> [t.tolist() for t in neuron_classes(p, "int8")]      # guarded, exact, folded
+        [[0], [1]]
+    """
+    m = params.shape[1] if m is None else m
+    if guard == "all":
+        return torch.zeros(0, dtype=torch.long), torch.arange(m)
+    rows, _ = split_params(params, m)
+    band_lo, band_hi = rows[4], rows[5]
+    always = (band_lo > band_hi) | (rows[2] > rows[3])
+    guarded = (torch.isfinite(band_lo) | torch.isfinite(band_hi)) & ~always
+    return guarded.nonzero().squeeze(1), always.nonzero().squeeze(1)
+
+
+def fold_ffn(w1_rows: torch.Tensor, b1: torch.Tensor | None, w2_rows: torch.Tensor, b2: torch.Tensor | None,
+             slope: torch.Tensor, intercept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold ``y = W2 (a * (W1 x + b1) + c) + b2`` into ``Wf x + bf``, computed in float32 (float64
+    for float64 weights); ``Wf`` in the weights' dtype, ``bf`` in the compute dtype.
+
+    Example:
+        >>> w1, w2 = torch.randn(6, 4), torch.randn(6, 3)   # neuron-major
+        >>> a, c = torch.rand(6), torch.rand(6)
+        >>> wf, bf = fold_ffn(w1, None, w2, None, a, c)
+        >>> x = torch.randn(4)
+        >>> torch.allclose(wf @ x + bf, w2.t() @ (a * (w1 @ x) + c), atol=1e-5)
+        True
+    """
+    compute = torch.float64 if w1_rows.dtype == torch.float64 else torch.float32
+    w1, w2 = w1_rows.to(compute), w2_rows.to(compute)
+    a, c = slope.to(compute), intercept.to(compute)
+    weight = w2.t() @ (a[:, None] * w1)
+    shift = a * b1.to(compute) + c if b1 is not None else c
+    bias = w2.t() @ shift
+    if b2 is not None:
+        bias = bias + b2.to(compute)
+    return weight.to(w1_rows.dtype), bias
+
+
+def pack_layout(kind: str, activation: str, dtype: torch.dtype, d_in: int, d_out: int, m: int, params: torch.Tensor,
+                guard: str, group_size: int) -> Layout:
+    """The layout ``build_pack`` gives these calibration rows, without building anything (reports).
+
+    Example:
+        >>> pack_layout("gated", "silu", torch.bfloat16, 576, 576, 1536, guard_all_params(1536), "all", 64).k_always
+        1536
+    """
+    rows, predictor = split_params(params, m)
+    guarded, always = neuron_classes(params, guard, m)
+    has_wf = bool((rows[1] != 0).any() or (kind == "plain" and (rows[0] != 0).any()))
+    encoding = guard if guarded.numel() else "none"
+    rank = predictor.shape[0] if encoding == "svd" and predictor is not None else 0
+    return Layout(kind, activation, dtype, d_in, d_out, m, guarded.numel(), always.numel(), encoding, group_size,
+                  rank, has_wf)
+
+
+def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch.Tensor, guard: str,
+               activation: str, group_size: int) -> FFNPack:
+    """The pack of one FFN with ``guard`` (one of ``PACK_GUARDS``).
+
+    ``weights`` are neuron-major views: plain ``w1_rows`` (m, d_in), ``b1``, ``w2_rows`` (m, d_out),
+    ``b2``; gated ``wg_rows``, ``bg``, ``wu_rows``, ``bu``, ``wd_rows`` (m, d_out), ``bd``.
+    ``params``: the calibration rows (module docstring). The model's weights are only read.
+    """
+    if guard not in PACK_GUARDS:
+        raise ValueError(f"guard must be one of {PACK_GUARDS}, got {guard!r}")
+    first = weights["wg_rows" if kind == "gated" else "w1_rows"]
+    out = weights["wd_rows" if kind == "gated" else "w2_rows"]
+    m, d_in = first.shape
+    d_out = out.shape[1]
+    dtype = first.dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    params = params.detach().to(first.device, compute)
+    rows, predictor = split_params(params, m)
+    slope, intercept = rows[0], rows[1]
+    guarded, always = (t.to(first.device) for t in neuron_classes(params, guard, m))
+    bundled = torch.cat([guarded, always])
+    with torch.no_grad():
+        wf, bf = _fold(kind, weights, slope, intercept)
+    encoding = "none" if not guarded.numel() else guard
+    if guard == "svd" and guarded.numel() and predictor is None:
+        raise ValueError("guard 'svd' needs the factors calibration stores in the profile: "
+                         "calibrate with guard='svd' and a budget")
+    rank = predictor.shape[0] if encoding == "svd" else 0
+    layout = Layout(kind, activation, dtype, d_in, d_out, m, guarded.numel(), always.numel(), encoding,
+                    group_size, rank, wf is not None)
+
+    packed = first.new_zeros(layout.n_weights)
+    if wf is not None:
+        packed[:d_out * d_in] = wf.reshape(-1)
+    packed[layout.off_bundles:].view(-1, layout.stride)[:, :bundle_row(kind, d_in, d_out)] = \
+        _bundles(kind, weights, bundled)
+
+    floats = torch.zeros(layout.n_floats, dtype=compute, device=first.device)
+    floats[:d_out] = bf
+    first_bias = weights["bg" if kind == "gated" else "b1"]
+    b_first = first_bias.to(compute) if first_bias is not None else torch.zeros(m, dtype=compute, device=first.device)
+    bands = torch.stack([rows[4][guarded] - b_first[guarded], rows[5][guarded] - b_first[guarded]], dim=1)
+    floats[layout.off_bands:layout.off_neuron] = bands.reshape(-1)
+    floats[layout.off_neuron:layout.off_p] = _neuron_floats(kind, weights, slope, intercept, b_first, bundled).reshape(-1)
+    guard_bytes = torch.zeros(layout.n_guard, dtype=torch.uint8)
+    if encoding in LOW_BIT_ENCODINGS:
+        codes, scales = quantize(first.index_select(0, guarded), encoding, group_size)
+        guard_bytes[:codes.numel()] = codes.reshape(-1)
+        guard_bytes[layout.off_gscales:] = scales.reshape(-1)
+    elif encoding == "svd":
+        q = predictor[:, :m].index_select(1, guarded).t().float().contiguous()
+        guard_bytes[:q.numel() * 4] = q.cpu().view(-1).view(torch.uint8)
+        floats[layout.off_p:] = predictor[:, m:].reshape(-1).to(compute)
+    meta = layout.meta()
+    return FFNPack(packed, guard_bytes.to(first.device), floats, meta, activation, bundled.cpu(), layout)
+
+
+def _fold(kind: str, w: dict, slope: torch.Tensor, intercept: torch.Tensor):
+    """(Wf or None, bf): every neuron's line folded; Wf is None when every line is zero."""
+    if kind == "gated":
+        # W_d (c * (W_u x + b_u)) + b_d is W2 (a * (W1 x + b1) + 0) + b2 with a = c.
+        lines = (w["wu_rows"], w["bu"], w["wd_rows"], w["bd"], intercept, torch.zeros_like(intercept))
+    else:
+        lines = (w["w1_rows"], w["b1"], w["w2_rows"], w["b2"], slope, intercept)
+    if bool((lines[4] != 0).any() or (lines[5] != 0).any()):
+        return fold_ffn(*lines)
+    b_out = lines[3]
+    compute = slope.dtype
+    d_out = lines[2].shape[1]
+    bias = b_out.to(compute) if b_out is not None else torch.zeros(d_out, dtype=compute, device=slope.device)
+    return None, bias
+
+
+def _bundles(kind: str, w: dict, idx: torch.Tensor) -> torch.Tensor:
+    """(k, row) rows ``[first | up | out]`` of the neurons ``idx``."""
+    names = ("wg_rows", "wu_rows", "wd_rows") if kind == "gated" else ("w1_rows", "w2_rows")
+    return torch.cat([w[n].detach().index_select(0, idx) for n in names], dim=1)
+
+
+def _neuron_floats(kind: str, w: dict, slope, intercept, b_first, idx) -> torch.Tensor:
+    """(k, 4): first bias, up bias, slope, intercept of the bundled neurons."""
+    zeros = torch.zeros_like(slope)
+    b_up = w["bu"].to(slope.dtype) if kind == "gated" and w["bu"] is not None else zeros
+    cols = [b_first, b_up, slope if kind == "plain" else zeros, intercept]
+    assert len(cols) == NEURON_FLOATS
+    return torch.stack([c.index_select(0, idx) for c in cols], dim=1)
+
+
+def guard_all_params(m: int) -> torch.Tensor:
+    """Calibration rows that fold nothing and flag every neuron: the pack then is the dense FFN.
+
+    Example:
+        >>> guard_all_params(4).shape
+        torch.Size([6, 4])
+    """
+    rows = torch.zeros(6, m)
+    rows[2], rows[3], rows[4], rows[5] = float("inf"), float("-inf"), float("inf"), float("-inf")
+    return rows
+
+
+def dense_reference(kind: str, weights: dict, activation_fn, x: torch.Tensor) -> torch.Tensor:
+    """The dense FFN on neuron-major weights (tests and benchmarks compare against it).
+
+    Example:
+        >>> w = {"w1_rows": torch.randn(16, 8), "b1": None, "w2_rows": torch.randn(16, 8), "b2": None}
+        >>> dense_reference("plain", w, torch.relu, torch.randn(2, 8)).shape
+        torch.Size([2, 8])
+    """
+    if kind == "gated":
+        h = activation_fn(F.linear(x, weights["wg_rows"], weights["bg"])) * F.linear(x, weights["wu_rows"], weights["bu"])
+        return F.linear(h, weights["wd_rows"].t(), weights["bd"])
+    h = activation_fn(F.linear(x, weights["w1_rows"], weights["b1"]))
+    return F.linear(h, weights["w2_rows"].t(), weights["b2"])

