@@ -1,65 +1,130 @@
-"""End-to-end greedy decode tokens/s on SmolLM2-135M: dense eager, dense inductor and tardis (at a
-bytes budget, inductor inside), in one process, interleaved, median of repeats.
+"""End-to-end greedy decode on SmolLM2-135M, batch 1: tokens/s with perplexity beside it, so the
+table reads as a speed / quality front. All variants in one process, interleaved, medians.
 
-Prompts are the starts of held-out Wikipedia windows; every variant generates exactly
-``--new-tokens`` tokens at batch 1 (``min_new_tokens`` = ``max_new_tokens``). Also reports how many
-generated tokens tardis shares with dense greedy decoding (prefix agreement), since a compressed
-model's tokens/s means little without it.
+Rows: dense fp32 and bf16, eager and inductor; dense bf16 with int8 weight-only linears (torch's
+packed int8 GEMV, per-channel scales: the quantization peer), eager and inductor; tardis fp32 and
+bf16 at budgets 0.3 / 0.5 / 0.7 (inductor around the fused op); the activation-sparsity baseline
+(the same mix with no folded matrix, c = 0: flagged neurons exact, the rest contribute nothing) at
+the same budgets through the same kernel; and dense bf16 inductor with the FFNs removed, the ceiling
+on what any FFN compression can give.
 
-    python benchmarks/smollm2_decode.py                   # budget 0.5, default guard (int4)
-    python benchmarks/smollm2_decode.py --budget 0.7 --profile /tmp/smol-0.7   # reuse a profile
+Prompts are held-out Wikipedia windows; each variant generates exactly ``--new-tokens``. PPL is on
+``--ppl-windows`` held-out windows of 512 tokens. "bytes-bound ideal" is the faster dense time of the
+same dtype with its FFN time scaled by the FFN bytes fraction (FFN time = dense - FFNs removed).
+
+    python benchmarks/smollm2_decode.py          # writes results/smollm2_decode.json and .png
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
+import copy
 import statistics
 import time
-from datetime import datetime, timezone
 
 import torch
 
 import tardis_compiler as tc
+from common import RESULTS, cached_profiles, machine, write_json
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+class Int8WeightOnlyLinear(torch.nn.Module):
+    """A linear with int8 weights and per-output-channel scales (torch._weight_int8pack_mm)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(1).clamp(min=1e-12) / 127
+        self.register_buffer("q", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.bias = linear.bias
+
+    def forward(self, x):
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.q, self.scale).reshape(*x.shape[:-1], -1)
+        return y + self.bias if self.bias is not None else y
+
+
+def int8_model(model):
+    out = copy.deepcopy(model)
+    for name, mod in list(out.named_modules()):
+        for child, sub in list(mod.named_children()):
+            if isinstance(sub, torch.nn.Linear):
+                setattr(mod, child, Int8WeightOnlyLinear(sub))
+    return out
+
+
+class NoFFN(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+def without_ffns(model):
+    out = copy.deepcopy(model)
+    for layer in out.model.layers:
+        layer.mlp = NoFFN()
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=0.5)
-    parser.add_argument("--guard", default=None, help="default: the backend's (int4 for gated FFNs)")
-    parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--sparsity-budgets", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--calibration-batches", type=int, default=16)
-    parser.add_argument("--profile", default=None, help="load this profile folder if it exists, else save to it")
+    parser.add_argument("--ppl-windows", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from tardis_compiler.eval.corpus import calibration_batches, evaluation_windows, special_tokens
+    from tardis_compiler.eval.metrics import perplexity
     from tardis_compiler.eval.models import load_smollm2
 
-    model, tokenizer = load_smollm2()
-    prefix = torch.tensor(special_tokens(tokenizer)[0], dtype=torch.long)
-    windows = evaluation_windows(tokenizer, context_length=512, num_windows=args.prompts)
-    prompts = [torch.cat([prefix, w[:args.prompt_tokens]])[None] for w in windows]
-    profile = _profile(model, tokenizer, args, calibration_batches)
+    base, tok = load_smollm2()
+    prefix = special_tokens(tok)[0]
+    windows = evaluation_windows(tok, context_length=512, num_windows=max(args.prompts, args.ppl_windows))
+    prompts = [torch.cat([torch.tensor(prefix, dtype=torch.long), w[:args.prompt_tokens]])[None]
+               for w in windows[:args.prompts]]
+    batches = calibration_batches(tok, context_length=512, num_batches=16)
+    config = tc.CalibrationConfig(progress=False)
 
-    eager = model.forward
-    variants = {
-        "dense eager": eager,
-        "dense inductor": torch.compile(eager, backend="inductor", dynamic=True),
-        f"tardis {args.budget} ({args.guard or 'int4'})": torch.compile(
-            eager, backend="tardis", dynamic=True, options={"profile": profile, "guard": args.guard}),
-    }
+    variants: dict[str, tuple[torch.nn.Module, object, dict]] = {}  # name -> (model, forward, info)
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        model = base if dtype == torch.float32 else copy.deepcopy(base).to(dtype)  # .to() is in place
+        short = dtype_name.replace("float32", "fp32").replace("bfloat16", "bf16")
+        info = {"dtype": short, "bytes_fraction": 1.0}
+        variants[f"dense {short} eager"] = (model, model.forward, dict(info, kind="dense"))
+        variants[f"dense {short} inductor"] = (model, torch.compile(model.forward, backend="inductor", dynamic=True),
+                                             dict(info, kind="dense"))
+        if dtype == torch.bfloat16:
+            q8 = int8_model(model).eval()
+            variants["int8 weight-only bf16 eager"] = (q8, q8.forward, dict(info, kind="int8"))
+            variants["int8 weight-only bf16 inductor"] = (q8, torch.compile(q8.forward, dynamic=True),
+                                                           dict(info, kind="int8"))
+            bare = without_ffns(model).eval()
+            variants["dense bf16 inductor, FFNs removed"] = (bare, torch.compile(bare.forward, dynamic=True),
+                                                              dict(info, kind="ceiling", bytes_fraction=0.0))
+        profiles = cached_profiles(f"smollm2-{dtype_name}", model, batches, args.budgets, config)
+        for budget, profile in profiles.items():
+            variants[f"tardis {short} {budget}"] = (model, torch.compile(
+                model.forward, backend="tardis", dynamic=True, options={"profile": profile}),
+                dict(info, kind="tardis", budget=budget, bytes_fraction=profile.bytes_fraction()))
+        if dtype == torch.bfloat16:
+            sparse = cached_profiles(f"smollm2-{dtype_name}-nofold", model, batches, args.sparsity_budgets,
+                                     tc.CalibrationConfig(progress=False, fold=False))
+            for budget, profile in sparse.items():
+                variants[f"activation sparsity (c = 0) {short} {budget}"] = (model, torch.compile(
+                    model.forward, backend="tardis", dynamic=True, options={"profile": profile}),
+                    dict(info, kind="sparsity", budget=budget, bytes_fraction=profile.bytes_fraction()))
+
     generate = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                    pad_token_id=tokenizer.eos_token_id)
+                    pad_token_id=tok.eos_token_id)
 
-    def run(forward, prompt):
+    def run(model, forward, prompt):
+        original = model.forward
         model.forward = forward
         try:
             with torch.no_grad():
@@ -67,56 +132,93 @@ def main() -> None:
                 out = model.generate(prompt, **generate)
                 return time.perf_counter() - start, out[0, prompt.shape[1]:]
         finally:
-            model.forward = eager
+            model.forward = original
 
-    outputs = {}
-    for name, forward in variants.items():  # warm up: compile every shape the decode loop sees
-        outputs[name] = [run(forward, p)[1] for p in prompts]
+    outputs, ppl = {}, {}
+    for name, (model, forward, _) in variants.items():  # warm up (compiles), then perplexity
+        start = time.perf_counter()
+        outputs[name] = [run(model, forward, p)[1] for p in prompts]
+        model.forward, original = forward, model.forward
+        try:
+            ppl[name] = perplexity(model, windows[:args.ppl_windows], prefix).value
+        finally:
+            model.forward = original
+        print(f"{name}: warm-up and PPL {ppl[name]:.2f} in {time.perf_counter() - start:.0f} s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for prompt in prompts:
-            for name, forward in variants.items():  # interleaved: machine noise hits all alike
-                times[name].append(run(forward, prompt)[0])
+            for name, (model, forward, _) in variants.items():  # interleaved
+                times[name].append(run(model, forward, prompt)[0])
 
-    dense_tokens = outputs["dense eager"]
     rows = []
-    for name in variants:
-        seconds = statistics.median(times[name])
-        agree = [_prefix_agreement(a, b) for a, b in zip(outputs[name], dense_tokens)]
-        rows.append({"variant": name, "tokens_per_s": args.new_tokens / seconds, "median_s": seconds,
-                     "prefix_agreement_with_dense": statistics.mean(agree)})
-    base = rows[0]["tokens_per_s"]
-    print(f"SmolLM2-135M greedy decode, batch 1, {args.new_tokens} new tokens, {args.prompts} prompts x "
-          f"{args.repeats} repeats, {torch.get_num_threads()} threads")
-    print(f"{'variant':28} {'tok/s':>7} {'vs eager':>9} {'vs inductor':>12} {'same tokens as dense':>21}")
-    for row in rows:
-        print(f"{row['variant']:28} {row['tokens_per_s']:7.2f} {row['tokens_per_s'] / base:8.2f}x "
-              f"{row['tokens_per_s'] / rows[1]['tokens_per_s']:11.2f}x {row['prefix_agreement_with_dense']:21.2f}")
-    print(f"FFN bytes read per token (calibration estimate): {profile.bytes_fraction(args.guard):.3f} of dense")
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "smollm2_decode.json")
-    with open(path, "w") as f:
-        json.dump({"args": vars(args), "rows": rows, "bytes_fraction": profile.bytes_fraction(args.guard),
-                   "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-                              f"{os.cpu_count()} CPUs", "torch": torch.__version__,
-                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}, f, indent=1)
+    for name, (_, _, info) in variants.items():
+        tps = args.new_tokens / statistics.median(times[name])
+        same = statistics.mean(_prefix_agreement(a, b) for a, b in zip(outputs[name],
+                                                                      outputs[f"dense {info['dtype']} eager"]))
+        rows.append({"variant": name, **info, "tokens_per_s": tps, "ppl": ppl[name], "prefix_agreement": same})
+    _add_ratios(rows)
+    result = {**machine(), "args": vars(args), "rows": rows}
+    path = write_json("smollm2_decode.json", result)
+    print(markdown(result))
+    _plot(rows)
     print(f"wrote {path}")
 
 
-def _profile(model, tokenizer, args, calibration_batches) -> tc.Profile:
-    if args.profile and os.path.isdir(args.profile):
-        return tc.Profile.load(args.profile)
-    batches = calibration_batches(tokenizer, context_length=512, num_batches=args.calibration_batches)
-    profile = tc.calibrate_for_budget(model, batches, args.budget, args.guard)
-    if args.profile:
-        profile.save(args.profile)
-    return profile
+def _add_ratios(rows: list[dict]) -> None:
+    """Per dtype: speed over the faster dense, and the bytes-bound ideal tokens/s (the FFN part of
+    the faster dense time scaled by the bytes fraction; FFN time from the FFNs-removed row)."""
+    by = {r["variant"]: r for r in rows}
+    ceiling = by.get("dense bf16 inductor, FFNs removed")
+    for r in rows:
+        dense = [by[n] for n in (f"dense {r['dtype']} eager", f"dense {r['dtype']} inductor") if n in by]
+        best = max(dense, key=lambda d: d["tokens_per_s"])
+        r["vs_best_dense"] = r["tokens_per_s"] / best["tokens_per_s"]
+        if ceiling is not None and r["dtype"] == "bf16" and r["kind"] in ("tardis", "sparsity"):
+            t_dense, t_rest = 1 / best["tokens_per_s"], 1 / ceiling["tokens_per_s"]
+            ideal_t = t_rest + (t_dense - t_rest) * r["bytes_fraction"]
+            r["ideal_tokens_per_s"] = 1 / ideal_t
+            r["of_ideal"] = r["tokens_per_s"] / r["ideal_tokens_per_s"]
 
 
 def _prefix_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Share of generated tokens before the first disagreement."""
-    same = (a == b).long()
-    return float(same.cumprod(0).sum()) / len(a)
+    return float((a == b).long().cumprod(0).sum()) / len(a)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"SmolLM2-135M greedy decode, batch 1, {result['args']['new_tokens']} new tokens, "
+             f"{result['threads']} threads ({result['kernel']})", "",
+             "| variant | FFN bytes | tokens/s | vs faster dense (same dtype) | bytes-bound ideal tok/s | of ideal | "
+             "PPL | same tokens as dense |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        ideal = f"{r['ideal_tokens_per_s']:.1f}" if "ideal_tokens_per_s" in r else "-"
+        of = f"{r['of_ideal']:.2f}" if "of_ideal" in r else "-"
+        lines.append(f"| {r['variant']} | {r['bytes_fraction']:.3f} | {r['tokens_per_s']:.2f} | "
+                     f"{r['vs_best_dense']:.2f}x | {ideal} | {of} | {r['ppl']:.2f} | {r['prefix_agreement']:.2f} |")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    marks = {"dense": "s", "int8": "D", "tardis": "o", "sparsity": "^"}
+    for r in rows:
+        if r["kind"] == "ceiling":
+            continue
+        color = "tab:blue" if r["dtype"] == "bf16" else "tab:gray"
+        ax.scatter(r["tokens_per_s"], r["ppl"], marker=marks[r["kind"]], color=color)
+        ax.annotate(r["variant"].replace("activation sparsity (c = 0)", "sparsity"), (r["tokens_per_s"], r["ppl"]),
+                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("greedy decode tokens/s (batch 1, 2 threads)")
+    ax.set_ylabel("perplexity (held-out Wikipedia)")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M: speed / quality (down and right is better)")
+    fig.tight_layout()
+    fig.savefig(f"{RESULTS}/smollm2_decode.png", dpi=120)
 
 
 if __name__ == "__main__":

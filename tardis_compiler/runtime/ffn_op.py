@@ -25,7 +25,7 @@ from .torch_path import ffn_torch
 
 #: Calls of at most this many tokens run the fused kernel on CPU (measured by
 #: ``benchmarks/ffn_decode.py --prefill``: above it the batched GEMMs of the torch path win).
-FUSED_MAX_TOKENS = 8
+FUSED_MAX_TOKENS = 64
 assert FUSED_MAX_TOKENS <= MAX_TOKENS
 
 _LIB = torch.library.Library("tardis", "DEF")
@@ -59,7 +59,7 @@ def _ffn_any(x: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats
     if x.dtype != weights.dtype:
         raise ValueError(f"tardis.ffn: x is {x.dtype} but the pack is {weights.dtype}; "
                          "call the model in the dtype it was compressed in")
-    y, flags = ffn_torch(x2, weights, guard, floats, layout)
+    y, flags = ffn_torch(x2, weights, guard, floats, meta, layout)
     stats = active_stats()
     if stats is not None:
         flagged = int(flags.sum()) if flags is not None else 0

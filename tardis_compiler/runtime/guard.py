@@ -10,8 +10,14 @@ torch path and calibration (which measures the prediction error of exactly this 
   ``part = ceil(s / per_byte)``, byte ``b`` holds element ``b + k * part`` in bits
   ``[k * bits, (k + 1) * bits)``. int2 really reads 2 bits per weight.
 
-The prediction is ``x @ dequantized.T`` in float32 with x in float32 (the kernel computes the same
-sums in another order: the two agree to float32 rounding).
+The prediction (``predict``), which the fused kernel computes too (in another summation order,
+so the two agree to float32 rounding), and which calibration measures the guard through:
+
+* int8: ``x @ (scale * q).T`` with x in float32;
+* int4 / int2: x is quantized to int8 per group as well (``xq = round(x / sx)``,
+  ``sx = max|x_g| / 127``), so the kernel can multiply 64 codes by 64 int8 activations in one
+  VNNI instruction: ``sum_g scale_g sx_g (q_g . xq_g) + low_g sum(x_g)``. The activation rounding
+  adds ~1% of the int4 weight rounding's error to the prediction; calibration sees it all.
 """
 from __future__ import annotations
 
@@ -84,6 +90,65 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, encoding: str, d_in: i
     return torch.cat(out, dim=1)
 
 
+def decode(codes: torch.Tensor, scales: torch.Tensor, encoding: str, d_in: int, group_size: int
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale * code per element, (rows, d_in); each group's minimum, (rows, groups) or None for int8).
+
+    Example:
+        >>> codes, scales = quantize(torch.randn(2, 70), "int4", 64)
+        >>> [t.shape for t in decode(codes, scales, "int4", 70, 64)]
+        [torch.Size([2, 70]), torch.Size([2, 2])]
+    """
+    if encoding == "int8":
+        return dequantize(codes, scales, encoding, d_in, group_size), None
+    rows = codes.shape[0]
+    pairs = scales.view(torch.bfloat16).float().reshape(rows, -1, 2)
+    lows = pairs[:, :, 1].contiguous()
+    full = dequantize(codes, scales, encoding, d_in, group_size)  # low + scale * q
+    expand = torch.repeat_interleave(lows, torch.tensor(group_sizes(d_in, group_size)), dim=1)
+    return full - expand, lows
+
+
+def quantize_activations(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x rounded to int8 per group and scaled back, float32; the exact sum of x per group): the
+    input the sub-byte guards read (the fused kernel rounds identically).
+
+    Example:
+        >>> x_deq, sums = quantize_activations(torch.tensor([[0.5, -1.0, 0.25]]), 64)
+        >>> (x_deq * 127).round().tolist(), sums.tolist()     # multiples of max|x| / 127
+        ([[64.0, -127.0, 32.0]], [[-0.25]])
+    """
+    x = x.float()
+    out, sums, start = [], [], 0
+    for size in group_sizes(x.shape[1], group_size):
+        chunk = x[:, start:start + size]
+        start += size
+        scale = chunk.abs().amax(dim=1, keepdim=True) / 127.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        out.append((chunk / scale).round().clamp(-127, 127) * scale)
+        sums.append(chunk.sum(dim=1, keepdim=True))
+    return torch.cat(out, dim=1), torch.cat(sums, dim=1)
+
+
+def predict(codes: torch.Tensor, scales: torch.Tensor, encoding: str, d_in: int, group_size: int,
+            x: torch.Tensor, decoded: tuple | None = None) -> torch.Tensor:
+    """The guard's float32 prediction (tokens, rows) of ``x @ W.T`` (module docstring); ``decoded``
+    reuses a ``decode`` result.
+
+    Example:
+        >>> w, x = torch.randn(8, 64), torch.randn(3, 64)
+        >>> codes, scales = quantize(w, "int4", 64)
+        >>> bool(((predict(codes, scales, "int4", 64, 64, x) - x @ w.T).norm() / (x @ w.T).norm()) < 0.2)
+        True
+    """
+    scaled, lows = decoded if decoded is not None else decode(codes, scales, encoding, d_in, group_size)
+    scaled = scaled.to(x.device)
+    if lows is None:
+        return x.float() @ scaled.t()
+    x_deq, sums = quantize_activations(x, group_size)
+    return x_deq @ scaled.t() + sums @ lows.to(x.device).t()
+
+
 @dataclasses.dataclass
 class LowBitGuard:
     """A quantized neuron-major W1 (rows, d) that predicts ``x @ W1.T`` (bias not included).
@@ -102,7 +167,7 @@ class LowBitGuard:
     codes: torch.Tensor  # uint8 (rows, code bytes per row)
     scales: torch.Tensor  # uint8 (rows, scale bytes per row)
     d_in: int
-    _dequantized: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    _decoded: tuple | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def build(cls, w1_rows: torch.Tensor, bits: int, group_size: int) -> "LowBitGuard":
@@ -120,16 +185,11 @@ class LowBitGuard:
         """The encoding's name (what reports show)."""
         return self.encoding_of(self.bits)
 
-    def dequantized(self) -> torch.Tensor:
-        """The float32 weights the prediction uses (computed once)."""
-        if self._dequantized is None:
-            self._dequantized = dequantize(self.codes, self.scales, self.kernel, self.d_in, self.group_size)
-        return self._dequantized
-
     def predict(self, x2d: torch.Tensor) -> torch.Tensor:
-        """Predicted ``x2d @ W1.T`` in float32, shape (T, m)."""
-        w = self.dequantized().to(x2d.device)
-        return x2d.float() @ w.t()
+        """Predicted ``x2d @ W1.T`` in float32, shape (T, m), as the kernel computes it."""
+        if self._decoded is None:
+            self._decoded = decode(self.codes, self.scales, self.kernel, self.d_in, self.group_size)
+        return predict(self.codes, self.scales, self.kernel, self.d_in, self.group_size, x2d, self._decoded)
 
     @property
     def bits_read(self) -> int:

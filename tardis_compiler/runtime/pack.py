@@ -51,9 +51,9 @@ class FFNPack:
         return self.weights, self.guard, self.floats, self.meta
 
     def to(self, device: torch.device | str) -> "FFNPack":
-        """The pack on ``device`` (the layout is device-independent)."""
-        moved = [t.to(device) for t in (self.weights, self.guard, self.floats, self.meta, self.neurons)]
-        return FFNPack(*moved[:4], self.activation, moved[4], self.layout)
+        """The pack on ``device``; ``meta`` stays on the CPU, where the op reads it without a sync."""
+        weights, guard, floats = (t.to(device) for t in (self.weights, self.guard, self.floats))
+        return FFNPack(weights, guard, floats, self.meta, self.activation, self.neurons, self.layout)
 
 
 def split_params(params: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -184,7 +184,7 @@ def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch
         q = predictor[:, :m].index_select(1, guarded).t().float().contiguous()
         guard_bytes[:q.numel() * 4] = q.cpu().view(-1).view(torch.uint8)
         floats[layout.off_p:] = predictor[:, m:].reshape(-1).to(compute)
-    meta = layout.meta()
+    meta = layout.meta()  # on the CPU whatever the device: the op reads it without a device sync
     return FFNPack(packed, guard_bytes.to(first.device), floats, meta, activation, bundled.cpu(), layout)
 
 

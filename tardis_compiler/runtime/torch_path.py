@@ -13,27 +13,31 @@ import torch
 import torch.nn.functional as F
 
 from ..activations import get_activation_rule
-from .guard import LOW_BIT_ENCODINGS, dequantize
-from .layout import NEURON_FLOATS, Layout, bundle_row, guard_codes_bytes
+from .cpu.kernel import kernel
+from .guard import LOW_BIT_ENCODINGS, predict
+from .layout import DTYPES, NEURON_FLOATS, Layout, bundle_row, guard_codes_bytes
 
 
 def guard_predictions(layout: Layout, x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor,
-                      floats: torch.Tensor) -> torch.Tensor:
+                      floats: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """The guard's float32 predictions (tokens, k_guard) of the guarded neurons' first
     pre-activations, bias excluded (their bands exclude it too).
 
     Example:
-        >>> # guard_predictions(pack.layout, x, *pack.tensors()[:3])
+        >>> # guard_predictions(pack.layout, x, *pack.tensors())
     """
     kg, d = layout.k_guard, layout.d_in
     xf = x2.float()
     if not kg:
         return xf.new_zeros(x2.shape[0], 0)
+    if (layout.guard in LOW_BIT_ENCODINGS and guard.device.type == "cpu" and layout.dtype in DTYPES
+            and kernel() is not None):
+        return kernel().guard_predict(x2.contiguous(), weights, guard, floats, meta, kg)
     if layout.guard in LOW_BIT_ENCODINGS:
         code_bytes = guard_codes_bytes(layout.guard, d, layout.group)
         codes = guard[:kg * code_bytes].view(kg, code_bytes)
         scales = guard[layout.off_gscales:layout.n_guard].view(kg, -1)
-        return xf @ dequantize(codes, scales, layout.guard, d, layout.group).t()
+        return predict(codes, scales, layout.guard, d, layout.group, x2)
     if layout.guard == "svd":
         q = guard[:kg * layout.rank * 4].view(torch.float32).view(kg, layout.rank)
         p = floats[layout.off_p:layout.n_floats].view(layout.rank, d).float()
@@ -48,11 +52,11 @@ def bundles(layout: Layout, weights: torch.Tensor) -> torch.Tensor:
 
 
 def ffn_torch(x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor,
-              layout: Layout) -> tuple[torch.Tensor, torch.Tensor | None]:
+              meta: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(y, flags): the FFN of ``x2`` (tokens, d_in) and the (tokens, k_bundles) flags it used.
 
     Example:
-        >>> # y, flags = ffn_torch(x, pack.weights, pack.guard, pack.floats, pack.layout)
+        >>> # y, flags = ffn_torch(x, *pack.tensors(), pack.layout)
     """
     d, n, kg, kb = layout.d_in, layout.d_out, layout.k_guard, layout.k_bundles
     compute = floats.dtype
@@ -72,7 +76,7 @@ def ffn_torch(x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floa
         delta = act(z) - nf[:, 2] * z - nf[:, 3]
     flags = torch.ones(x2.shape[0], kb, dtype=torch.bool, device=x2.device)
     if kg:
-        z_hat = guard_predictions(layout, x2, weights, guard, floats)
+        z_hat = guard_predictions(layout, x2, weights, guard, floats, meta)
         bands = floats[layout.off_bands:layout.off_neuron].view(kg, 2).float()
         flags[:, :kg] = (z_hat < bands[:, 0]) | (z_hat > bands[:, 1]) | z_hat.isnan()
     delta = torch.where(flags, delta, torch.zeros((), dtype=compute, device=x2.device))

@@ -96,7 +96,7 @@ def _predictions(case: Case, weights: dict, params: torch.Tensor, x: torch.Tenso
     pack = build_pack(case.kind, weights, params, guard, case.activation, case.group)
     guarded, _ = neuron_classes(params, guard, case.m)
     out = torch.zeros(x.shape[0], case.m)
-    out[:, guarded] = guard_predictions(pack.layout, x, pack.weights, pack.guard, pack.floats)
+    out[:, guarded] = guard_predictions(pack.layout, x, *pack.tensors())
     bias = weights["bg" if case.kind == "gated" else "b1"]
     return out + (bias.float() if bias is not None else 0.0)
 

@@ -40,12 +40,12 @@ def _random_cases(n: int, seed: int) -> list[tuple[Case, int, int]]:
     rng = random.Random(seed)
     cases = []
     for i in range(n):
-        case = Case(kind=rng.choice(["plain", "gated"]), d_in=rng.choice([1, 5, 16, 17, 33, 64]),
+        case = Case(kind=rng.choice(["plain", "gated"]), d_in=rng.choice([1, 5, 16, 17, 33, 64, 130]),
                     d_out=rng.choice([1, 3, 16, 31]), m=rng.choice([1, 2, 7, 40, 97]), guard=rng.choice(GUARDS),
                     activation=rng.choice(["silu", "gelu", "gelu_tanh", "relu", "quick_gelu"]),
                     dtype=rng.choice([torch.float32, torch.bfloat16]), bias=rng.random() < 0.5,
                     frac_guarded=rng.choice([0.0, 0.5, 1.0]), frac_always=rng.choice([0.0, 0.2, 1.0]),
-                    lines=rng.random() < 0.7, group=rng.choice([8, 16, 24]), rank=rng.choice([1, 3]), seed=i)
+                    lines=rng.random() < 0.7, group=rng.choice([8, 16, 64]), rank=rng.choice([1, 3]), seed=i)
         cases.append((case, rng.choice([1, 2, 5, 8]), rng.choice([1, 2])))
     return cases
 
@@ -56,7 +56,7 @@ def _random_cases(n: int, seed: int) -> list[tuple[Case, int, int]]:
 def test_kernel_matches_torch_path(case, tokens, threads):
     """Seeded fuzz: odd d, m below the thread count, no guarded / all guarded / all exact neurons."""
     _, _, x, pack = make(case, tokens)
-    expected, _ = ffn_torch(x, pack.weights, pack.guard, pack.floats, pack.layout)
+    expected, _ = ffn_torch(x, *pack.tensors(), pack.layout)
     got = _kernel_out(x, pack, threads)
     tol = TOL[case.dtype]
     torch.testing.assert_close(got.float() / _scale(expected), expected.float() / _scale(expected), **tol)
@@ -70,7 +70,7 @@ def test_kernel_with_no_bundles_and_with_every_neuron_bundled(kind, k):
                 frac_always=0.0 if k == "none" else 0.5)
     _, _, x, pack = make(case, 3)
     assert pack.layout.k_bundles == (0 if k == "none" else 50)
-    expected, _ = ffn_torch(x, pack.weights, pack.guard, pack.floats, pack.layout)
+    expected, _ = ffn_torch(x, *pack.tensors(), pack.layout)
     torch.testing.assert_close(_kernel_out(x, pack, 2), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -144,7 +144,7 @@ def test_opcheck(guard, dtype):
 def test_counters_match_the_torch_paths_flags():
     case = Case("gated", 48, 16, 90, guard="int4", frac_always=0.1, frac_guarded=0.7)
     _, _, x, pack = make(case, 4)
-    _, flags = ffn_torch(x, pack.weights, pack.guard, pack.floats, pack.layout)
+    _, flags = ffn_torch(x, *pack.tensors(), pack.layout)
     with collect_stats() as stats:
         ffn_op.ffn(x, pack, name="layer")
     counters = stats.ffns["layer"]

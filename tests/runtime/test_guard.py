@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tardis_compiler.runtime.guard import LowBitGuard, dequantize, quantize
+from tardis_compiler.runtime.guard import LowBitGuard, dequantize, predict, quantize
 from tardis_compiler.runtime.layout import guard_row_bytes
 
 
@@ -48,3 +48,23 @@ def test_small_and_odd_shapes_are_correct(bits, m, d):
     x = torch.randn(7, d)
     rel = (guard.predict(x) - x @ w.T).norm() / (x @ w.T).norm()
     assert rel < {8: 0.02, 4: 0.2, 2: 0.7}[bits]
+
+
+@pytest.mark.parametrize("encoding", ["int8", "int4", "int2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_predicts_as_the_reference_does(encoding, dtype):
+    from tardis_compiler.runtime.cpu.kernel import kernel
+    from tardis_compiler.runtime.layout import guard_codes_bytes
+    from tests.runtime.pack_cases import Case, make
+
+    if kernel() is None:
+        pytest.skip("the fused CPU kernel cannot be built here")
+    _, _, x, pack = make(Case("gated", 37, 8, 30, guard=encoding, group=16, frac_guarded=1.0, frac_always=0.0,
+                              dtype=dtype), 5)
+    L = pack.layout
+    per_row = guard_codes_bytes(encoding, 37, 16)
+    codes = pack.guard[:L.k_guard * per_row].view(L.k_guard, per_row)
+    scales = pack.guard[L.off_gscales:].view(L.k_guard, -1)
+    expected = predict(codes, scales, encoding, 37, 16, x)
+    got = kernel().guard_predict(x, *pack.tensors(), L.k_guard)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

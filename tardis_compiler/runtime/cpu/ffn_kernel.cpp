@@ -222,11 +222,61 @@ inline float group_codes_dot(const uint8_t* q, const float* x, int64_t size) {
   return s;
 }
 
-// A sub-byte row: sum over groups of scale_g * (codes_g . x_g) + low_g * sum(x_g).
-// scales: (scale, low) bf16 pairs per group; gsum: sum of x per group.
+#if defined(TARDIS_AVX512) && defined(__AVX512VNNI__)
+#define TARDIS_VNNI 1
+// The 64 codes of a full group (64 elements), unpacked to bytes in element order.
 template <int BITS>
-inline float dot_subbyte(const uint8_t* q, const uint16_t* scales, const float* x, const float* gsum,
-                         int64_t n, int64_t group) {
+inline __m512i group64_codes(const uint8_t* q) {
+  if (BITS == 4) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m128i crumb = _mm_set1_epi8(0x03);
+  __m512i out = _mm512_castsi128_si512(_mm_and_si128(v, crumb));
+  out = _mm512_inserti32x4(out, _mm_and_si128(_mm_srli_epi16(v, 2), crumb), 1);
+  out = _mm512_inserti32x4(out, _mm_and_si128(_mm_srli_epi16(v, 4), crumb), 2);
+  return _mm512_inserti32x4(out, _mm_and_si128(_mm_srli_epi16(v, 6), crumb), 3);
+}
+#endif
+
+// The guard's input for one token, as the sub-byte guards read it: x quantized to int8 per group
+// (xq = round(x / sx), sx = max|x_g| / 127; also as floats, for partial groups and portable
+// builds), and the exact sum of x per group (for the groups' minimums). runtime/guard.py
+// computes the same numbers in torch; calibration measures the guard through them.
+struct GuardInput {
+  const int8_t* xq8;
+  const float* xqf;
+  const float* sx;
+  const float* gsum;
+};
+
+void quantize_token(const float* x, int64_t n, int64_t group, int8_t* xq8, float* xqf, float* sx, float* gsum) {
+  for (int64_t g = 0, start = 0; start < n; ++g, start += group) {
+    const int64_t end = start + group < n ? start + group : n;
+    float amax = 0.f, sum = 0.f;
+    for (int64_t i = start; i < end; ++i) {
+      amax = std::fmax(amax, std::fabs(x[i]));
+      sum += x[i];
+    }
+    const float scale = amax > 0.f ? amax / 127.f : 1.f;
+    for (int64_t i = start; i < end; ++i) {
+      float q = std::nearbyint(x[i] / scale);  // round half to even, as torch.round
+      q = q > 127.f ? 127.f : (q < -127.f ? -127.f : q);
+      xq8[i] = static_cast<int8_t>(q);
+      xqf[i] = q;
+    }
+    sx[g] = scale;
+    gsum[g] = sum;
+  }
+}
+
+// A sub-byte row: sum over groups of scale_g * sx_g * (codes_g . xq_g) + low_g * sum(x_g).
+// scales: (scale, low) bf16 pairs per group.
+template <int BITS>
+inline float dot_subbyte(const uint8_t* q, const uint16_t* scales, const GuardInput& in, int64_t n, int64_t group) {
   const int64_t groups = (n + group - 1) / group;
   float low = 0.f;
 #ifdef TARDIS_AVX512
@@ -236,13 +286,22 @@ inline float dot_subbyte(const uint8_t* q, const uint16_t* scales, const float* 
 #endif
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t size = g + 1 < groups ? group : n - g * group;
-    const float scale = bf16_to_f32(scales[2 * g]);
-    low += bf16_to_f32(scales[2 * g + 1]) * gsum[g];
+    const float scale = bf16_to_f32(scales[2 * g]) * in.sx[g];
+    low += bf16_to_f32(scales[2 * g + 1]) * in.gsum[g];
+#ifdef TARDIS_VNNI
+    if (size == 64) {  // 64 products per instruction: unsigned codes x signed int8 x
+      const __m512i xv = _mm512_loadu_si512(in.xq8 + g * group);
+      const __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), group64_codes<BITS>(q), xv);
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_set1_ps(scale), acc);
+      q += (size * BITS + 7) / 8;
+      continue;
+    }
+#endif
 #ifdef TARDIS_AVX512
-    __m512 part = group_codes_fma<BITS>(q, x + g * group, size, _mm512_setzero_ps());
+    __m512 part = group_codes_fma<BITS>(q, in.xqf + g * group, size, _mm512_setzero_ps());
     acc = _mm512_fmadd_ps(_mm512_set1_ps(scale), part, acc);
 #else
-    acc += scale * group_codes_dot<BITS>(q, x + g * group, size);
+    acc += scale * group_codes_dot<BITS>(q, in.xqf + g * group, size);
 #endif
     q += (size * BITS + 7) / 8;
   }
@@ -300,11 +359,83 @@ int check_meta(const int64_t* m, int64_t n_weights, int64_t n_guard, int64_t n_f
   return 0;
 }
 
+// Row j of a low-bit guard decoded: `scaled` = scale * code per element and, for the sub-byte
+// guards, `lows` = each group's minimum. The prediction is scaled . x (int8) or
+// scaled . (sx * xq) + lows . gsum (sub-byte): the numbers dot_int8 / dot_subbyte compute.
+void decode_row(const uint8_t* guard, const int64_t* m, int64_t j, float* scaled, float* lows) {
+  const int64_t d = m[D_IN], group = m[GROUP];
+  if (m[GUARD] == G_INT8) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(guard) + j * d;
+    const float scale = reinterpret_cast<const float*>(guard + m[OFF_GSCALES])[j];
+    for (int64_t i = 0; i < d; ++i) scaled[i] = scale * static_cast<float>(q[i]);
+    return;
+  }
+  const int bits = m[GUARD] == G_INT4 ? 4 : 2, per_byte = 8 / bits, mask = (1 << bits) - 1;
+  const int64_t groups = (d + group - 1) / group;
+  const uint8_t* q = guard + j * subbyte_row_bytes(d, group, bits);
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(guard + m[OFF_GSCALES]) + j * groups * 2;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t size = g + 1 < groups ? group : d - g * group, part = (size + per_byte - 1) / per_byte;
+    const float scale = bf16_to_f32(scales[2 * g]);
+    lows[g] = bf16_to_f32(scales[2 * g + 1]);
+    float* o = scaled + g * group;
+    for (int k = 0; k < per_byte; ++k) {
+      const int64_t start = k * part, end = start + part < size ? start + part : size;
+      const int shift = k * bits;
+      for (int64_t e = start; e < end; ++e)  // vectorizes: a shift, a mask, a convert, a multiply
+        o[e] = scale * static_cast<float>((q[e - start] >> shift) & mask);
+    }
+    q += part;
+  }
+}
+
+// out[t] = row . x_t for `tokens` tokens of x (tokens, n): four tokens share each load of the row.
+void dot_tokens(const float* row, const float* x, int64_t tokens, int64_t n, float* out, int64_t out_stride) {
+  int64_t t = 0;
+#ifdef TARDIS_AVX512
+  for (; t + 4 <= tokens; t += 4) {
+    const float* x0 = x + t * n;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
+      __m512 w = _mm512_maskz_loadu_ps(k, row + i);
+      a0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, x0 + i), a0);
+      a1 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, x0 + n + i), a1);
+      a2 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, x0 + 2 * n + i), a2);
+      a3 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, x0 + 3 * n + i), a3);
+    }
+    out[t * out_stride] = _mm512_reduce_add_ps(a0);
+    out[(t + 1) * out_stride] = _mm512_reduce_add_ps(a1);
+    out[(t + 2) * out_stride] = _mm512_reduce_add_ps(a2);
+    out[(t + 3) * out_stride] = _mm512_reduce_add_ps(a3);
+  }
+#endif
+  for (; t < tokens; ++t) out[t * out_stride] = dot(row, x + t * n, n);
+}
+
 // Per-call scratch of the calling thread, grown on demand (no allocation in steady state).
 float* scratch(size_t floats) {
   static thread_local std::vector<float> buffer;
   if (buffer.size() < floats) buffer.resize(floats);
   return buffer.data();
+}
+
+int8_t* scratch_int8(size_t bytes) {
+  static thread_local std::vector<int8_t> buffer;
+  if (buffer.size() < bytes + 1) buffer.resize(bytes + 1);
+  return buffer.data();
+}
+
+// A decoded guard row's predictions for `tokens` tokens: scaled . x_t (+ lows . gsum_t for the
+// sub-byte guards, whose x is the dequantized int8 x), written to out[t * out_stride].
+void predict_tokens(const float* scaled, const float* lows, const float* x, const float* gsum, int64_t tokens,
+                    int64_t d, int64_t groups, float* out, int64_t out_stride) {
+  dot_tokens(scaled, x, tokens, d, out, out_stride);
+  for (int64_t t = 0; t < tokens && groups; ++t) {
+    float low = 0.f;
+    for (int64_t g = 0; g < groups; ++g) low += lows[g] * gsum[t * groups + g];
+    out[t * out_stride] += low;
+  }
 }
 
 template <class W>
@@ -323,21 +454,28 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
   const int64_t out_offset = kind == GATED ? 2 * d : d;
   const int64_t bundle_bytes = (out_offset + n) * static_cast<int64_t>(sizeof(W));
 
-  // Scratch: x in fp32, per-group sums of x, the svd projection, Wf's output, per-thread corrections.
-  const int64_t t_dim = enc == G_SVD ? rank : 0;
-  float* buf = scratch(tokens * (d + groups + t_dim + n) + static_cast<size_t>(threads) * tokens * n);
+  // Scratch: x in fp32; for sub-byte guards x quantized per group (as floats, dequantized, and
+  // their scales and sums); the svd projection; Wf's output; per-thread corrections and a decoded
+  // guard row (with its group minimums) per thread.
+  const bool subbyte = enc == G_INT4 || enc == G_INT2;
+  const int64_t t_dim = enc == G_SVD ? rank : 0, q_dim = subbyte ? d : 0, g_dim = subbyte ? groups : 0;
+  float* buf = scratch(tokens * (d + 2 * q_dim + 2 * g_dim + t_dim + n) +
+                       static_cast<size_t>(threads) * (tokens * n + d + groups));
   float* xs = buf;
-  float* gsum = xs + tokens * d;
-  float* proj = gsum + tokens * groups;
+  float* xqf = xs + tokens * d;
+  float* xdeq = xqf + tokens * q_dim;
+  float* sx = xdeq + tokens * q_dim;
+  float* gsum = sx + tokens * g_dim;
+  float* proj = gsum + tokens * g_dim;
   float* yacc = proj + tokens * t_dim;
   float* local = yacc + tokens * n;
+  float* rows_scratch = local + static_cast<int64_t>(threads) * tokens * n;
+  int8_t* xq8 = scratch_int8(tokens * q_dim);
   for (int64_t i = 0; i < tokens * d; ++i) xs[i] = to_f32(x[i]);
-  for (int64_t t = 0; t < tokens; ++t)
-    for (int64_t g = 0; g < groups; ++g) {
-      float s = 0.f;
-      for (int64_t i = g * group; i < d && i < (g + 1) * group; ++i) s += xs[t * d + i];
-      gsum[t * groups + g] = s;
-    }
+  for (int64_t t = 0; t < tokens && subbyte; ++t) {
+    quantize_token(xs + t * d, d, group, xq8 + t * d, xqf + t * d, sx + t * groups, gsum + t * groups);
+    for (int64_t i = 0; i < d; ++i) xdeq[t * d + i] = xqf[t * d + i] * sx[t * groups + i / group];
+  }
   for (int64_t t = 0; t < tokens && enc == G_SVD; ++t)
     for (int64_t r = 0; r < rank; ++r) proj[t * rank + r] = dot(floats + m[OFF_P] + r * d, xs + t * d, d);
 
@@ -358,6 +496,9 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
     int64_t my_flagged = 0, my_corrected = 0;
     int64_t hit[CHUNK];
     uint64_t hit_mask[CHUNK];
+    float zt[MAX_TOKENS];
+    float* row = rows_scratch + static_cast<int64_t>(tid) * (d + groups);
+    float* lows = row + d;
     for (;;) {
       const int64_t c0 = next_chunk.fetch_add(CHUNK, std::memory_order_relaxed);
       if (c0 >= kb) break;
@@ -366,7 +507,13 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
       // Guard pass: a sequential scan of the guard stream.
       for (int64_t j = c0; j < c1; ++j) {
         uint64_t mask = all_tokens;
-        if (j < kg) {
+        if (j < kg && tokens > 1 && (enc == G_INT8 || subbyte)) {
+          decode_row(guard, m, j, row, lows);  // decoded once, then dotted with every token
+          predict_tokens(row, lows, subbyte ? xdeq : xs, gsum, tokens, d, subbyte ? groups : 0, zt, 1);
+          mask = 0;
+          for (int64_t t = 0; t < tokens; ++t)
+            if (zt[t] < bands[2 * j] || zt[t] > bands[2 * j + 1] || zt[t] != zt[t]) mask |= 1ull << t;
+        } else if (j < kg) {
           mask = 0;
           for (int64_t t = 0; t < tokens; ++t) {
             const float* xt = xs + t * d;
@@ -377,13 +524,13 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
                     reinterpret_cast<const float*>(guard + m[OFF_GSCALES])[j];
                 break;
               case G_INT4:
-                z = dot_subbyte<4>(guard + j * guard_row, reinterpret_cast<const uint16_t*>(guard + m[OFF_GSCALES]) + j * groups * 2,
-                                   xt, gsum + t * groups, d, group);
+              case G_INT2: {
+                const GuardInput in{xq8 + t * d, xqf + t * d, sx + t * groups, gsum + t * groups};
+                const uint8_t* q = guard + j * guard_row;
+                const uint16_t* sc = reinterpret_cast<const uint16_t*>(guard + m[OFF_GSCALES]) + j * groups * 2;
+                z = enc == G_INT4 ? dot_subbyte<4>(q, sc, in, d, group) : dot_subbyte<2>(q, sc, in, d, group);
                 break;
-              case G_INT2:
-                z = dot_subbyte<2>(guard + j * guard_row, reinterpret_cast<const uint16_t*>(guard + m[OFF_GSCALES]) + j * groups * 2,
-                                   xt, gsum + t * groups, d, group);
-                break;
+              }
               case G_SVD:
                 z = dot(reinterpret_cast<const float*>(guard) + j * rank, proj + t * rank, rank);
                 break;
@@ -484,6 +631,39 @@ int tardis_ffn(const void* x, void* y, const void* weights, const uint8_t* guard
                floats, meta, tokens, threads, counters);
   return run(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y), static_cast<const uint16_t*>(weights),
              guard, floats, meta, tokens, threads, counters);
+}
+
+// The low-bit guard's predictions for many tokens (the batched path's flags, with the fused
+// kernel's arithmetic): out (tokens, k_guard) fp32, bias excluded. Each thread decodes a row once
+// into fp32 and dots it with every token. Returns 0, or a negative error code.
+int tardis_guard_predict(const void* x, float* out, const uint8_t* guard, const int64_t* meta, int64_t tokens,
+                         int64_t d_in, int64_t n_weights, int64_t n_guard, int64_t n_floats, int threads) {
+  const int status = check_meta(meta, n_weights, n_guard, n_floats);
+  if (status) return status;
+  if (d_in != meta[D_IN]) return -8;
+  if (meta[GUARD] != G_INT8 && meta[GUARD] != G_INT4 && meta[GUARD] != G_INT2) return -6;
+  const int64_t rows = meta[K_GUARD], d = d_in, group = meta[GROUP];
+  const bool subbyte = meta[GUARD] != G_INT8;
+  const int64_t groups = subbyte ? (d + group - 1) / group : 0;
+  std::vector<float> xs(tokens * d), xqf(tokens * d), sx(tokens * groups + 1), gsum(tokens * groups + 1);
+  std::vector<int8_t> xq8(tokens * d);
+  for (int64_t i = 0; i < tokens * d; ++i)
+    xs[i] = meta[DTYPE] == 0 ? static_cast<const float*>(x)[i] : bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
+  for (int64_t t = 0; t < tokens && subbyte; ++t) {  // the dequantized int8 x the sub-byte guards read
+    quantize_token(xs.data() + t * d, d, group, xq8.data() + t * d, xqf.data() + t * d, sx.data() + t * groups,
+                   gsum.data() + t * groups);
+    for (int64_t i = 0; i < d; ++i) xs[t * d + i] = xqf[t * d + i] * sx[t * groups + i / group];
+  }
+#pragma omp parallel num_threads(threads < 1 ? 1 : threads)
+  {
+    std::vector<float> row(d), lows(groups + 1);
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < rows; ++j) {
+      decode_row(guard, meta, j, row.data(), lows.data());
+      predict_tokens(row.data(), lows.data(), xs.data(), gsum.data(), tokens, d, groups, out + j, rows);
+    }
+  }
+  return 0;
 }
 
 }  // extern "C"

@@ -39,6 +39,10 @@ class FusedKernel:
         check.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
         check.restype = ctypes.c_int
         self._check = check
+        predict = lib.tardis_guard_predict
+        predict.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+        predict.restype = ctypes.c_int
+        self._predict = predict
 
     def ffn(self, x: torch.Tensor, y: torch.Tensor, tokens: int, weights: torch.Tensor, guard: torch.Tensor,
             floats: torch.Tensor, meta: torch.Tensor, counters: torch.Tensor | None = None) -> None:
@@ -50,6 +54,17 @@ class FusedKernel:
                            torch.get_num_threads(), counters.data_ptr() if counters is not None else None)
         if status:
             raise ValueError(f"tardis kernel refused the call: {_ERRORS.get(status, status)}")
+
+    def guard_predict(self, x: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor,
+                      meta: torch.Tensor, rows: int) -> torch.Tensor:
+        """A low-bit guard's (tokens, rows) float32 predictions for x (tokens, d_in), contiguous in
+        the pack's dtype: the batched path's flags, with this kernel's arithmetic."""
+        out = torch.empty(x.shape[0], rows)
+        status = self._predict(x.data_ptr(), out.data_ptr(), guard.data_ptr(), meta.data_ptr(), x.shape[0],
+                               x.shape[1], weights.numel(), guard.numel(), floats.numel(), torch.get_num_threads())
+        if status:
+            raise ValueError(f"tardis kernel refused to run the guard: {_ERRORS.get(status, status)}")
+        return out
 
     def check(self, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor, meta: torch.Tensor) -> str | None:
         """None if the buffers form a valid pack for the kernel, else what is wrong."""

@@ -83,3 +83,13 @@ def test_compile_errors_are_reported_not_raised(fresh_kernel, monkeypatch, tmp_p
     monkeypatch.setattr(build, "SOURCE", bad)
     assert kernel.kernel() is None
     assert "compiling the kernel failed" in kernel.status()
+
+
+def test_explain_says_which_path_runs(fresh_kernel, monkeypatch):
+    import tardis_compiler as tc
+
+    monkeypatch.setenv("TARDIS_KERNEL", "off")
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval()
+    report = tc.explain(mlp, torch.randn(64, 16), inner="eager", calibration_calls=1)
+    assert any("torch path" in note and "TARDIS_KERNEL=off" in note for g in report.graphs for note in g.notes)
+    assert "FFN runtime: torch path" in str(report)
