@@ -64,6 +64,12 @@ def without_ffns(model):
     return out
 
 
+def compile_forward(model, **kwargs):
+    """``torch.compile(model.forward)`` in its own recompile region: this script compiles one
+    forward a dozen times (one per variant), past dynamo's shared per-code limit of 8."""
+    return torch.compile(model.forward, dynamic=True, isolate_recompiles=True, **kwargs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.3, 0.5, 0.7])
@@ -97,27 +103,27 @@ def main() -> None:
         short = dtype_name.replace("float32", "fp32").replace("bfloat16", "bf16")
         info = {"dtype": short, "bytes_fraction": 1.0}
         variants[f"dense {short} eager"] = (model, model.forward, dict(info, kind="dense"))
-        variants[f"dense {short} inductor"] = (model, torch.compile(model.forward, backend="inductor", dynamic=True),
+        variants[f"dense {short} inductor"] = (model, compile_forward(model, backend="inductor"),
                                              dict(info, kind="dense"))
         if dtype == torch.bfloat16:
             q8 = int8_model(model).eval()
             variants["int8 weight-only bf16 eager"] = (q8, q8.forward, dict(info, kind="int8"))
-            variants["int8 weight-only bf16 inductor"] = (q8, torch.compile(q8.forward, dynamic=True),
+            variants["int8 weight-only bf16 inductor"] = (q8, compile_forward(q8),
                                                            dict(info, kind="int8"))
             bare = without_ffns(model).eval()
-            variants["dense bf16 inductor, FFNs removed"] = (bare, torch.compile(bare.forward, dynamic=True),
+            variants["dense bf16 inductor, FFNs removed"] = (bare, compile_forward(bare),
                                                               dict(info, kind="ceiling", bytes_fraction=0.0))
         profiles = cached_profiles(f"smollm2-{dtype_name}", model, batches, args.budgets, config)
         for budget, profile in profiles.items():
-            variants[f"tardis {short} {budget}"] = (model, torch.compile(
-                model.forward, backend="tardis", dynamic=True, options={"profile": profile}),
+            variants[f"tardis {short} {budget}"] = (model, compile_forward(
+                model, backend="tardis", options={"profile": profile}),
                 dict(info, kind="tardis", budget=budget, bytes_fraction=profile.bytes_fraction()))
         if dtype == torch.bfloat16:
             sparse = cached_profiles(f"smollm2-{dtype_name}-nofold", model, batches, args.sparsity_budgets,
                                      tc.CalibrationConfig(progress=False, fold=False))
             for budget, profile in sparse.items():
-                variants[f"activation sparsity (c = 0) {short} {budget}"] = (model, torch.compile(
-                    model.forward, backend="tardis", dynamic=True, options={"profile": profile}),
+                variants[f"activation sparsity (c = 0) {short} {budget}"] = (model, compile_forward(
+                    model, backend="tardis", options={"profile": profile}),
                     dict(info, kind="sparsity", budget=budget, bytes_fraction=profile.bytes_fraction()))
 
     generate = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
@@ -135,9 +141,12 @@ def main() -> None:
             model.forward = original
 
     outputs, ppl = {}, {}
-    for name, (model, forward, _) in variants.items():  # warm up (compiles), then perplexity
+    for name, (model, forward, info) in variants.items():  # warm up (compiles), then perplexity
         start = time.perf_counter()
-        outputs[name] = [run(model, forward, p)[1] for p in prompts]
+        with tc.collect_stats() as stats:
+            outputs[name] = [run(model, forward, p)[1] for p in prompts]
+        if info["kind"] in ("tardis", "sparsity") and not stats.ffns:
+            raise RuntimeError(f"{name}: no tardis op ran (did dynamo fall back to eager?)")
         model.forward, original = forward, model.forward
         try:
             ppl[name] = perplexity(model, windows[:args.ppl_windows], prefix).value

@@ -11,7 +11,7 @@ from .backend import TrainingModeError, tardis_backend
 from .calibrate import calibrate, calibrate_for_budget, record
 from .config import GUARDS, CalibrationConfig, TardisOptions
 from .explain import ExplainReport, explain
-from .profile import FFNProfile, Profile, ProfileMismatchError
+from .profile import FFNProfile, Profile, ProfileError, ProfileMismatchError
 from .caches import clear_caches
 from .runtime.stats import collect_stats
 
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GUARDS", "ActivationRule", "CalibrationConfig", "ExplainReport", "FFNProfile", "Profile",
-    "ProfileMismatchError", "TardisOptions", "TrainingModeError", "activation_rules", "calibrate",
+    "ProfileError", "ProfileMismatchError", "TardisOptions", "TrainingModeError", "activation_rules", "calibrate",
     "calibrate_for_budget", "clear_caches", "collect_stats", "explain", "get_activation_rule", "register_activation_rule",
     "tardis_backend", "unregister_activation_rule",
 ]

@@ -23,8 +23,11 @@ import torch.nn.functional as F
 ActivationFn = Callable[[torch.Tensor], torch.Tensor]
 
 # Probe points used to identify an elementwise subgraph. Dense around 0 where activations differ,
-# wide enough to separate e.g. SiLU from quick_gelu and the erf GELU from the tanh one.
-_PROBE = torch.cat([torch.linspace(-12.0, 12.0, 241), torch.linspace(-3.0, 3.0, 121)]).double()
+# wide enough to separate e.g. SiLU from quick_gelu and the erf GELU from the tanh one, and out to
+# +-1e4 so a subgraph that only departs from a rule far out (a clamp, a saturation) is not taken
+# for it: the exact path evaluates the rule wherever a pre-activation lands.
+_WIDE = torch.logspace(1.0, 4.0, 31)
+_PROBE = torch.cat([torch.linspace(-12.0, 12.0, 241), torch.linspace(-3.0, 3.0, 121), _WIDE, -_WIDE]).double()
 
 
 @dataclasses.dataclass(frozen=True)

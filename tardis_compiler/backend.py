@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule
 
-from .calibrate import Recorder, recording
+from .calibrate import Recorder, active_recorder, recording
 from .config import TardisOptions
 from .passes import (FFNMatch, PassContext, copy_graph_module, find_ffns, fold_ffns,
                      placeholder_fqns, record_ffn_inputs)
@@ -66,6 +66,13 @@ class TardisCompiler:
         self.mode = mode
         self.reports = reports
         self.states = states  # auto-calibration states; None: the process-wide ones (STATES)
+        self._packs: list[GraphPacks] = []  # of the graphs compiled so far (``release``)
+
+    def release(self) -> None:
+        """Drop what this backend's graphs hold for speed (their packs' fast paths): ``explain``
+        calls it, so nothing of an explained model stays alive in dynamo's cache but the graphs."""
+        for packs in self._packs:
+            packs.forget()
 
     def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
         opts = self.options
@@ -93,6 +100,7 @@ class TardisCompiler:
         compiled = self._inner(folded, [*example_inputs, *dummy_pack_inputs(slots, _device_of(example_inputs), dtype)],
                                pack_inputs=True)
         packs = GraphPacks(slots, [opts.guard_for(m.kind) for m in ordered], opts.calibration.group_size)
+        self._packs.append(packs)
         rows = {row.name: row for row in report.ffns}
         report.notes.append(f"FFN runtime: {kernel_status()}")
 
@@ -166,6 +174,7 @@ class _CalibrationState:
         self.refs = tuple(weakref.ref(w) for w in weights)
         self.calls = 0
         self.profile: Profile | None = None
+        self.lock = threading.Lock()  # one recording call at a time per state
 
 
 class CalibrationStates:
@@ -224,12 +233,20 @@ class AutoCalibratingGraph:
         state = self.states.get([args[f.slots["wg" if f.kind == "gated" else "w1"]] for f in ffns], self.options)
         if state.profile is not None:
             return self.compiled(*args, *self.packs.flat(args, state.profile))
-        for f in ffns:
+        with state.lock:
+            if state.profile is not None:  # another thread finished calibrating meanwhile
+                return self.compiled(*args, *self.packs.flat(args, state.profile))
+            return self._record(state, args)
+
+    def _record(self, state: _CalibrationState, args) -> Any:
+        for f in self.packs.ffns:
             state.recorder.register(f.name, f.pattern, f.activation, f.weights(args))
         with torch.no_grad(), recording(state.recorder):
             out = self.recording_gm(*args)
         state.calls += 1
-        if state.calls >= self.options.calibration_calls:
+        if state.calls < self.options.calibration_calls:
+            state.recorder.release_weights()
+        else:
             n = state.calls
             state.profile = state.recorder.fit(source=f"auto-calibration on calls 1-{n}",
                                                guard=self.options.guard)  # None: each kind's default
@@ -245,20 +262,27 @@ class AutoCalibratingGraph:
         return out
 
 
-def recording_backend(recorder: Recorder) -> Callable:
-    """A backend for ``calibrate``: FFN inputs go to ``recorder``; the graph runs eagerly, unchanged."""
+def _recording_backend(gm: GraphModule, example_inputs: Sequence[Any], **_) -> Callable:
+    """The backend of ``calibrate``: the graph runs eagerly, unchanged, handing FFN inputs to the
+    recorder of the ``recording`` block it is called in (``RECORDING_BACKEND``: one object, so
+    dynamo reuses its graphs across calibrations)."""
+    _refuse_training_graph(gm)
+    matches, _ = find_ffns(gm, placeholder_fqns(gm))
+    positions = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
+    slots = [_ffn_slots(m, positions) for m in matches]
+    forward = record_ffn_inputs(copy_graph_module(gm), PassContext(TardisOptions(), {m.name for m in matches})).forward
 
-    def backend(gm: GraphModule, example_inputs: Sequence[Any], **_) -> Callable:
-        _refuse_training_graph(gm)
-        fqns = placeholder_fqns(gm)
-        matches, _ = find_ffns(gm, fqns)
-        positions = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
-        for m in matches:
-            recorder.register(m.name, m.pattern, m.activation.name, _ffn_slots(m, positions).weights(example_inputs))
-        ctx = PassContext(TardisOptions(), {m.name for m in matches})
-        return record_ffn_inputs(copy_graph_module(gm), ctx).forward
+    def run(*args):
+        recorder = active_recorder()
+        if recorder is not None:
+            for f in slots:
+                recorder.register(f.name, f.pattern, f.activation, f.weights(args))
+        return forward(*args)
 
-    return backend
+    return run
+
+
+RECORDING_BACKEND = _recording_backend
 
 
 def capture_graphs(model: torch.nn.Module, *inputs: Any, **kwargs: Any) -> list[tuple[GraphModule, dict]]:

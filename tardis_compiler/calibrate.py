@@ -16,6 +16,8 @@ import contextlib
 import dataclasses
 import logging
 import math
+import threading
+import warnings
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -27,6 +29,7 @@ from .profile import FFNProfile, Profile
 from .runtime.guard import LowBitGuard
 
 log = logging.getLogger("tardis_compiler")
+_FEW_TOKENS = 64  # below this, calibration warns that its fit will not generalise
 
 
 class FFNRecord:
@@ -42,13 +45,27 @@ class FFNRecord:
         self.samples: torch.Tensor | None = None
         self.filled = 0
         self.seen = 0
+        self.dropped = 0  # token rows with a NaN or Inf, left out
+        self._lock = threading.Lock()
         self._generator = torch.Generator().manual_seed(seed)
 
     def add(self, x: torch.Tensor) -> None:
-        """Reservoir-sample the rows of ``x`` (..., d_in) so any prefix of tokens is represented."""
+        """Reservoir-sample the rows of ``x`` (..., d_in) so any prefix of tokens is represented.
+        Rows with a NaN or Inf are dropped (and counted): one would poison every neuron's fit."""
         rows = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        finite = torch.isfinite(rows).all(dim=1)
+        with self._lock:
+            if not bool(finite.all()):
+                self.dropped += int((~finite).sum())
+                rows = rows[finite]
+            self._add(rows)
+
+    def _add(self, rows: torch.Tensor) -> None:
         if self.samples is None:
-            self.samples = torch.empty(self.max_tokens, rows.shape[1])
+            # A normal tensor even when the first call runs under inference_mode: later calls may
+            # run under no_grad, where an inference tensor could not be written to.
+            with torch.inference_mode(False):
+                self.samples = torch.empty(self.max_tokens, rows.shape[1])
         take = min(rows.shape[0], self.max_tokens - self.filled)
         self.samples[self.filled:self.filled + take] = rows[:take]
         self.filled += take
@@ -81,10 +98,18 @@ class Recorder:
         self.prepared: dict = {}
 
     def register(self, name: str, pattern: str, activation: str, weights: dict) -> None:
-        """Declare an FFN (first time its graph is compiled or run)."""
+        """Declare an FFN, or hand it its weights again (each call of a recording graph does)."""
         if name not in self.ffns:
             seed = self.config.seed + len(self.ffns)
             self.ffns[name] = FFNRecord(name, pattern, activation, weights, self.config.max_tokens, seed)
+        else:
+            self.ffns[name].weights = weights
+
+    def release_weights(self) -> None:
+        """Let go of the FFNs' weights until the next ``register`` (an auto-calibration waiting for
+        its next call must not keep a deleted model alive)."""
+        for record in self.ffns.values():
+            record.weights = None
 
     def fit(self, source: str, config: CalibrationConfig | None = None, guard: str | None = None) -> Profile:
         """Fit every recorded FFN (see the module docstring) into a ``Profile``; ``config``
@@ -96,10 +121,24 @@ class Recorder:
         coverage fit of ``fit_ffn``, for every low-bit guard at once."""
         config = config or self.config
         empty = [n for n, r in self.ffns.items() if r.filled == 0]
+        poisoned = {n: r.dropped for n, r in self.ffns.items() if r.dropped}
+        if empty and all(n in poisoned for n in empty):
+            raise ValueError(f"every calibration token of FFNs {empty[:3]} has a NaN or Inf in its input: the "
+                             "calibration inputs (or the model's weights) are not finite; check them")
         if not self.ffns or empty:
             raise ValueError(
                 "calibration saw no tokens" + (f" for FFNs {empty[:3]}" if empty else "")
                 + ": pass a non-empty iterable of model inputs (tensors or dicts of keyword arguments)")
+        fewest = min(r.filled for r in self.ffns.values())
+        if fewest < _FEW_TOKENS:
+            warnings.warn(f"tardis: calibration saw only {fewest} token(s) per FFN: ranges, constants and guard "
+                          f"margins fitted on so few generalise poorly; calibrate on a few hundred tokens or more "
+                          "of real text (a few paragraphs)", stacklevel=2)
+        if poisoned:
+            worst = max(poisoned.values())
+            warnings.warn(f"tardis: calibration dropped up to {worst} token(s) per FFN whose input had a NaN or Inf "
+                          f"({len(poisoned)} FFNs, e.g. {next(iter(poisoned))!r}); the profile is fitted on the rest",
+                          stacklevel=2)
         mix_all = config.budget is not None or guard == "svd"  # the svd guard's factors come with a mix
         by_policy = [r for r in self.ffns.values() if r.gated or mix_all]
         by_coverage = [r for r in self.ffns.values() if r not in by_policy]
@@ -123,23 +162,37 @@ def _progress(records: list, config: CalibrationConfig, desc: str):
     return records
 
 
-_ACTIVE: list[Recorder] = []
+class _ActiveRecorders(threading.local):
+    """The recorders of ``recording`` blocks, per thread: a graph run in one thread records into
+    that thread's recorder only."""
+
+    def __init__(self) -> None:
+        self.stack: list[Recorder] = []
+
+
+_ACTIVE = _ActiveRecorders()
 
 
 @contextlib.contextmanager
 def recording(recorder: Recorder) -> Iterator[Recorder]:
-    """Route ``record_ffn_input`` calls made inside the block to ``recorder``."""
-    _ACTIVE.append(recorder)
+    """Route ``record_ffn_input`` calls made inside the block (in this thread) to ``recorder``."""
+    _ACTIVE.stack.append(recorder)
     try:
         yield recorder
     finally:
-        _ACTIVE.remove(recorder)
+        _ACTIVE.stack.remove(recorder)
+
+
+def active_recorder() -> Recorder | None:
+    """The innermost ``recording`` block's recorder in this thread, or None."""
+    return _ACTIVE.stack[-1] if _ACTIVE.stack else None
 
 
 def record_ffn_input(x: torch.Tensor, name: str) -> None:
     """Graph hook inserted by the recording pass: hand an FFN's input to the active recorder."""
-    if _ACTIVE:
-        _ACTIVE[-1].ffns[name].add(x)
+    recorder = active_recorder()
+    if recorder is not None and name in recorder.ffns:
+        recorder.ffns[name].add(x)
 
 
 def record(model: torch.nn.Module, batches: Iterable[Any], config: CalibrationConfig | None = None) -> Recorder:
@@ -153,7 +206,7 @@ def record(model: torch.nn.Module, batches: Iterable[Any], config: CalibrationCo
         >>> rec.fit("demo").ffns[""].d_in
         16
     """
-    from .backend import recording_backend
+    from .backend import RECORDING_BACKEND
 
     config = config or CalibrationConfig()
     if not isinstance(model, torch.nn.Module):
@@ -166,7 +219,9 @@ def record(model: torch.nn.Module, batches: Iterable[Any], config: CalibrationCo
         raise ValueError("calibrate() got an empty calibration set: pass at least one batch of real "
                          "inputs (e.g. a few tokenized paragraphs)")
     recorder = Recorder(config)
-    compiled = torch.compile(model, backend=recording_backend(recorder), dynamic=None)
+    # One backend object for every calibration: dynamo reuses its graphs across calls (a new
+    # backend per call would recompile each time and, by the 9th, hit dynamo's recompile limit).
+    compiled = torch.compile(model, backend=RECORDING_BACKEND, dynamic=None)
     progress = batches
     if config.progress:
         from tqdm.auto import tqdm

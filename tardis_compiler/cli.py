@@ -9,14 +9,29 @@ import argparse
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
+
+
+def _count(text: str) -> int:
+    """A positive count."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive count, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive count, got {text!r}")
+    return value
 
 
 def _size(text: str) -> int | None:
     """A count, or "all" (None)."""
     if text.lower() == "all":
         return None
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive count or 'all', got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive count or 'all', got {text!r}")
     return value
@@ -29,7 +44,8 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval", help="measure accuracy vs FFN bytes read: dense, Wanda, RIA, TEAL (and tardis)",
         description="Evaluate the dense model and every registered compression method at the "
-                    "given FFN weight-bytes-read budgets, side by side, offline.")
+                    "given FFN weight-bytes-read budgets, side by side, offline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"])
     preset = parser.add_mutually_exclusive_group()
     preset.add_argument("--preset", choices=sorted(PRESETS), default="standard",
@@ -42,22 +58,23 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
                         help="FFN weight bytes read per token, as fractions of dense, in (0, 1]")
     parser.add_argument("--context-length", type=int, help="tokens per window (default: 512 "
                         "for smollm2, 256 for minilm)")
-    parser.add_argument("--calibration-batches", type=_size, metavar="N", default=argparse.SUPPRESS,
-                        help="calibration windows of --context-length tokens")
+    parser.add_argument("--calibration-batches", type=_count, metavar="N", default=argparse.SUPPRESS,
+                        help="calibration windows of --context-length tokens (default: the preset's)")
     parser.add_argument("--ppl-windows", type=_size, metavar="N|all", default=argparse.SUPPRESS,
-                        help="perplexity windows, a seeded subset")
+                        help="perplexity windows, a seeded subset (default: the preset's)")
     parser.add_argument("--tasks", nargs="+", help="zero-shot tasks (default: piqa hellaswag "
                         "arc_easy lambada)")
     parser.add_argument("--task-limit", type=_size, metavar="N|all", default=argparse.SUPPRESS,
-                        help="items per task, a seeded subset")
+                        help="items per task, a seeded subset (default: the preset's)")
     parser.add_argument("--passages", type=_size, metavar="N|all", default=argparse.SUPPRESS,
-                        help="encoder passages, a seeded subset")
+                        help="encoder passages, a seeded subset (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--output-dir", default="benchmarks/results")
-    parser.add_argument("--results-md", default="docs/RESULTS.md",
-                        help="markdown file whose '## Evaluation harness' section gets the table")
-    parser.add_argument("--no-results-md", dest="results_md", action="store_const", const=None)
+    parser.add_argument("--results-md", default=None,
+                        help="markdown file whose '## Evaluation harness' section gets the table "
+                             "(default: RESULTS.md in --output-dir; the team's is docs/RESULTS.md)")
+    parser.add_argument("--no-results-md", dest="write_md", action="store_false", help="write no markdown")
     parser.add_argument("--no-plot", dest="plot", action="store_false")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -71,14 +88,20 @@ def _run_eval(args: argparse.Namespace) -> int:
                                       save_outputs)
 
     for module in args.imports:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            print(f"tardis eval: error: --import {module}: {error} (is it installed, or on PYTHONPATH?)",
+                  file=sys.stderr)
+            return 2
     unknown = [m for m in args.methods or () if m not in method_names()]
     if unknown:
         print(f"tardis eval: error: unknown method(s) {unknown}; registered: {method_names()} "
               f"(a module given with --import can register more)", file=sys.stderr)
         return 2
+    results_md = args.results_md if args.results_md is not None else str(Path(args.output_dir) / "RESULTS.md")
     overrides = {"model": args.model, "budgets": tuple(args.budgets), "seed": args.seed,
-                 "output_dir": args.output_dir, "results_md": args.results_md, "plot": args.plot,
+                 "output_dir": args.output_dir, "results_md": results_md if args.write_md else None, "plot": args.plot,
                  "threads": args.threads, "progress": args.progress,
                  "context_length": args.context_length}
     for name in ("calibration_batches", "ppl_windows", "task_limit", "passages"):

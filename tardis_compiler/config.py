@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import re
 from typing import Any, Mapping
 
@@ -71,20 +73,21 @@ class CalibrationConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.coverage <= 1.0, f"coverage must be in (0, 1], got {self.coverage}")
-        _check(self.max_tokens >= 16, f"max_tokens must be >= 16, got {self.max_tokens}")
-        _check(0.0 <= self.holdout_fraction < 0.9,
-               f"holdout_fraction must be in [0, 0.9), got {self.holdout_fraction}")
-        _check(0.0 < self.target_recall <= 1.0,
-               f"target_recall must be in (0, 1], got {self.target_recall}")
-        _check(self.group_size >= 8 and self.group_size % 8 == 0,
-               f"group_size must be a positive multiple of 8, got {self.group_size}")
-        _check(self.svd_rank >= 0, f"svd_rank must be >= 0 (0: a quarter of d_in), got {self.svd_rank}")
+        _real(self.coverage, "coverage", 0.0, 1.0, "(0, 1]", low_open=True)
+        _integer(self.max_tokens, "max_tokens", 16)
+        _real(self.holdout_fraction, "holdout_fraction", 0.0, 0.9, "[0, 0.9)", high_open=True)
+        _real(self.target_recall, "target_recall", 0.0, 1.0, "(0, 1]", low_open=True)
+        _integer(self.group_size, "group_size", 8)
+        _check(self.group_size % 8 == 0, f"group_size must be a positive multiple of 8, got {self.group_size}")
+        _integer(self.svd_rank, "svd_rank", 0, "(0: a quarter of d_in)")
         _check(self.allocation in ("layer", "model"),
                f"allocation must be 'layer' or 'model', got {self.allocation!r}")
-        _check(self.fold in (None, True, False), f"fold must be None, True or False, got {self.fold!r}")
-        _check(self.budget is None or 0.0 < self.budget <= 1.0,
-               f"budget is a fraction of dense FFN bytes read per token, in (0, 1]; got {self.budget}")
+        _check(self.fold is None or isinstance(self.fold, bool), f"fold must be None, True or False, got {self.fold!r}")
+        if self.budget is not None:
+            _real(self.budget, "budget", 0.0, 1.0, "(0, 1] (a fraction of dense FFN bytes read per token)",
+                  low_open=True)
+        _integer(self.seed, "seed", None)
+        _check(isinstance(self.progress, bool), f"progress must be True or False, got {self.progress!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, for JSON. Example: ``CalibrationConfig().to_dict()["coverage"]``."""
@@ -128,23 +131,32 @@ class TardisOptions:
     budget: float | None = None
 
     def __post_init__(self) -> None:
-        _check(self.guard is None or self.guard in GUARDS, f"guard must be one of {GUARDS}, got {self.guard!r}")
-        _check(self.inner in INNER_COMPILERS,
+        _check(self.guard is None or (isinstance(self.guard, str) and self.guard in GUARDS),
+               f"guard must be one of {GUARDS} or None, got {self.guard!r}")
+        _check(isinstance(self.inner, str) and self.inner in INNER_COMPILERS,
                f"inner must be one of {INNER_COMPILERS}, got {self.inner!r}")
-        _check(isinstance(self.calibration_calls, int) and self.calibration_calls >= 1,
-               f"calibration_calls must be an int >= 1, got {self.calibration_calls!r}")
+        _integer(self.calibration_calls, "calibration_calls", 1)
         if isinstance(self.calibration, Mapping):
             self.calibration = CalibrationConfig.from_dict(self.calibration)
         _check(isinstance(self.calibration, CalibrationConfig),
-               "calibration must be a CalibrationConfig or a dict of its fields")
+               f"calibration must be a CalibrationConfig or a dict of its fields, got {type(self.calibration).__name__}")
         if self.budget is not None:
-            self.calibration = dataclasses.replace(self.calibration, budget=self.budget)
+            _real(self.budget, "budget", 0.0, 1.0, "(0, 1] (a fraction of dense FFN bytes read per token)",
+                  low_open=True)
+            self.calibration = dataclasses.replace(self.calibration, budget=float(self.budget))
         if isinstance(self.skip, str):
             self.skip = (self.skip,)
+        _check(isinstance(self.skip, (tuple, list)) and all(isinstance(p, str) for p in self.skip),
+               f"skip must be an FFN name or regex, or a list of them; got {self.skip!r}")
         self.skip = tuple(self.skip)
         for pattern in self.skip:
-            re.compile(pattern)
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"skip pattern {pattern!r} is not a valid regex: {exc}") from None
         if self.profile is not None and not hasattr(self.profile, "ffns"):
+            _check(isinstance(self.profile, (str, os.PathLike)),
+                   f"profile must be a Profile or the path of a saved one, got {type(self.profile).__name__}")
             from .profile import Profile  # a path: load it here so a bad path fails at compile time
 
             self.profile = Profile.load(self.profile)
@@ -187,3 +199,19 @@ def _known_keys(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _integer(value: Any, name: str, minimum: int | None, note: str = "") -> None:
+    """An int (not a bool, not a float) of at least ``minimum``."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+    bound = f" >= {minimum}" if minimum is not None else ""
+    _check(ok, f"{name} must be an integer{bound}{' ' + note if note else ''}, got {value!r}")
+
+
+def _real(value: Any, name: str, low: float, high: float, interval: str, low_open: bool = False,
+          high_open: bool = False) -> None:
+    """A number (not a bool, not a string) in the interval."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    _check(ok, f"{name} must be a number in {interval}, got {value!r}")

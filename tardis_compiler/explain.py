@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .backend import TardisCompiler
+from .backend import CalibrationStates, TardisCompiler
 from .config import TardisOptions
 from .report import GraphReport, render_table
 from .runtime.stats import collect_stats
@@ -50,7 +50,8 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Exp
     Takes the same keywords as ``torch.compile(..., backend="tardis", options=...)``. Without a
     profile it runs the inputs ``calibration_calls`` times to auto-calibrate, then once more; with
     one, once. The last call is measured (flag rates on these inputs). A single dict input is
-    passed as keyword arguments. The model is not modified.
+    passed as keyword arguments. The model is not modified, and no state is left behind: a later
+    ``torch.compile(model, backend="tardis")`` calibrates afresh.
 
     Example:
         >>> import torch, tardis_compiler as tc
@@ -61,13 +62,21 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Exp
     """
     opts = TardisOptions.from_mapping(options)
     graphs: list[GraphReport] = []
-    compiled = torch.compile(model, backend=TardisCompiler(opts, reports=graphs))
+    # Its own auto-calibration states and recompile region: explaining leaves no state behind that a
+    # later torch.compile could pick up, and repeated explains do not exhaust dynamo's recompile limit.
+    states = CalibrationStates()
+    compiler = TardisCompiler(opts, reports=graphs, states=states)
+    compiled = torch.compile(model, backend=compiler, isolate_recompiles=True)
     warmup = 0 if opts.profile is not None else opts.calibration_calls
-    with torch.no_grad():
-        for _ in range(warmup):
-            _call(compiled, example_inputs)
-        with collect_stats() as stats:
-            _call(compiled, example_inputs)
+    try:
+        with torch.no_grad():
+            for _ in range(warmup):
+                _call(compiled, example_inputs)
+            with collect_stats() as stats:
+                _call(compiled, example_inputs)
+    finally:
+        states.clear()
+        compiler.release()
     for row in (f for g in graphs for f in g.ffns):
         counters = stats.ffns.get(row.name)
         if counters is not None:

@@ -28,6 +28,13 @@ class ProfileMismatchError(ValueError):
     """A profile was applied to a model whose FFNs differ from the calibrated ones."""
 
 
+class ProfileError(ValueError):
+    """A saved profile is missing, unreadable or inconsistent; the message names the file and field."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+
+
 # eq=False: identity equality. Dynamo compares torch.compile options (which hold the profile) when
 # it picks a cached graph; field-wise equality would compare tensors and raise.
 @dataclasses.dataclass(eq=False)
@@ -174,29 +181,47 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
-        """Read a profile written by ``save``; an unknown format or newer version is an error."""
+        """Read a profile written by ``save``. Every field is checked against the FFN shapes it
+        claims; anything wrong raises ``ProfileError`` naming the file and the field.
+
+        Example:
+            >>> Profile.load("/no/such/profile")   # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            tardis_compiler.profile.ProfileError: /no/such/profile/profile.json: not found: ...
+        """
         meta_path = os.path.join(path, "profile.json")
+        tensor_path = os.path.join(path, "tensors.safetensors")
         if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{meta_path} not found: is {path!r} a folder written by Profile.save?")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path} is not a tardis profile (format={meta.get('format')!r})")
-        if meta.get("version", 0) > FORMAT_VERSION:
-            raise ValueError(f"profile format version {meta['version']} is newer than this "
-                             f"tardis_compiler understands ({FORMAT_VERSION}); upgrade the package")
-        tensors = load_file(os.path.join(path, "tensors.safetensors"))
-        ffns = {}
-        for name, info in meta["ffns"].items():
-            ffns[name] = FFNProfile(
-                name=name, pattern=info["pattern"], activation=info["activation"],
-                d_in=info["d_in"], d_hidden=info["d_hidden"], d_out=info["d_out"],
-                **{field: tensors[f"{name}/{field}"] for field in _VECTORS},
-                margins={g: tensors[f"{name}/margin.{g}"] for g in info["guards"]},
-                stats=info["stats"], kind=info.get("kind", "plain"), predictor=tensors.get(f"{name}/predictor"),
-            )
-        return cls(ffns=ffns, config=CalibrationConfig.from_dict(meta["config"]),
-                   tokens=meta["tokens"], source=meta["source"], version=meta["version"])
+            raise ProfileError(meta_path, "not found: is this a folder written by Profile.save?")
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProfileError(meta_path, f"not readable JSON ({exc})") from exc
+        check = _Checker(meta_path)
+        check.that(isinstance(meta, dict), "the file", "must be a JSON object")
+        check.that(meta.get("format") == FORMAT, "format", f"is {meta.get('format')!r}, not a tardis profile")
+        version = meta.get("version")
+        check.that(isinstance(version, int) and not isinstance(version, bool) and version >= 1, "version",
+                   f"must be a positive integer, got {version!r}")
+        check.that(version <= FORMAT_VERSION, "version", f"{version} is newer than this tardis_compiler reads "
+                   f"({FORMAT_VERSION}): upgrade the package")
+        for key, kind in (("tokens", int), ("source", str), ("config", dict), ("ffns", dict)):
+            check.that(isinstance(meta.get(key), kind), key, f"missing or not a {kind.__name__}")
+        try:
+            config = CalibrationConfig.from_dict(meta["config"])
+        except (TypeError, ValueError) as exc:
+            raise ProfileError(meta_path, f"config: {exc}") from exc
+        if not os.path.isfile(tensor_path):
+            raise ProfileError(tensor_path, "not found (the profile's tensors)")
+        try:
+            tensors = load_file(tensor_path)
+        except Exception as exc:  # safetensors raises its own error types
+            raise ProfileError(tensor_path, f"not a readable safetensors file ({exc})") from exc
+        ffns = {name: _load_ffn(name, info, tensors, _Checker(meta_path), tensor_path)
+                for name, info in meta["ffns"].items()}
+        return cls(ffns=ffns, config=config, tokens=meta["tokens"], source=meta["source"], version=version)
 
     def bytes_fraction(self, guard: str | None = None) -> float:
         """FFN weight bytes read per token with ``guard`` (None: each FFN kind's default guard),
@@ -226,3 +251,54 @@ class Profile:
                 "this profile does not match the model's FFNs:\n" + "\n".join(problems[:8])
                 + f"\nThe profile covers: {known or 'no FFNs'}. Calibrate this model with "
                 "tardis_compiler.calibrate(model, batches) and pass that profile.")
+
+
+class _Checker:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def that(self, ok: bool, field: str, message: str) -> None:
+        if not ok:
+            raise ProfileError(self.path, f"{field}: {message}")
+
+
+def _load_ffn(name: str, info: Any, tensors: dict[str, torch.Tensor], check: _Checker,
+              tensor_path: str) -> FFNProfile:
+    """One FFN of a saved profile, every field checked against its shapes."""
+    where = f"ffns[{name!r}]"
+    check.that(isinstance(info, dict), where, "must be an object")
+    for key in ("d_in", "d_hidden", "d_out"):
+        value = info.get(key)
+        check.that(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"{where}.{key}",
+                   f"must be a positive integer, got {value!r}")
+    for key in ("pattern", "activation"):
+        check.that(isinstance(info.get(key), str), f"{where}.{key}", "missing or not a string")
+    kind = info.get("kind", "plain")
+    check.that(kind in ("plain", "gated"), f"{where}.kind", f"must be 'plain' or 'gated', got {kind!r}")
+    guards = info.get("guards", [])
+    check.that(isinstance(guards, list) and all(g in PREDICTOR_GUARDS for g in guards), f"{where}.guards",
+               f"must list guards among {PREDICTOR_GUARDS}, got {guards!r}")
+    check.that(isinstance(info.get("stats"), dict), f"{where}.stats", "missing or not an object")
+    m, d_in = info["d_hidden"], info["d_in"]
+    vector_check = _Checker(tensor_path)
+
+    def vector(key: str, allow_inf: bool) -> torch.Tensor:
+        t = tensors.get(f"{name}/{key}")
+        field = f"{name}/{key}"
+        vector_check.that(t is not None, field, "missing")
+        vector_check.that(tuple(t.shape) == (m,), field, f"has shape {tuple(t.shape)}, the FFN has d_hidden={m}")
+        vector_check.that(not bool(t.isnan().any()), field, "has NaN values")
+        vector_check.that(allow_inf or bool(torch.isfinite(t).all()), field, "has infinite values")
+        return t
+
+    # lower/upper encode the per-neuron option with +-inf; the lines and margins must be finite.
+    values = {key: vector(key, allow_inf=key in ("lower", "upper")) for key in _VECTORS}
+    margins = {g: vector(f"margin.{g}", allow_inf=False) for g in guards}
+    predictor = tensors.get(f"{name}/predictor")
+    if predictor is not None:
+        vector_check.that(predictor.dim() == 2 and predictor.shape[1] == m + d_in, f"{name}/predictor",
+                          f"has shape {tuple(predictor.shape)}, expected (rank, d_hidden + d_in = {m + d_in})")
+        vector_check.that(bool(torch.isfinite(predictor).all()), f"{name}/predictor", "has non-finite values")
+    return FFNProfile(name=name, pattern=info["pattern"], activation=info["activation"], d_in=d_in, d_hidden=m,
+                      d_out=info["d_out"], **values, margins=margins, stats=info["stats"], kind=kind,
+                      predictor=predictor)

@@ -11,10 +11,15 @@ from tests.tiny_models import ARCHITECTURES, build_tiny  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    """Every test starts with dynamo's caches empty (compiled graphs are reused otherwise)."""
+    """Every test starts with dynamo's and the package's caches empty (compiled graphs, packs and
+    auto-calibration states would otherwise carry over, and hide bugs that depend on them)."""
+    import tardis_compiler as tc
+
     torch.compiler.reset()
+    tc.clear_caches()
     yield
     torch.compiler.reset()
+    tc.clear_caches()
 
 
 @pytest.fixture(params=ARCHITECTURES)

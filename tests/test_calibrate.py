@@ -117,3 +117,70 @@ def test_recall_margins_is_the_smallest_common_scale_meeting_the_target():
         scale = (margin / sigma).mean().item()
         assert recall(margin) >= target
         assert recall(scale * 0.99 * sigma) < target
+
+
+def test_non_finite_tokens_are_dropped_with_a_warning():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval()
+    batch = torch.randn(256, 16)
+    batch[3, 5] = float("nan")
+    batch[7, 0] = float("inf")
+    with pytest.warns(UserWarning, match="dropped up to 2 token"):
+        profile = tc.calibrate(mlp, [batch], tc.CalibrationConfig(progress=False))
+    ffn = profile.ffns[""]
+    for vector in (ffn.slope, ffn.intercept, ffn.line_error, *ffn.margins.values()):
+        assert torch.isfinite(vector).all()
+    assert not ffn.lower.isnan().any() and not ffn.upper.isnan().any()
+    fast = torch.compile(mlp, backend="tardis", options={"profile": profile, "guard": "all", "inner": "eager"})
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), mlp(x), atol=1e-5, rtol=1e-5)
+
+
+def test_only_non_finite_tokens_is_a_clear_error():
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval()
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        tc.calibrate(mlp, [torch.full((8, 16), float("nan"))], tc.CalibrationConfig(progress=False))
+
+
+def test_too_few_tokens_warn():
+    from tests.tiny_models import build_tiny
+
+    model = build_tiny("llama")
+    with pytest.warns(UserWarning, match="only 1 token"):
+        tc.calibrate(model, [torch.tensor([[5]])], tc.CalibrationConfig(progress=False, budget=0.5))
+
+
+def test_ffns_with_tied_weights_are_calibrated_each_with_its_own_bias():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = torch.nn.ModuleList([torch.nn.Linear(16, 64) for _ in range(2)])
+            self.down = torch.nn.ModuleList([torch.nn.Linear(64, 16) for _ in range(2)])
+            self.up[1].weight = self.up[0].weight  # tied, but each layer has its own bias
+            self.down[1].weight = self.down[0].weight
+            with torch.no_grad():
+                self.up[1].bias.add_(2.0)
+
+        def forward(self, x):
+            for up, down in zip(self.up, self.down):
+                x = x + down(torch.nn.functional.gelu(up(x)))
+            return x
+
+    model = Tied().eval()
+    profile = tc.calibrate(model, [torch.randn(256, 16)], tc.CalibrationConfig(progress=False))
+    assert len(profile.ffns) == 2, list(profile.ffns)
+    fast = torch.compile(model, backend="tardis", options={"profile": profile, "guard": "all", "inner": "eager"})
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_float64_model_with_guard_all_is_exact_to_float64_precision():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval().double()
+    profile = tc.calibrate(mlp, [torch.randn(256, 16, dtype=torch.float64)], tc.CalibrationConfig(progress=False))
+    fast = torch.compile(mlp, backend="tardis", options={"profile": profile, "guard": "all", "inner": "eager"})
+    x = torch.randn(4, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), mlp(x), atol=1e-11, rtol=1e-11)

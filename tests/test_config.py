@@ -24,3 +24,14 @@ def test_calibration_config_round_trip():
 def test_skip_accepts_regex():
     opts = tc.TardisOptions(skip=r"model\.layers\.[01]")
     assert opts.skips("model.layers.1") and not opts.skips("model.layers.10")
+
+
+@pytest.mark.parametrize("bad", [{"budget": "0.5"}, {"budget": True}, {"skip": 5}, {"profile": 123},
+                                 {"calibration_calls": True}, {"calibration_calls": 2.0},
+                                 {"calibration": {"max_tokens": 16.5}}, {"calibration": {"group_size": 8.0}},
+                                 {"calibration": {"svd_rank": 2.5}}, {"calibration": {"budget": True}},
+                                 {"calibration": {"coverage": "0.5"}}, {"skip": ["("]}, {"guard": 4}])
+def test_wrong_types_are_value_errors_that_name_the_option(bad):
+    key = next(iter(bad))
+    with pytest.raises(ValueError, match=key if key != "calibration" else next(iter(bad[key]))):
+        tc.TardisOptions.from_mapping(bad)

@@ -51,8 +51,84 @@ def test_profile_for_another_architecture_is_refused(profile):
 
 
 def test_loading_a_non_profile_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="Profile.save"):
+    with pytest.raises(tc.ProfileError, match="Profile.save"):
         tc.Profile.load(tmp_path)
     (tmp_path / "profile.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="not a tardis profile"):
+        tc.Profile.load(tmp_path)
+
+
+def _corrupt(tmp_path, profile, meta_edit=None, tensor_edit=None):
+    from safetensors.torch import load_file, save_file
+
+    profile.save(tmp_path)
+    meta_path, tensor_path = tmp_path / "profile.json", tmp_path / "tensors.safetensors"
+    if meta_edit is not None:
+        meta = json.loads(meta_path.read_text())
+        meta = meta_edit(meta)
+        meta_path.write_text(json.dumps(meta))
+    if tensor_edit is not None:
+        tensors = load_file(tensor_path)
+        tensor_edit(tensors)
+        save_file(tensors, tensor_path)
+    return tmp_path
+
+
+NAME = "gpt_neox.layers.0.mlp"
+
+
+def _set(path, value):
+    def edit(meta):
+        target = meta
+        for key in path[:-1]:
+            target = target[key]
+        if value is _DELETE:
+            del target[path[-1]]
+        else:
+            target[path[-1]] = value
+        return meta
+    return edit
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("edit,field", [
+    (_set(["version"], -5), "version"),
+    (_set(["version"], "1"), "version"),
+    (_set(["version"], 99), "version"),
+    (_set(["version"], _DELETE), "version"),
+    (_set(["ffns", NAME, "d_hidden"], 0), "d_hidden"),
+    (_set(["ffns", NAME, "kind"], "weird"), "kind"),
+    (_set(["ffns", NAME, "guards"], ["int3"]), "guards"),
+    (_set(["config", "coverage"], 7), "config"),
+    (lambda meta: [meta], "JSON object"),
+])
+def test_corrupt_metadata_is_one_clear_error(tmp_path, profile, edit, field):
+    path = _corrupt(tmp_path, profile, meta_edit=edit)
+    with pytest.raises(tc.ProfileError, match=field) as info:
+        tc.Profile.load(path)
+    assert "profile.json" in str(info.value)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda t: t.__setitem__(f"{NAME}/slope", torch.zeros(1)), "shape"),
+    (lambda t: t.__setitem__(f"{NAME}/lower", torch.full_like(t[f"{NAME}/lower"], float("nan"))), "NaN"),
+    (lambda t: t.__setitem__(f"{NAME}/slope", torch.full_like(t[f"{NAME}/slope"], float("inf"))), "infinite"),
+    (lambda t: t.pop(f"{NAME}/intercept"), "missing"),
+])
+def test_corrupt_tensors_are_one_clear_error(tmp_path, profile, edit, match):
+    path = _corrupt(tmp_path, profile, tensor_edit=edit)
+    with pytest.raises(tc.ProfileError, match=match) as info:
+        tc.Profile.load(path)
+    assert "tensors.safetensors" in str(info.value) and NAME in str(info.value)
+
+
+def test_unreadable_files_are_one_clear_error(tmp_path, profile):
+    profile.save(tmp_path)
+    (tmp_path / "tensors.safetensors").write_bytes(b"garbage")
+    with pytest.raises(tc.ProfileError, match="safetensors"):
+        tc.Profile.load(tmp_path)
+    (tmp_path / "profile.json").write_text("{not json")
+    with pytest.raises(tc.ProfileError, match="JSON"):
         tc.Profile.load(tmp_path)

@@ -39,7 +39,8 @@ class EvalConfig:
         seed: seeds the article split and every subset.
         preset: name recorded with the results (set by ``from_preset``).
         output_dir: where the results JSON and the plot go.
-        results_md: markdown file whose "## Evaluation harness" section gets the table (None: skip).
+        results_md: markdown file whose "## Evaluation harness" section gets the table (None: skip;
+            the CLI defaults to ``RESULTS.md`` in the output directory).
         plot: write the Pareto plot PNG.
         threads: ``torch.set_num_threads`` (None: leave torch's default).
         progress: show progress bars.
@@ -65,7 +66,7 @@ class EvalConfig:
     seed: int = 0
     preset: str = "standard"
     output_dir: str = "benchmarks/results"
-    results_md: str | None = "docs/RESULTS.md"
+    results_md: str | None = None
     plot: bool = True
     threads: int | None = None
     progress: bool = True

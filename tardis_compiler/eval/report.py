@@ -199,7 +199,9 @@ def update_results_md(path: str | Path, results: dict[str, Any], block: str) -> 
         section = section.rstrip("\n") + "\n" + ("\n" if stop < len(lines) else "")
         new_text = "".join(lines[:start]) + section + "".join(lines[stop:])
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new_text)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # write whole, then rename: never half a file
+    tmp.write_text(new_text)
+    os.replace(tmp, path)
 
 
 def save_outputs(results: dict[str, Any], *, output_dir: str | Path,

@@ -16,7 +16,7 @@ from ..calibrate import calibrate_for_budget
 from ..config import DEFAULT_GUARDS, CalibrationConfig
 from ..profile import Profile
 from ..report import ffn_bytes_per_token
-from ..runtime.stats import RuntimeStats, _ACTIVE
+from ..runtime.stats import RuntimeStats, start_collecting, stop_collecting
 from .accounting import FFNBytes, PreparedModel
 from .errors import MethodNotApplicable
 from .ffn import dense_ffn_bytes
@@ -39,10 +39,10 @@ class TardisMeter:
         self.stats: RuntimeStats | None = None
 
     def reset(self) -> None:
-        if self.stats is not None and self.stats in _ACTIVE:
-            _ACTIVE.remove(self.stats)
+        if self.stats is not None:
+            stop_collecting(self.stats)
         self.stats = RuntimeStats()
-        _ACTIVE.append(self.stats)
+        start_collecting(self.stats)
 
     def read_per_token(self) -> float:
         if self.stats is None or not self.stats.ffns:
@@ -62,7 +62,7 @@ class TardisMeter:
             args = (ffn.d_in, ffn.d_hidden, ffn.d_out, ffn.stats["elem_bytes"], ffn.stats["has_bias"])
             tardis += ffn_bytes_per_token(*args, guard, rate, guard_bytes)
             dense += ffn_bytes_per_token(*args)
-        _ACTIVE.remove(self.stats)
+        stop_collecting(self.stats)
         self.stats = None
         # Same denominator as the other methods (weights only): scale by the fraction.
         return tardis / dense * self.dense_weight_bytes

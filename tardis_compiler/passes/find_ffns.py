@@ -425,10 +425,18 @@ def _ffn_name(first: LinearSpec, second: LinearSpec | None, fqns: dict[Node, str
 
 
 def _dedupe_names(matches: list[FFNMatch], fqns: dict[Node, str]) -> None:
-    # Two FFNs under one module (rare) are named by their first linear's module instead.
+    # Two FFNs under one module (rare) are named by their first linear's module instead. FFNs that
+    # still share a name (weights tied between layers: one parameter, one FQN) are told apart by
+    # their graph order, "name#1", "name#2", ..., so each is calibrated with its own inputs and biases.
     counts: dict[str, int] = {}
     for m in matches:
         counts[m.name] = counts.get(m.name, 0) + 1
     for m in matches:
         if counts[m.name] > 1:
             m.name = _module_of(fqns[(m.gate if m.kind == "gated" else m.first).weight])
+    seen: dict[str, int] = {}
+    for m in matches:
+        k = seen.get(m.name, 0)
+        seen[m.name] = k + 1
+        if k:
+            m.name = f"{m.name}#{k}"

@@ -8,9 +8,11 @@ every one of those tensors is the same live object at the same ``_version``. It 
 references to them: a model that is deleted takes its packs with it, and a new tensor at a freed
 address can never be mistaken for the old one (the key's object is dead and its entry gone).
 
-Tensors made under ``torch.inference_mode()`` carry no version counter, so in-place edits to them
-cannot be seen: call ``tardis_compiler.clear_caches()`` after editing such weights (or weights
-through ``.data``).
+Tensors made under ``torch.inference_mode()`` carry no version counter: for them (on the CPU) a
+fingerprint of 16 elements spread over the tensor stands in for the version, checked on every
+call, so edits that change any of those elements are seen. An edit that leaves all 16 unchanged,
+an edit of such a tensor on a GPU (reading elements there would synchronise the device), and any
+edit through ``.data`` are not: call ``tardis_compiler.clear_caches()`` after those.
 """
 from __future__ import annotations
 
@@ -23,14 +25,32 @@ import torch
 from .pack import FFNPack
 
 
-def tensor_version(t: torch.Tensor | None) -> int:
-    """``t._version``, or -1 for tensors without a version counter (inference tensors), 0 for None."""
+def tensor_version(t: torch.Tensor | None) -> int | tuple:
+    """``t._version``; for a tensor without a version counter (an inference tensor) a fingerprint
+    of its values on the CPU, -1 elsewhere; 0 for None.
+
+    Example:
+        >>> tensor_version(torch.zeros(3))
+        0
+        >>> with torch.inference_mode():
+        ...     t = torch.zeros(3)
+        >>> tensor_version(t)
+        (0.0, 0.0, 0.0)
+    """
     if t is None:
         return 0
     try:
         return t._version
     except RuntimeError:
+        return _fingerprint(t)
+
+
+def _fingerprint(t: torch.Tensor) -> tuple | int:
+    if t.device.type != "cpu" or t.numel() == 0:
         return -1
+    flat = t.reshape(-1)
+    step = max(1, flat.numel() // 16)
+    return tuple(flat[::step][:16].tolist())
 
 
 class _Entry:

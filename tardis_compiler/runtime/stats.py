@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from typing import Iterator
 
 
@@ -49,17 +50,36 @@ class RuntimeStats:
         c.dense_calls += int(dense)
 
 
-_ACTIVE: list[RuntimeStats] = []
+class _Active(threading.local):
+    """Active collectors, per thread: a model run in one thread counts into that thread's."""
+
+    def __init__(self) -> None:
+        self.stack: list[RuntimeStats] = []
+
+
+_ACTIVE = _Active()
 
 
 def active_stats() -> RuntimeStats | None:
-    """The innermost active collector, or None (the common, zero-cost case)."""
-    return _ACTIVE[-1] if _ACTIVE else None
+    """The innermost active collector of this thread, or None (the common, zero-cost case)."""
+    stack = _ACTIVE.stack
+    return stack[-1] if stack else None
+
+
+def start_collecting(stats: RuntimeStats) -> None:
+    """Make ``stats`` this thread's innermost collector (``collect_stats`` does this for a block)."""
+    _ACTIVE.stack.append(stats)
+
+
+def stop_collecting(stats: RuntimeStats) -> None:
+    """Undo ``start_collecting(stats)`` (no-op if it is not active)."""
+    if stats in _ACTIVE.stack:
+        _ACTIVE.stack.remove(stats)
 
 
 @contextlib.contextmanager
 def collect_stats() -> Iterator[RuntimeStats]:
-    """Count what the fused FFN ops do inside the block.
+    """Count what the fused FFN ops do inside the block (in this thread).
 
     Example:
         >>> with collect_stats() as stats:
@@ -68,8 +88,8 @@ def collect_stats() -> Iterator[RuntimeStats]:
         {}
     """
     stats = RuntimeStats()
-    _ACTIVE.append(stats)
+    start_collecting(stats)
     try:
         yield stats
     finally:
-        _ACTIVE.remove(stats)
+        stop_collecting(stats)

@@ -12,7 +12,7 @@ def test_eval_flags():
          "--task-limit", "7", "--no-results-md", "--no-plot"])
     assert args.preset == "quick" and args.budgets == [0.4, 0.6]
     assert args.ppl_windows is None and args.task_limit == 7
-    assert args.results_md is None and args.plot is False
+    assert args.write_md is False and args.plot is False
     assert not hasattr(args, "passages")  # not given: the preset decides
 
 
@@ -45,3 +45,42 @@ def test_unknown_method_is_a_clear_error(capsys):
         cli.main(["eval", "--model", "gpt5"])
     assert cli.main(["eval", "--methods", "nope", "--no-results-md"]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_calibration_batches_takes_a_count_only(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["eval", "--calibration-batches", "all"])
+    assert "positive count" in capsys.readouterr().err
+
+
+def test_a_missing_import_is_a_clear_error(capsys):
+    assert cli.main(["eval", "--import", "no_such_module_xyz", "--no-results-md"]) == 2
+    assert "no_such_module_xyz" in capsys.readouterr().err
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert "default: standard" in out or "(default: standard)" in out
+    assert "RESULTS.md in --output-dir" in out
+
+
+def test_markdown_defaults_to_the_output_directory(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run_eval(config):
+        seen["results_md"] = config.results_md
+        raise cli_stop()
+
+    class cli_stop(Exception):
+        pass
+
+    import tardis_compiler.eval as ev
+
+    monkeypatch.setattr(ev, "run_eval", fake_run_eval)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(cli_stop):
+        cli.main(["eval", "--model", "minilm", "--quick", "--output-dir", str(tmp_path / "out")])
+    assert seen["results_md"] == str(tmp_path / "out" / "RESULTS.md")
+    assert not (tmp_path / "docs").exists()

@@ -91,7 +91,7 @@ def library_path() -> Path:
     """Build the kernel if it is not cached yet, and return the path of the shared library.
 
     Example:
-        >>> library_path().suffix   # doctest: +SKIP
+        >>> library_path().suffix
         '.so'
     """
     cxx = compiler()

@@ -46,6 +46,14 @@ enum Guard { G_NONE = 0, G_INT8 = 1, G_INT4 = 2, G_INT2 = 3, G_EXACT = 4, G_SVD 
 const int NEURON_FLOATS = 4;  // bias (gate / w1), bias (up), slope, intercept
 const int64_t CHUNK = 64;     // neurons per work item
 const int64_t MAX_TOKENS = 64;  // token masks are 64-bit
+#ifndef TARDIS_PREFETCH_BYTES
+#define TARDIS_PREFETCH_BYTES 4096
+#endif
+#ifndef TARDIS_PREFETCH_AHEAD
+#define TARDIS_PREFETCH_AHEAD 1
+#endif
+const int64_t PREFETCH_BYTES = TARDIS_PREFETCH_BYTES;  // at most this much of a bundle is prefetched
+const int PREFETCH_AHEAD = TARDIS_PREFETCH_AHEAD;      // flagged bundles ahead of the one in use
 
 inline float bf16_to_f32(uint16_t v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;
@@ -413,6 +421,12 @@ void dot_tokens(const float* row, const float* x, int64_t tokens, int64_t n, flo
   for (; t < tokens; ++t) out[t * out_stride] = dot(row, x + t * n, n);
 }
 
+template <class W>
+inline void prefetch_bundle(const W* bundle, int64_t bytes) {
+  const char* p = reinterpret_cast<const char*>(bundle);
+  for (int64_t off = 0; off < bytes && off < PREFETCH_BYTES; off += 64) __builtin_prefetch(p + off);
+}
+
 // Per-call scratch of the calling thread, grown on demand (no allocation in steady state).
 float* scratch(size_t floats) {
   static thread_local std::vector<float> buffer;
@@ -548,10 +562,10 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
       // Exact pass: the flagged bundles, read in place.
       for (int h = 0; h < hits; ++h) {
         const int64_t j = hit[h];
-        if (h + 1 < hits) {  // the next flagged bundle, whole: its lines arrive while this one is used
-          const char* next = reinterpret_cast<const char*>(bundles + hit[h + 1] * stride);
-          for (int64_t off = 0; off < bundle_bytes; off += 64) __builtin_prefetch(next + off);
-        }
+        // Prefetch a later flagged bundle (PREFETCH_AHEAD on), so its lines arrive while this one is used.
+        if (h == 0)
+          for (int a = 1; a < PREFETCH_AHEAD && a < hits; ++a) prefetch_bundle(bundles + hit[a] * stride, bundle_bytes);
+        if (h + PREFETCH_AHEAD < hits) prefetch_bundle(bundles + hit[h + PREFETCH_AHEAD] * stride, bundle_bytes);
         const W* b = bundles + j * stride;
         const float* nf = neuron + j * NEURON_FLOATS;
         ++my_corrected;
