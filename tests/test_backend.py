@@ -122,9 +122,17 @@ def test_bf16_runs(tiny_arch, guard):
     ids = token_batches(1, seed=9)[0]
     with torch.no_grad():
         expected = logits(model(ids)).float()
+        reference = logits(build_tiny(tiny_arch)(ids))  # the same weights in float32
     got = _run(model, ids, profile=profile, guard=guard, inner="eager").float()
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
-    assert (got - expected).norm() / expected.norm() < (0.05 if guard == "all" else 0.3)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    if guard == "all":
+        # Measured 0.6-0.7% from the dense bf16 model on these archs (both are bf16 roundings of
+        # the float32 one, and tardis is no farther from it than dense bf16 is).
+        assert rel(got, expected) < 0.012
+        assert rel(got, reference) < 1.25 * rel(expected, reference)
+    else:
+        assert rel(got, expected) < 0.3
 
 
 def test_auto_calibration_runs_dense_then_folded():

@@ -92,6 +92,23 @@ def test_unknown_activation_is_skipped_with_reason():
     assert "register_activation_rule" in skipped[0].reason
 
 
+def test_an_activation_that_departs_from_a_rule_far_out_is_not_taken_for_it():
+    """clamp(gelu(z), max=20) equals gelu on [-12, 12]: it must not be folded as gelu."""
+    import tardis_compiler as tc
+
+    mlp = _MLP(lambda z: torch.clamp(F.gelu(z), max=20.0)).eval()
+    (matches, skipped), = _matches(mlp, torch.randn(4, 8))
+    assert not matches and skipped
+    with torch.no_grad():
+        mlp.up.weight.mul_(30.0)  # pre-activations far beyond 20
+    x = torch.randn(4, 8)
+    fast = torch.compile(mlp, backend="tardis", options={"guard": "all", "inner": "eager", "calibration_calls": 1,
+                                                         "calibration": {"progress": False}})
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), mlp(x))
+    assert tc.explain(mlp, x, inner="eager", calibration_calls=1).ffns[0].status == "skipped"
+
+
 def test_activation_used_twice_is_skipped():
     class Twice(_MLP):
         def forward(self, x):

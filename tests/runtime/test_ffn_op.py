@@ -226,3 +226,29 @@ def test_exact_guard_computes_the_documented_function(kind, tokens):
         hidden = torch.where(exact, act(first), a * first + c)
         expected = F.linear(hidden, w64["w2_rows"].t(), w64["b2"])
     torch.testing.assert_close(ffn_op.ffn(x, pack).double(), expected, atol=1e-4, rtol=1e-4)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(kind=st.sampled_from(["plain", "gated"]), d_in=st.integers(1, 40), d_out=st.integers(1, 24),
+       m=st.integers(1, 70), guard=st.sampled_from(GUARDS), tokens=st.integers(1, 9),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       activation=st.sampled_from(["silu", "gelu", "gelu_tanh", "relu", "quick_gelu"]),
+       layout=st.sampled_from(["contiguous", "transposed", "sliced"]))
+def test_op_matches_the_torch_path_on_any_input_layout(kind, d_in, d_out, m, guard, tokens, dtype, activation,
+                                                        layout):
+    """Hypothesis (seeded, bounded): any shape, dtype, activation and input strides; the op's
+    output equals the torch path's on the same values."""
+    case = Case(kind, d_in, d_out, m, guard=guard, dtype=dtype, activation=activation, group=8)
+    _, _, x, pack = make(case, tokens)
+    if layout == "transposed":  # same values, last dimension strided
+        x = x.t().contiguous().t()
+    elif layout == "sliced":  # a view into a wider tensor
+        wide = torch.zeros(tokens, d_in + 3, dtype=dtype)
+        wide[:, 1:d_in + 1] = x
+        x = wide[:, 1:d_in + 1]
+    expected, _ = ffn_torch(x.contiguous(), *pack.tensors(), pack.layout)
+    got = ffn_op.ffn(x, pack)
+    torch.testing.assert_close(got.float() / _scale(expected), expected.float() / _scale(expected), **TOL[dtype])
