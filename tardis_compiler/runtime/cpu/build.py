@@ -1,7 +1,8 @@
 """Compile the fused FFN kernel at first use with the machine's C++ compiler, and cache it on disk.
 
-No prebuilt binary and no torch at build time: ``ffn_kernel.cpp`` includes no torch header, so
-``pip install`` builds nothing and a compiler is needed only here, at run time. The shared library
+No prebuilt binary and no torch at build time: ``ffn_kernel.cpp`` (with ``ffn_simd.h``) includes
+no torch header, so ``pip install`` builds nothing and a compiler is needed only here, at run
+time. The shared library
 is cached under ``$TARDIS_CACHE_DIR`` (default ``~/.cache/tardis_compiler``) in a folder named by a
 hash of the source, the compiler and its version, the flags, the CPU's features and the OpenMP
 library it links, so a change of any of them rebuilds. Two processes building at once are safe:
@@ -25,6 +26,7 @@ from pathlib import Path
 log = logging.getLogger("tardis_compiler")
 
 SOURCE = Path(__file__).with_name("ffn_kernel.cpp")
+HEADERS = (Path(__file__).with_name("ffn_simd.h"),)  # included by SOURCE: part of the cache key
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-fopenmp", "-fno-math-errno", "-Wall")
 _BUILD_TIMEOUT_S = 300
 
@@ -80,7 +82,8 @@ def _compiler_version(cxx: str) -> str:
 def build_key(cxx: str, openmp: str | None) -> str:
     """Hash of everything the library depends on."""
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cxx.encode(), _compiler_version(cxx).encode(), " ".join(FLAGS).encode(),
+    for part in (SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS), cxx.encode(),
+                 _compiler_version(cxx).encode(), " ".join(FLAGS).encode(),
                  _cpu_features().encode(), str(openmp).encode()):
         h.update(part)
         h.update(b"\0")

@@ -14,7 +14,8 @@
 // that file), with torch.get_num_threads() threads. Each thread computes a slice of Wf's rows into
 // a shared fp32 buffer, takes chunks of neurons from an atomic counter and accumulates their
 // corrections into its own buffer; after one barrier the threads reduce disjoint output rows.
-// All accumulation is fp32; weights are fp32 or bf16 (bf16 -> fp32 is a 16-bit shift).
+// All accumulation is fp32; weights are fp32 or bf16 (bf16 -> fp32 is a 16-bit shift). The vector
+// primitives (dots, axpys, unpacking) are in ffn_simd.h.
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -23,12 +24,11 @@
 
 #include <omp.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define TARDIS_AVX512 1
-#include <immintrin.h>
-#endif
+#include "ffn_simd.h"
 
 namespace {
+
+using namespace tardis;
 
 enum Meta : int {
   MAGIC, VERSION, KIND, ACT, DTYPE, D_IN, D_OUT, M, K_GUARD, K_ALWAYS, GUARD, GROUP, RANK, STRIDE,
@@ -41,7 +41,6 @@ const char* META_LAYOUT =
 const int64_t MAGIC_VALUE = 0x7a4d5446;  // "FTMz"
 const int64_t LAYOUT_VERSION = 1;
 enum Kind { PLAIN = 0, GATED = 1 };
-enum Act { RELU = 0, GELU = 1, GELU_TANH = 2, SILU = 3, QUICK_GELU = 4 };
 enum Guard { G_NONE = 0, G_INT8 = 1, G_INT4 = 2, G_INT2 = 3, G_EXACT = 4, G_SVD = 5 };
 const int NEURON_FLOATS = 4;  // bias (gate / w1), bias (up), slope, intercept
 const int64_t CHUNK = 64;     // neurons per work item
@@ -54,201 +53,6 @@ const int64_t MAX_TOKENS = 64;  // token masks are 64-bit
 #endif
 const int64_t PREFETCH_BYTES = TARDIS_PREFETCH_BYTES;  // at most this much of a bundle is prefetched
 const int PREFETCH_AHEAD = TARDIS_PREFETCH_AHEAD;      // flagged bundles ahead of the one in use
-
-inline float bf16_to_f32(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-inline float to_f32(float v) { return v; }
-inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
-inline void store(float* p, float v) { *p = v; }
-inline void store(uint16_t* p, float v) { *p = f32_to_bf16(v); }
-
-inline float activation(int act, float z) {
-  switch (act) {
-    case RELU: return z > 0.f ? z : (z != z ? z : 0.f);
-    case GELU: return 0.5f * z * (1.f + std::erf(z * 0.70710678118654752f));
-    case GELU_TANH: {
-      float inner = 0.79788456080286536f * (z + 0.044715f * z * z * z);
-      return 0.5f * z * (1.f + std::tanh(inner));
-    }
-    case SILU: return z / (1.f + std::exp(-z));
-    default: return z / (1.f + std::exp(-1.702f * z));  // QUICK_GELU
-  }
-}
-
-#ifdef TARDIS_AVX512
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {
-  __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-}
-inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
-inline __m512 load16(const uint16_t* p, __mmask16 k) {
-  __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-}
-inline __mmask16 tail_mask(int64_t left) { return static_cast<__mmask16>((1u << left) - 1u); }
-#endif
-
-// sum_i w[i] x[i], fp32 accumulation.
-template <class W>
-inline float dot(const W* w, const float* x, int64_t n) {
-#ifdef TARDIS_AVX512
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(x + i), a0);
-    a1 = _mm512_fmadd_ps(load16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-  }
-  for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(x + i), a0);
-  if (i < n) {
-    __mmask16 k = tail_mask(n - i);
-    a1 = _mm512_fmadd_ps(load16(w + i, k), _mm512_maskz_loadu_ps(k, x + i), a1);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#else
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += to_f32(w[i]) * x[i];
-  return s;
-#endif
-}
-
-// Two rows against one x (a gated neuron's gate and up rows): x is loaded once.
-template <class W>
-inline void dot2(const W* w0, const W* w1, const float* x, int64_t n, float* s0, float* s1) {
-#ifdef TARDIS_AVX512
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 xv = _mm512_loadu_ps(x + i);
-    a0 = _mm512_fmadd_ps(load16(w0 + i), xv, a0);
-    a1 = _mm512_fmadd_ps(load16(w1 + i), xv, a1);
-  }
-  if (i < n) {
-    __mmask16 k = tail_mask(n - i);
-    __m512 xv = _mm512_maskz_loadu_ps(k, x + i);
-    a0 = _mm512_fmadd_ps(load16(w0 + i, k), xv, a0);
-    a1 = _mm512_fmadd_ps(load16(w1 + i, k), xv, a1);
-  }
-  *s0 = _mm512_reduce_add_ps(a0);
-  *s1 = _mm512_reduce_add_ps(a1);
-#else
-  *s0 = dot(w0, x, n);
-  *s1 = dot(w1, x, n);
-#endif
-}
-
-// acc[i] += a * w[i]
-template <class W>
-inline void axpy(float* acc, float a, const W* w, int64_t n) {
-#ifdef TARDIS_AVX512
-  __m512 av = _mm512_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(av, load16(w + i), _mm512_loadu_ps(acc + i)));
-  if (i < n) {
-    __mmask16 k = tail_mask(n - i);
-    _mm512_mask_storeu_ps(acc + i, k, _mm512_fmadd_ps(av, load16(w + i, k), _mm512_maskz_loadu_ps(k, acc + i)));
-  }
-#else
-  for (int64_t i = 0; i < n; ++i) acc[i] += a * to_f32(w[i]);
-#endif
-}
-
-// int8 row, symmetric per-row scale: scale * sum q[i] x[i].
-inline float dot_int8(const int8_t* q, const float* x, int64_t n) {
-#ifdef TARDIS_AVX512
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    __m512i v0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
-    __m512i v1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i + 16)));
-    a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), _mm512_loadu_ps(x + i), a0);
-    a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), _mm512_loadu_ps(x + i + 16), a1);
-  }
-  for (; i < n; i += 16) {
-    __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
-    __m512i v = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, q + i));
-    a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_maskz_loadu_ps(k, x + i), a0);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#else
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += static_cast<float>(q[i]) * x[i];
-  return s;
-#endif
-}
-
-// Sub-byte codes of one group of `size` elements, `per_byte` codes (2: int4, 4: int2) per byte:
-// byte b holds element b + k * part in bits [k * bits, (k + 1) * bits), part = ceil(size / per_byte),
-// so unpacking is a shift and a mask. Returns sum code[i] * x[i].
-#ifdef TARDIS_AVX512
-template <int BITS>
-inline __m512 group_codes_fma(const uint8_t* q, const float* x, int64_t size, __m512 acc) {
-  constexpr int PER_BYTE = 8 / BITS;
-  const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
-  const int64_t part = (size + PER_BYTE - 1) / PER_BYTE;
-  for (int64_t b = 0; b < part; b += 16) {
-    const int64_t left = part - b;
-    __mmask16 kb = left >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(left);
-    __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(kb, q + b));
-    for (int k = 0; k < PER_BYTE; ++k) {
-      const int64_t start = k * part + b;  // element of lane 0
-      if (start >= size) break;
-      const int64_t valid = size - start;
-      __mmask16 kx = valid >= 16 ? kb : static_cast<__mmask16>(kb & tail_mask(valid));
-      __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, k * BITS), mask));
-      acc = _mm512_fmadd_ps(codes, _mm512_maskz_loadu_ps(kx, x + start), acc);
-    }
-  }
-  return acc;
-}
-#endif
-
-template <int BITS>
-inline float group_codes_dot(const uint8_t* q, const float* x, int64_t size) {
-  constexpr int PER_BYTE = 8 / BITS;
-  const int64_t part = (size + PER_BYTE - 1) / PER_BYTE;
-  float s = 0.f;
-  for (int64_t b = 0; b < part; ++b)
-    for (int k = 0; k < PER_BYTE; ++k) {
-      const int64_t e = k * part + b;
-      if (e < size) s += static_cast<float>((q[b] >> (k * BITS)) & ((1 << BITS) - 1)) * x[e];
-    }
-  return s;
-}
-
-#if defined(TARDIS_AVX512) && defined(__AVX512VNNI__)
-#define TARDIS_VNNI 1
-// The 64 codes of a full group (64 elements), unpacked to bytes in element order.
-template <int BITS>
-inline __m512i group64_codes(const uint8_t* q) {
-  if (BITS == 4) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-    const __m256i nibble = _mm256_set1_epi8(0x0f);
-    const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-  }
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-  const __m128i crumb = _mm_set1_epi8(0x03);
-  __m512i out = _mm512_castsi128_si512(_mm_and_si128(v, crumb));
-  out = _mm512_inserti32x4(out, _mm_and_si128(_mm_srli_epi16(v, 2), crumb), 1);
-  out = _mm512_inserti32x4(out, _mm_and_si128(_mm_srli_epi16(v, 4), crumb), 2);
-  return _mm512_inserti32x4(out, _mm_and_si128(_mm_srli_epi16(v, 6), crumb), 3);
-}
-#endif
 
 // The guard's input for one token, as the sub-byte guards read it: x quantized to int8 per group
 // (xq = round(x / sx), sx = max|x_g| / 127; also as floats, for partial groups and portable
@@ -397,30 +201,6 @@ void decode_row(const uint8_t* guard, const int64_t* m, int64_t j, float* scaled
   }
 }
 
-// out[t] = row . x_t for `tokens` tokens of x (tokens, n): four tokens share each load of the row.
-void dot_tokens(const float* row, const float* x, int64_t tokens, int64_t n, float* out, int64_t out_stride) {
-  int64_t t = 0;
-#ifdef TARDIS_AVX512
-  for (; t + 4 <= tokens; t += 4) {
-    const float* x0 = x + t * n;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) {
-      __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
-      __m512 w = _mm512_maskz_loadu_ps(k, row + i);
-      a0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, x0 + i), a0);
-      a1 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, x0 + n + i), a1);
-      a2 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, x0 + 2 * n + i), a2);
-      a3 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, x0 + 3 * n + i), a3);
-    }
-    out[t * out_stride] = _mm512_reduce_add_ps(a0);
-    out[(t + 1) * out_stride] = _mm512_reduce_add_ps(a1);
-    out[(t + 2) * out_stride] = _mm512_reduce_add_ps(a2);
-    out[(t + 3) * out_stride] = _mm512_reduce_add_ps(a3);
-  }
-#endif
-  for (; t < tokens; ++t) out[t * out_stride] = dot(row, x + t * n, n);
-}
-
 template <class W>
 inline void prefetch_bundle(const W* bundle, int64_t bytes) {
   const char* p = reinterpret_cast<const char*>(bundle);
@@ -452,27 +232,109 @@ void predict_tokens(const float* scaled, const float* lows, const float* x, cons
   }
 }
 
+// What one call reads, resolved from the meta once.
+template <class W>
+struct Call {
+  const int64_t* m;
+  int64_t tokens, d, n, kg, kb, stride, group, groups, rank, guard_row, out_offset, bundle_bytes;
+  int kind, act, enc;
+  bool subbyte;
+  const W* wf;
+  const W* bundles;
+  const uint8_t* guard;
+  const float *bf, *bands, *neuron, *p;
+  // Per-call inputs (see run): x in fp32; for sub-byte guards x quantized per group (as int8 and
+  // floats, dequantized, with its scales and sums); the svd projection.
+  const float *xs, *xqf, *xdeq, *sx, *gsum, *proj;
+  const int8_t* xq8;
+};
+
+// The token mask of guarded neuron j (bit t set: flagged for token t). `row`, `lows`, `zt` are
+// the thread's scratch for a decoded guard row and its predictions.
+template <class W>
+uint64_t flag_tokens(const Call<W>& c, int64_t j, float* row, float* lows, float* zt) {
+  const int64_t d = c.d, t_count = c.tokens;
+  if (t_count > 1 && (c.enc == G_INT8 || c.subbyte)) {  // decode once, then dot with every token
+    decode_row(c.guard, c.m, j, row, lows);
+    predict_tokens(row, lows, c.subbyte ? c.xdeq : c.xs, c.gsum, t_count, d, c.subbyte ? c.groups : 0, zt, 1);
+  } else {
+    for (int64_t t = 0; t < t_count; ++t) {
+      const float* xt = c.xs + t * d;
+      switch (c.enc) {
+        case G_INT8:
+          zt[t] = dot_int8(reinterpret_cast<const int8_t*>(c.guard) + j * d, xt, d) *
+                  reinterpret_cast<const float*>(c.guard + c.m[OFF_GSCALES])[j];
+          break;
+        case G_INT4:
+        case G_INT2: {
+          const GuardInput in{c.xq8 + t * d, c.xqf + t * d, c.sx + t * c.groups, c.gsum + t * c.groups};
+          const uint8_t* q = c.guard + j * c.guard_row;
+          const uint16_t* sc = reinterpret_cast<const uint16_t*>(c.guard + c.m[OFF_GSCALES]) + j * c.groups * 2;
+          zt[t] = c.enc == G_INT4 ? dot_subbyte<4>(q, sc, in, d, c.group) : dot_subbyte<2>(q, sc, in, d, c.group);
+          break;
+        }
+        case G_SVD:
+          zt[t] = dot(reinterpret_cast<const float*>(c.guard) + j * c.rank, c.proj + t * c.rank, c.rank);
+          break;
+        default:  // G_EXACT: the bundle's own first row
+          zt[t] = dot(c.bundles + j * c.stride, xt, d);
+      }
+    }
+  }
+  uint64_t mask = 0;
+  for (int64_t t = 0; t < t_count; ++t)
+    if (zt[t] < c.bands[2 * j] || zt[t] > c.bands[2 * j + 1] || zt[t] != zt[t]) mask |= 1ull << t;
+  return mask;
+}
+
+// The exact path of bundle j for the tokens in `mask`: acc[t] += delta_j(x_t) * out_col_j.
+// Returns the number of (token, neuron) pairs corrected.
+template <class W>
+int64_t correct(const Call<W>& c, int64_t j, uint64_t mask, float* acc) {
+  const W* b = c.bundles + j * c.stride;
+  const float* nf = c.neuron + j * NEURON_FLOATS;
+  int64_t pairs = 0;
+  for (int64_t t = 0; t < c.tokens; ++t) {
+    if (!((mask >> t) & 1ull)) continue;
+    ++pairs;
+    const float* xt = c.xs + t * c.d;
+    float delta;
+    if (c.kind == GATED) {
+      float g, u;
+      dot2(b, b + c.d, xt, c.d, &g, &u);  // the gate and up rows share one pass over x
+      delta = (activation(c.act, g + nf[0]) - nf[3]) * (u + nf[1]);
+    } else {
+      const float z = dot(b, xt, c.d) + nf[0];
+      delta = activation(c.act, z) - nf[2] * z - nf[3];
+    }
+    axpy(acc + t * c.n, delta, b + c.out_offset, c.n);
+  }
+  return pairs;
+}
+
 template <class W>
 int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* floats, const int64_t* m,
         int64_t tokens, int threads, int64_t* counters) {
-  const int64_t d = m[D_IN], n = m[D_OUT], kg = m[K_GUARD], kb = kg + m[K_ALWAYS];
-  const int64_t stride = m[STRIDE], group = m[GROUP], rank = m[RANK];
-  const int kind = static_cast<int>(m[KIND]), act = static_cast<int>(m[ACT]), enc = static_cast<int>(m[GUARD]);
-  const int64_t groups = group > 0 ? (d + group - 1) / group : 0;
-  const int64_t guard_row = enc == G_INT8 ? d : (enc == G_INT4 || enc == G_INT2) ? subbyte_row_bytes(d, group, enc == G_INT4 ? 4 : 2) : 0;
-  const W* wf = m[HAS_WF] ? weights : nullptr;
-  const W* bundles = weights + m[OFF_BUNDLES];
-  const float* bf = floats + m[OFF_BF];
-  const float* bands = floats + m[OFF_BANDS];
-  const float* neuron = floats + m[OFF_NEURON];
-  const int64_t out_offset = kind == GATED ? 2 * d : d;
-  const int64_t bundle_bytes = (out_offset + n) * static_cast<int64_t>(sizeof(W));
+  Call<W> c{};
+  c.m = m;
+  c.tokens = tokens, c.d = m[D_IN], c.n = m[D_OUT], c.kg = m[K_GUARD], c.kb = m[K_GUARD] + m[K_ALWAYS];
+  c.stride = m[STRIDE], c.group = m[GROUP], c.rank = m[RANK];
+  c.kind = static_cast<int>(m[KIND]), c.act = static_cast<int>(m[ACT]), c.enc = static_cast<int>(m[GUARD]);
+  c.subbyte = c.enc == G_INT4 || c.enc == G_INT2;
+  c.groups = c.group > 0 ? (c.d + c.group - 1) / c.group : 0;
+  c.guard_row = c.enc == G_INT8 ? c.d : c.subbyte ? subbyte_row_bytes(c.d, c.group, c.enc == G_INT4 ? 4 : 2) : 0;
+  c.wf = m[HAS_WF] ? weights : nullptr;
+  c.bundles = weights + m[OFF_BUNDLES];
+  c.guard = guard;
+  c.bf = floats + m[OFF_BF], c.bands = floats + m[OFF_BANDS], c.neuron = floats + m[OFF_NEURON];
+  c.p = floats + m[OFF_P];
+  c.out_offset = c.kind == GATED ? 2 * c.d : c.d;
+  c.bundle_bytes = (c.out_offset + c.n) * static_cast<int64_t>(sizeof(W));
+  const int64_t d = c.d, n = c.n, kb = c.kb, groups = c.groups;
 
-  // Scratch: x in fp32; for sub-byte guards x quantized per group (as floats, dequantized, and
-  // their scales and sums); the svd projection; Wf's output; per-thread corrections and a decoded
-  // guard row (with its group minimums) per thread.
-  const bool subbyte = enc == G_INT4 || enc == G_INT2;
-  const int64_t t_dim = enc == G_SVD ? rank : 0, q_dim = subbyte ? d : 0, g_dim = subbyte ? groups : 0;
+  // Scratch (grown once, then reused): the per-call inputs of `c`, Wf's output, per-thread
+  // corrections, and per thread one decoded guard row with its group minimums.
+  const int64_t t_dim = c.enc == G_SVD ? c.rank : 0, q_dim = c.subbyte ? d : 0, g_dim = c.subbyte ? groups : 0;
   float* buf = scratch(tokens * (d + 2 * q_dim + 2 * g_dim + t_dim + n) +
                        static_cast<size_t>(threads) * (tokens * n + d + groups));
   float* xs = buf;
@@ -486,12 +348,13 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
   float* rows_scratch = local + static_cast<int64_t>(threads) * tokens * n;
   int8_t* xq8 = scratch_int8(tokens * q_dim);
   for (int64_t i = 0; i < tokens * d; ++i) xs[i] = to_f32(x[i]);
-  for (int64_t t = 0; t < tokens && subbyte; ++t) {
-    quantize_token(xs + t * d, d, group, xq8 + t * d, xqf + t * d, sx + t * groups, gsum + t * groups);
-    for (int64_t i = 0; i < d; ++i) xdeq[t * d + i] = xqf[t * d + i] * sx[t * groups + i / group];
+  for (int64_t t = 0; t < tokens && c.subbyte; ++t) {
+    quantize_token(xs + t * d, d, c.group, xq8 + t * d, xqf + t * d, sx + t * groups, gsum + t * groups);
+    for (int64_t i = 0; i < d; ++i) xdeq[t * d + i] = xqf[t * d + i] * sx[t * groups + i / c.group];
   }
-  for (int64_t t = 0; t < tokens && enc == G_SVD; ++t)
-    for (int64_t r = 0; r < rank; ++r) proj[t * rank + r] = dot(floats + m[OFF_P] + r * d, xs + t * d, d);
+  for (int64_t t = 0; t < tokens && c.enc == G_SVD; ++t)
+    for (int64_t r = 0; r < c.rank; ++r) proj[t * c.rank + r] = dot(c.p + r * d, xs + t * d, d);
+  c.xs = xs, c.xqf = xqf, c.xdeq = xdeq, c.sx = sx, c.gsum = gsum, c.proj = proj, c.xq8 = xq8;
 
   std::atomic<int64_t> next_chunk(0), flagged_pairs(0), corrected(0);
   int team = 1;
@@ -503,93 +366,43 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
     if (tid == 0) team = nth;
     float* acc = local + static_cast<int64_t>(tid) * tokens * n;
     std::memset(acc, 0, sizeof(float) * tokens * n);
+    // 1. This thread's rows of Wf x + bf, into the shared buffer.
     for (int64_t r = tid * n / nth; r < (tid + 1) * n / nth; ++r)
       for (int64_t t = 0; t < tokens; ++t)
-        yacc[t * n + r] = (wf ? dot(wf + r * d, xs + t * d, d) : 0.f) + bf[r];
+        yacc[t * n + r] = (c.wf ? dot(c.wf + r * d, xs + t * d, d) : 0.f) + c.bf[r];
 
-    int64_t my_flagged = 0, my_corrected = 0;
-    int64_t hit[CHUNK];
+    // 2. Chunks of neurons from a shared counter: a guard pass over the chunk's guard stream, then
+    //    an exact pass over its flagged bundles, read in place.
+    int64_t my_flagged = 0, my_corrected = 0, hit[CHUNK];
     uint64_t hit_mask[CHUNK];
     float zt[MAX_TOKENS];
     float* row = rows_scratch + static_cast<int64_t>(tid) * (d + groups);
-    float* lows = row + d;
     for (;;) {
       const int64_t c0 = next_chunk.fetch_add(CHUNK, std::memory_order_relaxed);
       if (c0 >= kb) break;
       const int64_t c1 = c0 + CHUNK < kb ? c0 + CHUNK : kb;
       int hits = 0;
-      // Guard pass: a sequential scan of the guard stream.
       for (int64_t j = c0; j < c1; ++j) {
-        uint64_t mask = all_tokens;
-        if (j < kg && tokens > 1 && (enc == G_INT8 || subbyte)) {
-          decode_row(guard, m, j, row, lows);  // decoded once, then dotted with every token
-          predict_tokens(row, lows, subbyte ? xdeq : xs, gsum, tokens, d, subbyte ? groups : 0, zt, 1);
-          mask = 0;
-          for (int64_t t = 0; t < tokens; ++t)
-            if (zt[t] < bands[2 * j] || zt[t] > bands[2 * j + 1] || zt[t] != zt[t]) mask |= 1ull << t;
-        } else if (j < kg) {
-          mask = 0;
-          for (int64_t t = 0; t < tokens; ++t) {
-            const float* xt = xs + t * d;
-            float z;
-            switch (enc) {
-              case G_INT8:
-                z = dot_int8(reinterpret_cast<const int8_t*>(guard) + j * d, xt, d) *
-                    reinterpret_cast<const float*>(guard + m[OFF_GSCALES])[j];
-                break;
-              case G_INT4:
-              case G_INT2: {
-                const GuardInput in{xq8 + t * d, xqf + t * d, sx + t * groups, gsum + t * groups};
-                const uint8_t* q = guard + j * guard_row;
-                const uint16_t* sc = reinterpret_cast<const uint16_t*>(guard + m[OFF_GSCALES]) + j * groups * 2;
-                z = enc == G_INT4 ? dot_subbyte<4>(q, sc, in, d, group) : dot_subbyte<2>(q, sc, in, d, group);
-                break;
-              }
-              case G_SVD:
-                z = dot(reinterpret_cast<const float*>(guard) + j * rank, proj + t * rank, rank);
-                break;
-              default:  // G_EXACT: the bundle's own first row
-                z = dot(bundles + j * stride, xt, d);
-            }
-            if (z < bands[2 * j] || z > bands[2 * j + 1] || z != z) mask |= 1ull << t;
-          }
-        }
+        const uint64_t mask = j < c.kg ? flag_tokens(c, j, row, row + d, zt) : all_tokens;
         if (mask) {
           hit[hits] = j;
           hit_mask[hits++] = mask;
         }
       }
-      // Exact pass: the flagged bundles, read in place.
       for (int h = 0; h < hits; ++h) {
-        const int64_t j = hit[h];
-        // Prefetch a later flagged bundle (PREFETCH_AHEAD on), so its lines arrive while this one is used.
+        // Prefetch a later flagged bundle, so its lines arrive while this one is used.
         if (h == 0)
-          for (int a = 1; a < PREFETCH_AHEAD && a < hits; ++a) prefetch_bundle(bundles + hit[a] * stride, bundle_bytes);
-        if (h + PREFETCH_AHEAD < hits) prefetch_bundle(bundles + hit[h + PREFETCH_AHEAD] * stride, bundle_bytes);
-        const W* b = bundles + j * stride;
-        const float* nf = neuron + j * NEURON_FLOATS;
+          for (int a = 1; a < PREFETCH_AHEAD && a < hits; ++a) prefetch_bundle(c.bundles + hit[a] * c.stride, c.bundle_bytes);
+        if (h + PREFETCH_AHEAD < hits) prefetch_bundle(c.bundles + hit[h + PREFETCH_AHEAD] * c.stride, c.bundle_bytes);
+        my_flagged += correct(c, hit[h], hit_mask[h], acc);
         ++my_corrected;
-        for (int64_t t = 0; t < tokens; ++t) {
-          if (!((hit_mask[h] >> t) & 1ull)) continue;
-          ++my_flagged;
-          const float* xt = xs + t * d;
-          float delta;
-          if (kind == GATED) {
-            float g, u;
-            dot2(b, b + d, xt, d, &g, &u);
-            delta = (activation(act, g + nf[0]) - nf[3]) * (u + nf[1]);
-          } else {
-            const float z = dot(b, xt, d) + nf[0];
-            delta = activation(act, z) - nf[2] * z - nf[3];
-          }
-          axpy(acc + t * n, delta, b + out_offset, n);
-        }
       }
     }
     if (counters) {
       flagged_pairs.fetch_add(my_flagged, std::memory_order_relaxed);
       corrected.fetch_add(my_corrected, std::memory_order_relaxed);
     }
+    // 3. After every thread is done, each reduces disjoint output rows.
 #pragma omp barrier
     for (int64_t r = tid * n / nth; r < (tid + 1) * n / nth; ++r)
       for (int64_t t = 0; t < tokens; ++t) {

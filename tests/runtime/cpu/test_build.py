@@ -93,3 +93,24 @@ def test_explain_says_which_path_runs(fresh_kernel, monkeypatch):
     report = tc.explain(mlp, torch.randn(64, 16), inner="eager", calibration_calls=1)
     assert any("torch path" in note and "TARDIS_KERNEL=off" in note for g in report.graphs for note in g.notes)
     assert "FFN runtime: torch path" in str(report)
+
+
+def test_the_portable_build_computes_the_same(fresh_kernel, monkeypatch):
+    """Built for a CPU without AVX-512, the kernel takes its portable loops: same results."""
+    from tardis_compiler.runtime.torch_path import ffn_torch
+
+    if kernel.kernel() is None:
+        pytest.skip("the fused CPU kernel cannot be built here")
+    kernel.reset()
+    monkeypatch.setattr(build, "FLAGS", tuple(f if f != "-march=native" else "-march=x86-64-v2" for f in build.FLAGS))
+    portable = kernel.kernel()
+    assert portable is not None and portable.simd_width == 1
+    for guard in ("int8", "int4", "int2", "svd", "all"):
+        for dtype in (torch.float32, torch.bfloat16):
+            _, _, x, pack = make(Case("gated", 70, 20, 90, guard=guard, dtype=dtype, group=64), 3)
+            expected, _ = ffn_torch(x, *pack.tensors(), pack.layout)
+            y = torch.empty_like(expected)
+            portable.ffn(x, y, 3, *pack.tensors())
+            tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+            scale = max(1.0, expected.float().abs().max().item())
+            torch.testing.assert_close(y.float() / scale, expected.float() / scale, **tol)

@@ -1,0 +1,239 @@
+// Vector primitives of the fused FFN kernel (ffn_kernel.cpp): bf16 conversion, activations, and
+// fp32-accumulating dots and axpys over fp32 / bf16 / int8 / sub-byte rows. AVX-512 (with VNNI
+// where present) when compiled for it, portable loops otherwise; every function computes the same
+// sums either way, up to float32 summation order.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define TARDIS_AVX512 1
+#include <immintrin.h>
+#endif
+
+namespace tardis {
+
+enum Act { RELU = 0, GELU = 1, GELU_TANH = 2, SILU = 3, QUICK_GELU = 4 };
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
+inline void store(float* p, float v) { *p = v; }
+inline void store(uint16_t* p, float v) { *p = f32_to_bf16(v); }
+
+inline float activation(int act, float z) {
+  switch (act) {
+    case RELU: return z > 0.f ? z : (z != z ? z : 0.f);
+    case GELU: return 0.5f * z * (1.f + std::erf(z * 0.70710678118654752f));
+    case GELU_TANH: {
+      float inner = 0.79788456080286536f * (z + 0.044715f * z * z * z);
+      return 0.5f * z * (1.f + std::tanh(inner));
+    }
+    case SILU: return z / (1.f + std::exp(-z));
+    default: return z / (1.f + std::exp(-1.702f * z));  // QUICK_GELU
+  }
+}
+
+#ifdef TARDIS_AVX512
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 k) {
+  __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+inline __mmask16 tail_mask(int64_t left) { return static_cast<__mmask16>((1u << left) - 1u); }
+#endif
+
+// sum_i w[i] x[i], fp32 accumulation.
+template <class W>
+inline float dot(const W* w, const float* x, int64_t n) {
+#ifdef TARDIS_AVX512
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(x + i), a0);
+    a1 = _mm512_fmadd_ps(load16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+  }
+  for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(x + i), a0);
+  if (i < n) {
+    __mmask16 k = tail_mask(n - i);
+    a1 = _mm512_fmadd_ps(load16(w + i, k), _mm512_maskz_loadu_ps(k, x + i), a1);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#else
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += to_f32(w[i]) * x[i];
+  return s;
+#endif
+}
+
+// Two rows against one x (a gated neuron's gate and up rows): x is loaded once.
+template <class W>
+inline void dot2(const W* w0, const W* w1, const float* x, int64_t n, float* s0, float* s1) {
+#ifdef TARDIS_AVX512
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 xv = _mm512_loadu_ps(x + i);
+    a0 = _mm512_fmadd_ps(load16(w0 + i), xv, a0);
+    a1 = _mm512_fmadd_ps(load16(w1 + i), xv, a1);
+  }
+  if (i < n) {
+    __mmask16 k = tail_mask(n - i);
+    __m512 xv = _mm512_maskz_loadu_ps(k, x + i);
+    a0 = _mm512_fmadd_ps(load16(w0 + i, k), xv, a0);
+    a1 = _mm512_fmadd_ps(load16(w1 + i, k), xv, a1);
+  }
+  *s0 = _mm512_reduce_add_ps(a0);
+  *s1 = _mm512_reduce_add_ps(a1);
+#else
+  *s0 = dot(w0, x, n);
+  *s1 = dot(w1, x, n);
+#endif
+}
+
+// acc[i] += a * w[i]
+template <class W>
+inline void axpy(float* acc, float a, const W* w, int64_t n) {
+#ifdef TARDIS_AVX512
+  __m512 av = _mm512_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(av, load16(w + i), _mm512_loadu_ps(acc + i)));
+  if (i < n) {
+    __mmask16 k = tail_mask(n - i);
+    _mm512_mask_storeu_ps(acc + i, k, _mm512_fmadd_ps(av, load16(w + i, k), _mm512_maskz_loadu_ps(k, acc + i)));
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) acc[i] += a * to_f32(w[i]);
+#endif
+}
+
+// int8 row, symmetric per-row scale: scale * sum q[i] x[i].
+inline float dot_int8(const int8_t* q, const float* x, int64_t n) {
+#ifdef TARDIS_AVX512
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m512i v0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
+    __m512i v1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i + 16)));
+    a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), _mm512_loadu_ps(x + i), a0);
+    a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), _mm512_loadu_ps(x + i + 16), a1);
+  }
+  for (; i < n; i += 16) {
+    __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
+    __m512i v = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, q + i));
+    a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_maskz_loadu_ps(k, x + i), a0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#else
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<float>(q[i]) * x[i];
+  return s;
+#endif
+}
+
+// Sub-byte codes of one group of `size` elements, `per_byte` codes (2: int4, 4: int2) per byte:
+// byte b holds element b + k * part in bits [k * bits, (k + 1) * bits), part = ceil(size / per_byte),
+// so unpacking is a shift and a mask. Returns sum code[i] * x[i].
+#ifdef TARDIS_AVX512
+template <int BITS>
+inline __m512 group_codes_fma(const uint8_t* q, const float* x, int64_t size, __m512 acc) {
+  constexpr int PER_BYTE = 8 / BITS;
+  const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
+  const int64_t part = (size + PER_BYTE - 1) / PER_BYTE;
+  for (int64_t b = 0; b < part; b += 16) {
+    const int64_t left = part - b;
+    __mmask16 kb = left >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(left);
+    __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(kb, q + b));
+    for (int k = 0; k < PER_BYTE; ++k) {
+      const int64_t start = k * part + b;  // element of lane 0
+      if (start >= size) break;
+      const int64_t valid = size - start;
+      __mmask16 kx = valid >= 16 ? kb : static_cast<__mmask16>(kb & tail_mask(valid));
+      __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, k * BITS), mask));
+      acc = _mm512_fmadd_ps(codes, _mm512_maskz_loadu_ps(kx, x + start), acc);
+    }
+  }
+  return acc;
+}
+#endif
+
+template <int BITS>
+inline float group_codes_dot(const uint8_t* q, const float* x, int64_t size) {
+  constexpr int PER_BYTE = 8 / BITS;
+  const int64_t part = (size + PER_BYTE - 1) / PER_BYTE;
+  float s = 0.f;
+  for (int64_t b = 0; b < part; ++b)
+    for (int k = 0; k < PER_BYTE; ++k) {
+      const int64_t e = k * part + b;
+      if (e < size) s += static_cast<float>((q[b] >> (k * BITS)) & ((1 << BITS) - 1)) * x[e];
+    }
+  return s;
+}
+
+#if defined(TARDIS_AVX512) && defined(__AVX512VNNI__)
+#define TARDIS_VNNI 1
+// The 64 codes of a full group (64 elements), unpacked to bytes in element order.
+template <int BITS>
+inline __m512i group64_codes(const uint8_t* q) {
+  if (BITS == 4) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m128i crumb = _mm_set1_epi8(0x03);
+  __m512i out = _mm512_castsi128_si512(_mm_and_si128(v, crumb));
+  out = _mm512_inserti32x4(out, _mm_and_si128(_mm_srli_epi16(v, 2), crumb), 1);
+  out = _mm512_inserti32x4(out, _mm_and_si128(_mm_srli_epi16(v, 4), crumb), 2);
+  return _mm512_inserti32x4(out, _mm_and_si128(_mm_srli_epi16(v, 6), crumb), 3);
+}
+#endif
+
+// out[t] = row . x_t for `tokens` tokens of x (tokens, n): four tokens share each load of the row.
+void dot_tokens(const float* row, const float* x, int64_t tokens, int64_t n, float* out, int64_t out_stride) {
+  int64_t t = 0;
+#ifdef TARDIS_AVX512
+  for (; t + 4 <= tokens; t += 4) {
+    const float* x0 = x + t * n;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
+      __m512 w = _mm512_maskz_loadu_ps(k, row + i);
+      a0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, x0 + i), a0);
+      a1 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, x0 + n + i), a1);
+      a2 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, x0 + 2 * n + i), a2);
+      a3 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, x0 + 3 * n + i), a3);
+    }
+    out[t * out_stride] = _mm512_reduce_add_ps(a0);
+    out[(t + 1) * out_stride] = _mm512_reduce_add_ps(a1);
+    out[(t + 2) * out_stride] = _mm512_reduce_add_ps(a2);
+    out[(t + 3) * out_stride] = _mm512_reduce_add_ps(a3);
+  }
+#endif
+  for (; t < tokens; ++t) out[t * out_stride] = dot(row, x + t * n, n);
+}
+
+}  // namespace tardis
