@@ -13,28 +13,20 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 
-def _count(text: str) -> int:
+def _count(text: str, what: str = "a positive count") -> int:
     """A positive count."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive count, got {text!r}") from None
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive count, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
 
 
 def _size(text: str) -> int | None:
     """A count, or "all" (None)."""
-    if text.lower() == "all":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive count or 'all', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive count or 'all', got {text!r}")
-    return value
+    return None if text.lower() == "all" else _count(text, "a positive count or 'all'")
 
 
 def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
@@ -177,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tardis`` console script; returns the exit code.
 
     Example:
-        >>> main(["install-models", "--dry-run"])  # doctest: +SKIP
+        >>> main(["install-models", "--dry-run"])
+        /... -m pip install --no-deps ...
         0
     """
     parser = build_parser()

@@ -291,8 +291,9 @@ def _load_ffn(name: str, info: Any, tensors: dict[str, torch.Tensor], check: _Ch
         vector_check.that(allow_inf or bool(torch.isfinite(t).all()), field, "has infinite values")
         return t
 
-    # lower/upper encode the per-neuron option with +-inf; the lines and margins must be finite.
-    values = {key: vector(key, allow_inf=key in ("lower", "upper")) for key in _VECTORS}
+    # lower/upper encode the per-neuron option with +-inf, and an unbounded range has an infinite
+    # line error; the lines and margins must be finite.
+    values = {key: vector(key, allow_inf=key in ("lower", "upper", "line_error")) for key in _VECTORS}
     margins = {g: vector(f"margin.{g}", allow_inf=False) for g in guards}
     predictor = tensors.get(f"{name}/predictor")
     if predictor is not None:

@@ -132,3 +132,15 @@ def test_unreadable_files_are_one_clear_error(tmp_path, profile):
     (tmp_path / "profile.json").write_text("{not json")
     with pytest.raises(tc.ProfileError, match="JSON"):
         tc.Profile.load(tmp_path)
+
+
+def test_a_budget_profile_with_unbounded_ranges_round_trips(tmp_path):
+    """A per-neuron mix has +-inf ranges and infinite line errors: valid, and it must load."""
+    model = build_tiny("bert")
+    fitted = tc.calibrate_for_budget(model, token_batches(3), 0.5, "int8", QUIET)
+    ffn = next(iter(fitted.ffns.values()))
+    assert torch.isinf(ffn.lower).any() and torch.isinf(ffn.line_error).any()
+    fitted.save(tmp_path)
+    loaded = tc.Profile.load(tmp_path)
+    for name, ffn in fitted.ffns.items():
+        torch.testing.assert_close(loaded.ffns[name].params("int8"), ffn.params("int8"))

@@ -48,7 +48,10 @@ def prepare_data(loaded: LoadedModel, config: EvalConfig, context_length: int) -
     """Calibration batches and evaluation inputs for ``loaded``'s kind of model.
 
     Example:
-        >>> data = prepare_data(load_model("minilm"), EvalConfig.from_preset("quick"), 256)  # doctest: +SKIP
+        >>> loaded = load_model("minilm")
+        >>> data = prepare_data(loaded, EvalConfig.from_preset("quick", model="minilm", passages=8), 128)
+        >>> len(data.calibration), len(data.passages)
+        (8, 8)
     """
     split = wikipedia_split(config.seed)
     tokenizer = loaded.tokenizer
@@ -77,7 +80,12 @@ def measure(prepared: PreparedModel, loaded: LoadedModel, data: EvalData, contex
     method has a meter, else as the method computed them).
 
     Example:
-        >>> metrics, ffn_bytes, source = measure(dense(model, [], 1.0), loaded, data, 512)  # doctest: +SKIP
+        >>> from tardis_compiler.eval.methods import dense
+        >>> loaded = load_model("minilm")
+        >>> data = prepare_data(loaded, EvalConfig.from_preset("quick", model="minilm", passages=8), 128)
+        >>> metrics, ffn_bytes, source = measure(dense(loaded.model, [], 1.0), loaded, data, 128)
+        >>> round(metrics["cosine_mean"], 4), ffn_bytes.read_fraction
+        (1.0, 1.0)
     """
     model, metrics = prepared.model, {}
     if prepared.meter is not None:
@@ -122,6 +130,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     checked after every method.
 
     Example:
+        >>> # minutes of work: tests/eval/test_harness.py runs it end to end
         >>> results = run_eval(EvalConfig.from_preset("quick", model="minilm", results_md=None))  # doctest: +SKIP
         >>> [row["method"] for row in results["rows"]][:2]  # doctest: +SKIP
         ['dense', 'wanda']

@@ -166,7 +166,8 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Any, task: Task, *, prefix:
     exact match of the last word) and ``ppl`` for LAMBADA.
 
     Example:
-        >>> evaluate_task(model, tokenizer, load_task("piqa", limit=20))  # doctest: +SKIP
+        >>> # needs a causal LM (SmolLM2, ~20 s to load): tests/eval/test_metrics.py runs it
+        >>> evaluate_task(causal_lm, causal_tokenizer, load_task("piqa", limit=20))  # doctest: +SKIP
         {'acc': 0.65, 'acc_norm': 0.7, 'n': 20}
     """
     requests, owners = [], []
@@ -207,8 +208,8 @@ def sentence_embeddings(model: torch.nn.Module, tokenizer: Any, texts: Sequence[
     real tokens).
 
     Example:
-        >>> emb = sentence_embeddings(model, tokenizer, ["A cat.", "A dog."])  # doctest: +SKIP
-        >>> emb.shape  # doctest: +SKIP
+        >>> emb = sentence_embeddings(model, tokenizer, ["A cat.", "A dog."])
+        >>> emb.shape
         torch.Size([2, 384])
     """
     rows = []

@@ -70,7 +70,9 @@ def load_minilm() -> tuple[torch.nn.Module, Any]:
     """all-MiniLM-L6-v2 (BERT, 6 layers, GELU FFN 384->1536->384) and its tokenizer.
 
     Example:
-        >>> model, tokenizer = load_minilm()  # doctest: +SKIP
+        >>> model, tokenizer = load_minilm()
+        >>> model.config.intermediate_size
+        1536
     """
     _offline()
     from transformers import AutoModel, AutoTokenizer
@@ -88,7 +90,8 @@ def load_smollm2() -> tuple[torch.nn.Module, Any]:
     The weights are the GGUF's 4-bit values dequantized to float32: the dense baseline is that model.
 
     Example:
-        >>> model, tokenizer = load_smollm2()  # doctest: +SKIP
+        >>> # loading takes ~20 s: tests/eval/test_models.py runs it
+        >>> model, tokenizer = load_smollm2()   # doctest: +SKIP
     """
     _offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -143,8 +146,8 @@ def load_model(name: str) -> LoadedModel:
     """Load a model by its short name (``"smollm2"`` or ``"minilm"``).
 
     Example:
-        >>> loaded = load_model("minilm")  # doctest: +SKIP
-        >>> loaded.spec.kind  # doctest: +SKIP
+        >>> loaded = load_model("minilm")
+        >>> loaded.spec.kind
         'encoder'
     """
     if name not in MODELS:

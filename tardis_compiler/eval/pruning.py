@@ -69,9 +69,9 @@ def prune_ffn(model: torch.nn.Module, batches: Iterable[Any], budget: float, sco
     the density that reads ``budget`` of the dense FFN bytes in bitmask format.
 
     Example:
-        >>> prepared = prune_ffn(model, batches, 0.5, wanda_scores, method="wanda")  # doctest: +SKIP
-        >>> round(prepared.ffn_bytes.read_fraction, 3)  # doctest: +SKIP
-        0.5
+        >>> prepared = prune_ffn(model, batches, 0.5, wanda_scores, method="wanda")
+        >>> prepared.ffn_bytes.read_fraction <= 0.5
+        True
     """
     stats = ffn_input_stats(model, batches, progress=progress)
     pruned = copy.deepcopy(model)
@@ -97,8 +97,8 @@ def wanda(model: torch.nn.Module, batches: Iterable[Any], budget: float) -> Prep
     """Wanda baseline at ``budget`` (fraction of dense FFN weight bytes read per token).
 
     Example:
-        >>> wanda(model, calibration_batches(tokenizer), 0.5).ffn_bytes.read_fraction  # doctest: +SKIP
-        0.4999...
+        >>> wanda(model, batches, 0.5).ffn_bytes.read_fraction <= 0.5
+        True
     """
     return prune_ffn(model, batches, budget, wanda_scores, method="wanda")
 
@@ -107,7 +107,7 @@ def ria(model: torch.nn.Module, batches: Iterable[Any], budget: float) -> Prepar
     """RIA baseline at ``budget`` (fraction of dense FFN weight bytes read per token).
 
     Example:
-        >>> ria(model, calibration_batches(tokenizer), 0.5).details["density"]  # doctest: +SKIP
-        0.46875
+        >>> 0 < ria(model, batches, 0.5).details["density"] < 1
+        True
     """
     return prune_ffn(model, batches, budget, ria_scores, method="ria")

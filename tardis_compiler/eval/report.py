@@ -80,9 +80,9 @@ def write_results(results: dict[str, Any], output_dir: str | Path) -> Path:
     """Write the results record as JSON under ``output_dir``; return its path.
 
     Example:
-        >>> path = write_results(results, "benchmarks/results")  # doctest: +SKIP
-        >>> path.name  # doctest: +SKIP
-        'eval-smollm2-quick-20260101-120000.json'
+        >>> path = write_results(results, out_dir)
+        >>> path.name.startswith("eval-minilm-standard-")
+        True
     """
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,8 +96,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     """The results as a markdown table: one row per (method, budget), bytes first.
 
     Example:
-        >>> print(markdown_table(results))  # doctest: +SKIP
-        | method | budget | FFN read/token | FFN resident | PPL | ...
+        >>> markdown_table(results).splitlines()[0].startswith("| method")
+        True
     """
     tasks = [t for t in TASK_LABELS if t in results["data"]["tasks"]]
     encoder = results["model"]["kind"] == "encoder"
@@ -136,7 +136,9 @@ def markdown_block(results: dict[str, Any], *, json_path: Path | None = None,
     """Table plus what a reader needs to trust it: command, machine, date, data sizes, notes.
 
     Example:
-        >>> block = markdown_block(results)  # doctest: +SKIP
+        >>> block = markdown_block(results)
+        >>> "tardis eval" in block
+        True
     """
     run, data, model = results["run"], results["data"], results["model"]
     machine = run["machine"]
@@ -174,7 +176,9 @@ def update_results_md(path: str | Path, results: dict[str, Any], block: str) -> 
     The file and the section are created if absent.
 
     Example:
-        >>> update_results_md("docs/RESULTS.md", results, markdown_block(results))  # doctest: +SKIP
+        >>> update_results_md(out_dir / "RESULTS.md", results, markdown_block(results))
+        >>> "## Evaluation harness" in (out_dir / "RESULTS.md").read_text()
+        True
     """
     path = Path(path)
     key = f"{results['model']['name']}:{results['config']['preset']}"
@@ -210,8 +214,8 @@ def save_outputs(results: dict[str, Any], *, output_dir: str | Path,
     the paths written.
 
     Example:
-        >>> save_outputs(results, output_dir="benchmarks/results", results_md=None)  # doctest: +SKIP
-        {'json': PosixPath('benchmarks/results/eval-minilm-quick-20260101-120000.json'), ...}
+        >>> sorted(save_outputs(results, output_dir=out_dir, results_md=None, plot=False))
+        ['json']
     """
     from .plot import pareto_plot
 
