@@ -63,7 +63,9 @@ def decode_soak(steps: int, per_call: int) -> list[dict]:
     return series
 
 
-def cycle_soak(cycles: int) -> list[dict]:
+def cycle_soak(cycles: int, control: bool = False) -> list[dict]:
+    """``control``: the same loop with plain ``torch.compile(model, backend="eager")`` and no tardis,
+    to tell dynamo's own growth per compile from ours."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.tiny_models import build_tiny, token_batches
 
@@ -72,6 +74,13 @@ def cycle_soak(cycles: int) -> list[dict]:
     series = []
     for i in range(cycles):
         start = time.perf_counter()
+        if control:
+            with torch.no_grad():
+                torch.compile(model, backend="eager")(batches[0])
+            torch.compiler.reset()
+            gc.collect()
+            series.append({"cycle": i + 1, "seconds": time.perf_counter() - start, "rss_mb": rss_mb()})
+            continue
         profile = tc.calibrate(model, batches, tc.CalibrationConfig(progress=False, budget=0.5))
         fast = torch.compile(model, backend="tardis", options={"profile": profile})
         with torch.no_grad():
@@ -99,8 +108,16 @@ def main() -> None:
     parser.add_argument("--per-call", type=int, default=100)
     parser.add_argument("--cycles", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--control", action="store_true",
+                        help="only the cycles, with plain torch.compile(backend='eager') and no tardis")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.control:
+        series = cycle_soak(args.cycles, control=True)
+        g = growth(series, "rss_mb")
+        print(f"control rss: first quarter {g['first_quarter']:.1f} MB, last quarter {g['last_quarter']:.1f} MB, "
+              f"{(series[-1]['rss_mb'] - series[0]['rss_mb']) / max(1, len(series) - 1):.2f} MB per cycle")
+        return
     decode = decode_soak(args.steps, args.per_call)
     cycles = cycle_soak(args.cycles)
     summary = {"decode_ms_per_step": growth(decode, "ms_per_step"), "decode_rss_mb": growth(decode, "rss_mb"),
