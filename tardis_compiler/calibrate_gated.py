@@ -35,6 +35,7 @@ from .profile import FFNProfile
 from .runtime.guard import LowBitGuard
 from .runtime.layout import always_read_bytes, exact_neuron_bytes, folded_matrix_bytes, guard_neuron_bytes
 from .runtime.svd_predictor import SVDPredictor, greedy_margins
+from .lstsq_fold import NeuronRegressions
 
 #: Range coverages offered to each guarded neuron.
 COVERAGES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
@@ -93,10 +94,11 @@ def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     guard_row, guard_fixed = guard_bytes(predictor, d_in, elem)
     fold_bytes = float(folded_matrix_bytes(d_in, d_out, elem))
     sorted_stats = _sorted_stats(g, u, a)
+    regressions = NeuronRegressions.fit(x_fit, a * u, col_norm2, config.seed) if config.fold_fit == "lstsq" else None
     variants = []
     for with_fold in (True, False):
         opts, plan = _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold, exact_cost, guard_row, guard,
-                              config)
+                              config, regressions if with_fold else None)
         variants.append((with_fold, opts, plan, (fold_bytes if with_fold else 0.0) + guard_fixed))
     stats = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0], "measured_on": measured_on,
              "elem_bytes": elem, "has_bias": gate_up_bias or down_bias, "gate_up_bias": gate_up_bias,
@@ -104,7 +106,7 @@ def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
              "error_bound": None}  # u is unbounded: no worst-case bound for a gated FFN
     measure = {"act": act, "predictor": predictor, "guard": guard, "fold_bytes": fold_bytes,
                "guard_row": guard_row, "guard_fixed": guard_fixed, "exact_cost": exact_cost,
-               "always_bytes": always_read_bytes(d_out)}
+               "always_bytes": always_read_bytes(d_out), "regressions": regressions}
     return GatedCandidates(record, w, variants, dense_bytes, energy, stats, x_hold if x_hold.shape[0] else x_fit,
                            measure)
 
@@ -115,6 +117,8 @@ def finish_gated_ffn(cand: GatedCandidates, variant: int, choice: Choice, budget
     m = cand.weights["wg_rows"].shape[0]
     params = encode_choice(opts, plan, choice, m)
     params["line_error"] = torch.zeros(m)
+    fold_term = fitted_fold_term(cand.measure["regressions"] if with_fold else None, opts, choice,
+                                 cand.weights["wd_rows"])
     stats = dict(cand.stats, budget=budget,
                  policy={"counts": choice.counts(opts.labels), "folded_matrix": with_fold,
                          "within_budget": choice.within_budget, "calibration_bytes_fraction": choice.bytes /
@@ -123,15 +127,36 @@ def finish_gated_ffn(cand: GatedCandidates, variant: int, choice: Choice, budget
     k = cand.measure
     stats.update(_measure(cand.x_eval, cand.weights, k["act"], params, k["predictor"], k["guard"], with_fold,
                           k["fold_bytes"], (k["guard_row"], k["guard_fixed"]), k["exact_cost"], cand.dense_bytes,
-                          k["always_bytes"]))
+                          k["always_bytes"], fold_term))
     rec, guard = cand.record, k["guard"]
     return FFNProfile(
         name=rec.name, pattern=rec.pattern, activation=rec.activation, d_in=cand.weights["wg_rows"].shape[1],
         d_hidden=m, d_out=cand.weights["wd_rows"].shape[1], slope=torch.zeros(m), intercept=params["c"],
         lower=params["lower"], upper=params["upper"], line_error=params["line_error"],
         margins={guard: params["margin"]} if guard in PREDICTOR_GUARDS else {}, stats=stats, kind="gated",
-        predictor=packed_predictor(k["predictor"]),
+        predictor=packed_predictor(k["predictor"]), fold_term=fold_term,
     )
+
+
+def fitted_fold_term(regressions: NeuronRegressions | None, opts: NeuronOptions, choice: Choice,
+                     out_rows: torch.Tensor) -> torch.Tensor | None:
+    """The least-squares term ``[W | b]`` standing in for every neuron the choice folds without a
+    guard (``lstsq_fold.py``); None without regressions or when no neuron is folded.
+
+    Example:
+        >>> # fitted_fold_term(cand.measure["regressions"], opts, choice, weights["wd_rows"]).shape
+    """
+    if regressions is None or "folded" not in opts.labels:
+        return None
+    folded = (choice.option == opts.labels.index("folded")).nonzero().squeeze(1)
+    return regressions.term(folded, out_rows) if folded.numel() else None
+
+
+def fold_term_output(fold_term: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | float:
+    """What the least-squares term adds to the output for tokens ``x`` (0.0 without one)."""
+    if fold_term is None:
+        return 0.0
+    return F.linear(x, fold_term[:, :-1], fold_term[:, -1])
 
 
 def fit_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> FFNProfile:
@@ -273,8 +298,11 @@ def _sorted_stats(g: torch.Tensor, u: torch.Tensor, a: torch.Tensor) -> tuple[to
 
 
 def _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold: bool, exact_cost: float, guard_row: float,
-             guard: str, config: CalibrationConfig) -> tuple[NeuronOptions, dict]:
-    """Per-neuron error and cost of each option, and the ranges/constants/margins behind them."""
+             guard: str, config: CalibrationConfig,
+             regressions: NeuronRegressions | None = None) -> tuple[NeuronOptions, dict]:
+    """Per-neuron error and cost of each option, and the ranges/constants/margins behind them.
+    With ``regressions`` a folded neuron's error is its regression's (its constant is then 0: the
+    least-squares term carries it)."""
     n, m = g.shape
     u2 = u.pow(2)
     labels, errors, costs = ["exact"], [torch.zeros(m, dtype=torch.float64)], [torch.full((m,), exact_cost)]
@@ -282,11 +310,15 @@ def _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold: bool, exact_cos
 
     g_sorted, prefix = sorted_stats
     sigma = (g_hat - g).std(dim=0) if g_hat is not g else None
-    c_all = _weighted_constant(prefix, with_fold)
     labels.append("folded" if with_fold else "dropped")
-    errors.append(col_norm2 * _window_sse(prefix["uu"][-1], prefix["auu"][-1], prefix["aauu"][-1], c_all) / n)
+    if regressions is not None:
+        errors.append(col_norm2 * regressions.error)
+        plan[labels[-1]] = {"c": torch.zeros(m)}
+    else:
+        c_all = _weighted_constant(prefix, with_fold)
+        errors.append(col_norm2 * _window_sse(prefix["uu"][-1], prefix["auu"][-1], prefix["aauu"][-1], c_all) / n)
+        plan[labels[-1]] = {"c": c_all.float()}
     costs.append(torch.zeros(m, dtype=torch.float64))
-    plan[labels[-1]] = {"c": c_all.float()}
 
     for p in COVERAGES:
         lower, upper, c = _best_window(g_sorted, prefix, p, with_fold)
@@ -399,7 +431,7 @@ def policy_measurements(flags: torch.Tensor, outside: torch.Tensor, always: torc
 
 
 def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_cost, exact_cost, dense_bytes,
-             always_bytes) -> dict[str, Any]:
+             always_bytes, fold_term) -> dict[str, Any]:
     """What the chosen policy does on ``x`` (held-out tokens): coverage, flags, recall, output
     error and bytes read per token."""
     g, u = F.linear(x, w["wg_rows"], w["bg"]), F.linear(x, w["wu_rows"], w["bu"])
@@ -415,6 +447,9 @@ def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_c
     if guard == "all":
         flags = torch.ones_like(flags)
     delta_h = torch.where(flags, torch.zeros_like(a), (c - a) * u)
+    if guard == "all":
+        fold_term = None  # the pack leaves the term out: every neuron is exact
+    delta_y = delta_h @ w["wd_rows"] + fold_term_output(fold_term, x)
     fixed = (fold_bytes if with_fold else 0.0) + always_bytes
-    return policy_measurements(flags, outside, always, guarded, delta_h @ w["wd_rows"], (a * u) @ w["wd_rows"],
+    return policy_measurements(flags, outside, always, guarded, delta_y, (a * u) @ w["wd_rows"],
                                predictor, guard, guard_cost, fixed, exact_cost, dense_bytes)

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 
 from .activations import get_activation_rule
 from .calibrate import FFNRecord, max_line_error, split_tokens
-from .calibrate_gated import (COVERAGES, allocate, budget_of, encode_choice, guard_bytes, guard_margins,
-                              guard_prediction, packed_predictor, policy_measurements, predictor_for,
-                              prefix_sums)
+from .calibrate_gated import (COVERAGES, allocate, budget_of, encode_choice, fitted_fold_term, fold_term_output,
+                              guard_bytes, guard_margins, guard_prediction, packed_predictor, policy_measurements,
+                              predictor_for, prefix_sums)
+from .lstsq_fold import NeuronRegressions
 from .config import PREDICTOR_GUARDS, CalibrationConfig
 from .policy import Choice, NeuronOptions
 from .profile import FFNProfile
@@ -84,16 +85,17 @@ def prepare_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     prefix = {"z": prefix_sums(zd), "zz": prefix_sums(zd * zd), "y": prefix_sums(yd),
               "zy": prefix_sums(zd * yd), "yy": prefix_sums(yd * yd)}
     sigma = (z_hat - z).std(dim=0) if predictor is not None else None
+    regressions = NeuronRegressions.fit(x_fit, y, col_norm2, config.seed) if config.fold_fit == "lstsq" else None
     variants = []
     for with_fold in (True, False):
         opts, plan = _options(z, y, z_hat, z_sorted, prefix, sigma, col_norm2, with_fold, exact_cost, guard_row,
-                              guard, config)
+                              guard, config, regressions if with_fold else None)
         fixed = (fold_bytes if with_fold else 0.0) + always_read_bytes(d_out) + guard_fixed
         variants.append((with_fold, opts, plan, fixed))
     stats = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0], "measured_on": measured_on,
              "elem_bytes": elem, "has_bias": has_bias, "dense_bytes": dense_bytes}
     measure = {"act": act, "predictor": predictor, "guard": guard, "guard_row": guard_row, "guard_fixed": guard_fixed,
-               "exact_cost": exact_cost}
+               "exact_cost": exact_cost, "regressions": regressions}
     return PlainCandidates(record, w, variants, dense_bytes, energy, stats, x_hold if x_hold.shape[0] else x_fit,
                            measure)
 
@@ -104,6 +106,7 @@ def finish_plain_ffn(cand: PlainCandidates, variant: int, choice: Choice, budget
     w, k = cand.weights, cand.measure
     m = w["w1_rows"].shape[0]
     p = encode_choice(opts, plan, choice, m, values=("slope", "intercept"))
+    p["fold_term"] = fitted_fold_term(k["regressions"] if with_fold else None, opts, choice, w["w2_rows"])
     guarded = torch.isfinite(p["lower"]) & (p["lower"] <= p["upper"])
     line_error = torch.zeros(m)
     if guarded.any():
@@ -127,7 +130,7 @@ def finish_plain_ffn(cand: PlainCandidates, variant: int, choice: Choice, budget
         d_out=w["w2_rows"].shape[1], slope=p["slope"], intercept=p["intercept"], lower=p["lower"],
         upper=p["upper"], line_error=line_error,
         margins={guard: p["margin"]} if guard in PREDICTOR_GUARDS else {}, stats=stats,
-        predictor=packed_predictor(k["predictor"]),
+        predictor=packed_predictor(k["predictor"]), fold_term=p["fold_term"],
     )
 
 
@@ -153,18 +156,25 @@ def fit_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> F
 
 
 def _options(z, y, z_hat, z_sorted, prefix, sigma, col_norm2, with_fold: bool, exact_cost: float,
-             guard_row: float, guard: str, config: CalibrationConfig) -> tuple[NeuronOptions, dict]:
-    """Per-neuron error and cost of each option, and the ranges/lines/margins behind them."""
+             guard_row: float, guard: str, config: CalibrationConfig,
+             regressions: NeuronRegressions | None = None) -> tuple[NeuronOptions, dict]:
+    """Per-neuron error and cost of each option, and the ranges/lines/margins behind them. With
+    ``regressions`` a folded neuron's error is its regression's (its line is then zero: the
+    least-squares term carries it)."""
     n, m = z.shape
     labels, errors, costs = ["exact"], [torch.zeros(m, dtype=torch.float64)], [torch.full((m,), exact_cost)]
     plan: dict[str, dict[str, torch.Tensor]] = {}
 
     total = {key: p[-1:] for key, p in prefix.items()}
-    slope, intercept, sse = _window_lines(total, n, with_fold)
     labels.append("folded" if with_fold else "dropped")
-    errors.append(col_norm2 * sse[0] / n)
+    if regressions is not None:
+        errors.append(col_norm2 * regressions.error)
+        plan[labels[-1]] = {"slope": torch.zeros(m), "intercept": torch.zeros(m)}
+    else:
+        slope, intercept, sse = _window_lines(total, n, with_fold)
+        errors.append(col_norm2 * sse[0] / n)
+        plan[labels[-1]] = {"slope": slope[0].float(), "intercept": intercept[0].float()}
     costs.append(torch.zeros(m, dtype=torch.float64))
-    plan[labels[-1]] = {"slope": slope[0].float(), "intercept": intercept[0].float()}
 
     cols = torch.arange(m)
     for p in COVERAGES:
@@ -214,7 +224,8 @@ def _measure(cand: PlainCandidates, p: dict[str, torch.Tensor], fixed: float) ->
     if guard == "all":
         flags = torch.ones_like(flags)
     line = p["slope"] * z + p["intercept"]
-    delta_y = torch.where(flags, 0.0, line - y) @ w["w2_rows"]
+    fold_term = None if guard == "all" else p["fold_term"]  # the pack leaves it out with guard="all"
+    delta_y = torch.where(flags, 0.0, line - y) @ w["w2_rows"] + fold_term_output(fold_term, x)
     dense_y = F.linear(y, w["w2_rows"].t(), w["b2"])
     # ``fixed`` counted the svd guard's P already; policy_measurements adds it back if any neuron is guarded.
     return policy_measurements(flags, outside, always, guarded, delta_y, dense_y, predictor, guard,

@@ -50,6 +50,9 @@ class CalibrationConfig:
         fold: with a budget, whether the mix may fold neurons into the matrix ``Wf``: None (default)
             takes whichever of the two variants has less error per FFN, False never folds (neurons
             off the exact path contribute nothing: contextual activation sparsity, c = 0), True always.
+        fold_fit: how neurons folded without a guard enter ``Wf``: "lstsq" (one least-squares map of
+            x for their total contribution, ``lstsq_fold.py``) or "lines" (each neuron's own line or
+            constant).
         seed: seeds the token reservoir.
         progress: show a progress bar.
 
@@ -69,6 +72,7 @@ class CalibrationConfig:
     budget: float | None = None
     allocation: str = "layer"
     fold: bool | None = None
+    fold_fit: str = "lstsq"
     seed: int = 0
     progress: bool = True
 
@@ -83,6 +87,7 @@ class CalibrationConfig:
         _check(self.allocation in ("layer", "model"),
                f"allocation must be 'layer' or 'model', got {self.allocation!r}")
         _check(self.fold is None or isinstance(self.fold, bool), f"fold must be None, True or False, got {self.fold!r}")
+        _check(self.fold_fit in ("lstsq", "lines"), f"fold_fit must be 'lstsq' or 'lines', got {self.fold_fit!r}")
         if self.budget is not None:
             _real(self.budget, "budget", 0.0, 1.0, "(0, 1] (a fraction of dense FFN bytes read per token)",
                   low_open=True)

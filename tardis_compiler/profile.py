@@ -61,6 +61,9 @@ class FFNProfile:
     stats: dict[str, Any]
     kind: str = "plain"  # "gated": intercept holds the constant gate c, slope is zero
     predictor: torch.Tensor | None = None  # the "svd" guard's factors [Q^T | P], (r, m + d_in)
+    # The least-squares map [W | b], (d_out, d_in + 1), standing in for every neuron folded without
+    # a guard (lstsq_fold.py); the pack adds it to Wf except with guard="all".
+    fold_term: torch.Tensor | None = None
 
     def params(self, guard: str) -> torch.Tensor:
         """The (6, m) tensor the fused op takes: slope, intercept, lower, upper, flag thresholds
@@ -129,7 +132,7 @@ class FFNProfile:
         from .runtime.pack import pack_layout
 
         return pack_layout(self.kind, self.activation, dtype, self.d_in, self.d_out, self.d_hidden,
-                           self.params(guard), guard, group_size)
+                           self.params(guard), guard, group_size, self.fold_term)
 
     def signature(self) -> tuple[int, int, int, str, str]:
         """What must match between a model's FFN and this profile."""
@@ -166,6 +169,8 @@ class Profile:
                 tensors[f"{name}/margin.{guard}"] = margin.float().contiguous()
             if ffn.predictor is not None:
                 tensors[f"{name}/predictor"] = ffn.predictor.float().contiguous()
+            if ffn.fold_term is not None:
+                tensors[f"{name}/fold_term"] = ffn.fold_term.float().contiguous()
             ffns[name] = {
                 "pattern": ffn.pattern, "activation": ffn.activation, "d_in": ffn.d_in,
                 "d_hidden": ffn.d_hidden, "d_out": ffn.d_out, "guards": sorted(ffn.margins),
@@ -300,6 +305,12 @@ def _load_ffn(name: str, info: Any, tensors: dict[str, torch.Tensor], check: _Ch
         vector_check.that(predictor.dim() == 2 and predictor.shape[1] == m + d_in, f"{name}/predictor",
                           f"has shape {tuple(predictor.shape)}, expected (rank, d_hidden + d_in = {m + d_in})")
         vector_check.that(bool(torch.isfinite(predictor).all()), f"{name}/predictor", "has non-finite values")
+    fold_term = tensors.get(f"{name}/fold_term")
+    if fold_term is not None:
+        expected = (info["d_out"], d_in + 1)
+        vector_check.that(tuple(fold_term.shape) == expected, f"{name}/fold_term",
+                          f"has shape {tuple(fold_term.shape)}, expected (d_out, d_in + 1) = {expected}")
+        vector_check.that(bool(torch.isfinite(fold_term).all()), f"{name}/fold_term", "has non-finite values")
     return FFNProfile(name=name, pattern=info["pattern"], activation=info["activation"], d_in=d_in, d_hidden=m,
                       d_out=info["d_out"], **values, margins=margins, stats=info["stats"], kind=kind,
-                      predictor=predictor)
+                      predictor=predictor, fold_term=fold_term)

@@ -103,7 +103,8 @@ class GraphPacks:
 
         def build() -> FFNPack:
             params = calibration.params(guard)
-            return build_pack(ffn.kind, ffn.weights(args), params, guard, ffn.activation, self.group_size)
+            return build_pack(ffn.kind, ffn.weights(args), params, guard, ffn.activation, self.group_size,
+                              calibration.fold_term)
 
         return PACK_CACHE.get(ffn.tensors(args), calibration, (guard, self.group_size), build)
 

@@ -9,7 +9,9 @@ option: an empty band (lo > hi) flags it for every token (always exact), an unbo
 
 Every neuron's line (plain: ``a z + c``; gated: the constant ``c``) folds into ``Wf``; the exact
 path adds ``delta`` for the flagged ones, which is exact for any superset of the out-of-range
-neurons: ``guard="all"`` (every neuron always exact) reproduces the dense FFN.
+neurons: ``guard="all"`` (every neuron always exact) reproduces the dense FFN. A calibration may
+add a least-squares term ``[W | b]`` for the neurons folded without a guard (``lstsq_fold.py``):
+it joins ``Wf`` and the folded bias, except with ``guard="all"``, where no neuron is folded.
 """
 from __future__ import annotations
 
@@ -115,7 +117,7 @@ def fold_ffn(w1_rows: torch.Tensor, b1: torch.Tensor | None, w2_rows: torch.Tens
 
 
 def pack_layout(kind: str, activation: str, dtype: torch.dtype, d_in: int, d_out: int, m: int, params: torch.Tensor,
-                guard: str, group_size: int) -> Layout:
+                guard: str, group_size: int, fold_term: torch.Tensor | None = None) -> Layout:
     """The layout ``build_pack`` gives these calibration rows, without building anything (reports).
 
     Example:
@@ -125,6 +127,7 @@ def pack_layout(kind: str, activation: str, dtype: torch.dtype, d_in: int, d_out
     rows, predictor = split_params(params, m)
     guarded, always = neuron_classes(params, guard, m)
     has_wf = bool((rows[1] != 0).any() or (kind == "plain" and (rows[0] != 0).any()))
+    has_wf = has_wf or (fold_term is not None and guard != "all")
     encoding = guard if guarded.numel() else "none"
     rank = predictor.shape[0] if encoding == "svd" and predictor is not None else 0
     return Layout(kind, activation, dtype, d_in, d_out, m, guarded.numel(), always.numel(), encoding, group_size,
@@ -132,12 +135,13 @@ def pack_layout(kind: str, activation: str, dtype: torch.dtype, d_in: int, d_out
 
 
 def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch.Tensor, guard: str,
-               activation: str, group_size: int) -> FFNPack:
+               activation: str, group_size: int, fold_term: torch.Tensor | None = None) -> FFNPack:
     """The pack of one FFN with ``guard`` (one of ``PACK_GUARDS``).
 
     ``weights`` are neuron-major views: plain ``w1_rows`` (m, d_in), ``b1``, ``w2_rows`` (m, d_out),
     ``b2``; gated ``wg_rows``, ``bg``, ``wu_rows``, ``bu``, ``wd_rows`` (m, d_out), ``bd``.
-    ``params``: the calibration rows (module docstring). The model's weights are only read.
+    ``params``: the calibration rows (module docstring); ``fold_term``: the calibration's
+    least-squares term, (d_out, d_in + 1), or None. The model's weights are only read.
     """
     if guard not in PACK_GUARDS:
         raise ValueError(f"guard must be one of {PACK_GUARDS}, got {guard!r}")
@@ -154,6 +158,10 @@ def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch
     bundled = torch.cat([guarded, always])
     with torch.no_grad():
         wf, bf = _fold(kind, weights, slope, intercept)
+        if fold_term is not None and guard != "all":
+            term = fold_term.to(first.device, compute)
+            wf = term[:, :-1] if wf is None else wf.to(compute) + term[:, :-1]
+            wf, bf = wf.to(dtype), bf + term[:, -1]
     encoding = "none" if not guarded.numel() else guard
     if guard == "svd" and guarded.numel() and predictor is None:
         raise ValueError("guard 'svd' needs the factors calibration stores in the profile: "
