@@ -31,13 +31,15 @@ RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 class NeuronRegressions:
     """Per-neuron ridge regressions ``h_i ~ (x - mean_x) . coef[:, i] + mean_h_i``.
 
-    ``error[i]``: mean squared residual of neuron i on the validation tokens, at the chosen
-    ridge (what folding it costs the output, before its column's norm).
+    ``error[i]``: neuron i's expected squared residual on new tokens (what folding it costs the
+    output, before its column's norm): the in-sample residual inflated by generalised
+    cross-validation's ``1 / (1 - dof / n)^2``, so it is on the same footing as the other options'
+    in-sample errors yet does not reward fitting noise with d + 1 parameters.
 
     Example:
         >>> x = torch.randn(2000, 8); h = torch.stack([x[:, 0] * 2 + 1, x[:, 1].relu()], 1)
         >>> reg = NeuronRegressions.fit(x, h, torch.ones(2))
-        >>> round(reg.error[0].item(), 3), bool(reg.error[1] > 0.1)
+        >>> round(reg.error[0].item(), 3), bool(reg.error[1] > 0.05)
         (0.0, True)
     """
 
@@ -55,17 +57,16 @@ class NeuronRegressions:
         n_val = int(n * VALIDATION_FRACTION) if n >= 50 else 0
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         val, train = perm[:n_val], perm[n_val:]
+        ridge = RIDGES[2]  # too few tokens to hold any out: a mild default
         if n_val:
             stats = _Moments(x[train], h[train])
             errors = {r: stats.validation_error(r, x[val], h[val]) for r in RIDGES}
             ridge = min(RIDGES, key=lambda r: float((errors[r] * weight.double()).sum()))
-            error = errors[ridge]
-        else:
-            ridge = RIDGES[2]
         full = _Moments(x, h)
         coef = full.solve(ridge)
-        if not n_val:  # too few tokens to hold any out: in-sample residuals
-            error = (h.float() - full.predict(coef, x).float()).square().mean(0).double()
+        in_sample = (h.float() - full.predict(coef, x).float()).square().mean(0).double()
+        dof = 1 + float((full.eigval / (full.eigval + ridge * full.scale)).sum())  # + the intercept
+        error = in_sample / max(1.0 - dof / n, 0.05) ** 2
         return cls(full.mean_x, full.mean_h, coef.float(), error, ridge)
 
     def term(self, neurons: torch.Tensor, out_rows: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,8 @@ class _Moments:
 
     def solve(self, ridge: float) -> torch.Tensor:
         """(G + ridge * scale * I)^-1 C, (d, m) float64."""
-        inv = 1.0 / (self.eigval.clamp(min=0) + ridge * self.scale)
+        self.eigval = self.eigval.clamp(min=0)
+        inv = 1.0 / (self.eigval + ridge * self.scale)
         return self.eigvec @ (inv[:, None] * (self.eigvec.t() @ self.cross))
 
     def predict(self, coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
