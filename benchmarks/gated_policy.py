@@ -63,7 +63,8 @@ def main() -> None:
         for allocation in args.allocations:
             profile = profile_for(cands, budget, allocation, config)
             torch.compiler.reset()
-            compiled = torch.compile(model, backend="tardis", options={"profile": profile, "guard": args.guard})
+            compiled = torch.compile(model, backend="tardis", options={"profile": profile, "guard": args.guard,
+                                                                                     "dense_above": None})
             with torch.no_grad():
                 ppl = perplexity(compiled, windows, prefix).value
             spent = [f.stats["bytes_fraction"] for f in profile.ffns.values()]

@@ -61,7 +61,7 @@ def main() -> None:
             profile = tc.calibrate_for_budget(model, None, budget, guard, config, recorder=recorder)
             fit_s = time.perf_counter() - start
             torch.compiler.reset()
-            compiled = torch.compile(model, backend="tardis", options={"profile": profile, "guard": guard,
+            compiled = torch.compile(model, backend="tardis", options={"profile": profile, "guard": guard, "dense_above": None,
                                                                         "inner": "eager"})
             measured = [f.stats["guards"][guard] for f in profile.ffns.values()]
             row = {"guard": guard, "budget": budget, **quality(compiled),

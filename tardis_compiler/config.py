@@ -121,6 +121,10 @@ class TardisOptions:
         budget: shortcut for ``calibration.budget``: FFN weight bytes read per token as a
             fraction of dense (``{"budget": 0.5}``: half), met per FFN by its neuron mix.
         skip: FFN names or regexes to leave dense.
+        dense_above: calls with more than this many tokens (prefill, batches) run the dense FFN
+            instead of the pack: "auto" (default) where it measured faster on CPU (``DENSE_ABOVE``
+            in runtime/ffn_op.py: 4 tokens in bfloat16, 16 otherwise); an int; or None, never
+            (every token takes the approximation, e.g. to measure its perplexity).
 
     Example:
         >>> TardisOptions.from_mapping({"guard": "exact", "inner": "eager"}).guard
@@ -134,6 +138,7 @@ class TardisOptions:
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     skip: tuple[str, ...] = ()
     budget: float | None = None
+    dense_above: int | str | None = "auto"
 
     def __post_init__(self) -> None:
         _check(self.guard is None or (isinstance(self.guard, str) and self.guard in GUARDS),
@@ -141,6 +146,8 @@ class TardisOptions:
         _check(isinstance(self.inner, str) and self.inner in INNER_COMPILERS,
                f"inner must be one of {INNER_COMPILERS}, got {self.inner!r}")
         _integer(self.calibration_calls, "calibration_calls", 1)
+        if self.dense_above is not None and self.dense_above != "auto":
+            _integer(self.dense_above, "dense_above", 0, "(or 'auto', or None for never)")
         if isinstance(self.calibration, Mapping):
             self.calibration = CalibrationConfig.from_dict(self.calibration)
         _check(isinstance(self.calibration, CalibrationConfig),

@@ -5,14 +5,16 @@ The op reads the FFN's pack (``runtime/pack.py``): four extra graph inputs per F
 the original placeholders in the graph order of the FFNs (``gm.meta["tardis_folded"]`` names them).
 The caller (``runtime.graph_packs.GraphPacks``) finds the packs for the weights each call receives,
 so nothing calibrated or folded is baked into the graph and one compiled graph serves every instance
-and every profile. The FFN's own weights stay graph inputs: they key the packs.
+and every profile. The FFN's own weights stay graph inputs: they key the packs, and the op gets
+views of them in ``nn.Linear`` layout so that calls of more than ``dense_above`` tokens (prefill)
+run the dense FFN where that is faster (``runtime/ffn_op.py``).
 """
 from __future__ import annotations
 
 import torch
 from torch.fx import GraphModule, Node
 
-from ..runtime import ffn_op  # noqa: F401  (registers torch.ops.tardis.ffn)
+from ..runtime.ffn_op import dense_above_for  # also registers torch.ops.tardis.ffn
 from .context import PassContext
 
 
@@ -36,7 +38,7 @@ def fold_ffns(gm: GraphModule, ctx: PassContext) -> GraphModule:
                 last_placeholder = graph.placeholder(f"tardis_{part}_{len(names)}")
             pack.append(last_placeholder)
         names.append(match.name)
-        _replace(graph, match, pack)
+        _replace(graph, match, pack, ctx.options.dense_above)
         ctx.log.append(f"fold_ffns: {match.name}: {match.pattern} -> tardis.ffn")
     gm.meta["tardis_folded"] = names
     graph.lint()
@@ -47,18 +49,50 @@ def fold_ffns(gm: GraphModule, ctx: PassContext) -> GraphModule:
 PACK_INPUTS = ("weights", "guard", "floats", "meta")
 
 
-def _replace(graph: torch.fx.Graph, match, pack: list[Node]) -> None:
+def _replace(graph: torch.fx.Graph, match, pack: list[Node], dense_above: str | int | None) -> None:
     if match.kind == "gated":
         x, last = match.gate.x, match.down.node
     else:
         x, last = match.first.x, match.second.node
     with graph.inserting_before(last):
+        dense = _dense_weights(graph, match)
         out = graph.call_function(torch.ops.tardis.ffn.default,
-                                  (x, *pack, match.d_out, match.activation.name, match.name))
+                                  (x, *pack, match.d_out, match.activation.name, match.name,
+                                   _dense_above(dense_above, x), dense))
         if match.kind == "plain" and _rank(last) != _rank(x):  # Conv1D flattens tokens to 2-D around addmm
             out = graph.call_method("reshape", (out, -1, match.d_out))
     last.replace_all_uses_with(out)
     _erase_dead_upstream(graph, last)
+
+
+def _dense_weights(graph: torch.fx.Graph, match) -> list[Node | None]:
+    """Views of the FFN's weights and biases in ``nn.Linear`` layout (weight (out, in)), as the op's
+    dense path takes them: no copy."""
+    def linear(spec, offset: int | None = None) -> list[Node | None]:
+        weight, bias = spec.weight, spec.bias
+        if spec.layout == "in_out":
+            weight = graph.call_method("t", (weight,))
+        rows = weight.meta.get("example_value")
+        fused = offset is not None and (offset or (isinstance(rows, torch.Tensor) and rows.shape[0] != match.d_hidden))
+        if fused:  # gate and up are row blocks of one fused weight
+            weight = graph.call_function(torch.narrow, (weight, 0, offset, match.d_hidden))
+            if bias is not None:
+                bias = graph.call_function(torch.narrow, (bias, 0, offset, match.d_hidden))
+        return [weight, bias]
+
+    if match.kind == "gated":
+        return [*linear(match.gate, match.gate_offset), *linear(match.up, match.up_offset), *linear(match.down)]
+    return [*linear(match.first), *linear(match.second)]
+
+
+def _dense_above(option: str | int | None, x: Node) -> int:
+    """The op's ``dense_above`` for the option value: "auto" is the measured figure for x's dtype."""
+    if option is None:
+        return -1
+    if option == "auto":
+        value = x.meta.get("example_value")
+        return dense_above_for(value.dtype if isinstance(value, torch.Tensor) else torch.float32)
+    return int(option)
 
 
 def _rank(node: Node) -> int:

@@ -1,13 +1,19 @@
 """Lowering: the ``tardis::ffn`` op, the one runtime behind both front doors (the backend's graph
 rewrite and, on compressed modules, the module swap).
 
-    y = torch.ops.tardis.ffn(x, weights, guard, floats, meta, d_out, activation, name)
+    y = torch.ops.tardis.ffn(x, weights, guard, floats, meta, d_out, activation, name, dense_above, dense)
 
 The four tensors are an ``FFNPack`` (``runtime/pack.py``); the op is a pure function of them.
 On CPU, calls of at most ``FUSED_MAX_TOKENS`` tokens (decode) run the fused kernel: one call into
 compiled code, no intermediate tensor but the output. Longer calls (prefill, batches), other devices,
 dtypes other than float32/bfloat16, activations the kernel does not know, and machines where the
 kernel cannot be built run ``torch_path.ffn_torch``: the same function in batched torch ops.
+
+``dense`` optionally holds the FFN's own weights in ``nn.Linear`` layout (plain: first weight and
+bias, second weight and bias; gated: gate, up, down, each weight and bias; a missing bias is None).
+Calls of more than ``dense_above`` tokens then run the dense FFN instead, where it is measured
+faster (prefill: ``DENSE_ABOVE``); ``dense_above=-1`` never does. The backend's graphs pass them
+(the weights are graph inputs anyway); a pack alone (compressed modules) has none.
 
 Defined with ``torch.library.Library`` rather than the ``custom_op`` decorator: it dispatches in
 about half the time (research/cpu_kernels.md), and this op's whole budget is a few microseconds.
@@ -17,7 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from ..activations import is_builtin
+import torch.nn.functional as F
+
+from ..activations import get_activation_rule, is_builtin
 from .cpu.kernel import MAX_TOKENS, kernel
 from .layout import DTYPES, FIELD, Layout
 from .stats import active_stats
@@ -28,19 +36,37 @@ from .torch_path import ffn_torch
 FUSED_MAX_TOKENS = 64
 assert FUSED_MAX_TOKENS <= MAX_TOKENS
 
+#: Above this many tokens per call the dense FFN is faster than the pack on this CPU, per dtype
+#: (``benchmarks/ffn_decode.py --prefill``: SmolLM2 at budget 0.5, 2 threads; other dtypes take
+#: the float32 figure). The backend's default ``dense_above``.
+DENSE_ABOVE = {torch.bfloat16: 4, torch.float32: 16}
+
 _LIB = torch.library.Library("tardis", "DEF")
 _LIB.define("ffn(Tensor x, Tensor weights, Tensor guard, Tensor floats, Tensor meta, int d_out, str activation, "
-            "str name) -> Tensor")
+            "str name, int dense_above, Tensor?[] dense) -> Tensor")
+
+
+def dense_above_for(dtype: torch.dtype) -> int:
+    """The measured token count above which the dense FFN is faster (``DENSE_ABOVE``).
+
+    Example:
+        >>> dense_above_for(torch.bfloat16), dense_above_for(torch.float64)
+        (4, 16)
+    """
+    return DENSE_ABOVE.get(dtype, DENSE_ABOVE[torch.float32])
 
 
 def _ffn_cpu(x: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor,
-             meta: torch.Tensor, d_out: int, activation: str, name: str) -> torch.Tensor:
+             meta: torch.Tensor, d_out: int, activation: str, name: str, dense_above: int,
+             dense: list[torch.Tensor | None]) -> torch.Tensor:
     # The decode path: every line here is paid per FFN per token (benchmarks/ffn_decode.py times it).
     fused = kernel()
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if dense and 0 <= dense_above < tokens:
+        return _dense_ffn(x, dense, activation, name, int(meta[FIELD["M"]]))
     if (fused is None or not 0 < tokens <= FUSED_MAX_TOKENS or x.dtype not in DTYPES or x.dtype != weights.dtype
             or not is_builtin(activation)):
-        return _ffn_any(x, weights, guard, floats, meta, d_out, activation, name)
+        return _ffn_any(x, weights, guard, floats, meta, d_out, activation, name, -1, [])
     if not x.is_contiguous():
         x = x.contiguous()
     y = x.new_empty((*x.shape[:-1], d_out))
@@ -53,9 +79,12 @@ def _ffn_cpu(x: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats
 
 
 def _ffn_any(x: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor,
-             meta: torch.Tensor, d_out: int, activation: str, name: str) -> torch.Tensor:
+             meta: torch.Tensor, d_out: int, activation: str, name: str, dense_above: int,
+             dense: list[torch.Tensor | None]) -> torch.Tensor:
     layout = Layout.from_meta(meta.cpu(), activation, weights.dtype)
     x2 = x.reshape(-1, x.shape[-1])
+    if dense and 0 <= dense_above < x2.shape[0]:
+        return _dense_ffn(x, dense, activation, name, layout.m)
     if x.dtype != weights.dtype:
         raise ValueError(f"tardis.ffn: x is {x.dtype} but the pack is {weights.dtype}; "
                          "call the model in the dtype it was compressed in")
@@ -64,8 +93,23 @@ def _ffn_any(x: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats
     if stats is not None:
         flagged = int(flags.sum()) if flags is not None else 0
         corrected = int(flags.any(dim=0).sum()) if flags is not None else 0
-        stats.record(name, x2.shape[0], layout.m, flagged, corrected, dense=x2.shape[0] > FUSED_MAX_TOKENS)
+        stats.record(name, x2.shape[0], layout.m, flagged, corrected, dense=False)
     return y.view(*x.shape[:-1], d_out)
+
+
+def _dense_ffn(x: torch.Tensor, dense: list[torch.Tensor | None], activation: str, name: str,
+               m: int) -> torch.Tensor:
+    """The FFN itself, from its own weights (``dense``, see the module docstring)."""
+    act = get_activation_rule(activation).fn
+    if len(dense) == 6:  # gated: gate, up, down
+        h = act(F.linear(x, dense[0], dense[1])) * F.linear(x, dense[2], dense[3])
+    else:
+        h = act(F.linear(x, dense[0], dense[1]))
+    y = F.linear(h, dense[-2], dense[-1])
+    stats = active_stats()
+    if stats is not None:
+        stats.record(name, x.numel() // x.shape[-1], m, 0, 0, dense=True)
+    return y
 
 
 _LIB.impl("ffn", _ffn_cpu, "CPU")
@@ -73,12 +117,14 @@ _LIB.impl("ffn", _ffn_any, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("tardis::ffn", lib=_LIB)
-def _ffn_fake(x, weights, guard, floats, meta, d_out, activation, name):
+def _ffn_fake(x, weights, guard, floats, meta, d_out, activation, name, dense_above, dense):
     return x.new_empty((*x.shape[:-1], d_out))
 
 
-def ffn(x: torch.Tensor, pack, name: str = "") -> torch.Tensor:
-    """Run ``pack`` (an ``FFNPack``) on ``x`` (..., d_in) through the op.
+def ffn(x: torch.Tensor, pack, name: str = "", dense_above: int = -1,
+        dense: list[torch.Tensor | None] | tuple = ()) -> torch.Tensor:
+    """Run ``pack`` (an ``FFNPack``) on ``x`` (..., d_in) through the op; with the FFN's own
+    weights in ``dense``, calls of more than ``dense_above`` tokens run them instead.
 
     Example:
         >>> from tardis_compiler.runtime.pack import build_pack, guard_all_params, dense_reference
@@ -88,5 +134,6 @@ def ffn(x: torch.Tensor, pack, name: str = "") -> torch.Tensor:
         >>> torch.allclose(ffn(x, pack), dense_reference("plain", w, torch.relu, x), atol=1e-5)
         True
     """
-    return torch.ops.tardis.ffn.default(x, *pack.tensors(), pack.layout.d_out, pack.activation, name)
+    return torch.ops.tardis.ffn.default(x, *pack.tensors(), pack.layout.d_out, pack.activation, name, dense_above,
+                                        list(dense))
 

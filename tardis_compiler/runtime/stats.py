@@ -14,7 +14,8 @@ from typing import Iterator
 @dataclasses.dataclass
 class FFNCounters:
     """Counters of one FFN. ``flagged`` counts (token, neuron) flags; ``corrected`` counts neurons
-    that took the exact path (the union over a call's tokens), summed over calls."""
+    that took the exact path (the union over a call's tokens), summed over calls. Calls that ran
+    the dense FFN (``dense_above``) are counted apart: they flag nothing."""
 
     calls: int = 0
     tokens: int = 0
@@ -22,6 +23,7 @@ class FFNCounters:
     flagged: int = 0
     corrected: int = 0
     dense_calls: int = 0
+    dense_tokens: int = 0
 
     @property
     def flag_rate(self) -> float:
@@ -42,12 +44,15 @@ class RuntimeStats:
 
     def record(self, name: str, tokens: int, neurons: int, flagged: int, corrected: int, dense: bool) -> None:
         c = self.ffns.setdefault(name, FFNCounters())
+        c.neurons = neurons
+        if dense:
+            c.dense_calls += 1
+            c.dense_tokens += tokens
+            return
         c.calls += 1
         c.tokens += tokens
-        c.neurons = neurons
         c.flagged += flagged
         c.corrected += corrected
-        c.dense_calls += int(dense)
 
 
 class _Active(threading.local):

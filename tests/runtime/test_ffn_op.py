@@ -134,10 +134,33 @@ def test_custom_activation_runs_the_torch_path():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(guard, dtype):
     case = Case("gated", 16, 8, 24, guard=guard, dtype=dtype)
-    _, _, x, pack = make(case, 2)
+    w, _, x, pack = make(case, 2)
     for tokens in (1, ffn_op.FUSED_MAX_TOKENS + 1):
-        args = (case.inputs(tokens), *pack.tensors(), 8, case.activation, "opcheck")
-        torch.library.opcheck(torch.ops.tardis.ffn.default, args)
+        for dense_above, dense in ((-1, []), (0, _linear_layout("gated", w))):
+            args = (case.inputs(tokens), *pack.tensors(), 8, case.activation, "opcheck", dense_above, dense)
+            torch.library.opcheck(torch.ops.tardis.ffn.default, args)
+
+
+def _linear_layout(kind: str, w: dict) -> list:
+    """The FFN's weights as the op's dense path takes them (nn.Linear layout)."""
+    if kind == "gated":
+        return [w["wg_rows"], w["bg"], w["wu_rows"], w["bu"], w["wd_rows"].t(), w["bd"]]
+    return [w["w1_rows"], w["b1"], w["w2_rows"].t(), w["b2"]]
+
+
+@pytest.mark.parametrize("kind", ["plain", "gated"])
+def test_calls_above_dense_above_run_the_dense_ffn_and_count_apart(kind):
+    case = Case(kind, 16, 8, 24, guard="int8", frac_always=0.1, frac_guarded=0.5)
+    w, _, x, pack = make(case, 3)
+    act = get_activation_rule(case.activation).fn
+    dense = _linear_layout(kind, w)
+    with collect_stats() as stats:
+        short = ffn_op.ffn(x[:3], pack, "layer", dense_above=3, dense=dense)
+        long = ffn_op.ffn(case.inputs(4), pack, "layer", dense_above=3, dense=dense)
+    torch.testing.assert_close(short, ffn_op.ffn(x[:3], pack))  # 3 tokens: the pack
+    torch.testing.assert_close(long, dense_reference(kind, w, act, case.inputs(4)), atol=1e-5, rtol=1e-5)
+    counters = stats.ffns["layer"]
+    assert (counters.calls, counters.tokens, counters.dense_calls, counters.dense_tokens) == (1, 3, 1, 4)
 
 
 @needs_kernel
