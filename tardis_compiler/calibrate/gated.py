@@ -1,9 +1,9 @@
-"""Calibrate gated FFNs ``y = W_d (act(W_g x + b_g) * (W_u x + b_u)) + b_d``: constant-gate ranges
-and the per-neuron policy under a bytes budget (DESIGN sections 1.3-1.4).
+"""Gated candidates: each neuron's options in a gated FFN, priced for the per-neuron policy.
 
-A linear gate does not fold, a constant one does: where act(g_i) ~= c_i, neuron i contributes
-``c_i W_d[:, i] (W_u[i] . x + b_u_i)``, so all such neurons fold into ``W_d diag(c) W_u`` (d x d).
-Per neuron, on the recorded FFN inputs:
+A gated FFN is ``y = W_d (act(W_g x + b_g) * (W_u x + b_u)) + b_d``; its neurons fold on
+constant-gate ranges under a bytes budget (DESIGN sections 1.3-1.4). A linear gate does not fold,
+a constant one does: where act(g_i) ~= c_i, neuron i contributes ``c_i W_d[:, i] (W_u[i] . x + b_u_i)``,
+so all such neurons fold into ``W_d diag(c) W_u`` (d x d). Per neuron, on the recorded FFN inputs:
 
 - error weights: neuron i's output error on a token is ``(act(g_i) - c_i) u_i W_d[:, i]``, whose
   squared norm is ``((act(g_i) - c_i) u_i)^2 ||W_d[:, i]||^2``;
@@ -16,7 +16,8 @@ Per neuron, on the recorded FFN inputs:
 
 ``policy.choose`` then picks the mix that fits the budget with the least error, once with the
 folded matrix (its d x d bytes are a fixed cost) and once without it (constants forced to zero:
-contextual sparsity), and keeps the better. Held-out calibration tokens measure the result.
+contextual sparsity), and keeps the better (``allocate.py``). Held-out calibration tokens measure
+the result (``finish_gated_ffn``).
 """
 from __future__ import annotations
 
@@ -27,29 +28,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .activations import get_activation_rule
-from .calibrate import FFNRecord, recall_margins, split_tokens
-from .config import LOW_BIT_GUARDS, PREDICTOR_GUARDS, CalibrationConfig
-from .policy import Choice, NeuronOptions, choose, choose_across
-from .profile import FFNProfile
-from .runtime.guard import LowBitGuard
-from .runtime.layout import always_read_bytes, exact_neuron_bytes, folded_matrix_bytes, guard_neuron_bytes
-from .runtime.svd_predictor import SVDPredictor, greedy_margins
-from .lstsq_fold import NeuronRegressions
-
-#: Range coverages offered to each guarded neuron.
-COVERAGES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
-_INF = math.inf
-
-
-def gated_dense_bytes(d_in: int, m: int, d_out: int, elem_bytes: int, gate_up_bias: bool, down_bias: bool) -> int:
-    """Weight bytes a dense gated FFN reads per token.
-
-    Example:
-        >>> gated_dense_bytes(576, 1536, 576, 4, False, False)   # SmolLM2-135M, fp32
-        10616832
-    """
-    return (2 * m * d_in + m * d_out + 2 * m * gate_up_bias + d_out * down_bias) * elem_bytes
+from ..accounting import always_read_bytes, exact_neuron_bytes, folded_matrix_bytes, gated_dense_bytes, guard_bytes
+from ..activations import get_activation_rule
+from ..config import PREDICTOR_GUARDS, CalibrationConfig
+from ..profile import FFNProfile
+from .lstsq_fold import NeuronRegressions, fitted_fold_term, fold_term_output
+from .margins import guard_margins, guard_prediction, packed_predictor, predictor_for
+from .policy import COVERAGES, Choice, NeuronOptions, encode_choice, policy_measurements
+from .ranges import prefix_sums, split_tokens
+from .record import FFNRecord
 
 
 @dataclasses.dataclass
@@ -138,155 +125,6 @@ def finish_gated_ffn(cand: GatedCandidates, variant: int, choice: Choice, budget
     )
 
 
-def fitted_fold_term(regressions: NeuronRegressions | None, opts: NeuronOptions, choice: Choice,
-                     out_rows: torch.Tensor) -> torch.Tensor | None:
-    """The least-squares term ``[W | b]`` standing in for every neuron the choice folds without a
-    guard (``lstsq_fold.py``); None without regressions or when no neuron is folded.
-
-    Example:
-        >>> # fitted_fold_term(cand.measure["regressions"], opts, choice, weights["wd_rows"]).shape
-    """
-    if regressions is None or "folded" not in opts.labels:
-        return None
-    folded = (choice.option == opts.labels.index("folded")).nonzero().squeeze(1)
-    return regressions.term(folded, out_rows) if folded.numel() else None
-
-
-def fold_term_output(fold_term: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | float:
-    """What the least-squares term adds to the output for tokens ``x`` (0.0 without one)."""
-    if fold_term is None:
-        return 0.0
-    return F.linear(x, fold_term[:, :-1], fold_term[:, -1])
-
-
-def fit_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> FFNProfile:
-    """Fit one gated FFN's constants, ranges, guard margins and per-neuron policy for ``guard``
-    within ``config.budget`` of its dense bytes read per token, and measure it on held-out tokens.
-
-    Example:
-        >>> import torch, tardis_compiler as tc
-        >>> from tardis_compiler.calibrate import FFNRecord
-        >>> _ = torch.manual_seed(0); d, m = 32, 64
-        >>> w = {"wg_rows": torch.randn(m, d) / 4, "bg": None, "wu_rows": torch.randn(m, d) / 4, "bu": None,
-        ...      "wd_rows": torch.randn(m, d) / 8, "bd": None}
-        >>> rec = FFNRecord("mlp", "gated", "silu", w, max_tokens=2048, seed=0); rec.add(torch.randn(2048, d))
-        >>> ffn = fit_gated_ffn(rec, tc.CalibrationConfig(budget=0.5, progress=False), "int8")
-        >>> ffn.kind, ffn.stats["bytes_fraction"] <= 0.5 + 0.05
-        ('gated', True)
-    """
-    budget = budget_of(config)
-    cand = prepare_gated_ffn(record, config, guard)
-    (variant, choice), = allocate([cand], budget, "layer", config.fold)
-    return finish_gated_ffn(cand, variant, choice, budget)
-
-
-def allocate(cands: list[GatedCandidates], budget: float, allocation: str,
-             fold: bool | None = None) -> list[tuple[int, Choice]]:
-    """Per FFN, the variant (with or without the folded matrix) and neuron mix to use.
-
-    ``"layer"``: each FFN meets the budget on its own, with the variant of least error. ``"model"``:
-    the FFNs share it, bytes going where they cut the most *relative* error (each FFN's error over
-    its dense output's energy), one Lagrangian over all neurons. On SmolLM2, "layer" measured better
-    at every budget (docs/RESULTS.md): output energy is a poor proxy for a layer's effect on the loss.
-    ``fold`` restricts the variants: None both, True only with the folded matrix, False only without.
-
-    Example:
-        >>> # allocate([prepare_gated_ffn(rec, config, "int8")], 0.5, "layer")
-    """
-    allowed = [[i for i, v in enumerate(c.variants) if fold is None or v[0] == fold] for c in cands]
-    if allocation == "model":
-        layers = [[(c.variants[i][1].scaled(1.0 / max(c.energy, 1e-30)), c.variants[i][3]) for i in ids]
-                  for c, ids in zip(cands, allowed)]
-        picks = choose_across(layers, sum(c.budget_bytes(budget) for c in cands))
-        return [(ids[k], choice) for ids, (k, choice) in zip(allowed, picks)]
-    picks = []
-    for c, ids in zip(cands, allowed):
-        choices = {i: choose(c.variants[i][1], c.budget_bytes(budget), fixed_bytes=c.variants[i][3]) for i in ids}
-        best = min(ids, key=lambda i: (not choices[i].within_budget, choices[i].error))
-        picks.append((best, choices[best]))
-    return picks
-
-
-def budget_of(config: CalibrationConfig) -> float:
-    """The budget to fit: ``config.budget``, or 0.5 of dense when none is set."""
-    return config.budget if config.budget is not None else 0.5
-
-
-def predictor_for(w_rows: torch.Tensor, guard: str, config: CalibrationConfig,
-                  x: torch.Tensor) -> LowBitGuard | SVDPredictor | None:
-    """The predictor a guard flags with, fitted to ``w_rows`` (and, for "svd", to the calibration
-    inputs ``x``); None for "exact" and "all".
-
-    Example:
-        >>> predictor_for(torch.randn(32, 64), "int8", CalibrationConfig(), torch.randn(100, 64)).kernel
-        'int8'
-    """
-    if guard in LOW_BIT_GUARDS:
-        return LowBitGuard.build(w_rows, LOW_BIT_GUARDS[guard], config.group_size)
-    if guard == "svd":
-        m, d = w_rows.shape
-        rank = min(config.svd_rank or max(1, d // 4), m, d)
-        return SVDPredictor.build(w_rows, x, rank)
-    return None
-
-
-def guard_bytes(predictor: LowBitGuard | SVDPredictor | None, d_in: int, elem: int) -> tuple[float, float]:
-    """Bytes the guard reads per token: (per guarded neuron, once for all of them), as the pack
-    lays them out (``runtime/layout.py``): a low-bit row and its scales, the full row for "exact",
-    or the SVD's Q row, plus the neuron's band; the SVD's P (r x d_in, float32) once.
-
-    Example:
-        >>> guard_bytes(None, 16, 4)
-        (72.0, 0.0)
-    """
-    if isinstance(predictor, SVDPredictor):
-        return float(guard_neuron_bytes("svd", d_in, elem, rank=predictor.rank)), float(predictor.rank * d_in * 4)
-    if predictor is None:
-        return float(guard_neuron_bytes("exact", d_in, elem)), 0.0
-    return float(guard_neuron_bytes(predictor.kernel, d_in, elem, predictor.group_size)), 0.0
-
-
-def guard_margins(guard: str, z: torch.Tensor, z_hat: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
-                  error_terms: torch.Tensor, col_norm2: torch.Tensor, config: CalibrationConfig,
-                  sigma: torch.Tensor | None) -> torch.Tensor:
-    """Per-neuron margins of the guard's flag band: for "svd" SVDP's greedy per-neuron thresholds
-    (leaving at most 1 - target_recall of the out-of-range error unflagged), for the low-bit guards
-    one scale of each neuron's prediction-error std meeting the recall target; none for "exact".
-
-    Example:
-        >>> # margin = guard_margins("int8", z, z_hat, lower, upper, terms, norms, config, sigma)
-    """
-    if sigma is None:
-        return torch.zeros(z.shape[1])
-    if guard == "svd":
-        cost = error_terms * col_norm2.float()
-        return greedy_margins(z, z_hat, lower, upper, cost, 1.0 - config.target_recall)
-    return recall_margins(z, z_hat, lower, upper, config.target_recall, sigma=sigma)
-
-
-def packed_predictor(predictor: LowBitGuard | SVDPredictor | None) -> torch.Tensor | None:
-    """What the profile stores of an "svd" guard: ``[Q^T | P]``, (r, m + d_in), float32 (the op's
-    extra params rows); None for the other guards, which the op rebuilds from the weights."""
-    if not isinstance(predictor, SVDPredictor):
-        return None
-    return torch.cat([predictor.Q.t(), predictor.P], dim=1).float().contiguous()
-
-
-def guard_prediction(predictor: LowBitGuard | SVDPredictor | None, x: torch.Tensor, bias: torch.Tensor | None,
-                     exact: torch.Tensor) -> torch.Tensor:
-    """What the guard predicts for the pre-activations whose true values are ``exact``: the
-    predictor's output plus the bias, or ``exact`` itself for "exact" and "all" (no predictor).
-
-    Example:
-        >>> z = torch.randn(4, 8)
-        >>> guard_prediction(None, torch.randn(4, 16), None, z) is z
-        True
-    """
-    if predictor is None:
-        return exact
-    return predictor.predict(x) + (bias if bias is not None else 0.0)
-
-
 def _sorted_stats(g: torch.Tensor, u: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """g sorted per neuron, and prefix sums (float64) of u^2, a u^2 and a^2 u^2 in that order:
     every window's least-squares constant and error in O(1)."""
@@ -346,11 +184,6 @@ def _window_sse(uu, auu, aauu, c):
     return (aauu - 2 * c * auu + c * c * uu).clamp(min=0)
 
 
-def prefix_sums(v: torch.Tensor) -> torch.Tensor:
-    """Column-wise prefix sums with a leading zero row: window sums are differences of two rows."""
-    return torch.cat([torch.zeros(1, v.shape[1], dtype=v.dtype), v.cumsum(0)])
-
-
 def _best_window(g_sorted, prefix, coverage: float, with_fold: bool):
     """Per neuron, the window of ``coverage`` of the g-sorted tokens with the least squared error
     of act(g) u ~= c u (c the window's least-squares constant, or 0 without a fold)."""
@@ -370,64 +203,6 @@ def _best_window(g_sorted, prefix, coverage: float, with_fold: bool):
     else:
         c = torch.zeros(m)
     return lower, upper, c
-
-
-def encode_choice(opts: NeuronOptions, plan: dict, choice: Choice, m: int,
-                  values: tuple[str, ...] = ("c",)) -> dict[str, torch.Tensor]:
-    """Per-neuron ``values`` (the constant c, or a line's slope and intercept), range and margin
-    encoding the chosen options for the fused op: exact neurons get an empty range (+inf, -inf) and
-    zero values, so every guard flags them; folded and dropped neurons an unbounded one, so none does.
-
-    Example:
-        >>> # encode_choice(opts, plan, choose(opts, budget), m)["lower"]
-    """
-    out = {key: torch.zeros(m) for key in (*values, "margin")}
-    out["lower"], out["upper"] = torch.full((m,), _INF), torch.full((m,), -_INF)
-    for k, label in enumerate(opts.labels):
-        sel = choice.option == k
-        if label == "exact" or not sel.any():
-            continue
-        for key in values:
-            out[key][sel] = plan[label][key][sel]
-        if label.startswith("guarded"):
-            for key in ("lower", "upper", "margin"):
-                out[key][sel] = plan[label][key][sel]
-        else:
-            out["lower"][sel], out["upper"][sel] = -_INF, _INF
-    return out
-
-
-def policy_measurements(flags: torch.Tensor, outside: torch.Tensor, always: torch.Tensor, guarded: torch.Tensor,
-                        delta_y: torch.Tensor, dense_y: torch.Tensor, predictor, guard: str, guard_cost: tuple,
-                        fixed: float, exact_cost: float, dense_bytes: float) -> dict[str, Any]:
-    """Stats of a fitted mix on held-out tokens, shared by gated and plain FFNs: coverage, and for
-    ``guard`` flag rate, recall, output error and bytes per token (``fixed`` = what is read whatever
-    the guard, e.g. the folded matrix and output bias).
-
-    Example:
-        >>> # stats.update(policy_measurements(flags, outside, always, guarded, dy, y, ...))
-    """
-    any_guarded = bool(guarded.any())
-    guard_read = guarded.sum().item() * guard_cost[0] + guard_cost[1] * any_guarded
-    fixed_bytes = fixed + guard_read
-    per_token = fixed_bytes + flags.float().sum(1).mean().item() * exact_cost
-    missed = outside & ~flags
-    guard_stats = {
-        "flag_rate": flags[:, guarded].float().mean().item() if any_guarded else 0.0,
-        "corrected_rate": flags.float().mean().item(),
-        "recall": 1.0 - missed.sum().item() / max(1, outside.sum().item()),
-        "rel_error": (delta_y.norm() / dense_y.norm().clamp(min=1e-30)).item(),
-        "max_abs_error": delta_y.abs().max().item() if delta_y.numel() else 0.0,
-        "kernel": predictor.kernel if predictor is not None else guard,
-        "bytes": guard_read, "bytes_per_token": per_token,
-        # bytes per token = fixed_bytes + corrected_rate * m * exact_cost (the meter's formula)
-        "fixed_bytes": fixed_bytes, "exact_cost": exact_cost,
-    }
-    return {
-        "coverage": 1.0 - (outside | always).float().mean().item(),  # (token, neuron) pairs the fold serves
-        "guards": {guard: guard_stats},
-        "bytes_fraction": per_token / dense_bytes,
-    }
 
 
 def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_cost, exact_cost, dense_bytes,
