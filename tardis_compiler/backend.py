@@ -27,7 +27,9 @@ from .calibrate.drive import Recorder
 from .calibrate.record import recording, recording_graph
 from .options import TardisOptions
 from .passes import FFNMatch, PassContext, copy_graph_module, find_ffns, fold_ffns, placeholder_fqns
-from .passes.context import TrainingModeError, ffn_slots, refuse_training_graph  # noqa: F401  (the error: tc's)
+from .passes.context import ffn_slots, refuse_training_graph
+# Raised by refuse_training_graph; re-exported, as tc.TrainingModeError is imported from here.
+from .passes.context import TrainingModeError  # noqa: F401
 from .profile import FFNProfile, Profile
 from .report import FFNReport, GraphReport
 from .runtime.cpu.kernel import status as kernel_status

@@ -6,7 +6,10 @@ imported): every ``import`` and ``from ... import`` statement, wherever it sits,
 ``if TYPE_CHECKING:`` (never run). An import of ``a.b.c`` depends on ``a.b.c`` and on each
 package above it that is not above the importer too (importing ``a.b.c`` first runs
 ``a/b/__init__.py``); ``from a.b import name`` depends on the submodule ``a.b.name`` if there is
-one, else on ``a/b/__init__.py``, which defines or re-exports ``name``.
+one, else on ``a/b/__init__.py``, which defines or re-exports ``name``. An explicit import of a
+package above the importer (``from tardis_compiler import x`` in a submodule) counts too. Imports
+by name at run time (``importlib.import_module``: only ``tardis eval --import``'s user modules) are
+not seen.
 """
 from __future__ import annotations
 
@@ -167,6 +170,12 @@ def test_the_graph_sees_lazy_relative_and_package_imports():
     assert "tardis_compiler.runtime.ffn_op" in graph["tardis_compiler.passes.fold_ffns"]  # from ..runtime import ffn_op
     assert "tardis_compiler.runtime" in graph["tardis_compiler.passes.fold_ffns"]  # its package runs first
     assert "tardis_compiler.runtime.layout" not in graph["tardis_compiler.profile"]  # TYPE_CHECKING only
+    # Packages above the importer have already run, unless it names one of them explicitly.
+    assert _with_packages("tardis_compiler.eval.harness", "tardis_compiler.calibrate.record") == {
+        "tardis_compiler.calibrate", "tardis_compiler.calibrate.record"}
+    assert _with_packages("tardis_compiler.calibrate.drive", "tardis_compiler.calibrate.record") == {
+        "tardis_compiler.calibrate.record"}
+    assert _with_packages("tardis_compiler.calibrate.drive", "tardis_compiler") == {"tardis_compiler"}
 
 
 def test_cycle_finder_reports_a_cycle():

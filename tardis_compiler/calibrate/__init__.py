@@ -12,13 +12,16 @@ constant, guard margin and option under a bytes budget. The steps, in pipeline o
 8. ``coverage``: instead of 5-7, the uniform-coverage fit of a plain FFN without a budget;
 9. ``drive``: ``calibrate``, ``calibrate_for_budget``, ``record`` and ``Recorder.fit``.
 
-The package re-exports the public API; the step modules import each other directly.
+The package re-exports the public API; the step modules import each other directly. The
+package's attribute ``record`` is the function ``drive.record``, which shadows the step module
+of that name: import from the module with ``from tardis_compiler.calibrate.record import ...``.
 """
 from .drive import Recorder, calibrate, calibrate_for_budget, record
 from .record import FFNRecord, active_recorder, record_ffn_input, recording
 # Fitting helpers that scripts imported from the single calibrate module this package replaced.
 from .margins import recall_margins
-from .ranges import fit_lines, max_line_error, shortest_intervals
+from .ranges import fit_lines, max_line_error, shortest_intervals, split_tokens
 
 __all__ = ["FFNRecord", "Recorder", "active_recorder", "calibrate", "calibrate_for_budget", "fit_lines",
-           "max_line_error", "recall_margins", "record", "record_ffn_input", "recording", "shortest_intervals"]
+           "max_line_error", "recall_margins", "record", "record_ffn_input", "recording", "shortest_intervals",
+           "split_tokens"]
