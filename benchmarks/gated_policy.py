@@ -20,7 +20,8 @@ import torch
 
 import tardis_compiler as tc
 from tardis_compiler.calibrate import record
-from tardis_compiler.calibrate_gated import allocate, finish_gated_ffn, prepare_gated_ffn
+from tardis_compiler.calibrate.allocate import allocate
+from tardis_compiler.calibrate.gated import finish_gated_ffn, prepare_gated_ffn
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
-from tardis_compiler.calibrate import recall_margins, shortest_intervals  # noqa: E402
+from tardis_compiler.calibrate.margins import recall_margins  # noqa: E402
+from tardis_compiler.calibrate.ranges import shortest_intervals  # noqa: E402
 from tardis_compiler.runtime.guard import LowBitGuard  # noqa: E402
 from tardis_compiler.runtime.svd_predictor import SVDPredictor, greedy_margins  # noqa: E402
 

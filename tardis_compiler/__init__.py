@@ -2,14 +2,17 @@
 
     model = torch.compile(model, backend="tardis", options={"profile": profile})
 
-Pipeline: capture (backend) -> match (passes.find_ffns) -> calibrate -> rewrite (passes.fold_ffns)
--> lower (runtime.ffn_op, runtime/cpu) -> inspect (explain).
+Pipeline: capture (backend) -> match (passes.find_ffns) -> calibrate (the calibrate package: record,
+ranges, margins, lstsq_fold, plain/gated candidates, policy, allocate, coverage, drive) -> rewrite
+(passes.fold_ffns) -> lower (runtime.ffn_op, runtime/cpu) -> inspect (explain). Bytes accounting:
+accounting.
 """
 from .activations import (ActivationRule, activation_rules, get_activation_rule,
                           register_activation_rule, unregister_activation_rule)
 from .backend import TrainingModeError, tardis_backend
 from .calibrate import calibrate, calibrate_for_budget, record
-from .config import GUARDS, CalibrationConfig, TardisOptions
+from .config import GUARDS, CalibrationConfig
+from .options import TardisOptions
 from .explain import ExplainReport, explain
 from .profile import FFNProfile, Profile, ProfileError, ProfileMismatchError
 from .caches import clear_caches

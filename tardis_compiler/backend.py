@@ -20,25 +20,23 @@ import weakref
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.fx import GraphModule
 
-from .calibrate import Recorder, active_recorder, recording
-from .config import TardisOptions
-from .passes import (FFNMatch, PassContext, copy_graph_module, find_ffns, fold_ffns,
-                     placeholder_fqns, record_ffn_inputs)
-from .calibrate_gated import gated_dense_bytes
+from .accounting import ffn_bytes_per_token, gated_dense_bytes
+from .calibrate.drive import Recorder
+from .calibrate.record import recording, recording_graph
+from .options import TardisOptions
+from .passes import FFNMatch, PassContext, copy_graph_module, find_ffns, fold_ffns, placeholder_fqns
+from .passes.context import ffn_slots, refuse_training_graph
+# Raised by refuse_training_graph; re-exported, as tc.TrainingModeError is imported from here.
+from .passes.context import TrainingModeError  # noqa: F401
 from .profile import FFNProfile, Profile
-from .report import FFNReport, GraphReport, ffn_bytes_per_token
+from .report import FFNReport, GraphReport
 from .runtime.cpu.kernel import status as kernel_status
-from .runtime.graph_packs import FFNSlots, GraphPacks, dummy_pack_inputs
+from .runtime.graph_packs import GraphPacks, dummy_pack_inputs
 
 log = logging.getLogger("tardis_compiler")
 _GRAPH_IDS = itertools.count()
-
-
-class TrainingModeError(ValueError):
-    """The captured graph trains (dropout active): folding weights is not valid there."""
 
 
 def tardis_backend(gm: GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
@@ -79,7 +77,7 @@ class TardisCompiler:
         report = GraphReport(index=next(_GRAPH_IDS), guard=opts.guard or "default")
         if self.reports is not None:
             self.reports.append(report)
-        _refuse_training_graph(gm)
+        refuse_training_graph(gm)
         positions = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
         selected = self._select(gm, example_inputs, positions, report)
         if not selected:
@@ -95,7 +93,7 @@ class TardisCompiler:
         for line in ctx.log:
             log.info("tardis graph %d: %s", report.index, line)
         ordered = _in_order(selected, folded.meta["tardis_folded"])
-        slots = [_ffn_slots(m, positions) for m in ordered]
+        slots = [ffn_slots(m, positions) for m in ordered]
         dtype = example_inputs[slots[0].slots["wg" if slots[0].kind == "gated" else "w1"]].dtype
         compiled = self._inner(folded, [*example_inputs, *dummy_pack_inputs(slots, _device_of(example_inputs), dtype)],
                                pack_inputs=True)
@@ -111,7 +109,7 @@ class TardisCompiler:
             report.notes.append(f"profile: {profile.source} ({profile.tokens} tokens)")
             return PackedGraph(compiled, packs, profile)
 
-        recording_gm = record_ffn_inputs(copy_graph_module(gm), PassContext(opts, ctx.names))
+        recording_gm = recording_graph(gm, PassContext(opts, ctx.names))
         for m in ordered:
             rows[m.name].status = "calibrating"
         return AutoCalibratingGraph(recording_gm, compiled, packs, opts, report,
@@ -262,29 +260,6 @@ class AutoCalibratingGraph:
         return out
 
 
-def _recording_backend(gm: GraphModule, example_inputs: Sequence[Any], **_) -> Callable:
-    """The backend of ``calibrate``: the graph runs eagerly, unchanged, handing FFN inputs to the
-    recorder of the ``recording`` block it is called in (``RECORDING_BACKEND``: one object, so
-    dynamo reuses its graphs across calibrations)."""
-    _refuse_training_graph(gm)
-    matches, _ = find_ffns(gm, placeholder_fqns(gm))
-    positions = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
-    slots = [_ffn_slots(m, positions) for m in matches]
-    forward = record_ffn_inputs(copy_graph_module(gm), PassContext(TardisOptions(), {m.name for m in matches})).forward
-
-    def run(*args):
-        recorder = active_recorder()
-        if recorder is not None:
-            for f in slots:
-                recorder.register(f.name, f.pattern, f.activation, f.weights(args))
-        return forward(*args)
-
-    return run
-
-
-RECORDING_BACKEND = _recording_backend
-
-
 def capture_graphs(model: torch.nn.Module, *inputs: Any, **kwargs: Any) -> list[tuple[GraphModule, dict]]:
     """Capture ``model``'s dynamo graphs on ``inputs`` (for tests and inspection), with their
     parameter-placeholder FQNs. Runs the model eagerly; nothing is rewritten.
@@ -306,17 +281,6 @@ def capture_graphs(model: torch.nn.Module, *inputs: Any, **kwargs: Any) -> list[
     with torch.no_grad():
         torch.compile(model, backend=backend)(*inputs, **kwargs)
     return graphs
-
-
-def _refuse_training_graph(gm: GraphModule) -> None:
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is F.dropout:
-            training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
-            if training is True:
-                raise TrainingModeError(
-                    "tardis folds weights for inference, but this model is in training mode "
-                    f"(dropout is active at {node.name!r}). Call model.eval() before compiling "
-                    "with backend='tardis'.")
 
 
 def _row(m, example_inputs, positions) -> FFNReport:
@@ -352,20 +316,6 @@ def _fill_from_profile(row: FFNReport, ffn: FFNProfile, guard: str, group_size: 
     # The model keeps its own weights (the backend never changes them); the pack comes on top.
     row.resident_tardis = row.resident_dense + layout.resident_bytes()
     row.bytes_tardis = ffn.bytes_per_token(guard, row.elem_bytes, row.has_bias)  # live dtype, not calibration's
-
-
-def _ffn_slots(m, positions: dict) -> FFNSlots:
-    """Where an FFN's weights sit among the graph's inputs (``positions``: placeholder -> index)."""
-    if m.kind == "gated":
-        slots = {"wg": positions[m.gate.weight], "bg": positions.get(m.gate.bias),
-                 "wu": positions[m.up.weight], "bu": positions.get(m.up.bias),
-                 "wd": positions[m.down.weight], "bd": positions.get(m.down.bias)}
-        return FFNSlots(m.name, "gated", m.activation.name, slots, m.d_hidden, pattern=m.pattern,
-                        offsets=(m.gate_offset, m.up_offset))
-    slots = {"w1": positions[m.first.weight], "b1": positions.get(m.first.bias),
-             "w2": positions[m.second.weight], "b2": positions.get(m.second.bias)}
-    return FFNSlots(m.name, "plain", m.activation.name, slots, m.d_hidden, pattern=m.pattern,
-                    layouts=(m.first.layout, m.second.layout))
 
 
 def _in_order(matches: list[FFNMatch], names: list[str]) -> list[FFNMatch]:

@@ -1,15 +1,14 @@
-"""Validated configuration: what calibration fits, and what the backend does with it.
+"""Validated configuration: the guards, and what calibration fits (``CalibrationConfig``).
 
-Both classes validate in ``__post_init__`` and round-trip through plain dicts (JSON), so a profile
-records the exact config it was calibrated with.
+``CalibrationConfig`` validates in ``__post_init__`` and round-trips through plain dicts (JSON), so
+a profile records the exact config it was calibrated with. The backend's options, which may hold
+a profile, are ``options.TardisOptions``; the validation helpers at the end serve both.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
-import os
-import re
 from typing import Any, Mapping
 
 #: Guards: a low-bit copy of W1 predicts z (int2/int4/int8); "svd" a whitened rank-r factorisation
@@ -23,7 +22,6 @@ GUARDS = (*PREDICTOR_GUARDS, "exact", "all")
 #: int8 on MiniLM's plain FFNs (fewest bytes for its recall), int4 on SmolLM2's gated FFNs (its
 #: cheaper rows leave more of the budget to exact neurons: lower perplexity at every budget).
 DEFAULT_GUARDS = {"plain": "int8", "gated": "int4"}
-INNER_COMPILERS = ("inductor", "eager")
 
 
 @dataclasses.dataclass
@@ -51,8 +49,8 @@ class CalibrationConfig:
             takes whichever of the two variants has less error per FFN, False never folds (neurons
             off the exact path contribute nothing: contextual activation sparsity, c = 0), True always.
         fold_fit: how neurons folded without a guard enter ``Wf``: "lstsq" (one least-squares map of
-            x for their total contribution, ``lstsq_fold.py``) or "lines" (each neuron's own line or
-            constant).
+            x for their total contribution, ``calibrate/lstsq_fold.py``) or "lines" (each neuron's own
+            line or constant).
         seed: seeds the token reservoir.
         progress: show a progress bar.
 
@@ -77,22 +75,23 @@ class CalibrationConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _real(self.coverage, "coverage", 0.0, 1.0, "(0, 1]", low_open=True)
-        _integer(self.max_tokens, "max_tokens", 16)
-        _real(self.holdout_fraction, "holdout_fraction", 0.0, 0.9, "[0, 0.9)", high_open=True)
-        _real(self.target_recall, "target_recall", 0.0, 1.0, "(0, 1]", low_open=True)
-        _integer(self.group_size, "group_size", 8)
-        _check(self.group_size % 8 == 0, f"group_size must be a positive multiple of 8, got {self.group_size}")
-        _integer(self.svd_rank, "svd_rank", 0, "(0: a quarter of d_in)")
-        _check(self.allocation in ("layer", "model"),
-               f"allocation must be 'layer' or 'model', got {self.allocation!r}")
-        _check(self.fold is None or isinstance(self.fold, bool), f"fold must be None, True or False, got {self.fold!r}")
-        _check(self.fold_fit in ("lstsq", "lines"), f"fold_fit must be 'lstsq' or 'lines', got {self.fold_fit!r}")
+        require_number(self.coverage, "coverage", 0.0, 1.0, "(0, 1]", low_open=True)
+        require_integer(self.max_tokens, "max_tokens", 16)
+        require_number(self.holdout_fraction, "holdout_fraction", 0.0, 0.9, "[0, 0.9)", high_open=True)
+        require_number(self.target_recall, "target_recall", 0.0, 1.0, "(0, 1]", low_open=True)
+        require_integer(self.group_size, "group_size", 8)
+        require(self.group_size % 8 == 0, f"group_size must be a positive multiple of 8, got {self.group_size}")
+        require_integer(self.svd_rank, "svd_rank", 0, "(0: a quarter of d_in)")
+        require(self.allocation in ("layer", "model"),
+                f"allocation must be 'layer' or 'model', got {self.allocation!r}")
+        require(self.fold is None or isinstance(self.fold, bool),
+                f"fold must be None, True or False, got {self.fold!r}")
+        require(self.fold_fit in ("lstsq", "lines"), f"fold_fit must be 'lstsq' or 'lines', got {self.fold_fit!r}")
         if self.budget is not None:
-            _real(self.budget, "budget", 0.0, 1.0, "(0, 1] (a fraction of dense FFN bytes read per token)",
-                  low_open=True)
-        _integer(self.seed, "seed", None)
-        _check(isinstance(self.progress, bool), f"progress must be True or False, got {self.progress!r}")
+            require_number(self.budget, "budget", 0.0, 1.0, "(0, 1] (a fraction of dense FFN bytes read per token)",
+                           low_open=True)
+        require_integer(self.seed, "seed", None)
+        require(isinstance(self.progress, bool), f"progress must be True or False, got {self.progress!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, for JSON. Example: ``CalibrationConfig().to_dict()["coverage"]``."""
@@ -101,104 +100,19 @@ class CalibrationConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CalibrationConfig":
         """Inverse of ``to_dict``; unknown keys are an error naming the valid ones."""
-        return cls(**_known_keys(cls, data, "calibration config"))
+        return cls(**known_keys(cls, data, "calibration config"))
 
 
-@dataclasses.dataclass
-class TardisOptions:
-    """Options of ``torch.compile(model, backend="tardis", options=...)`` and ``explain``.
-
-    Args:
-        profile: a ``Profile`` from ``calibrate`` (or a path to a saved one). Without one, the
-            compiled model runs dense for ``calibration_calls`` calls while it records FFN
-            inputs, then calibrates and switches to the folded graph.
-        guard: "int8", "int4", "int2", "svd", "exact" or "all" (see ``GUARDS``); None (default) takes
-            per FFN kind the one that measured best, ``DEFAULT_GUARDS``: int8 for plain FFNs,
-            int4 for gated ones.
-        inner: compiler for the rewritten graph: "inductor" (default) or "eager" (debugging).
-        calibration_calls: calls recorded before auto-calibration (no-profile mode).
-        calibration: ``CalibrationConfig`` (or dict) for auto-calibration.
-        budget: shortcut for ``calibration.budget``: FFN weight bytes read per token as a
-            fraction of dense (``{"budget": 0.5}``: half), met per FFN by its neuron mix.
-        skip: FFN names or regexes to leave dense.
-        dense_above: calls with more than this many tokens (prefill, batches) run the dense FFN
-            instead of the pack: "auto" (default) where it measured faster on CPU (``DENSE_ABOVE``
-            in runtime/ffn_op.py: 4 tokens in bfloat16, 16 otherwise); an int; or None, never
-            (every token takes the approximation, e.g. to measure its perplexity).
+def known_keys(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``data`` as a dict, if every key is a field of the dataclass ``cls``; else a ValueError
+    naming the closest field and the valid ones.
 
     Example:
-        >>> TardisOptions.from_mapping({"guard": "exact", "inner": "eager"}).guard
-        'exact'
+        >>> known_keys(CalibrationConfig, {"coverag": 0.8}, "calibration config")   # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown calibration config 'coverag'. Did you mean 'coverage'? Valid: [...]
     """
-
-    profile: Any = None
-    guard: str | None = None
-    inner: str = "inductor"
-    calibration_calls: int = 8
-    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
-    skip: tuple[str, ...] = ()
-    budget: float | None = None
-    dense_above: int | str | None = "auto"
-
-    def __post_init__(self) -> None:
-        _check(self.guard is None or (isinstance(self.guard, str) and self.guard in GUARDS),
-               f"guard must be one of {GUARDS} or None, got {self.guard!r}")
-        _check(isinstance(self.inner, str) and self.inner in INNER_COMPILERS,
-               f"inner must be one of {INNER_COMPILERS}, got {self.inner!r}")
-        _integer(self.calibration_calls, "calibration_calls", 1)
-        if self.dense_above is not None and self.dense_above != "auto":
-            _integer(self.dense_above, "dense_above", 0, "(or 'auto', or None for never)")
-        if isinstance(self.calibration, Mapping):
-            self.calibration = CalibrationConfig.from_dict(self.calibration)
-        _check(isinstance(self.calibration, CalibrationConfig),
-               f"calibration must be a CalibrationConfig or a dict of its fields, got {type(self.calibration).__name__}")
-        if self.budget is not None:
-            _real(self.budget, "budget", 0.0, 1.0, "(0, 1] (a fraction of dense FFN bytes read per token)",
-                  low_open=True)
-            self.calibration = dataclasses.replace(self.calibration, budget=float(self.budget))
-        if isinstance(self.skip, str):
-            self.skip = (self.skip,)
-        _check(isinstance(self.skip, (tuple, list)) and all(isinstance(p, str) for p in self.skip),
-               f"skip must be an FFN name or regex, or a list of them; got {self.skip!r}")
-        self.skip = tuple(self.skip)
-        for pattern in self.skip:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"skip pattern {pattern!r} is not a valid regex: {exc}") from None
-        if self.profile is not None and not hasattr(self.profile, "ffns"):
-            _check(isinstance(self.profile, (str, os.PathLike)),
-                   f"profile must be a Profile or the path of a saved one, got {type(self.profile).__name__}")
-            from .profile import Profile  # a path: load it here so a bad path fails at compile time
-
-            self.profile = Profile.load(self.profile)
-
-    def guard_for(self, kind: str) -> str:
-        """The guard an FFN of ``kind`` ("plain" or "gated") runs with.
-
-        Example:
-            >>> TardisOptions().guard_for("gated"), TardisOptions(guard="exact").guard_for("gated")
-            ('int4', 'exact')
-        """
-        return self.guard if self.guard is not None else DEFAULT_GUARDS[kind]
-
-    def skips(self, ffn_name: str) -> bool:
-        """True if ``ffn_name`` is excluded by ``skip`` (exact name or full regex match)."""
-        return any(p == ffn_name or re.fullmatch(p, ffn_name) for p in self.skip)
-
-    @classmethod
-    def from_mapping(cls, options: Mapping[str, Any] | "TardisOptions" | None) -> "TardisOptions":
-        """Build from ``torch.compile``'s ``options`` dict; unknown keys get a did-you-mean error."""
-        if options is None:
-            return cls()
-        if isinstance(options, cls):
-            return options
-        if not isinstance(options, Mapping):
-            raise TypeError(f"tardis options must be a dict, got {type(options).__name__}")
-        return cls(**_known_keys(cls, options, "tardis option"))
-
-
-def _known_keys(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:
     fields = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
@@ -208,22 +122,41 @@ def _known_keys(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]
     return dict(data)
 
 
-def _check(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``ok``: validation reads as the rule it checks.
+
+    Example:
+        >>> require(8 % 8 == 0, "group_size must be a multiple of 8")
+    """
     if not ok:
         raise ValueError(message)
 
 
-def _integer(value: Any, name: str, minimum: int | None, note: str = "") -> None:
-    """An int (not a bool, not a float) of at least ``minimum``."""
+def require_integer(value: Any, name: str, minimum: int | None, note: str = "") -> None:
+    """An int (not a bool, not a float) of at least ``minimum``, else a ValueError naming ``name``.
+
+    Example:
+        >>> require_integer(True, "seed", None)
+        Traceback (most recent call last):
+        ...
+        ValueError: seed must be an integer, got True
+    """
     ok = isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
     bound = f" >= {minimum}" if minimum is not None else ""
-    _check(ok, f"{name} must be an integer{bound}{' ' + note if note else ''}, got {value!r}")
+    require(ok, f"{name} must be an integer{bound}{' ' + note if note else ''}, got {value!r}")
 
 
-def _real(value: Any, name: str, low: float, high: float, interval: str, low_open: bool = False,
-          high_open: bool = False) -> None:
-    """A number (not a bool, not a string) in the interval."""
+def require_number(value: Any, name: str, low: float, high: float, interval: str, low_open: bool = False,
+                   high_open: bool = False) -> None:
+    """A number (not a bool, not a string) in the interval, else a ValueError naming ``name``.
+
+    Example:
+        >>> require_number(1.5, "coverage", 0.0, 1.0, "(0, 1]", low_open=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: coverage must be a number in (0, 1], got 1.5
+    """
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    _check(ok, f"{name} must be a number in {interval}, got {value!r}")
+    require(ok, f"{name} must be a number in {interval}, got {value!r}")

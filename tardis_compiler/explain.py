@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .backend import CalibrationStates, TardisCompiler
-from .config import TardisOptions
+from .options import TardisOptions
 from .report import GraphReport, render_table
 from .runtime.stats import collect_stats
 

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import PREDICTOR_GUARDS, CalibrationConfig
+from .accounting import ffn_bytes_per_token
+from .config import DEFAULT_GUARDS, PREDICTOR_GUARDS, CalibrationConfig
 
 if TYPE_CHECKING:
     from .runtime.layout import Layout
@@ -62,7 +63,7 @@ class FFNProfile:
     kind: str = "plain"  # "gated": intercept holds the constant gate c, slope is zero
     predictor: torch.Tensor | None = None  # the "svd" guard's factors [Q^T | P], (r, m + d_in)
     # The least-squares map [W | b], (d_out, d_in + 1), standing in for every neuron folded without
-    # a guard (lstsq_fold.py); the pack adds it to Wf except with guard="all".
+    # a guard (calibrate/lstsq_fold.py); the pack adds it to Wf except with guard="all".
     fold_term: torch.Tensor | None = None
 
     def params(self, guard: str) -> torch.Tensor:
@@ -93,8 +94,6 @@ class FFNProfile:
 
         Example: ``ffn.bytes_per_token("int8") / ffn.bytes_per_token("dense")``.
         """
-        from .report import ffn_bytes_per_token
-
         if self.kind == "gated" and guard == "all":  # fold + every neuron: W_g, W_u rows and W_d columns
             scale = 1.0 if elem_bytes is None else elem_bytes / self.stats["elem_bytes"]
             return self.stats["dense_bytes"] * scale * (1 + self.d_out / (3 * self.d_hidden))
@@ -113,7 +112,7 @@ class FFNProfile:
         return "policy" in self.stats
 
     def _policy_bytes_per_token(self, guard: str, elem_bytes: int | None) -> float:
-        # Measured by calibration for its guard (calibrate_gated/_plain); scaled to another weight dtype.
+        # Measured by calibration for its guard (calibrate/gated.py, plain.py); scaled to another weight dtype.
         scale = 1.0 if elem_bytes is None else elem_bytes / self.stats["elem_bytes"]
         if guard == "dense":
             return self.stats["dense_bytes"] * scale
@@ -235,8 +234,6 @@ class Profile:
         Example: ``tc.calibrate(model, batches).bytes_fraction("int4")``.
         """
         dense = sum(f.bytes_per_token("dense") for f in self.ffns.values())
-        from .config import DEFAULT_GUARDS
-
         return sum(f.bytes_per_token(guard or DEFAULT_GUARDS[f.kind]) for f in self.ffns.values()) / dense
 
     def check(self, found: dict[str, tuple[int, int, int, str, str]]) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .runtime.layout import always_read_bytes, exact_neuron_bytes, folded_matrix_bytes
+# Re-exported: the formula lived here before the bytes accounting got its own module.
+from .accounting import ffn_bytes_per_token  # noqa: F401
 
 
 @dataclasses.dataclass
@@ -56,30 +57,6 @@ class GraphReport:
         """Plain-dict form, for JSON."""
         return {"index": self.index, "guard": self.guard, "notes": self.notes, "code": self.code,
                 "ffns": [f.to_dict() for f in self.ffns]}
-
-
-def ffn_bytes_per_token(d_in: int, d_hidden: int, d_out: int, elem_bytes: int, has_bias: bool,
-                        guard: str = "dense", corrected_rate: float = 0.0, guard_bytes: int = 0) -> float:
-    """Plain FFN weight bytes read per token at batch 1, dense (``guard="dense"``) or folded with
-    every neuron guarded (a coverage fit), as the pack lays them out (``runtime/layout.py``).
-
-    Folded: Wf and the float32 bf, the guard (``guard_bytes``: the low-bit rows and scales; the full
-    W1 for ``guard="exact"``) and each neuron's float32 band, and for each corrected neuron its
-    bundle [W1 row | W2 column] and four floats.
-
-    Example:
-        >>> ffn_bytes_per_token(384, 1536, 384, 4, True)   # MiniLM FFN, fp32
-        4726272
-    """
-    m = d_hidden
-    if guard == "dense":
-        return (m * d_in + m * d_out + (m + d_out) * has_bias) * elem_bytes
-    folded = folded_matrix_bytes(d_in, d_out, elem_bytes) + always_read_bytes(d_out)
-    if guard == "exact":
-        guard_bytes = m * d_in * elem_bytes
-    if guard != "all":
-        guard_bytes += 8 * m
-    return folded + guard_bytes + corrected_rate * m * exact_neuron_bytes("plain", d_in, d_out, elem_bytes)
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -10,7 +10,8 @@ Quick start (see docs/eval.md)::
 
 Command line: ``tardis eval --model smollm2 --quick``.
 """
-from .accounting import FFNBytes, PreparedModel, ReadMeter, bitmask_bytes, density_for_budget
+from ..accounting import bitmask_bytes, density_for_budget
+from .accounting import FFNBytes, PreparedModel, ReadMeter
 from .activation_sparsity import teal
 from .calibration_stats import ffn_input_stats
 from .config import PRESETS, EvalConfig

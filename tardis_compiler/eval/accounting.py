@@ -1,10 +1,9 @@
-"""FFN weight bytes: what a method reads per token and what it keeps resident, and the sparse
-format convention that turns a pruning mask into bytes.
+"""FFN weight bytes of a method: what it reads per token and what it keeps resident, and the
+meter that measures input-dependent reads.
 
-Convention for unstructured sparsity (Wanda, RIA): a pruned matrix is stored as a *bitmask*
-format, one bit per dense position plus the kept values at the weight's dtype. At float32 that is
-``density * 4 + 1/8`` bytes per dense position, so 50% of the bytes means density 0.46875, not 0.5.
-A matrix with nothing pruned stays dense (no mask). Biases are not counted (< 0.3% of FFN bytes).
+The byte formulas live in ``tardis_compiler/accounting.py``, with the sparse format convention
+that turns a pruning mask into bytes (``bitmask_bytes``, ``density_for_budget``: re-exported here,
+where the evaluation harness has always found them).
 """
 from __future__ import annotations
 
@@ -13,7 +12,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .errors import InvalidBudget, check_budget
+from ..accounting import bitmask_bytes, density_for_budget
+
+__all__ = ["FFNBytes", "PreparedModel", "ReadMeter", "bitmask_bytes", "density_for_budget"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,38 +80,3 @@ class PreparedModel:
     ffn_bytes: FFNBytes
     meter: ReadMeter | None = None
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def bitmask_bytes(kept: int, positions: int, element_size: int) -> int:
-    """Bytes of a matrix in bitmask format: kept values plus one bit per dense position (rounded
-    up to whole bytes); a matrix with every position kept is stored dense.
-
-    Example:
-        >>> bitmask_bytes(kept=50, positions=100, element_size=4)
-        213
-    """
-    if kept >= positions:
-        return positions * element_size
-    return kept * element_size + (positions + 7) // 8
-
-
-def density_for_budget(budget: float, element_size: int) -> float:
-    """Fraction of weights to keep so a bitmask-format matrix reads ``budget`` of its dense bytes.
-
-    Example:
-        >>> density_for_budget(0.5, element_size=4)
-        0.46875
-        >>> density_for_budget(1.0, element_size=4)
-        1.0
-    """
-    budget = check_budget(budget)
-    if budget >= 1.0:
-        return 1.0
-    overhead = 1.0 / (8 * element_size)  # the mask's bit per position, relative to dense bytes
-    density = budget - overhead
-    if density <= 0.0:
-        raise InvalidBudget(
-            f"budget {budget} is at or below the bitmask format's own cost ({overhead:.4f} of dense "
-            f"bytes at {element_size}-byte weights): no weights could be kept. Use a larger budget."
-        )
-    return density

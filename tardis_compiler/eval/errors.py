@@ -5,6 +5,13 @@ They subclass the built-in error a caller would expect (``ImportError`` for a mi
 """
 from __future__ import annotations
 
+# A budget is a fraction of dense bytes: its error and its check live with the bytes accounting,
+# which the harness's formulas (density_for_budget) share; re-exported as the harness's errors.
+from ..accounting import InvalidBudget, check_budget
+
+__all__ = ["ContextTooLong", "DatasetTooSmall", "InvalidBudget", "MethodNotApplicable", "ModelPackageMissing",
+           "check_budget"]
+
 
 class ModelPackageMissing(ImportError):
     """An offline model/data package is not installed; the message holds the exact pip command.
@@ -39,35 +46,6 @@ class ContextTooLong(ValueError):
         >>> isinstance(ContextTooLong("ctx 9000 > 8192"), ValueError)
         True
     """
-
-
-class InvalidBudget(ValueError):
-    """A budget (fraction of dense FFN weight bytes read per token) outside (0, 1], or one a
-    format cannot reach.
-
-    Example:
-        >>> isinstance(InvalidBudget("budget 1.5"), ValueError)
-        True
-    """
-
-
-def check_budget(budget: float) -> float:
-    """Return ``budget`` as a float if it lies in (0, 1], else raise ``InvalidBudget``.
-
-    Example:
-        >>> check_budget(0.5)
-        0.5
-    """
-    try:
-        value = float(budget)
-    except (TypeError, ValueError):
-        raise InvalidBudget(f"budget must be a number in (0, 1], got {budget!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise InvalidBudget(
-            f"budget must be in (0, 1] (a fraction of the dense model's FFN weight bytes read per "
-            f"token; 0.5 means half), got {budget!r}. Pass e.g. --budgets 0.3 0.5 0.7."
-        )
-    return value
 
 
 class MethodNotApplicable(ValueError):

@@ -2,7 +2,7 @@
 
 Both score every weight, then keep the top-scoring fraction *within each output row* (both papers
 compare weights per output), with the fraction solved from the budget under the bitmask format
-convention (``accounting.density_for_budget``). Both work on a deep copy of the model.
+convention (``tardis_compiler.accounting.density_for_budget``). Both work on a deep copy of the model.
 
 One simplification against the reference code, stated so nobody mistakes it: activation norms
 come from one pass of the *dense* model. The Wanda/RIA scripts prune layer by layer and feed each
@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .accounting import FFNBytes, PreparedModel, bitmask_bytes, density_for_budget
+from ..accounting import bitmask_bytes, density_for_budget
+from .accounting import FFNBytes, PreparedModel
 from .calibration_stats import ffn_input_stats
 from .ffn import find_ffn_linears
 

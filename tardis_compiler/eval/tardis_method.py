@@ -12,10 +12,10 @@ from typing import Any, Iterable
 
 import torch
 
-from ..calibrate import calibrate_for_budget
+from ..calibrate import calibrate_for_budget, record
 from ..config import DEFAULT_GUARDS, CalibrationConfig
 from ..profile import Profile
-from ..report import ffn_bytes_per_token
+from ..accounting import ffn_bytes_per_token
 from ..runtime.stats import RuntimeStats, start_collecting, stop_collecting
 from .accounting import FFNBytes, PreparedModel
 from .errors import MethodNotApplicable
@@ -115,8 +115,6 @@ _LAST_RECORDING: list = []
 
 
 def _recorder(model: torch.nn.Module, batches, config: CalibrationConfig):
-    from ..calibrate import record
-
     if _LAST_RECORDING and _LAST_RECORDING[0] is model and _LAST_RECORDING[1] is batches:
         return _LAST_RECORDING[2]
     recorder = record(model, batches, config)

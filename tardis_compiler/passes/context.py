@@ -1,13 +1,24 @@
-"""What every pass gets: the options, the profile, and which FFNs to touch; plus graph helpers."""
+"""What every pass gets: the options, the profile, and which FFNs to touch; plus graph helpers
+shared by the tardis backend and the recording backend (copies, parameter FQNs, where an FFN's
+weights sit among the graph's inputs, and the refusal of training graphs)."""
 from __future__ import annotations
 
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from ..config import TardisOptions
-from .find_ffns import FFNMatch, find_ffns, placeholder_fqn as _fqn_of
+from ..options import TardisOptions
+from ..runtime.graph_packs import FFNSlots
+from .ffn_graph import placeholder_fqn as _fqn_of
+from .find_ffns import find_ffns
+from .find_gated_ffns import GatedFFNMatch
+from .find_plain_ffns import FFNMatch
+
+
+class TrainingModeError(ValueError):
+    """The captured graph trains (dropout active): folding weights is not valid there."""
 
 
 @dataclasses.dataclass
@@ -18,7 +29,7 @@ class PassContext:
     names: set[str]
     log: list[str] = dataclasses.field(default_factory=list)
 
-    def selected(self, gm: GraphModule) -> list[FFNMatch]:
+    def selected(self, gm: GraphModule) -> list[FFNMatch | GatedFFNMatch]:
         """The FFNs of ``gm`` this pipeline rewrites, found afresh (passes work on copies)."""
         matches, _ = find_ffns(gm, placeholder_fqns(gm))
         return [m for m in matches if m.name in self.names]
@@ -44,3 +55,39 @@ def copy_graph_module(gm: GraphModule) -> GraphModule:
     output = graph.graph_copy(gm.graph, {})
     graph.output(output)
     return GraphModule(gm, graph)
+
+
+def ffn_slots(match: FFNMatch | GatedFFNMatch, positions: dict[Node, int]) -> FFNSlots:
+    """Where an FFN's weights sit among the graph's inputs (``positions``: placeholder -> index).
+
+    Example:
+        >>> # slots = [ffn_slots(m, positions) for m in find_ffns(gm, placeholder_fqns(gm))[0]]
+    """
+    m = match
+    if m.kind == "gated":
+        slots = {"wg": positions[m.gate.weight], "bg": positions.get(m.gate.bias),
+                 "wu": positions[m.up.weight], "bu": positions.get(m.up.bias),
+                 "wd": positions[m.down.weight], "bd": positions.get(m.down.bias)}
+        return FFNSlots(m.name, "gated", m.activation.name, slots, m.d_hidden, pattern=m.pattern,
+                        offsets=(m.gate_offset, m.up_offset))
+    slots = {"w1": positions[m.first.weight], "b1": positions.get(m.first.bias),
+             "w2": positions[m.second.weight], "b2": positions.get(m.second.bias)}
+    return FFNSlots(m.name, "plain", m.activation.name, slots, m.d_hidden, pattern=m.pattern,
+                    layouts=(m.first.layout, m.second.layout))
+
+
+def refuse_training_graph(gm: GraphModule) -> None:
+    """Raise ``TrainingModeError`` if ``gm`` runs dropout in training mode: folding weights is an
+    inference transform, and so is calibrating for it.
+
+    Example:
+        >>> # refuse_training_graph(gm)   # before matching, in both backends
+    """
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is F.dropout:
+            training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+            if training is True:
+                raise TrainingModeError(
+                    "tardis folds weights for inference, but this model is in training mode "
+                    f"(dropout is active at {node.name!r}). Call model.eval() before compiling "
+                    "with backend='tardis'.")

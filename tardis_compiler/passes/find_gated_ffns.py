@@ -1,8 +1,9 @@
 """Match: find every *gated* FFN ``down(act(gate(x)) * up(x))`` in a dynamo FX graph.
 
-Same "anchor and walk" as :mod:`.find_ffns`, sharing its helpers (linear spellings, shape-only
-following, the elementwise region, numeric identification of the activation). For every linear
-whose weight is a model parameter, taken as a candidate *gate*:
+Same "anchor and walk" as :mod:`.find_plain_ffns`, on the graph vocabulary both share
+(:mod:`.ffn_graph`: linear spellings, shape-only following, the elementwise region, numeric
+identification of the activation). For every linear whose weight is a model parameter, taken as
+a candidate *gate*:
 
 1. walk down through shape-only ops to the activation input z; if the linear's output is instead
    ``.chunk(2, dim=-1)``-ed (Phi-3's fused ``gate_up_proj``), each half is a candidate z;
@@ -25,9 +26,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..activations import ActivationRule
-from .find_ffns import (LinearSpec, SkippedFFN, _elementwise_region, _identify, _is_shape_only, _last_dim,
-                        _module_of, _same_token_layout, _shape, _single_user, _static_eq, as_linear,
-                        is_metadata_query)
+from .ffn_graph import (LinearSpec, SkippedFFN, as_linear, elementwise_region, identify_region, is_metadata_query,
+                        is_shape_only, last_dim_of, module_of, same_token_layout, shape_of, single_user, static_eq,
+                        target_name)
 
 _MUL_FUNCTIONS = (operator.mul, torch.mul)
 _MUL_METHODS = ("mul", "__mul__")
@@ -132,7 +133,7 @@ class _Gate:
 def _match_from(spec: LinearSpec, linears: dict[Node, LinearSpec],
                 fqns: dict[Node, str]) -> GatedFFNMatch | SkippedFFN | None:
     out = _follow_shape_only(spec.node, spec.out_features)
-    splitter = _single_user(out)
+    splitter = single_user(out)
     if splitter is not None and _is_split(splitter) and splitter.args and splitter.args[0] is out:
         return _match_fused(spec, out, splitter, fqns)
     gate = _gate_at(out)
@@ -167,7 +168,7 @@ def _match_fused(spec: LinearSpec, out: Node, splitter: Node,
     found = None
     for index in sorted(pieces):
         for piece in pieces[index]:
-            last = _last_dim(piece)
+            last = last_dim_of(piece)
             gate = _gate_at(_follow_shape_only(piece, last)) if isinstance(last, int) else None
             if gate is None:
                 continue
@@ -182,7 +183,7 @@ def _match_fused(spec: LinearSpec, out: Node, splitter: Node,
         return None
     gate_index, up_index, gate, up_piece = found
     name = _ffn_module(spec, fqns)
-    split_name = _target_name(splitter)
+    split_name = target_name(splitter)
     pattern = f"fused {spec.spelling} -> {split_name} -> {{act}} * . -> {{down}}"
     halves = _halves(splitter, out, spec.out_features)
     if halves is None:
@@ -216,7 +217,7 @@ def _finish(gate_spec: LinearSpec, up_spec: LinearSpec, gate: _Gate, m: int, gat
         return SkippedFFN(name, pattern.format(act="?", down="?"),
                           f"gate activation output is used {len(gate.exits)} times; a gated FFN needs one "
                           "(the product)")
-    if tuple(map(str, _shape(gate.exit_node))) != tuple(map(str, _shape(gate.other))):
+    if tuple(map(str, shape_of(gate.exit_node))) != tuple(map(str, shape_of(gate.other))):
         return SkippedFFN(name, pattern.format(act="?", down="?"),
                           "the product broadcasts (its operands have different shapes)")
     users = [u for u in gate.mul.users if not is_metadata_query(u)]
@@ -233,10 +234,10 @@ def _finish(gate_spec: LinearSpec, up_spec: LinearSpec, gate: _Gate, m: int, gat
     if down.in_features != m:
         return SkippedFFN(name, pattern.format(act="?"),
                           f"hidden sizes disagree: {m} gated neurons, down projection reads {down.in_features}")
-    if not _same_token_layout(gate_spec, down):
+    if not same_token_layout(gate_spec, down):
         return SkippedFFN(name, pattern.format(act="?"),
                           "views between the linears change the token layout; cannot fuse safely")
-    rule, how = _identify(gate.region, gate.z, gate.exit_node)
+    rule, how = identify_region(gate.region, gate.z, gate.exit_node)
     if rule is None:
         return SkippedFFN(name, pattern.format(act=how),
                           "unrecognised gate activation: register it with tardis_compiler.register_activation_rule")
@@ -246,7 +247,7 @@ def _finish(gate_spec: LinearSpec, up_spec: LinearSpec, gate: _Gate, m: int, gat
 
 def _gate_at(z: Node) -> _Gate | None:
     """z's elementwise region, if non-empty and one of its exits is a product with an outside tensor."""
-    region, exits = _elementwise_region(z)
+    region, exits = elementwise_region(z)
     if not region:
         return None  # a bare linear times something: bilinear, not an activation gate
     inside = {z, *region}
@@ -278,7 +279,7 @@ def _is_split(node: Node) -> bool:
 def _split_args(node: Node):
     """(sections, dim) of a chunk/split node: sections is an int count for chunk, else split sizes."""
     args = list(node.args[1:])
-    size_key = "chunks" if _target_name(node) == "chunk" else "split_size_or_sections"
+    size_key = "chunks" if target_name(node) == "chunk" else "split_size_or_sections"
     sections = args[0] if args else node.kwargs.get(size_key, node.kwargs.get("split_size"))
     dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
     return sections, dim
@@ -287,36 +288,36 @@ def _split_args(node: Node):
 def _halves(node: Node, tensor: Node, total: int) -> int | None:
     """m if ``node`` splits ``tensor`` (last dim ``total``) into 2 equal halves along the last dim."""
     sections, dim = _split_args(node)
-    ndim = len(_shape(tensor))
+    ndim = len(shape_of(tensor))
     if not isinstance(dim, int) or ndim == 0 or dim % ndim != ndim - 1 or total % 2:
         return None
     m = total // 2
-    if _target_name(node) == "chunk":
+    if target_name(node) == "chunk":
         return m if sections == 2 else None
     if isinstance(sections, int):
         return m if sections == m else None
-    if isinstance(sections, (list, tuple)) and len(sections) == 2 and all(_static_eq(s, m) for s in sections):
+    if isinstance(sections, (list, tuple)) and len(sections) == 2 and all(static_eq(s, m) for s in sections):
         return m
     return None
 
 
 def _describe_split(node: Node) -> str:
     sections, dim = _split_args(node)
-    return f"{_target_name(node)}({sections}, dim={dim})"
+    return f"{target_name(node)}({sections}, dim={dim})"
 
 
 def _follow_shape_only(node: Node, last_dim: int) -> Node:
     while True:
-        nxt = _single_user(node)
-        if (nxt is None or not _is_shape_only(nxt) or nxt.args[0] is not node
-                or not _static_eq(_last_dim(nxt), last_dim)):
+        nxt = single_user(node)
+        if (nxt is None or not is_shape_only(nxt) or nxt.args[0] is not node
+                or not static_eq(last_dim_of(nxt), last_dim)):
             return node
         node = nxt
 
 
 def _back_through_shape_only(node: Node, last_dim) -> Node:
-    while (_is_shape_only(node) and node.args and isinstance(node.args[0], Node)
-           and _static_eq(_last_dim(node.args[0]), last_dim)):
+    while (is_shape_only(node) and node.args and isinstance(node.args[0], Node)
+           and static_eq(last_dim_of(node.args[0]), last_dim)):
         node = node.args[0]
     return node
 
@@ -339,28 +340,23 @@ def _chain_uses(start: Node, end: Node) -> int:
 
 def _forward_through_shape_only(prev: Node, node: Node, last_dim: int) -> tuple[Node, Node | None]:
     """From ``node`` (a user of ``prev``), skip shape-only ops; return (input of the consumer, consumer)."""
-    while _is_shape_only(node):
-        if node.args[0] is not prev or not _static_eq(_last_dim(node), last_dim):
+    while is_shape_only(node):
+        if node.args[0] is not prev or not static_eq(last_dim_of(node), last_dim):
             return prev, None
-        nxt = _single_user(node)
+        nxt = single_user(node)
         if nxt is None:
             return node, None
         prev, node = node, nxt
     return prev, node
 
 
-def _target_name(node: Node) -> str:
-    target = node.target
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
-
-
 def _ffn_module(spec: LinearSpec, fqns: dict[Node, str]) -> str:
-    return _module_of(fqns[spec.weight])
+    return module_of(fqns[spec.weight])
 
 
 def _common_name(specs, fqns: dict[Node, str]) -> str:
     """The module FQN prefix common to the linears' weights (``model.layers.0.mlp``)."""
-    paths = [_module_of(fqns[s.weight]).split(".") for s in specs]
+    paths = [module_of(fqns[s.weight]).split(".") for s in specs]
     common = []
     for parts in zip(*paths):
         if any(p != parts[0] for p in parts):
@@ -376,4 +372,4 @@ def _dedupe_names(matches: list[GatedFFNMatch], fqns: dict[Node, str]) -> None:
         counts[m.name] = counts.get(m.name, 0) + 1
     for m in matches:
         if counts[m.name] > 1:
-            m.name = _module_of(fqns[m.gate.weight])
+            m.name = module_of(fqns[m.gate.weight])

@@ -10,8 +10,9 @@ option: an empty band (lo > hi) flags it for every token (always exact), an unbo
 Every neuron's line (plain: ``a z + c``; gated: the constant ``c``) folds into ``Wf``; the exact
 path adds ``delta`` for the flagged ones, which is exact for any superset of the out-of-range
 neurons: ``guard="all"`` (every neuron always exact) reproduces the dense FFN. A calibration may
-add a least-squares term ``[W | b]`` for the neurons folded without a guard (``lstsq_fold.py``):
-it joins ``Wf`` and the folded bias, except with ``guard="all"``, where no neuron is folded.
+add a least-squares term ``[W | b]`` for the neurons folded without a guard
+(``calibrate/lstsq_fold.py``): it joins ``Wf`` and the folded bias, except with ``guard="all"``,
+where no neuron is folded.
 """
 from __future__ import annotations
 

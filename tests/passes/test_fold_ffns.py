@@ -1,8 +1,8 @@
 """The fold pass leaves one fused op per FFN and nothing of the FFN body; the record pass adds hooks only."""
 import torch
 
-from tardis_compiler.calibrate import record_ffn_input
-from tardis_compiler.config import TardisOptions
+from tardis_compiler.calibrate.record import record_ffn_input
+from tardis_compiler.options import TardisOptions
 from tardis_compiler.passes import PassContext, copy_graph_module, find_ffns, fold_ffns, placeholder_fqns, record_ffn_inputs
 from tardis_compiler.backend import capture_graphs
 from tests.tiny_models import LAYERS, build_tiny, token_batches
@@ -55,6 +55,6 @@ def test_fold_leaves_original_graph_untouched():
 
 def test_record_pass_adds_one_hook_per_ffn():
     gm, ctx = _pipeline("gpt2")
-    recording = record_ffn_inputs(copy_graph_module(gm), ctx)
+    recording = record_ffn_inputs(copy_graph_module(gm), ctx, record_ffn_input)
     assert _targets(recording).count(record_ffn_input) == LAYERS
     assert len(_targets(recording)) == len(_targets(gm)) + LAYERS

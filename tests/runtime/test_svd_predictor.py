@@ -141,7 +141,7 @@ def test_greedy_is_zero_for_an_exact_predictor_and_when_nothing_is_out_of_range(
 
 
 def test_greedy_flags_less_than_a_uniform_scale_at_the_same_missed_cost():
-    from tardis_compiler.calibrate import recall_margins
+    from tardis_compiler.calibrate.margins import recall_margins
 
     g, g_hat, lower, upper, cost = _problem(6000, 32, seed=2)
     mu = greedy_margins(g, g_hat, lower, upper, cost, 0.01)

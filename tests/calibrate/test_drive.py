@@ -1,53 +1,12 @@
-"""Calibration: interval and line fits, the token reservoir, what is measured, and bad input."""
+"""drive.py: record, calibrate and calibrate_for_budget end to end, and bad input."""
 import pytest
 import torch
 
 import tardis_compiler as tc
-from tardis_compiler.calibrate import FFNRecord, fit_lines, max_line_error, shortest_intervals
+from tardis_compiler.calibrate.drive import calibrate_for_budget, record
 from tests.tiny_models import build_tiny, token_batches
 
 QUIET = tc.CalibrationConfig(progress=False, group_size=32)
-
-
-def test_shortest_interval_covers_fraction():
-    z = torch.randn(1000, 3)
-    lo, hi = shortest_intervals(z, 0.8)
-    inside = ((z >= lo) & (z <= hi)).float().mean(0)
-    assert torch.all(inside >= 0.8) and torch.all(inside <= 0.81)
-    lo_wide, hi_wide = shortest_intervals(z, 0.95)
-    assert torch.all(hi_wide - lo_wide >= hi - lo)
-
-
-def test_line_fit_recovers_a_line_and_ignores_out_of_range_points():
-    z = torch.linspace(-3, 3, 601)[:, None]
-    y = torch.where(z.abs() <= 1, 2 * z - 1, torch.full_like(z, 100.0))
-    a, c = fit_lines(z, y, torch.tensor([-1.0]), torch.tensor([1.0]))
-    assert abs(a.item() - 2) < 1e-5 and abs(c.item() + 1) < 1e-5
-
-
-def test_max_line_error_of_relu_chord():
-    err = max_line_error(torch.relu, torch.tensor([0.5]), torch.tensor([0.5]), torch.tensor([-1.0]), torch.tensor([1.0]))
-    assert abs(err.item() - 0.5) < 1e-6  # the chord of relu on [-1, 1] is 0.5 z + 0.5; worst at z = 0
-
-
-def test_reservoir_keeps_at_most_max_tokens_from_all_batches():
-    rec = FFNRecord("f", "p", "gelu", {}, max_tokens=64, seed=0)
-    for i in range(10):
-        rec.add(torch.full((32, 4), float(i)))
-    kept = rec.tokens()
-    assert kept.shape == (64, 4) and rec.seen == 320
-    assert len(set(kept[:, 0].tolist())) > 3  # later batches are represented
-
-
-def test_profile_measures_coverage_flag_rate_and_recall():
-    profile = tc.calibrate(build_tiny("opt"), token_batches(6), QUIET)
-    assert len(profile.ffns) == 2
-    ffn = profile.ffns["model.decoder.layers.0"]
-    assert 0.75 < ffn.stats["coverage"] < 0.95
-    int4 = ffn.stats["guards"]["int4"]
-    assert int4["recall"] > 0.98 and int4["flag_rate"] >= 1 - ffn.stats["coverage"] - 0.02
-    assert ffn.stats["guards"]["exact"]["recall"] == 1.0
-    assert ffn.stats["error_bound"] > 0
 
 
 def test_calibration_does_not_modify_weights():
@@ -96,27 +55,6 @@ def test_calibrate_for_budget_meets_the_budget_and_explain_agrees():
 def test_calibrate_for_budget_refuses_impossible_budgets(budget):
     with pytest.raises(ValueError, match="budget"):
         tc.calibrate_for_budget(build_tiny("opt"), token_batches(2), budget, "int4", QUIET)
-
-
-def test_recall_margins_is_the_smallest_common_scale_meeting_the_target():
-    from tardis_compiler.calibrate import recall_margins
-
-    g = torch.Generator().manual_seed(5)
-    z = torch.randn(2000, 16, generator=g)
-    z_hat = z + 0.2 * torch.randn(2000, 16, generator=g)
-    lower, upper = torch.full((16,), -0.8), torch.full((16,), 0.9)
-    outside = (z < lower) | (z > upper)
-    sigma = (z_hat - z).std(0)
-
-    def recall(margin):
-        flags = (z_hat < lower + margin) | (z_hat > upper - margin)
-        return (flags & outside).sum().item() / outside.sum().item()
-
-    for target in (0.9, 0.99, 0.999):
-        margin = recall_margins(z, z_hat, lower, upper, target)
-        scale = (margin / sigma).mean().item()
-        assert recall(margin) >= target
-        assert recall(scale * 0.99 * sigma) < target
 
 
 def test_non_finite_tokens_are_dropped_with_a_warning():
@@ -184,3 +122,12 @@ def test_float64_model_with_guard_all_is_exact_to_float64_precision():
     x = torch.randn(4, 16, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), mlp(x), atol=1e-11, rtol=1e-11)
+
+
+def test_budgets_fitted_from_one_recording_share_the_prepared_options():
+    model, batches = build_tiny("llama"), token_batches(4)
+    recorder = record(model, batches, tc.CalibrationConfig(progress=False))
+    profiles = [calibrate_for_budget(model, batches, b, recorder=recorder) for b in (0.3, 0.6)]
+    assert len(recorder.prepared) == 2  # per FFN, for one guard and config: computed once for both budgets
+    fractions = [p.bytes_fraction() for p in profiles]
+    assert fractions[0] <= 0.3 * 1.05 and 0.3 * 1.05 < fractions[1] <= 0.6 * 1.05

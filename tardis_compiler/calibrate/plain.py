@@ -1,19 +1,19 @@
-"""The per-neuron policy for plain FFNs ``y = W2 act(W1 x + b1) + b2`` under a bytes budget: the
-same options and knapsack as gated FFNs (calibrate_gated.py, policy.py), with lines instead of
-constants.
+"""Plain candidates: each neuron's options in a plain FFN ``y = W2 act(W1 x + b1) + b2`` under a
+bytes budget: the same options and knapsack as gated FFNs (``gated.py``, ``policy.py``), with lines
+instead of constants.
 
 Per neuron i, on the recorded FFN inputs (z = W1[i] . x + b1_i, error weight ``||W2[:, i]||^2``):
 
 - ``guarded@p``: the window of a share p of the z-sorted tokens on which the least-squares line
   ``a_i z + c_i`` fits act(z) best (least squared error, from prefix sums in O(1) per window), the
-  guard's margins (``recall_margins``), and the error and flag rate that guard really gives;
+  guard's margins (``margins.guard_margins``), and the error and flag rate that guard really gives;
 - ``folded``: the least-squares line over all tokens, never flagged;
 - ``exact`` (heavy hitters): always computed; no error, the full row and column read per token.
 
 Without a folded matrix (the second variant: contextual sparsity) lines are zero: ``dropped``
 neurons contribute nothing and guarded windows are where act(z) is nearest zero. Used whenever a
 budget is given (``calibrate_for_budget``, ``options={"budget": ...}``); without one, plain FFNs keep
-the coverage calibration of ``fit_ffn``, whose ranges carry a worst-case error bound.
+the coverage calibration of ``coverage.fit_ffn``, whose ranges carry a worst-case error bound.
 """
 from __future__ import annotations
 
@@ -24,17 +24,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .activations import get_activation_rule
-from .calibrate import FFNRecord, max_line_error, split_tokens
-from .calibrate_gated import (COVERAGES, allocate, budget_of, encode_choice, fitted_fold_term, fold_term_output,
-                              guard_bytes, guard_margins, guard_prediction, packed_predictor, policy_measurements,
-                              predictor_for, prefix_sums)
-from .lstsq_fold import NeuronRegressions
-from .config import PREDICTOR_GUARDS, CalibrationConfig
-from .policy import Choice, NeuronOptions
-from .profile import FFNProfile
-from .report import ffn_bytes_per_token
-from .runtime.layout import always_read_bytes, exact_neuron_bytes, folded_matrix_bytes
+from ..accounting import always_read_bytes, exact_neuron_bytes, ffn_bytes_per_token, folded_matrix_bytes, guard_bytes
+from ..activations import get_activation_rule
+from ..config import PREDICTOR_GUARDS, CalibrationConfig
+from ..profile import FFNProfile
+from .lstsq_fold import NeuronRegressions, fitted_fold_term, fold_term_output
+from .margins import guard_margins, guard_prediction, packed_predictor, predictor_for
+from .policy import COVERAGES, Choice, NeuronOptions, encode_choice, policy_measurements
+from .ranges import max_line_error, prefix_sums, split_tokens
+from .record import FFNRecord
 
 _INF = math.inf
 
@@ -132,27 +130,6 @@ def finish_plain_ffn(cand: PlainCandidates, variant: int, choice: Choice, budget
         margins={guard: p["margin"]} if guard in PREDICTOR_GUARDS else {}, stats=stats,
         predictor=packed_predictor(k["predictor"]), fold_term=p["fold_term"],
     )
-
-
-def fit_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> FFNProfile:
-    """Fit one plain FFN's per-neuron policy for ``guard`` within ``config.budget`` of its dense bytes
-    read per token, and measure it on held-out tokens.
-
-    Example:
-        >>> import torch, tardis_compiler as tc
-        >>> from tardis_compiler.calibrate import FFNRecord
-        >>> _ = torch.manual_seed(0); d, m = 32, 128
-        >>> w = {"w1_rows": torch.randn(m, d) / 4, "b1": None, "w2_rows": torch.randn(m, d) / 8, "b2": None}
-        >>> rec = FFNRecord("mlp", "linear-act-linear", "gelu", w, max_tokens=2048, seed=0)
-        >>> rec.add(torch.randn(2048, d))
-        >>> ffn = fit_plain_ffn(rec, tc.CalibrationConfig(budget=0.5, progress=False), "int8")
-        >>> ffn.stats["bytes_fraction"] <= 0.5 + 0.05
-        True
-    """
-    budget = budget_of(config)
-    cand = prepare_plain_ffn(record, config, guard)
-    (variant, choice), = allocate([cand], budget, "layer", config.fold)
-    return finish_plain_ffn(cand, variant, choice, budget)
 
 
 def _options(z, y, z_hat, z_sorted, prefix, sigma, col_norm2, with_fold: bool, exact_cost: float,

@@ -1,4 +1,4 @@
-"""Per-neuron policy under a bytes budget (DESIGN section 1.4).
+"""The per-neuron policy under a bytes budget (DESIGN section 1.4), shared by both FFN kinds.
 
 Every neuron of an FFN takes one of a few options, each with a calibration error (its expected
 squared contribution to the FFN's output error per token) and a cost (weight bytes read per token):
@@ -14,13 +14,22 @@ multiple-choice knapsack. We solve its Lagrangian relaxation: at a price ``lam``
 neuron independently takes the option minimising ``error + lam * cost``; total bytes fall as the
 price rises, so a bisection on ``lam`` finds the cheapest price that fits the budget. The result is
 optimal for the bytes it spends (the usual knapsack duality gap is at most one neuron's option).
+
+Each FFN kind builds its options (``plain.py``: lines, ``gated.py``: constants, at the coverages
+``COVERAGES``); ``encode_choice`` turns the chosen ones into the fused op's per-neuron params and
+``policy_measurements`` measures the result on held-out tokens.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
+
+#: Range coverages offered to each guarded neuron.
+COVERAGES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+_INF = math.inf
 
 
 @dataclasses.dataclass
@@ -145,3 +154,61 @@ def choose_across(ffns: list[list[tuple[NeuronOptions, float]]], budget_bytes: f
     for _, c in joint.picks:
         c.within_budget = joint.within_budget
     return joint.picks
+
+
+def encode_choice(opts: NeuronOptions, plan: dict, choice: Choice, m: int,
+                  values: tuple[str, ...] = ("c",)) -> dict[str, torch.Tensor]:
+    """Per-neuron ``values`` (the constant c, or a line's slope and intercept), range and margin
+    encoding the chosen options for the fused op: exact neurons get an empty range (+inf, -inf) and
+    zero values, so every guard flags them; folded and dropped neurons an unbounded one, so none does.
+
+    Example:
+        >>> # encode_choice(opts, plan, choose(opts, budget), m)["lower"]
+    """
+    out = {key: torch.zeros(m) for key in (*values, "margin")}
+    out["lower"], out["upper"] = torch.full((m,), _INF), torch.full((m,), -_INF)
+    for k, label in enumerate(opts.labels):
+        sel = choice.option == k
+        if label == "exact" or not sel.any():
+            continue
+        for key in values:
+            out[key][sel] = plan[label][key][sel]
+        if label.startswith("guarded"):
+            for key in ("lower", "upper", "margin"):
+                out[key][sel] = plan[label][key][sel]
+        else:
+            out["lower"][sel], out["upper"][sel] = -_INF, _INF
+    return out
+
+
+def policy_measurements(flags: torch.Tensor, outside: torch.Tensor, always: torch.Tensor, guarded: torch.Tensor,
+                        delta_y: torch.Tensor, dense_y: torch.Tensor, predictor, guard: str, guard_cost: tuple,
+                        fixed: float, exact_cost: float, dense_bytes: float) -> dict[str, Any]:
+    """Stats of a fitted mix on held-out tokens, shared by gated and plain FFNs: coverage, and for
+    ``guard`` flag rate, recall, output error and bytes per token (``fixed`` = what is read whatever
+    the guard, e.g. the folded matrix and output bias).
+
+    Example:
+        >>> # stats.update(policy_measurements(flags, outside, always, guarded, dy, y, ...))
+    """
+    any_guarded = bool(guarded.any())
+    guard_read = guarded.sum().item() * guard_cost[0] + guard_cost[1] * any_guarded
+    fixed_bytes = fixed + guard_read
+    per_token = fixed_bytes + flags.float().sum(1).mean().item() * exact_cost
+    missed = outside & ~flags
+    guard_stats = {
+        "flag_rate": flags[:, guarded].float().mean().item() if any_guarded else 0.0,
+        "corrected_rate": flags.float().mean().item(),
+        "recall": 1.0 - missed.sum().item() / max(1, outside.sum().item()),
+        "rel_error": (delta_y.norm() / dense_y.norm().clamp(min=1e-30)).item(),
+        "max_abs_error": delta_y.abs().max().item() if delta_y.numel() else 0.0,
+        "kernel": predictor.kernel if predictor is not None else guard,
+        "bytes": guard_read, "bytes_per_token": per_token,
+        # bytes per token = fixed_bytes + corrected_rate * m * exact_cost (the meter's formula)
+        "fixed_bytes": fixed_bytes, "exact_cost": exact_cost,
+    }
+    return {
+        "coverage": 1.0 - (outside | always).float().mean().item(),  # (token, neuron) pairs the fold serves
+        "guards": {guard: guard_stats},
+        "bytes_fraction": per_token / dense_bytes,
+    }

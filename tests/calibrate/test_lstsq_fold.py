@@ -6,9 +6,8 @@ import torch.nn.functional as F
 
 import tardis_compiler as tc
 from tardis_compiler.calibrate import FFNRecord, split_tokens
-from tardis_compiler.calibrate_gated import fit_gated_ffn
-from tardis_compiler.calibrate_plain import fit_plain_ffn
-from tardis_compiler.lstsq_fold import NeuronRegressions
+from tardis_compiler.calibrate.allocate import fit_gated_ffn, fit_plain_ffn
+from tardis_compiler.calibrate.lstsq_fold import NeuronRegressions
 from tardis_compiler.profile import ProfileError
 from tardis_compiler.runtime import ffn_op
 from tardis_compiler.runtime.pack import build_pack, dense_reference

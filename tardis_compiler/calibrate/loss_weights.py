@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch.fx import GraphModule
 
-from .passes.context import copy_graph_module, placeholder_fqns
-from .passes.find_ffns import find_ffns, linear_nodes
+from ..passes.context import copy_graph_module, placeholder_fqns
+from ..passes.find_ffns import find_ffns, linear_nodes
 
 
 class OutputGradients:

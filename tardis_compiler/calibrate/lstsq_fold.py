@@ -14,12 +14,20 @@ share of the fitting tokens (``VALIDATION_FRACTION``) and then refitted on all o
 op keeps the per-neuron lines of guarded neurons (its corrections subtract exactly those), and
 adds the fitted term ``W_out[F] B_F`` to the folded matrix: with ``guard="all"`` the pack leaves
 the term out, so the op still reproduces the dense FFN (``runtime/pack.py``).
+
+``fitted_fold_term`` builds that term for the neurons a chosen mix folds without a guard, and
+``fold_term_output`` is what it adds to the FFN's output, for both FFN kinds.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .policy import Choice, NeuronOptions
 
 #: Share of the fitting tokens the ridge is chosen on.
 VALIDATION_FRACTION = 0.2
@@ -104,3 +112,30 @@ class _Moments:
         """Mean squared residual per neuron on (x, h) of the fit at ``ridge``."""
         coef = self.solve(ridge)
         return (h.float() - self.predict(coef, x).float()).square().mean(0).double()
+
+
+def fitted_fold_term(regressions: NeuronRegressions | None, opts: NeuronOptions, choice: Choice,
+                     out_rows: torch.Tensor) -> torch.Tensor | None:
+    """The least-squares term ``[W | b]`` standing in for every neuron the choice folds without a
+    guard (module docstring); None without regressions or when no neuron is folded.
+
+    Example:
+        >>> # fitted_fold_term(cand.measure["regressions"], opts, choice, weights["wd_rows"]).shape
+    """
+    if regressions is None or "folded" not in opts.labels:
+        return None
+    folded = (choice.option == opts.labels.index("folded")).nonzero().squeeze(1)
+    return regressions.term(folded, out_rows) if folded.numel() else None
+
+
+def fold_term_output(fold_term: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | float:
+    """What the least-squares term adds to the output for tokens ``x`` (0.0 without one).
+
+    Example:
+        >>> term = torch.tensor([[2.0, 0.0, 1.0]])          # y = 2 x_0 + 1
+        >>> fold_term_output(term, torch.tensor([[3.0, 5.0]])), fold_term_output(None, torch.ones(1, 2))
+        (tensor([[7.]]), 0.0)
+    """
+    if fold_term is None:
+        return 0.0
+    return F.linear(x, fold_term[:, :-1], fold_term[:, -1])

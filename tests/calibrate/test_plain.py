@@ -3,9 +3,10 @@ import pytest
 import torch
 
 import tardis_compiler as tc
-from tardis_compiler.calibrate import FFNRecord
-from tardis_compiler.calibrate_gated import prefix_sums
-from tardis_compiler.calibrate_plain import _window_lines, fit_plain_ffn
+from tardis_compiler.calibrate.allocate import fit_plain_ffn
+from tardis_compiler.calibrate.plain import _window_lines
+from tardis_compiler.calibrate.ranges import prefix_sums
+from tardis_compiler.calibrate.record import FFNRecord
 from tests.tiny_models import ARCHITECTURES, build_tiny, logits, token_batches
 
 

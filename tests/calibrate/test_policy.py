@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from tardis_compiler.policy import NeuronOptions, choose
+from tardis_compiler.calibrate.policy import NeuronOptions, choose
 
 
 def _brute_force(opts: NeuronOptions, budget: float, fixed: float) -> float:

@@ -1,0 +1,27 @@
+"""Calibrate: record each FFN's inputs on real text, then fit every neuron's range, line or
+constant, guard margin and option under a bytes budget. The steps, in pipeline order:
+
+1. ``record``: a reservoir of each FFN's inputs, kept while the model runs under the recording
+   backend (``FFNRecord``, ``recording``, ``RECORDING_BACKEND``);
+2. ``ranges``: the fit/holdout split, shortest intervals, least-squares lines, window sums;
+3. ``margins``: the guard's predictor and the margins of its flag band;
+4. ``lstsq_fold``: per-neuron ridge regressions for the least-squares fold term;
+5. ``plain`` / ``gated``: each FFN kind's per-neuron options (candidates), with error and bytes;
+6. ``policy``: the knapsack picking one option per neuron, and the encoding of the choice;
+7. ``allocate``: the budget spent per layer or across the model, the chosen mixes measured;
+8. ``coverage``: instead of 5-7, the uniform-coverage fit of a plain FFN without a budget;
+9. ``drive``: ``calibrate``, ``calibrate_for_budget``, ``record`` and ``Recorder.fit``.
+
+The package re-exports the public API; the step modules import each other directly. The
+package's attribute ``record`` is the function ``drive.record``, which shadows the step module
+of that name: import from the module with ``from tardis_compiler.calibrate.record import ...``.
+"""
+from .drive import Recorder, calibrate, calibrate_for_budget, record
+from .record import FFNRecord, active_recorder, record_ffn_input, recording
+# Fitting helpers that scripts imported from the single calibrate module this package replaced.
+from .margins import recall_margins
+from .ranges import fit_lines, max_line_error, shortest_intervals, split_tokens
+
+__all__ = ["FFNRecord", "Recorder", "active_recorder", "calibrate", "calibrate_for_budget", "fit_lines",
+           "max_line_error", "recall_margins", "record", "record_ffn_input", "recording", "shortest_intervals",
+           "split_tokens"]

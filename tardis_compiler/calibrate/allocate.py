@@ -1,0 +1,128 @@
+"""Allocate: fit FFNs to a bytes budget with the per-neuron policy (DESIGN section 1.4).
+
+Each FFN kind prepares its options once (``gated.py``, ``plain.py``: the candidates, which depend
+on neither the budget nor how it is shared), then ``allocate`` spends the budget per layer or
+across the model (``policy.choose`` / ``policy.choose_across``), and each kind's ``finish_*``
+encodes and measures the chosen mix.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Mapping
+
+from ..config import CalibrationConfig
+from ..profile import FFNProfile
+from .gated import GatedCandidates, finish_gated_ffn, prepare_gated_ffn
+from .plain import PlainCandidates, finish_plain_ffn, prepare_plain_ffn
+from .policy import Choice, choose, choose_across
+from .record import FFNRecord
+
+
+def budget_of(config: CalibrationConfig) -> float:
+    """The budget to fit: ``config.budget``, or 0.5 of dense when none is set.
+
+    Example:
+        >>> budget_of(CalibrationConfig()), budget_of(CalibrationConfig(budget=0.3))
+        (0.5, 0.3)
+    """
+    return config.budget if config.budget is not None else 0.5
+
+
+def allocate(cands: list[PlainCandidates | GatedCandidates], budget: float, allocation: str,
+             fold: bool | None = None) -> list[tuple[int, Choice]]:
+    """Per FFN, the variant (with or without the folded matrix) and neuron mix to use.
+
+    ``"layer"``: each FFN meets the budget on its own, with the variant of least error. ``"model"``:
+    the FFNs share it, bytes going where they cut the most *relative* error (each FFN's error over
+    its dense output's energy), one Lagrangian over all neurons. On SmolLM2, "layer" measured better
+    at every budget (docs/RESULTS.md): output energy is a poor proxy for a layer's effect on the loss.
+    ``fold`` restricts the variants: None both, True only with the folded matrix, False only without.
+
+    Example:
+        >>> # allocate([prepare_gated_ffn(rec, config, "int8")], 0.5, "layer")
+    """
+    allowed = [[i for i, v in enumerate(c.variants) if fold is None or v[0] == fold] for c in cands]
+    if allocation == "model":
+        layers = [[(c.variants[i][1].scaled(1.0 / max(c.energy, 1e-30)), c.variants[i][3]) for i in ids]
+                  for c, ids in zip(cands, allowed)]
+        picks = choose_across(layers, sum(c.budget_bytes(budget) for c in cands))
+        return [(ids[k], choice) for ids, (k, choice) in zip(allowed, picks)]
+    picks = []
+    for c, ids in zip(cands, allowed):
+        choices = {i: choose(c.variants[i][1], c.budget_bytes(budget), fixed_bytes=c.variants[i][3]) for i in ids}
+        best = min(ids, key=lambda i: (not choices[i].within_budget, choices[i].error))
+        picks.append((best, choices[best]))
+    return picks
+
+
+def fit_policy_ffns(records: Iterable[FFNRecord], config: CalibrationConfig, guards: Mapping[str, str],
+                    prepared: dict | None = None) -> dict[str, FFNProfile]:
+    """Fit every FFN's per-neuron mix within ``config.budget`` (None: 0.5), sharing it as
+    ``config.allocation`` says (see ``allocate``). ``guards`` maps an FFN kind ("plain", "gated") to
+    the guard its mix is priced for. ``prepared`` (a dict owned by the caller, e.g. a ``Recorder``)
+    memoises the per-neuron options, which depend on neither the budget nor the allocation.
+
+    Example:
+        >>> # recorder = tc.record(model, batches); fit_policy_ffns(recorder.ffns.values(),
+        >>> #     CalibrationConfig(budget=0.5), {"plain": "int8", "gated": "int4"}, recorder.prepared)
+    """
+    budget = budget_of(config)
+    base = dataclasses.replace(config, budget=None, allocation="layer", fold=None, progress=False)
+    key_config = tuple(sorted(dataclasses.asdict(base).items()))
+    cands = []
+    for record in records:
+        kind = "gated" if record.gated else "plain"
+        key = (record.name, guards[kind], key_config)
+        if prepared is None or key not in prepared:
+            prepare = prepare_gated_ffn if record.gated else prepare_plain_ffn
+            cand = prepare(record, config, guards[kind])
+            if prepared is None:
+                cands.append(cand)
+                continue
+            prepared[key] = cand
+        cands.append(prepared[key])
+    picks = allocate(cands, budget, config.allocation, config.fold)
+    return {c.record.name: (finish_gated_ffn if c.record.gated else finish_plain_ffn)(c, variant, choice, budget)
+            for c, (variant, choice) in zip(cands, picks)}
+
+
+def fit_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> FFNProfile:
+    """Fit one plain FFN's per-neuron policy for ``guard`` within ``config.budget`` of its dense bytes
+    read per token, and measure it on held-out tokens.
+
+    Example:
+        >>> import torch, tardis_compiler as tc
+        >>> from tardis_compiler.calibrate.record import FFNRecord
+        >>> _ = torch.manual_seed(0); d, m = 32, 128
+        >>> w = {"w1_rows": torch.randn(m, d) / 4, "b1": None, "w2_rows": torch.randn(m, d) / 8, "b2": None}
+        >>> rec = FFNRecord("mlp", "linear-act-linear", "gelu", w, max_tokens=2048, seed=0)
+        >>> rec.add(torch.randn(2048, d))
+        >>> ffn = fit_plain_ffn(rec, tc.CalibrationConfig(budget=0.5, progress=False), "int8")
+        >>> ffn.stats["bytes_fraction"] <= 0.5 + 0.05
+        True
+    """
+    budget = budget_of(config)
+    cand = prepare_plain_ffn(record, config, guard)
+    (variant, choice), = allocate([cand], budget, "layer", config.fold)
+    return finish_plain_ffn(cand, variant, choice, budget)
+
+
+def fit_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> FFNProfile:
+    """Fit one gated FFN's constants, ranges, guard margins and per-neuron policy for ``guard``
+    within ``config.budget`` of its dense bytes read per token, and measure it on held-out tokens.
+
+    Example:
+        >>> import torch, tardis_compiler as tc
+        >>> from tardis_compiler.calibrate.record import FFNRecord
+        >>> _ = torch.manual_seed(0); d, m = 32, 64
+        >>> w = {"wg_rows": torch.randn(m, d) / 4, "bg": None, "wu_rows": torch.randn(m, d) / 4, "bu": None,
+        ...      "wd_rows": torch.randn(m, d) / 8, "bd": None}
+        >>> rec = FFNRecord("mlp", "gated", "silu", w, max_tokens=2048, seed=0); rec.add(torch.randn(2048, d))
+        >>> ffn = fit_gated_ffn(rec, tc.CalibrationConfig(budget=0.5, progress=False), "int8")
+        >>> ffn.kind, ffn.stats["bytes_fraction"] <= 0.5 + 0.05
+        ('gated', True)
+    """
+    budget = budget_of(config)
+    cand = prepare_gated_ffn(record, config, guard)
+    (variant, choice), = allocate([cand], budget, "layer", config.fold)
+    return finish_gated_ffn(cand, variant, choice, budget)
