@@ -32,7 +32,7 @@ from ..accounting import always_read_bytes, exact_neuron_bytes, folded_matrix_by
 from ..activations import get_activation_rule
 from ..config import PREDICTOR_GUARDS, CalibrationConfig
 from ..profile import FFNProfile
-from .lstsq_fold import NeuronRegressions, fitted_fold_term, fold_term_output
+from .lstsq_fold import fit_fold_term, fold_term_output
 from .margins import guard_margins, guard_prediction, packed_predictor, predictor_for
 from .policy import COVERAGES, Choice, NeuronOptions, encode_choice, policy_measurements
 from .ranges import prefix_sums, split_tokens
@@ -81,11 +81,10 @@ def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     guard_row, guard_fixed = guard_bytes(predictor, d_in, elem)
     fold_bytes = float(folded_matrix_bytes(d_in, d_out, elem))
     sorted_stats = _sorted_stats(g, u, a)
-    regressions = NeuronRegressions.fit(x_fit, a * u, col_norm2, config.seed) if config.fold_fit == "lstsq" else None
     variants = []
     for with_fold in (True, False):
         opts, plan = _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold, exact_cost, guard_row, guard,
-                              config, regressions if with_fold else None)
+                              config)
         variants.append((with_fold, opts, plan, (fold_bytes if with_fold else 0.0) + guard_fixed))
     stats = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0], "measured_on": measured_on,
              "elem_bytes": elem, "has_bias": gate_up_bias or down_bias, "gate_up_bias": gate_up_bias,
@@ -93,7 +92,8 @@ def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
              "error_bound": None}  # u is unbounded: no worst-case bound for a gated FFN
     measure = {"act": act, "predictor": predictor, "guard": guard, "fold_bytes": fold_bytes,
                "guard_row": guard_row, "guard_fixed": guard_fixed, "exact_cost": exact_cost,
-               "always_bytes": always_read_bytes(d_out), "regressions": regressions}
+               "always_bytes": always_read_bytes(d_out), "x_fit": x_fit,
+               "lstsq": config.fold_fit == "lstsq", "seed": config.seed}
     return GatedCandidates(record, w, variants, dense_bytes, energy, stats, x_hold if x_hold.shape[0] else x_fit,
                            measure)
 
@@ -104,14 +104,16 @@ def finish_gated_ffn(cand: GatedCandidates, variant: int, choice: Choice, budget
     m = cand.weights["wg_rows"].shape[0]
     params = encode_choice(opts, plan, choice, m)
     params["line_error"] = torch.zeros(m)
-    fold_term = fitted_fold_term(cand.measure["regressions"] if with_fold else None, opts, choice,
-                                 cand.weights["wd_rows"])
+    k = cand.measure
+    fold_term = None
+    if with_fold and k["lstsq"]:
+        error, *_ = _output_error(k["x_fit"], cand.weights, k["act"], params, k["predictor"], k["guard"])
+        fold_term = fit_fold_term(k["x_fit"], -error, k["seed"])
     stats = dict(cand.stats, budget=budget,
                  policy={"counts": choice.counts(opts.labels), "folded_matrix": with_fold,
                          "within_budget": choice.within_budget, "calibration_bytes_fraction": choice.bytes /
                          cand.dense_bytes, "calibration_rel_error": (opts.error.gather(1, choice.option[:, None])
                                                                       .sum().item() / max(cand.energy, 1e-30)) ** 0.5})
-    k = cand.measure
     stats.update(_measure(cand.x_eval, cand.weights, k["act"], params, k["predictor"], k["guard"], with_fold,
                           k["fold_bytes"], (k["guard_row"], k["guard_fixed"]), k["exact_cost"], cand.dense_bytes,
                           k["always_bytes"], fold_term))
@@ -136,11 +138,8 @@ def _sorted_stats(g: torch.Tensor, u: torch.Tensor, a: torch.Tensor) -> tuple[to
 
 
 def _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold: bool, exact_cost: float, guard_row: float,
-             guard: str, config: CalibrationConfig,
-             regressions: NeuronRegressions | None = None) -> tuple[NeuronOptions, dict]:
-    """Per-neuron error and cost of each option, and the ranges/constants/margins behind them.
-    With ``regressions`` a folded neuron's error is its regression's (its constant is then 0: the
-    least-squares term carries it)."""
+             guard: str, config: CalibrationConfig) -> tuple[NeuronOptions, dict]:
+    """Per-neuron error and cost of each option, and the ranges/constants/margins behind them."""
     n, m = g.shape
     u2 = u.pow(2)
     labels, errors, costs = ["exact"], [torch.zeros(m, dtype=torch.float64)], [torch.full((m,), exact_cost)]
@@ -149,13 +148,9 @@ def _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold: bool, exact_cos
     g_sorted, prefix = sorted_stats
     sigma = (g_hat - g).std(dim=0) if g_hat is not g else None
     labels.append("folded" if with_fold else "dropped")
-    if regressions is not None:
-        errors.append(col_norm2 * regressions.error)
-        plan[labels[-1]] = {"c": torch.zeros(m)}
-    else:
-        c_all = _weighted_constant(prefix, with_fold)
-        errors.append(col_norm2 * _window_sse(prefix["uu"][-1], prefix["auu"][-1], prefix["aauu"][-1], c_all) / n)
-        plan[labels[-1]] = {"c": c_all.float()}
+    c_all = _weighted_constant(prefix, with_fold)
+    errors.append(col_norm2 * _window_sse(prefix["uu"][-1], prefix["auu"][-1], prefix["aauu"][-1], c_all) / n)
+    plan[labels[-1]] = {"c": c_all.float()}
     costs.append(torch.zeros(m, dtype=torch.float64))
 
     for p in COVERAGES:
@@ -209,6 +204,18 @@ def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_c
              always_bytes, fold_term) -> dict[str, Any]:
     """What the chosen policy does on ``x`` (held-out tokens): coverage, flags, recall, output
     error and bytes read per token."""
+    if guard == "all":
+        fold_term = None  # the pack leaves the term out: every neuron is exact
+    error, dense_y, flags, outside, always, guarded = _output_error(x, w, act, params, predictor, guard)
+    delta_y = error + fold_term_output(fold_term, x)
+    fixed = (fold_bytes if with_fold else 0.0) + always_bytes
+    return policy_measurements(flags, outside, always, guarded, delta_y, dense_y,
+                               predictor, guard, guard_cost, fixed, exact_cost, dense_bytes)
+
+
+def _output_error(x, w, act, params, predictor, guard):
+    """(op output - dense output) on tokens ``x`` without a least-squares term, the dense output,
+    and the masks behind them: flags, out of range, always exact, guarded."""
     g, u = F.linear(x, w["wg_rows"], w["bg"]), F.linear(x, w["wu_rows"], w["bu"])
     a = act(g)
     c, lower, upper, margin = params["c"], params["lower"], params["upper"], params["margin"]
@@ -222,9 +229,4 @@ def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_c
     if guard == "all":
         flags = torch.ones_like(flags)
     delta_h = torch.where(flags, torch.zeros_like(a), (c - a) * u)
-    if guard == "all":
-        fold_term = None  # the pack leaves the term out: every neuron is exact
-    delta_y = delta_h @ w["wd_rows"] + fold_term_output(fold_term, x)
-    fixed = (fold_bytes if with_fold else 0.0) + always_bytes
-    return policy_measurements(flags, outside, always, guarded, delta_y, (a * u) @ w["wd_rows"],
-                               predictor, guard, guard_cost, fixed, exact_cost, dense_bytes)
+    return delta_h @ w["wd_rows"], (a * u) @ w["wd_rows"], flags, outside, always, guarded

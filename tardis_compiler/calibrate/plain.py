@@ -28,7 +28,7 @@ from ..accounting import always_read_bytes, exact_neuron_bytes, ffn_bytes_per_to
 from ..activations import get_activation_rule
 from ..config import PREDICTOR_GUARDS, CalibrationConfig
 from ..profile import FFNProfile
-from .lstsq_fold import NeuronRegressions, fitted_fold_term, fold_term_output
+from .lstsq_fold import fit_fold_term, fold_term_output
 from .margins import guard_margins, guard_prediction, packed_predictor, predictor_for
 from .policy import COVERAGES, Choice, NeuronOptions, encode_choice, policy_measurements
 from .ranges import max_line_error, prefix_sums, split_tokens
@@ -83,17 +83,16 @@ def prepare_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     prefix = {"z": prefix_sums(zd), "zz": prefix_sums(zd * zd), "y": prefix_sums(yd),
               "zy": prefix_sums(zd * yd), "yy": prefix_sums(yd * yd)}
     sigma = (z_hat - z).std(dim=0) if predictor is not None else None
-    regressions = NeuronRegressions.fit(x_fit, y, col_norm2, config.seed) if config.fold_fit == "lstsq" else None
     variants = []
     for with_fold in (True, False):
         opts, plan = _options(z, y, z_hat, z_sorted, prefix, sigma, col_norm2, with_fold, exact_cost, guard_row,
-                              guard, config, regressions if with_fold else None)
+                              guard, config)
         fixed = (fold_bytes if with_fold else 0.0) + always_read_bytes(d_out) + guard_fixed
         variants.append((with_fold, opts, plan, fixed))
     stats = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0], "measured_on": measured_on,
              "elem_bytes": elem, "has_bias": has_bias, "dense_bytes": dense_bytes}
     measure = {"act": act, "predictor": predictor, "guard": guard, "guard_row": guard_row, "guard_fixed": guard_fixed,
-               "exact_cost": exact_cost, "regressions": regressions}
+               "exact_cost": exact_cost, "x_fit": x_fit, "lstsq": config.fold_fit == "lstsq", "seed": config.seed}
     return PlainCandidates(record, w, variants, dense_bytes, energy, stats, x_hold if x_hold.shape[0] else x_fit,
                            measure)
 
@@ -104,7 +103,10 @@ def finish_plain_ffn(cand: PlainCandidates, variant: int, choice: Choice, budget
     w, k = cand.weights, cand.measure
     m = w["w1_rows"].shape[0]
     p = encode_choice(opts, plan, choice, m, values=("slope", "intercept"))
-    p["fold_term"] = fitted_fold_term(k["regressions"] if with_fold else None, opts, choice, w["w2_rows"])
+    p["fold_term"] = None
+    if with_fold and k["lstsq"]:
+        error, *_ = _output_error(cand, k["x_fit"], p, k["guard"])
+        p["fold_term"] = fit_fold_term(k["x_fit"], -error, k["seed"])
     guarded = torch.isfinite(p["lower"]) & (p["lower"] <= p["upper"])
     line_error = torch.zeros(m)
     if guarded.any():
@@ -133,24 +135,17 @@ def finish_plain_ffn(cand: PlainCandidates, variant: int, choice: Choice, budget
 
 
 def _options(z, y, z_hat, z_sorted, prefix, sigma, col_norm2, with_fold: bool, exact_cost: float,
-             guard_row: float, guard: str, config: CalibrationConfig,
-             regressions: NeuronRegressions | None = None) -> tuple[NeuronOptions, dict]:
-    """Per-neuron error and cost of each option, and the ranges/lines/margins behind them. With
-    ``regressions`` a folded neuron's error is its regression's (its line is then zero: the
-    least-squares term carries it)."""
+             guard_row: float, guard: str, config: CalibrationConfig) -> tuple[NeuronOptions, dict]:
+    """Per-neuron error and cost of each option, and the ranges/lines/margins behind them."""
     n, m = z.shape
     labels, errors, costs = ["exact"], [torch.zeros(m, dtype=torch.float64)], [torch.full((m,), exact_cost)]
     plan: dict[str, dict[str, torch.Tensor]] = {}
 
     total = {key: p[-1:] for key, p in prefix.items()}
     labels.append("folded" if with_fold else "dropped")
-    if regressions is not None:
-        errors.append(col_norm2 * regressions.error)
-        plan[labels[-1]] = {"slope": torch.zeros(m), "intercept": torch.zeros(m)}
-    else:
-        slope, intercept, sse = _window_lines(total, n, with_fold)
-        errors.append(col_norm2 * sse[0] / n)
-        plan[labels[-1]] = {"slope": slope[0].float(), "intercept": intercept[0].float()}
+    slope, intercept, sse = _window_lines(total, n, with_fold)
+    errors.append(col_norm2 * sse[0] / n)
+    plan[labels[-1]] = {"slope": slope[0].float(), "intercept": intercept[0].float()}
     costs.append(torch.zeros(m, dtype=torch.float64))
 
     cols = torch.arange(m)
@@ -189,22 +184,30 @@ def _window_lines(s: dict[str, torch.Tensor], k: int, with_fold: bool):
 
 def _measure(cand: PlainCandidates, p: dict[str, torch.Tensor], fixed: float) -> dict[str, Any]:
     """What the chosen policy does on held-out tokens: coverage, flags, recall, output error, bytes."""
-    w, k, x = cand.weights, cand.measure, cand.x_eval
-    act, predictor, guard = k["act"], k["predictor"], k["guard"]
-    z = F.linear(x, w["w1_rows"], w["b1"])
-    y = act(z)
-    always = p["lower"] > p["upper"]
-    guarded = torch.isfinite(p["lower"]) & ~always
-    outside = (z < p["lower"]) | (z > p["upper"])
-    z_hat = guard_prediction(predictor, x, w["b1"], z)
-    flags = (z_hat < p["lower"] + p["margin"]) | (z_hat > p["upper"] - p["margin"]) | always
-    if guard == "all":
-        flags = torch.ones_like(flags)
-    line = p["slope"] * z + p["intercept"]
+    k, x = cand.measure, cand.x_eval
+    predictor, guard = k["predictor"], k["guard"]
+    error, dense_y, flags, outside, always, guarded = _output_error(cand, x, p, guard)
     fold_term = None if guard == "all" else p["fold_term"]  # the pack leaves it out with guard="all"
-    delta_y = torch.where(flags, 0.0, line - y) @ w["w2_rows"] + fold_term_output(fold_term, x)
-    dense_y = F.linear(y, w["w2_rows"].t(), w["b2"])
+    delta_y = error + fold_term_output(fold_term, x)
     # ``fixed`` counted the svd guard's P already; policy_measurements adds it back if any neuron is guarded.
     return policy_measurements(flags, outside, always, guarded, delta_y, dense_y, predictor, guard,
                                (k["guard_row"], k["guard_fixed"]), fixed - k["guard_fixed"], k["exact_cost"],
                                cand.dense_bytes)
+
+
+def _output_error(cand: PlainCandidates, x: torch.Tensor, p: dict[str, torch.Tensor], guard: str):
+    """(op output - dense output) on tokens ``x`` without a least-squares term, the dense output,
+    and the masks behind them: flags, out of range, always exact, guarded."""
+    w, k = cand.weights, cand.measure
+    z = F.linear(x, w["w1_rows"], w["b1"])
+    y = k["act"](z)
+    always = p["lower"] > p["upper"]
+    guarded = torch.isfinite(p["lower"]) & ~always
+    outside = (z < p["lower"]) | (z > p["upper"])
+    z_hat = guard_prediction(k["predictor"], x, w["b1"], z)
+    flags = (z_hat < p["lower"] + p["margin"]) | (z_hat > p["upper"] - p["margin"]) | always
+    if guard == "all":
+        flags = torch.ones_like(flags)
+    line = p["slope"] * z + p["intercept"]
+    error = torch.where(flags, 0.0, line - y) @ w["w2_rows"]
+    return error, F.linear(y, w["w2_rows"].t(), w["b2"]), flags, outside, always, guarded

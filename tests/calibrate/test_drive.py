@@ -46,7 +46,7 @@ def test_calibrate_for_budget_meets_the_budget_and_explain_agrees():
     assert all(f.has_policy and f.stats["policy"]["within_budget"] for f in tight.ffns.values())
     rel_error = lambda p: sum(f.stats["guards"]["int8"]["rel_error"] for f in p.ffns.values())  # noqa: E731
     assert rel_error(tight) > rel_error(loose)
-    report = tc.explain(model, token_batches(1)[0], profile=tight, guard="int8", inner="eager")
+    report = tc.explain(model, token_batches(1)[0], profile=tight, guard="int8", inner="eager", dense_above=None)
     read = sum(f.bytes_tardis for f in report.ffns) / sum(f.bytes_dense for f in report.ffns)
     assert abs(read - tight.bytes_fraction("int8")) < 1e-9
 
@@ -69,7 +69,8 @@ def test_non_finite_tokens_are_dropped_with_a_warning():
     for vector in (ffn.slope, ffn.intercept, ffn.line_error, *ffn.margins.values()):
         assert torch.isfinite(vector).all()
     assert not ffn.lower.isnan().any() and not ffn.upper.isnan().any()
-    fast = torch.compile(mlp, backend="tardis", options={"profile": profile, "guard": "all", "inner": "eager"})
+    fast = torch.compile(mlp, backend="tardis", options={"profile": profile, "guard": "all", "inner": "eager",
+                                                          "dense_above": None})
     x = torch.randn(4, 16)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), mlp(x), atol=1e-5, rtol=1e-5)
@@ -108,7 +109,8 @@ def test_ffns_with_tied_weights_are_calibrated_each_with_its_own_bias():
     model = Tied().eval()
     profile = tc.calibrate(model, [torch.randn(256, 16)], tc.CalibrationConfig(progress=False))
     assert len(profile.ffns) == 2, list(profile.ffns)
-    fast = torch.compile(model, backend="tardis", options={"profile": profile, "guard": "all", "inner": "eager"})
+    fast = torch.compile(model, backend="tardis", options={"profile": profile, "guard": "all", "inner": "eager",
+                                                          "dense_above": None})
     x = torch.randn(4, 16)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
@@ -118,7 +120,8 @@ def test_float64_model_with_guard_all_is_exact_to_float64_precision():
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval().double()
     profile = tc.calibrate(mlp, [torch.randn(256, 16, dtype=torch.float64)], tc.CalibrationConfig(progress=False))
-    fast = torch.compile(mlp, backend="tardis", options={"profile": profile, "guard": "all", "inner": "eager"})
+    fast = torch.compile(mlp, backend="tardis", options={"profile": profile, "guard": "all", "inner": "eager",
+                                                          "dense_above": None})
     x = torch.randn(4, 16, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), mlp(x), atol=1e-11, rtol=1e-11)

@@ -60,9 +60,10 @@ def test_guard_all_equals_eager_and_budget_is_read(arch):
     with torch.no_grad():
         expected = logits(model(ids))
         torch.compiler.reset()
-        got = logits(torch.compile(model, backend="tardis", options={"profile": profile, "guard": "all"})(ids))
+        got = logits(torch.compile(model, backend="tardis", options={"profile": profile, "guard": "all",
+                                                                            "dense_above": None})(ids))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    report = tc.explain(model, ids, profile=profile, inner="eager")
+    report = tc.explain(model, ids, profile=profile, inner="eager", dense_above=None)
     assert all(r.status == "rewritten" and sum(r.policy.values()) == r.d_hidden for r in report.ffns)
     assert sum(r.bytes_tardis for r in report.ffns) / sum(r.bytes_dense for r in report.ffns) <= 0.5 + 0.03
     assert "Neuron mix per FFN" in str(report)
@@ -79,7 +80,8 @@ def test_error_shrinks_with_the_budget_end_to_end():
         torch.compiler.reset()
         profile = tc.calibrate_for_budget(model, None, budget, recorder=recorder)
         with torch.no_grad():
-            got = logits(torch.compile(model, backend="tardis", options={"profile": profile, "inner": "eager"})(ids))
+            got = logits(torch.compile(model, backend="tardis", options={"profile": profile, "inner": "eager",
+                                                                            "dense_above": None})(ids))
         errors.append(((got - expected).norm() / expected.norm()).item())
     assert errors[1] < errors[0] < 0.5, errors
 
