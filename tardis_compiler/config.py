@@ -71,6 +71,7 @@ class CalibrationConfig:
     allocation: str = "layer"
     fold: bool | None = None
     fold_fit: str = "lstsq"
+    sequential: int = 1
     seed: int = 0
     progress: bool = True
 
@@ -87,6 +88,7 @@ class CalibrationConfig:
         require(self.fold is None or isinstance(self.fold, bool),
                 f"fold must be None, True or False, got {self.fold!r}")
         require(self.fold_fit in ("lstsq", "lines"), f"fold_fit must be 'lstsq' or 'lines', got {self.fold_fit!r}")
+        require_integer(self.sequential, "sequential", 1, "(groups of FFNs fitted in turn; 1: all at once)")
         if self.budget is not None:
             require_number(self.budget, "budget", 0.0, 1.0, "(0, 1] (a fraction of dense FFN bytes read per token)",
                            low_open=True)

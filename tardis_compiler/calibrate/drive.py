@@ -19,7 +19,8 @@ from ..config import DEFAULT_GUARDS, CalibrationConfig
 from ..profile import Profile
 from .allocate import fit_policy_ffns
 from .coverage import fit_ffn
-from .record import RECORDING_BACKEND, FFNRecord, recording
+from .record import FFNRecord, run_recording
+from .sequential import fit_sequentially
 
 log = logging.getLogger("tardis_compiler")
 _FEW_TOKENS = 64  # below this, calibration warns that its fit will not generalise
@@ -28,20 +29,39 @@ _FEW_TOKENS = 64  # below this, calibration warns that its fit will not generali
 class Recorder:
     """Collects ``FFNRecord``s while a recording graph runs (see ``recording``)."""
 
-    def __init__(self, config: CalibrationConfig) -> None:
+    def __init__(self, config: CalibrationConfig, only: set[str] | None = None, prefix: Profile | None = None,
+                 guards: dict[str, str] | None = None, stop_after: str | None = None) -> None:
         self.config = config
         self.ffns: dict[str, FFNRecord] = {}
         # Gated FFNs' per-neuron options do not depend on the budget: computed once per guard and
         # config, and reused by every budget or allocation fitted from this recorder.
         self.prepared: dict = {}
+        # Sequential calibration (sequential.py): record only the FFNs ``only``, with the FFNs of
+        # ``prefix`` folded (priced for ``guards`` per kind), stopping after ``stop_after``.
+        self.only, self.prefix, self.stop_after = only, prefix, stop_after
+        self.guards = guards or dict(DEFAULT_GUARDS)
 
     def register(self, name: str, pattern: str, activation: str, weights: dict) -> None:
         """Declare an FFN, or hand it its weights again (each call of a recording graph does)."""
+        if self.only is not None and name not in self.only:
+            return
         if name not in self.ffns:
             seed = self.config.seed + len(self.ffns)
             self.ffns[name] = FFNRecord(name, pattern, activation, weights, self.config.max_tokens, seed)
         else:
             self.ffns[name].weights = weights
+
+    def spawn(self, only: set[str], prefix: Profile, guards: dict[str, str], stop_after: str) -> "Recorder":
+        """A new recorder with this one's config, for one pass of sequential calibration."""
+        return Recorder(self.config, only=only, prefix=prefix, guards=guards, stop_after=stop_after)
+
+    def subset(self, names: list[str]) -> "Recorder":
+        """A recorder over some of this one's records (shared, not copied) and its prepared options."""
+        part = Recorder(self.config)
+        part.ffns = {n: self.ffns[n] for n in names}
+        part.prepared = self.prepared
+        part.batches = getattr(self, "batches", 0)
+        return part
 
     def release_weights(self) -> None:
         """Let go of the FFNs' weights until the next ``register`` (an auto-calibration waiting for
@@ -120,17 +140,7 @@ def record(model: torch.nn.Module, batches: Iterable[Any], config: CalibrationCo
         raise ValueError("calibrate() got an empty calibration set: pass at least one batch of real "
                          "inputs (e.g. a few tokenized paragraphs)")
     recorder = Recorder(config)
-    # One backend object for every calibration: dynamo reuses its graphs across calls (a new
-    # backend per call would recompile each time and, by the 9th, hit dynamo's recompile limit).
-    compiled = torch.compile(model, backend=RECORDING_BACKEND, dynamic=None)
-    progress = batches
-    if config.progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(batches, desc="tardis: recording FFN inputs")
-    with torch.no_grad(), recording(recorder):
-        for batch in progress:
-            _call(compiled, batch)
+    run_recording(model, batches, recorder, "tardis: recording FFN inputs")
     if not recorder.ffns:
         raise ValueError("calibrate() found no FFN in this model; tardis_compiler.explain(model, inputs) "
                          "lists what was matched and why patterns were skipped")
@@ -153,7 +163,10 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any], config: Calibratio
         ([''], 64)
     """
     recorder = record(model, batches, config)
-    return recorder.fit(source=f"calibrate(): {recorder.batches} batches")
+    source = f"calibrate(): {recorder.batches} batches"
+    if recorder.config.sequential > 1:
+        return fit_sequentially(model, batches, recorder, recorder.config, None, source)
+    return recorder.fit(source=source)
 
 
 def calibrate_for_budget(model: torch.nn.Module, batches: Iterable[Any], budget: float, guard: str | None = None,
@@ -178,17 +191,16 @@ def calibrate_for_budget(model: torch.nn.Module, batches: Iterable[Any], budget:
         raise ValueError(f"budget is a fraction of dense FFN bytes read per token, in (0, 1]; got {budget}")
     config = dataclasses.replace(config or CalibrationConfig(), budget=budget)
     recorder = recorder if recorder is not None else record(model, batches, config)
-    profile = recorder.fit(f"calibrate_for_budget({budget}, {guard!r}): {recorder.batches} batches", config, guard)
+    source = f"calibrate_for_budget({budget}, {guard!r}): {recorder.batches} batches"
+    if config.sequential > 1:
+        if batches is None:
+            raise ValueError("sequential calibration (config.sequential > 1) runs the model again on the "
+                             "calibration batches: pass them along with the recorder")
+        profile = fit_sequentially(model, batches, recorder, config, guard, source)
+    else:
+        profile = recorder.fit(source, config, guard)
     over = [name for name, ffn in profile.ffns.items() if not ffn.stats["policy"]["within_budget"]]
     if over:
         raise ValueError(f"budget {budget} is below what tardis reads even with every neuron dropped (the output "
                          f"bias and the guard) for FFNs {over[:3]}: raise the budget")
     return profile
-
-
-def _call(model, batch):
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)

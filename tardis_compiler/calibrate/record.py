@@ -19,7 +19,9 @@ from torch.fx import GraphModule
 from ..options import TardisOptions
 from ..passes.context import PassContext, copy_graph_module, ffn_slots, placeholder_fqns, refuse_training_graph
 from ..passes.find_ffns import find_ffns
+from ..passes.fold_ffns import fold_ffns
 from ..passes.record_ffn_inputs import record_ffn_inputs
+from ..runtime.graph_packs import GraphPacks
 
 if TYPE_CHECKING:
     from .drive import Recorder
@@ -112,11 +114,18 @@ def active_recorder() -> Recorder | None:
     return _ACTIVE.stack[-1] if _ACTIVE.stack else None
 
 
+class EnoughRecorded(Exception):
+    """Raised by the hook once the recorder's ``stop_after`` FFN has its input: the rest of the
+    forward pass would record nothing (sequential calibration stops the model there)."""
+
+
 def record_ffn_input(x: torch.Tensor, name: str) -> None:
     """Graph hook inserted by the recording pass: hand an FFN's input to the active recorder."""
     recorder = active_recorder()
     if recorder is not None and name in recorder.ffns:
         recorder.ffns[name].add(x)
+        if name == recorder.stop_after:
+            raise EnoughRecorded(name)
 
 
 def recording_graph(gm: GraphModule, ctx: PassContext) -> GraphModule:
@@ -138,15 +147,85 @@ def _recording_backend(gm: GraphModule, example_inputs: Sequence[Any], **_) -> C
     positions = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
     slots = [ffn_slots(m, positions) for m in matches]
     forward = recording_graph(gm, PassContext(TardisOptions(), {m.name for m in matches})).forward
+    folded = _FoldedRecording(gm, matches, positions)
 
     def run(*args):
         recorder = active_recorder()
-        if recorder is not None:
-            for f in slots:
-                recorder.register(f.name, f.pattern, f.activation, f.weights(args))
+        if recorder is None:
+            return forward(*args)
+        for f in slots:
+            recorder.register(f.name, f.pattern, f.activation, f.weights(args))
+        if recorder.prefix is not None and any(f.name in recorder.prefix.ffns for f in slots):
+            return folded(recorder, args)
         return forward(*args)
 
     return run
 
 
+class _FoldedRecording:
+    """The recording graph with every FFN folded (sequential calibration): each call runs the
+    FFNs of ``recorder.prefix`` (a profile whose FFNs not yet calibrated are exact stand-ins)
+    through the op, every token through the pack (``dense_above=None``), and records the inputs
+    the later FFNs see. Built on first use."""
+
+    def __init__(self, gm: GraphModule, matches: list, positions: dict) -> None:
+        # A copy now: dynamo drops the node metadata the passes match on once the backend returns.
+        self.gm = copy_graph_module(gm)
+        self.matches, self.positions = matches, positions
+        self.forward: Callable | None = None
+        self.packs: dict[tuple, GraphPacks] = {}
+
+    def __call__(self, recorder: Recorder, args: Sequence[Any]) -> Any:
+        options = TardisOptions(dense_above=None)
+        if self.forward is None:
+            names = {m.name for m in self.matches}
+            # Hooks first: folding replaces the FFNs, after which no pass could find their inputs.
+            gm = record_ffn_inputs(self.gm, PassContext(options, names), record_ffn_input)
+            gm = fold_ffns(gm, PassContext(options, names))
+            self.order = [ffn_slots(m, self.positions) for m in _in_order(self.matches, gm.meta["tardis_folded"])]
+            self.forward = gm.forward
+        guards = tuple(recorder.guards[f.kind] for f in self.order)
+        key = (guards, recorder.config.group_size)
+        if key not in self.packs:
+            self.packs[key] = GraphPacks(self.order, list(guards), recorder.config.group_size)
+        return self.forward(*args, *self.packs[key].flat(args, recorder.prefix))
+
+
+def _in_order(matches: list, names: list[str]) -> list:
+    by_name = {m.name: m for m in matches}
+    return [by_name[n] for n in names]
+
+
 RECORDING_BACKEND = _recording_backend
+
+
+def run_recording(model: torch.nn.Module, batches: Sequence[Any], recorder: Recorder, desc: str) -> None:
+    """Run ``batches`` through ``model`` compiled with ``RECORDING_BACKEND``, recording into
+    ``recorder``; a pass that stops early (``EnoughRecorded``) ends its batch there.
+
+    Example:
+        >>> # run_recording(model, batches, Recorder(config), "tardis: recording FFN inputs")
+    """
+    # One backend object for every calibration: dynamo reuses its graphs across calls (a new
+    # backend per call would recompile each time and, by the 9th, hit dynamo's recompile limit).
+    compiled = torch.compile(model, backend=RECORDING_BACKEND, dynamic=None)
+    progress = batches
+    if recorder.config.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(batches, desc=desc)
+    with torch.no_grad(), recording(recorder):
+        for batch in progress:
+            try:
+                call_model(compiled, batch)
+            except EnoughRecorded:
+                pass
+
+
+def call_model(model: Callable, batch: Any) -> Any:
+    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple or list, else ``model(batch)``."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)

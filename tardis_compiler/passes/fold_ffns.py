@@ -31,6 +31,7 @@ def fold_ffns(gm: GraphModule, ctx: PassContext) -> GraphModule:
     matches = ctx.selected(gm)
     last_placeholder = list(graph.find_nodes(op="placeholder"))[-1]
     names = []
+    packs = []
     for match in matches:
         pack = []
         for part in PACK_INPUTS:
@@ -38,6 +39,10 @@ def fold_ffns(gm: GraphModule, ctx: PassContext) -> GraphModule:
                 last_placeholder = graph.placeholder(f"tardis_{part}_{len(names)}")
             pack.append(last_placeholder)
         names.append(match.name)
+        packs.append(pack)
+    # Last FFN first: an FFN's input may be the output node of the one before it (chained FFNs),
+    # which replacing that one erases; replaced later, the new op takes its place in every use.
+    for match, pack in reversed(list(zip(matches, packs))):
         _replace(graph, match, pack, ctx.options.dense_above)
         ctx.log.append(f"fold_ffns: {match.name}: {match.pattern} -> tardis.ffn")
     gm.meta["tardis_folded"] = names
