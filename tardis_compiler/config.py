@@ -43,8 +43,10 @@ class CalibrationConfig:
             Every FFN chooses each neuron's option (exact, guarded at some coverage, folded,
             dropped) to fit it with the least calibration error. None: gated FFNs fit 0.5, plain
             FFNs use ``coverage`` for every neuron (ranges with a worst-case error bound).
-        allocation: how FFNs fitted to a budget share it: "layer" (each meets it) or "model" (bytes
-            go to the FFNs whose relative error they cut most; the model as a whole meets it).
+        allocation: how FFNs fitted to a budget share it: "layer" (each meets it), "model" (bytes
+            go to the FFNs whose relative error they cut most; the model as a whole meets it) or
+            "loss" (the model as a whole meets it, each neuron's error weighted by the loss's
+            sensitivity to it, measured by one backward pass: ``calibrate/loss_weights.py``).
         fold: with a budget, whether the mix may fold neurons into the matrix ``Wf``: None (default)
             takes whichever of the two variants has less error per FFN, False never folds (neurons
             off the exact path contribute nothing: contextual activation sparsity, c = 0), True always.
@@ -83,8 +85,8 @@ class CalibrationConfig:
         require_integer(self.group_size, "group_size", 8)
         require(self.group_size % 8 == 0, f"group_size must be a positive multiple of 8, got {self.group_size}")
         require_integer(self.svd_rank, "svd_rank", 0, "(0: a quarter of d_in)")
-        require(self.allocation in ("layer", "model"),
-                f"allocation must be 'layer' or 'model', got {self.allocation!r}")
+        require(self.allocation in ("layer", "model", "loss"),
+                f"allocation must be 'layer', 'model' or 'loss', got {self.allocation!r}")
         require(self.fold is None or isinstance(self.fold, bool),
                 f"fold must be None, True or False, got {self.fold!r}")
         require(self.fold_fit in ("lstsq", "lines"), f"fold_fit must be 'lstsq' or 'lines', got {self.fold_fit!r}")

@@ -14,7 +14,8 @@ from ..config import CalibrationConfig
 from ..profile import FFNProfile
 from .gated import GatedCandidates, finish_gated_ffn, prepare_gated_ffn
 from .plain import PlainCandidates, finish_plain_ffn, prepare_plain_ffn
-from .policy import Choice, choose, choose_across
+from .loss_weights import OutputGradients
+from .policy import Choice, NeuronOptions, choose, choose_across
 from .record import FFNRecord
 
 
@@ -29,19 +30,30 @@ def budget_of(config: CalibrationConfig) -> float:
 
 
 def allocate(cands: list[PlainCandidates | GatedCandidates], budget: float, allocation: str,
-             fold: bool | None = None) -> list[tuple[int, Choice]]:
+             fold: bool | None = None, loss_weights: OutputGradients | None = None) -> list[tuple[int, Choice]]:
     """Per FFN, the variant (with or without the folded matrix) and neuron mix to use.
 
     ``"layer"``: each FFN meets the budget on its own, with the variant of least error. ``"model"``:
     the FFNs share it, bytes going where they cut the most *relative* error (each FFN's error over
     its dense output's energy), one Lagrangian over all neurons. On SmolLM2, "layer" measured better
     at every budget (docs/RESULTS.md): output energy is a poor proxy for a layer's effect on the loss.
+    ``"loss"``: the FFNs share it, each neuron's error weighted by what the model's loss makes of
+    it (``loss_weights.py``: ``w_i^T F w_i`` in place of ``||w_i||^2``), so errors of every layer
+    are in one unit and one price per byte spends the budget where the loss rises least.
     ``fold`` restricts the variants: None both, True only with the folded matrix, False only without.
 
     Example:
         >>> # allocate([prepare_gated_ffn(rec, config, "int8")], 0.5, "layer")
     """
     allowed = [[i for i, v in enumerate(c.variants) if fold is None or v[0] == fold] for c in cands]
+    if allocation == "loss":
+        if loss_weights is None:
+            raise ValueError('allocation="loss" needs the loss weights of the FFNs (output_gradients): calibrate '
+                             "with calibrate() or calibrate_for_budget(), which measure them on the batches")
+        layers = [[(_loss_weighted(c.variants[i][1], c, loss_weights), c.variants[i][3]) for i in ids]
+                  for c, ids in zip(cands, allowed)]
+        picks = choose_across(layers, sum(c.budget_bytes(budget) for c in cands))
+        return [(ids[k], choice) for ids, (k, choice) in zip(allowed, picks)]
     if allocation == "model":
         layers = [[(c.variants[i][1].scaled(1.0 / max(c.energy, 1e-30)), c.variants[i][3]) for i in ids]
                   for c, ids in zip(cands, allowed)]
@@ -55,8 +67,20 @@ def allocate(cands: list[PlainCandidates | GatedCandidates], budget: float, allo
     return picks
 
 
+def _loss_weighted(options: NeuronOptions, cand: PlainCandidates | GatedCandidates,
+                   loss_weights: OutputGradients) -> NeuronOptions:
+    """``options`` with each neuron's error re-weighted from ``||w_i||^2`` to ``w_i^T F w_i``."""
+    name = cand.record.name
+    if name not in loss_weights.sums:
+        raise ValueError(f"no loss gradient reached FFN {name!r}: its output does not affect the loss on the "
+                         'calibration batches; use allocation="layer"')
+    out_rows = cand.weights["wd_rows" if cand.record.gated else "w2_rows"]
+    ratio = loss_weights.neuron_weights(name, out_rows) / out_rows.double().pow(2).sum(1).clamp(min=1e-30)
+    return NeuronOptions(options.labels, options.error * ratio[:, None], options.cost)
+
+
 def fit_policy_ffns(records: Iterable[FFNRecord], config: CalibrationConfig, guards: Mapping[str, str],
-                    prepared: dict | None = None) -> dict[str, FFNProfile]:
+                    prepared: dict | None = None, loss_weights: OutputGradients | None = None) -> dict[str, FFNProfile]:
     """Fit every FFN's per-neuron mix within ``config.budget`` (None: 0.5), sharing it as
     ``config.allocation`` says (see ``allocate``). ``guards`` maps an FFN kind ("plain", "gated") to
     the guard its mix is priced for. ``prepared`` (a dict owned by the caller, e.g. a ``Recorder``)
@@ -81,7 +105,7 @@ def fit_policy_ffns(records: Iterable[FFNRecord], config: CalibrationConfig, gua
                 continue
             prepared[key] = cand
         cands.append(prepared[key])
-    picks = allocate(cands, budget, config.allocation, config.fold)
+    picks = allocate(cands, budget, config.allocation, config.fold, loss_weights)
     return {c.record.name: (finish_gated_ffn if c.record.gated else finish_plain_ffn)(c, variant, choice, budget)
             for c, (variant, choice) in zip(cands, picks)}
 

@@ -19,6 +19,7 @@ from ..config import DEFAULT_GUARDS, CalibrationConfig
 from ..profile import Profile
 from .allocate import fit_policy_ffns
 from .coverage import fit_ffn
+from .loss_weights import OutputGradients, output_gradients
 from .record import FFNRecord, run_recording
 from .sequential import fit_sequentially
 
@@ -40,6 +41,7 @@ class Recorder:
         # ``prefix`` folded (priced for ``guards`` per kind), stopping after ``stop_after``.
         self.only, self.prefix, self.stop_after = only, prefix, stop_after
         self.guards = guards or dict(DEFAULT_GUARDS)
+        self.loss_weights: OutputGradients | None = None  # allocation="loss" (measured by ``calibrate*``)
 
     def register(self, name: str, pattern: str, activation: str, weights: dict) -> None:
         """Declare an FFN, or hand it its weights again (each call of a recording graph does)."""
@@ -53,7 +55,9 @@ class Recorder:
 
     def spawn(self, only: set[str], prefix: Profile, guards: dict[str, str], stop_after: str) -> "Recorder":
         """A new recorder with this one's config, for one pass of sequential calibration."""
-        return Recorder(self.config, only=only, prefix=prefix, guards=guards, stop_after=stop_after)
+        spawned = Recorder(self.config, only=only, prefix=prefix, guards=guards, stop_after=stop_after)
+        spawned.loss_weights = self.loss_weights
+        return spawned
 
     def subset(self, names: list[str]) -> "Recorder":
         """A recorder over some of this one's records (shared, not copied) and its prepared options."""
@@ -61,6 +65,7 @@ class Recorder:
         part.ffns = {n: self.ffns[n] for n in names}
         part.prepared = self.prepared
         part.batches = getattr(self, "batches", 0)
+        part.loss_weights = self.loss_weights
         return part
 
     def release_weights(self) -> None:
@@ -104,7 +109,7 @@ class Recorder:
         if by_policy:  # fitted together: with allocation="model" they share one budget
             guards = {kind: guard or default for kind, default in DEFAULT_GUARDS.items()}
             ffns.update(fit_policy_ffns(_progress(by_policy, config, "tardis: fitting per-neuron mixes"), config,
-                                        guards, self.prepared))
+                                        guards, self.prepared, self.loss_weights))
         ffns = {name: ffns[name] for name in self.ffns}  # graph order
         tokens = max(r.seen for r in self.ffns.values())
         return Profile(ffns=ffns, config=config, tokens=tokens, source=source)
@@ -164,6 +169,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any], config: Calibratio
     """
     recorder = record(model, batches, config)
     source = f"calibrate(): {recorder.batches} batches"
+    _measure_loss_weights(model, batches, recorder, recorder.config)
     if recorder.config.sequential > 1:
         return fit_sequentially(model, batches, recorder, recorder.config, None, source)
     return recorder.fit(source=source)
@@ -192,6 +198,7 @@ def calibrate_for_budget(model: torch.nn.Module, batches: Iterable[Any], budget:
     config = dataclasses.replace(config or CalibrationConfig(), budget=budget)
     recorder = recorder if recorder is not None else record(model, batches, config)
     source = f"calibrate_for_budget({budget}, {guard!r}): {recorder.batches} batches"
+    _measure_loss_weights(model, batches, recorder, config)
     if config.sequential > 1:
         if batches is None:
             raise ValueError("sequential calibration (config.sequential > 1) runs the model again on the "
@@ -204,3 +211,17 @@ def calibrate_for_budget(model: torch.nn.Module, batches: Iterable[Any], budget:
         raise ValueError(f"budget {budget} is below what tardis reads even with every neuron dropped (the output "
                          f"bias and the guard) for FFNs {over[:3]}: raise the budget")
     return profile
+
+
+#: Calibration batches the loss weights are measured on (a forward and a backward pass each).
+LOSS_BATCHES = 8
+
+
+def _measure_loss_weights(model: torch.nn.Module, batches: Any, recorder: Recorder, config: CalibrationConfig) -> None:
+    """With ``allocation="loss"``, measure the FFNs' loss weights once per recorder."""
+    if config.allocation != "loss" or recorder.loss_weights is not None:
+        return
+    if batches is None:
+        raise ValueError('allocation="loss" measures the loss on the calibration batches: pass them along '
+                         "with the recorder")
+    recorder.loss_weights = output_gradients(model, list(batches)[:LOSS_BATCHES])
