@@ -26,8 +26,11 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 #: name -> CalibrationConfig overrides.
 VARIANTS = {
-    "lines": {"fold_fit": "lines"},  # per-neuron lines / constants (before issue 10)
-    "lstsq": {"fold_fit": "lstsq"},  # the least-squares fold
+    "before": {"fold_fit": "lines", "sequential": 1, "allocation": "layer"},  # calibration before issue 10
+    "lstsq": {"fold_fit": "lstsq", "sequential": 1, "allocation": "layer"},  # + the least-squares fold alone
+    "sequential": {"fold_fit": "lines", "sequential": 6, "allocation": "layer"},  # + sequential alone (6 groups)
+    "loss": {"fold_fit": "lines", "sequential": 1, "allocation": "loss"},  # + loss-weighted allocation alone
+    "all": {"fold_fit": "lstsq", "sequential": 6, "allocation": "loss"},  # all three
 }
 
 

@@ -8,7 +8,7 @@ encodes and measures the chosen mix.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from ..config import CalibrationConfig
 from ..profile import FFNProfile
@@ -29,9 +29,10 @@ def budget_of(config: CalibrationConfig) -> float:
     return config.budget if config.budget is not None else 0.5
 
 
-def allocate(cands: list[PlainCandidates | GatedCandidates], budget: float, allocation: str,
+def allocate(cands: list[PlainCandidates | GatedCandidates], budget: float | Sequence[float], allocation: str,
              fold: bool | None = None, loss_weights: OutputGradients | None = None) -> list[tuple[int, Choice]]:
-    """Per FFN, the variant (with or without the folded matrix) and neuron mix to use.
+    """Per FFN, the variant (with or without the folded matrix) and neuron mix to use, within
+    ``budget`` (a fraction of dense bytes; one per FFN, or one for all).
 
     ``"layer"``: each FFN meets the budget on its own, with the variant of least error. ``"model"``:
     the FFNs share it, bytes going where they cut the most *relative* error (each FFN's error over
@@ -45,23 +46,25 @@ def allocate(cands: list[PlainCandidates | GatedCandidates], budget: float, allo
     Example:
         >>> # allocate([prepare_gated_ffn(rec, config, "int8")], 0.5, "layer")
     """
+    budgets = [float(budget)] * len(cands) if isinstance(budget, (int, float)) else list(budget)
     allowed = [[i for i, v in enumerate(c.variants) if fold is None or v[0] == fold] for c in cands]
+    shared_bytes = sum(c.budget_bytes(b) for c, b in zip(cands, budgets))
     if allocation == "loss":
         if loss_weights is None:
             raise ValueError('allocation="loss" needs the loss weights of the FFNs (output_gradients): calibrate '
                              "with calibrate() or calibrate_for_budget(), which measure them on the batches")
         layers = [[(_loss_weighted(c.variants[i][1], c, loss_weights), c.variants[i][3]) for i in ids]
                   for c, ids in zip(cands, allowed)]
-        picks = choose_across(layers, sum(c.budget_bytes(budget) for c in cands))
+        picks = choose_across(layers, shared_bytes)
         return [(ids[k], choice) for ids, (k, choice) in zip(allowed, picks)]
     if allocation == "model":
         layers = [[(c.variants[i][1].scaled(1.0 / max(c.energy, 1e-30)), c.variants[i][3]) for i in ids]
                   for c, ids in zip(cands, allowed)]
-        picks = choose_across(layers, sum(c.budget_bytes(budget) for c in cands))
+        picks = choose_across(layers, shared_bytes)
         return [(ids[k], choice) for ids, (k, choice) in zip(allowed, picks)]
     picks = []
-    for c, ids in zip(cands, allowed):
-        choices = {i: choose(c.variants[i][1], c.budget_bytes(budget), fixed_bytes=c.variants[i][3]) for i in ids}
+    for c, ids, b in zip(cands, allowed, budgets):
+        choices = {i: choose(c.variants[i][1], c.budget_bytes(b), fixed_bytes=c.variants[i][3]) for i in ids}
         best = min(ids, key=lambda i: (not choices[i].within_budget, choices[i].error))
         picks.append((best, choices[best]))
     return picks
@@ -105,9 +108,47 @@ def fit_policy_ffns(records: Iterable[FFNRecord], config: CalibrationConfig, gua
                 continue
             prepared[key] = cand
         cands.append(prepared[key])
-    picks = allocate(cands, budget, config.allocation, config.fold, loss_weights)
-    return {c.record.name: (finish_gated_ffn if c.record.gated else finish_plain_ffn)(c, variant, choice, budget)
-            for c, (variant, choice) in zip(cands, picks)}
+    return {c.record.name: f for c, f in zip(cands, _fit_within(cands, budget, config, loss_weights))}
+
+
+#: Rounds of re-fitting where the bytes measured on the held-out calibration tokens exceed the
+#: budget (the mix is chosen on the fitting tokens, whose flag rates run slightly lower).
+BUDGET_ROUNDS = 2
+#: Held-out overshoot tolerated (relative), and the extra margin a re-chosen target gets.
+BUDGET_TOLERANCE = 1e-3
+
+
+def _fit_within(cands: list[PlainCandidates | GatedCandidates], budget: float, config: CalibrationConfig,
+                loss_weights: OutputGradients | None) -> list[FFNProfile]:
+    """Choose, finish and measure every FFN's mix; where the held-out bytes overshoot, shrink the
+    target by the overshoot and choose again (per FFN for "layer", all together when shared)."""
+    targets = [budget] * len(cands)
+    redo = list(range(len(cands)))
+    ffns: list[FFNProfile | None] = [None] * len(cands)
+    for round_ in range(BUDGET_ROUNDS + 1):
+        if config.allocation == "layer":
+            picks = dict(zip(redo, allocate([cands[i] for i in redo], [targets[i] for i in redo], "layer",
+                                            config.fold)))
+        else:
+            picks = dict(enumerate(allocate(cands, targets, config.allocation, config.fold, loss_weights)))
+        for i in redo:
+            c, (variant, choice) = cands[i], picks[i]
+            ffns[i] = (finish_gated_ffn if c.record.gated else finish_plain_ffn)(c, variant, choice, budget)
+            ffns[i].stats["policy"]["target_fraction"] = targets[i]
+        if round_ == BUDGET_ROUNDS:
+            break
+        fractions = [f.stats["bytes_fraction"] for f in ffns]
+        if config.allocation == "layer":
+            redo = [i for i, f in enumerate(fractions) if f > budget * (1 + BUDGET_TOLERANCE)]
+            for i in redo:
+                targets[i] *= budget / fractions[i] * (1 - BUDGET_TOLERANCE)
+        else:
+            read = sum(f * c.dense_bytes for f, c in zip(fractions, cands)) / sum(c.dense_bytes for c in cands)
+            redo = list(range(len(cands))) if read > budget * (1 + BUDGET_TOLERANCE) else []
+            targets = [t * budget / read * (1 - BUDGET_TOLERANCE) for t in targets] if redo else targets
+        if not redo:
+            break
+    return ffns
 
 
 def fit_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> FFNProfile:

@@ -1,7 +1,9 @@
 """allocate.py: one budget shared across FFNs (allocation="model")."""
+import pytest
 import torch
 
 import tardis_compiler as tc
+from tardis_compiler.calibrate.allocate import BUDGET_TOLERANCE
 from tardis_compiler.calibrate.allocate import fit_policy_ffns
 from tests.calibrate.records import gated_record
 
@@ -16,3 +18,21 @@ def test_model_allocation_meets_the_budget_overall_and_moves_bytes_to_the_larger
     spent = {n: f.stats["policy"]["calibration_bytes_fraction"] for n, f in ffns.items()}
     assert (spent["easy"] + spent["hard"]) / 2 <= 0.5 + 1e-6
     assert spent["hard"] > spent["easy"]
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.7])
+@pytest.mark.parametrize("allocation", ["layer", "model"])
+def test_held_out_bytes_meet_the_budget(budget, allocation):
+    """The mix is chosen on the fitting tokens; where the held-out ones read more, it is re-chosen
+    for a target shrunk by the overshoot."""
+    records = [gated_record(seed=s) for s in (0, 1)]
+    for r, name in zip(records, ("a", "b")):
+        r.name = name
+    config = tc.CalibrationConfig(budget=budget, progress=False, allocation=allocation)
+    ffns = fit_policy_ffns(records, config, {"plain": "int8", "gated": "int8"})
+    fractions = [f.stats["bytes_fraction"] for f in ffns.values()]
+    if allocation == "layer":
+        assert max(fractions) <= budget * (1 + BUDGET_TOLERANCE)
+    else:
+        assert sum(fractions) / 2 <= budget * (1 + BUDGET_TOLERANCE)
+    assert min(f.stats["policy"]["target_fraction"] for f in ffns.values()) <= budget
