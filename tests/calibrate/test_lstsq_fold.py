@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import tardis_compiler as tc
+from tests.calibrate.records import gated_record, skewed_inputs
 from tardis_compiler.calibrate import FFNRecord, split_tokens
 from tardis_compiler.calibrate.allocate import fit_gated_ffn, fit_plain_ffn
 from tardis_compiler.calibrate.lstsq_fold import fit_fold_term, fold_term_output
@@ -13,22 +14,8 @@ from tardis_compiler.runtime import ffn_op
 from tardis_compiler.runtime.pack import build_pack, dense_reference
 
 
-def _inputs(r, tokens: int, d: int) -> torch.Tensor:
-    """Skewed inputs driven by a few latent factors, as real FFN inputs are: with Gaussian ones a
-    neuron's nonlinearity carries no information about the other directions of x, and the
-    regression can only tie the per-neuron line."""
-    latent = (0.8 * r(tokens, 8)).exp() - 1
-    return latent @ r(8, d) / 2 + 0.1 * r(tokens, d)
-
-
-def _gated_record(seed: int = 0, d: int = 32, m: int = 128, tokens: int = 3000, bias: bool = True) -> FFNRecord:
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    w = {"wg_rows": r(m, d) / 3 - 0.05, "bg": r(m) - 1.0 if bias else None, "wu_rows": r(m, d) / 4,
-         "bu": r(m) if bias else None, "wd_rows": r(m, d) / 8, "bd": r(d) if bias else None}
-    rec = FFNRecord("mlp", "gated", "silu", w, max_tokens=tokens, seed=seed)
-    rec.add(_inputs(r, tokens, d))
-    return rec
+def _gated_record(seed: int = 0) -> FFNRecord:
+    return gated_record(seed, bias=True, inputs=skewed_inputs)
 
 
 def _plain_record(seed: int = 0, d: int = 32, m: int = 128, tokens: int = 3000) -> FFNRecord:
@@ -36,7 +23,7 @@ def _plain_record(seed: int = 0, d: int = 32, m: int = 128, tokens: int = 3000) 
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     w = {"w1_rows": r(m, d) / 4, "b1": r(m) / 2, "w2_rows": r(m, d) / 8, "b2": r(d)}
     rec = FFNRecord("mlp", "linear-act-linear", "gelu", w, max_tokens=tokens, seed=seed)
-    rec.add(_inputs(r, tokens, d))
+    rec.add(skewed_inputs(r, tokens, d))
     return rec
 
 
