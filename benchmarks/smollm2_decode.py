@@ -97,6 +97,7 @@ def main() -> None:
     config = tc.CalibrationConfig(progress=False)
 
     variants: dict[str, tuple[torch.nn.Module, object, dict]] = {}  # name -> (model, forward, info)
+    ppl_forwards: dict = {}  # variant -> the forward its perplexity is measured with
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         model = base if dtype == torch.float32 else copy.deepcopy(base).to(dtype)  # .to() is in place
@@ -118,6 +119,9 @@ def main() -> None:
             variants[f"tardis {short} {budget}"] = (model, compile_forward(
                 model, backend="tardis", options={"profile": profile}),
                 dict(info, kind="tardis", budget=budget, bytes_fraction=profile.bytes_fraction()))
+            # Perplexity through the pack on every token (the default runs 512-token windows dense).
+            ppl_forwards[f"tardis {short} {budget}"] = compile_forward(
+                model, backend="tardis", options={"profile": profile, "dense_above": None})
         if dtype == torch.bfloat16:
             sparse = cached_profiles(f"smollm2-{dtype_name}-nofold", model, batches, args.sparsity_budgets,
                                      tc.CalibrationConfig(progress=False, fold=False))
@@ -125,6 +129,8 @@ def main() -> None:
                 variants[f"activation sparsity (c = 0) {short} {budget}"] = (model, compile_forward(
                     model, backend="tardis", options={"profile": profile}),
                     dict(info, kind="sparsity", budget=budget, bytes_fraction=profile.bytes_fraction()))
+                ppl_forwards[f"activation sparsity (c = 0) {short} {budget}"] = compile_forward(
+                    model, backend="tardis", options={"profile": profile, "dense_above": None})
 
     generate = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                     pad_token_id=tok.eos_token_id)
@@ -147,7 +153,7 @@ def main() -> None:
             outputs[name] = [run(model, forward, p)[1] for p in prompts]
         if info["kind"] in ("tardis", "sparsity") and not stats.ffns:
             raise RuntimeError(f"{name}: no tardis op ran (did dynamo fall back to eager?)")
-        model.forward, original = forward, model.forward
+        model.forward, original = ppl_forwards.get(name, forward), model.forward
         try:
             ppl[name] = perplexity(model, windows[:args.ppl_windows], prefix).value
         finally:
