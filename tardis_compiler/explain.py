@@ -9,15 +9,20 @@ import torch
 
 from .backend import CalibrationStates, TardisCompiler
 from .options import TardisOptions
-from .report import GraphReport, render_table
-from .runtime.stats import collect_stats
+from .report import FFNReport, GraphReport, render_table
+from .runtime.ffn_op import dense_above_for
+from .runtime.stats import FFNCounters, collect_stats
 
 
 @dataclasses.dataclass
 class ExplainReport:
     """Per graph, per FFN: pattern, activation rule, status or skip reason, range coverage, flag
     rates (calibration and on the example inputs), recall, error, bytes read per token, and the
-    rewritten graph code. ``print(report)`` shows the table; ``report.code`` the graphs."""
+    rewritten graph code. ``print(report)`` shows the table; ``report.code`` the graphs.
+
+    An FFN whose measured calls all ran the dense FFN (more tokens per call than ``dense_above``)
+    has no measured flag rate (``runtime_flag_rate`` None: the table shows calibration's) and a note
+    in its graph's report saying so."""
 
     graphs: list[GraphReport]
 
@@ -49,7 +54,9 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Exp
 
     Takes the same keywords as ``torch.compile(..., backend="tardis", options=...)``. Without a
     profile it runs the inputs ``calibration_calls`` times to auto-calibrate, then once more; with
-    one, once. The last call is measured (flag rates on these inputs). A single dict input is
+    one, once. The last call is measured (flag rates on these inputs). Calls of more tokens than
+    ``dense_above`` run the dense FFN and flag nothing: pass ``dense_above=None`` to measure the
+    approximation on long inputs (the report's notes say when it did not). A single dict input is
     passed as keyword arguments. The model is not modified, and no state is left behind: a later
     ``torch.compile(model, backend="tardis")`` calibrates afresh.
 
@@ -77,12 +84,50 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Exp
     finally:
         states.clear()
         compiler.release()
-    for row in (f for g in graphs for f in g.ffns):
-        counters = stats.ffns.get(row.name)
-        if counters is not None:
+    for graph in graphs:
+        _fill_measured(graph, stats.ffns, opts)
+    return ExplainReport(graphs)
+
+
+def _fill_measured(graph: GraphReport, measured: dict[str, FFNCounters], opts: TardisOptions) -> None:
+    """Flag rates measured on the pack calls of the measured run; a note for FFNs whose calls ran
+    the dense FFN (``dense_above``), so a missing rate is not read as zero flags."""
+    all_dense: dict[str, list[str]] = {}
+    for row in graph.ffns:
+        counters = measured.get(row.name)
+        if counters is None:
+            continue
+        if counters.calls:
             row.runtime_flag_rate = counters.flag_rate
             row.runtime_corrected_rate = counters.corrected_rate
-    return ExplainReport(graphs)
+        if not counters.dense_calls:
+            continue
+        how = (f"calls of {_tokens_per_call(counters)} tokens ran the dense FFN "
+               f"(dense_above={_threshold(opts, row)})")
+        if counters.calls:
+            graph.notes.append(f"{row.name or '<root>'}: {counters.dense_calls} of "
+                               f"{counters.calls + counters.dense_calls} {how}; its measured flag rate counts "
+                               f"the other {counters.calls}")
+        else:
+            all_dense.setdefault(how, []).append(row.name or "<root>")
+    rewritten = [row for row in graph.ffns if row.name in measured]
+    for how, names in all_dense.items():
+        which = f"every rewritten FFN ({len(names)})" if len(names) == len(rewritten) else ", ".join(names)
+        graph.notes.append(f"{which}: {how}: flag rate not measured on these inputs (the table shows "
+                           "calibration's); pass dense_above=None to measure the approximation on these inputs")
+
+
+def _tokens_per_call(counters: FFNCounters) -> str:
+    per_call, rest = divmod(counters.dense_tokens, counters.dense_calls)
+    return str(per_call) if not rest else f"{counters.dense_tokens / counters.dense_calls:.1f} (mean)"
+
+
+def _threshold(opts: TardisOptions, row: FFNReport) -> str:
+    """The ``dense_above`` the FFN's op ran with, as the options spell it."""
+    if opts.dense_above == "auto":
+        dtype = getattr(torch, row.dtype, torch.float32)
+        return f"'auto': {dense_above_for(dtype)} in {row.dtype}"
+    return str(opts.dense_above)
 
 
 def _call(model, inputs):

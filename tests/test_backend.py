@@ -9,6 +9,9 @@ from tests.tiny_models import ARCHITECTURES, build_tiny, logits, token_batches
 
 QUIET = tc.CalibrationConfig(progress=False, group_size=32)
 DECODERS = [a for a in ARCHITECTURES if a != "bert"]
+#: The tests below check the pack (exactness, errors, flags, counters) on 32-token inputs, which the
+#: default dense_above="auto" would hand to the dense FFN: they run every token through the pack.
+PACK = {"dense_above": None}
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +20,7 @@ def profiles():
 
 
 def _run(model, ids, **options):
-    compiled = torch.compile(model, backend="tardis", options=options)
+    compiled = torch.compile(model, backend="tardis", options={**PACK, **options})
     with torch.no_grad():
         return logits(compiled(ids))
 
@@ -70,7 +73,7 @@ def test_single_ffn_error_within_reported_bound():
 def test_two_instances_each_get_their_own_outputs(profiles):
     a, b = build_tiny("gpt2", seed=0), build_tiny("gpt2", seed=1)
     ids = token_batches(1, seed=9)[0]
-    options = {"guard": "all", "inner": "eager", "calibration_calls": 1}  # one backend, one reused graph
+    options = {"guard": "all", "inner": "eager", "calibration_calls": 1, **PACK}  # one backend, one reused graph
     ca = torch.compile(a, backend="tardis", options=options)
     cb = torch.compile(b, backend="tardis", options=options)
     with torch.no_grad():
@@ -82,7 +85,7 @@ def test_two_instances_each_get_their_own_outputs(profiles):
 def test_in_place_weight_update_is_reflected(profiles):
     model = build_tiny("bloom")
     ids = token_batches(1, seed=9)[0]
-    compiled = torch.compile(model, backend="tardis", options={"profile": profiles["bloom"], "guard": "all"})
+    compiled = torch.compile(model, backend="tardis", options={"profile": profiles["bloom"], "guard": "all", **PACK})
     with torch.no_grad():
         compiled(ids)
         model.transformer.h[0].mlp.dense_4h_to_h.weight.mul_(-1.5)
@@ -139,7 +142,7 @@ def test_auto_calibration_runs_dense_then_folded():
     model = build_tiny("gpt_neox")
     batches = token_batches(4, seed=3)
     compiled = torch.compile(model, backend="tardis", options={"calibration_calls": 3, "guard": "all", "inner": "eager",
-                                                                "calibration": {"progress": False}})
+                                                                "calibration": {"progress": False}, **PACK})
     with torch.no_grad(), tc.collect_stats() as stats:
         for ids in batches[:3]:
             torch.testing.assert_close(logits(compiled(ids)), logits(model(ids)))
@@ -189,8 +192,9 @@ def test_same_model_compiled_with_two_profiles(profiles):
     model = build_tiny("opt")
     other = tc.calibrate(model, token_batches(2, seed=5), QUIET)
     ids = token_batches(1, seed=9)[0]
-    first = torch.compile(model, backend="tardis", options={"profile": profiles["opt"], "guard": "all", "inner": "eager"})
-    second = torch.compile(model, backend="tardis", options={"profile": other, "guard": "all", "inner": "eager"})
+    first = torch.compile(model, backend="tardis", options={"profile": profiles["opt"], "guard": "all", "inner": "eager",
+                                                            **PACK})
+    second = torch.compile(model, backend="tardis", options={"profile": other, "guard": "all", "inner": "eager", **PACK})
     with torch.no_grad():
         torch.testing.assert_close(logits(first(ids)), logits(second(ids)), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(logits(first(ids)), logits(model(ids)), atol=1e-5, rtol=1e-5)

@@ -16,6 +16,8 @@ from tardis_compiler.runtime.stats import active_stats, collect_stats
 from tests.tiny_models import build_tiny, logits, token_batches
 
 QUIET = {"progress": False}
+#: Counting pack calls on 64-token inputs, which the default dense_above="auto" hands to the dense FFN.
+PACK = {"dense_above": None}
 
 
 def _mlp(seed=0):
@@ -34,7 +36,7 @@ def test_explain_leaves_no_state_for_a_later_compile():
     mlp, x = _mlp(), torch.randn(64, 32)
     tc.explain(mlp, x, inner="eager", calibration_calls=1, calibration={"coverage": 0.5, **QUIET})
     fast = torch.compile(mlp, backend="tardis", options={"inner": "eager", "calibration_calls": 4,
-                                                         "calibration": {"coverage": 0.99, **QUIET}})
+                                                         "calibration": {"coverage": 0.99, **QUIET}, **PACK})
     assert _tardis_calls(fast, x) == 0  # its first call records, dense: explain's profile is not reused
 
 
@@ -55,7 +57,7 @@ def test_each_guard_gets_its_own_auto_calibration():
 
 def test_clear_caches_forgets_auto_calibration_and_packs():
     mlp, x = _mlp(), torch.randn(64, 32)
-    options = {"inner": "eager", "calibration_calls": 1, "calibration": QUIET}
+    options = {"inner": "eager", "calibration_calls": 1, "calibration": QUIET, **PACK}
     fast = torch.compile(mlp, backend="tardis", options=options)
     with torch.no_grad():
         fast(x)
@@ -123,7 +125,7 @@ def test_inputs_with_a_strided_last_dimension(guard, inner):
 def test_mixed_grad_modes_during_auto_calibration():
     mlp, x = _mlp(), torch.randn(64, 32)
     fast = torch.compile(mlp, backend="tardis", options={"inner": "eager", "calibration_calls": 2,
-                                                         "calibration": QUIET})
+                                                         "calibration": QUIET, **PACK})
     with torch.inference_mode():
         fast(x)
     with torch.no_grad():
@@ -173,7 +175,7 @@ def test_two_models_auto_calibrating_in_two_threads():
         for m in models[1:]:
             for p in m.parameters():
                 p.mul_(1.5)
-    options = {"inner": "eager", "calibration_calls": 3, "guard": "all", "calibration": QUIET}
+    options = {"inner": "eager", "calibration_calls": 3, "guard": "all", "calibration": QUIET, **PACK}
     fast = [torch.compile(m, backend="tardis", options=options) for m in models]
     ids = token_batches(1)[0]
     with torch.no_grad():

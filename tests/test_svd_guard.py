@@ -21,7 +21,9 @@ def calibrated(request):
 def _run(model, ids, **options):
     torch.compiler.reset()
     with torch.no_grad():
-        return logits(torch.compile(model, backend="tardis", options={"inner": "eager", **options})(ids))
+        # dense_above=None: every token of these 32-token inputs takes the pack (the svd guard's path).
+        return logits(torch.compile(model, backend="tardis", options={"inner": "eager", "dense_above": None,
+                                                                      **options})(ids))
 
 
 def test_profile_carries_the_factors_and_the_ops_take_them(calibrated):
@@ -63,7 +65,7 @@ def test_svd_needs_a_profile_calibrated_for_it():
 def test_auto_calibration_with_the_svd_guard():
     model = build_tiny("gpt2")
     compiled = torch.compile(model, backend="tardis",
-                             options={"guard": "svd", "calibration_calls": 2, "inner": "eager",
+                             options={"guard": "svd", "calibration_calls": 2, "inner": "eager", "dense_above": None,
                                       "calibration": {"progress": False, "svd_rank": 8}})
     with torch.no_grad(), tc.collect_stats() as stats:
         for ids in token_batches(3):
