@@ -69,11 +69,7 @@ def test_non_finite_tokens_are_dropped_with_a_warning():
     for vector in (ffn.slope, ffn.intercept, ffn.line_error, *ffn.margins.values()):
         assert torch.isfinite(vector).all()
     assert not ffn.lower.isnan().any() and not ffn.upper.isnan().any()
-    fast = torch.compile(mlp, backend="tardis", options={"profile": profile, "guard": "all", "inner": "eager",
-                                                          "dense_above": None})
-    x = torch.randn(4, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(x), mlp(x), atol=1e-5, rtol=1e-5)
+    _assert_guard_all_is_exact(mlp, profile, torch.randn(4, 16))
 
 
 def test_only_non_finite_tokens_is_a_clear_error():
@@ -109,11 +105,7 @@ def test_ffns_with_tied_weights_are_calibrated_each_with_its_own_bias():
     model = Tied().eval()
     profile = tc.calibrate(model, [torch.randn(256, 16)], tc.CalibrationConfig(progress=False))
     assert len(profile.ffns) == 2, list(profile.ffns)
-    fast = torch.compile(model, backend="tardis", options={"profile": profile, "guard": "all", "inner": "eager",
-                                                          "dense_above": None})
-    x = torch.randn(4, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+    _assert_guard_all_is_exact(model, profile, torch.randn(4, 16))
 
 
 def test_float64_model_with_guard_all_is_exact_to_float64_precision():
@@ -134,3 +126,11 @@ def test_budgets_fitted_from_one_recording_share_the_prepared_options():
     assert len(recorder.prepared) == 2  # per FFN, for one guard and config: computed once for both budgets
     fractions = [p.bytes_fraction() for p in profiles]
     assert fractions[0] <= 0.3 * 1.05 and 0.3 * 1.05 < fractions[1] <= 0.6 * 1.05
+
+
+def _assert_guard_all_is_exact(model, profile, x):
+    """With every neuron flagged the compiled model equals ``model`` (every token through the pack)."""
+    fast = torch.compile(model, backend="tardis", options={"profile": profile, "guard": "all", "inner": "eager",
+                                                           "dense_above": None})
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
