@@ -28,6 +28,7 @@ from .calibrate.record import recording, recording_graph
 from .options import TardisOptions
 from .passes import FFNMatch, PassContext, copy_graph_module, find_ffns, fold_ffns, placeholder_fqns
 from .passes.context import ffn_slots, refuse_training_graph
+from .passes.fold_ffns import folded_in_order
 # Raised by refuse_training_graph; re-exported, as tc.TrainingModeError is imported from here.
 from .passes.context import TrainingModeError  # noqa: F401
 from .profile import FFNProfile, Profile
@@ -92,7 +93,7 @@ class TardisCompiler:
         report.code = folded.code
         for line in ctx.log:
             log.info("tardis graph %d: %s", report.index, line)
-        ordered = _in_order(selected, folded.meta["tardis_folded"])
+        ordered = folded_in_order(selected, folded)
         slots = [ffn_slots(m, positions) for m in ordered]
         dtype = example_inputs[slots[0].slots["wg" if slots[0].kind == "gated" else "w1"]].dtype
         compiled = self._inner(folded, [*example_inputs, *dummy_pack_inputs(slots, _device_of(example_inputs), dtype)],
@@ -316,11 +317,6 @@ def _fill_from_profile(row: FFNReport, ffn: FFNProfile, guard: str, group_size: 
     # The model keeps its own weights (the backend never changes them); the pack comes on top.
     row.resident_tardis = row.resident_dense + layout.resident_bytes()
     row.bytes_tardis = ffn.bytes_per_token(guard, row.elem_bytes, row.has_bias)  # live dtype, not calibration's
-
-
-def _in_order(matches: list[FFNMatch], names: list[str]) -> list[FFNMatch]:
-    by_name = {m.name: m for m in matches}
-    return [by_name[n] for n in names]
 
 
 def _device_of(inputs: Sequence[Any]) -> torch.device:

@@ -40,7 +40,7 @@ def fit_ffn(record: FFNRecord, config: CalibrationConfig) -> FFNProfile:
         >>> sorted(ffn.margins), 0.8 < ffn.stats["coverage"] < 0.97
         (['int2', 'int4', 'int8'], True)
     """
-    w = {k: (v.detach().float().cpu() if v is not None else None) for k, v in record.weights.items()}
+    w = record.float_weights()
     act = get_activation_rule(record.activation).fn
     x_fit, x_hold, measured_on = split_tokens(record.tokens(), config)
     n_hold = x_hold.shape[0]

@@ -60,7 +60,7 @@ class GatedCandidates:
 
 def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> GatedCandidates:
     """Every option of every neuron of one gated FFN, with its error and bytes (module docstring)."""
-    w = {k: (v.detach().float().cpu() if v is not None else None) for k, v in record.weights.items()}
+    w = record.float_weights()
     act = get_activation_rule(record.activation).fn
     m, d_in = w["wg_rows"].shape
     d_out = w["wd_rows"].shape[1]

@@ -57,7 +57,7 @@ class PlainCandidates:
 
 def prepare_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> PlainCandidates:
     """Every option of every neuron of one plain FFN, with its error and bytes (module docstring)."""
-    w = {k: (v.detach().float().cpu() if v is not None else None) for k, v in record.weights.items()}
+    w = record.float_weights()
     act = get_activation_rule(record.activation).fn
     m, d_in = w["w1_rows"].shape
     d_out = w["w2_rows"].shape[1]

@@ -19,7 +19,7 @@ from torch.fx import GraphModule
 from ..options import TardisOptions
 from ..passes.context import PassContext, copy_graph_module, ffn_slots, placeholder_fqns, refuse_training_graph
 from ..passes.find_ffns import find_ffns
-from ..passes.fold_ffns import fold_ffns
+from ..passes.fold_ffns import fold_ffns, folded_in_order
 from ..passes.record_ffn_inputs import record_ffn_inputs
 from ..runtime.graph_packs import GraphPacks
 
@@ -77,6 +77,10 @@ class FFNRecord:
             keep = slots < self.max_tokens
             self.samples[slots[keep]] = rest[keep]
         self.seen += rows.shape[0]
+
+    def float_weights(self) -> dict[str, torch.Tensor | None]:
+        """float32 CPU copies of the weights, as the fitting steps compute with them."""
+        return {k: (v.detach().float().cpu() if v is not None else None) for k, v in self.weights.items()}
 
     @property
     def gated(self) -> bool:
@@ -182,18 +186,13 @@ class _FoldedRecording:
             # Hooks first: folding replaces the FFNs, after which no pass could find their inputs.
             gm = record_ffn_inputs(self.gm, PassContext(options, names), record_ffn_input)
             gm = fold_ffns(gm, PassContext(options, names))
-            self.order = [ffn_slots(m, self.positions) for m in _in_order(self.matches, gm.meta["tardis_folded"])]
+            self.order = [ffn_slots(m, self.positions) for m in folded_in_order(self.matches, gm)]
             self.forward = gm.forward
         guards = tuple(recorder.guards[f.kind] for f in self.order)
         key = (guards, recorder.config.group_size)
         if key not in self.packs:
             self.packs[key] = GraphPacks(self.order, list(guards), recorder.config.group_size)
         return self.forward(*args, *self.packs[key].flat(args, recorder.prefix))
-
-
-def _in_order(matches: list, names: list[str]) -> list:
-    by_name = {m.name: m for m in matches}
-    return [by_name[n] for n in names]
 
 
 RECORDING_BACKEND = _recording_backend

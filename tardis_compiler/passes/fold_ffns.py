@@ -54,6 +54,12 @@ def fold_ffns(gm: GraphModule, ctx: PassContext) -> GraphModule:
 PACK_INPUTS = ("weights", "guard", "floats", "meta")
 
 
+def folded_in_order(matches: list, folded: GraphModule) -> list:
+    """``matches`` in the order of the pack inputs ``fold_ffns`` gave ``folded``."""
+    by_name = {m.name: m for m in matches}
+    return [by_name[n] for n in folded.meta["tardis_folded"]]
+
+
 def _replace(graph: torch.fx.Graph, match, pack: list[Node], dense_above: str | int | None) -> None:
     if match.kind == "gated":
         x, last = match.gate.x, match.down.node
