@@ -4,25 +4,26 @@
 
 Pipeline: capture (backend) -> match (passes.find_ffns) -> calibrate (the calibrate package: record,
 ranges, margins, lstsq_fold, plain/gated candidates, policy, allocate, coverage, drive) -> rewrite
-(passes.fold_ffns) -> lower (runtime.ffn_op, runtime/cpu) -> inspect (explain). Bytes accounting:
+(passes.fold_ffns; compress.compress_, the module swap) -> lower (runtime.ffn_op, runtime/cpu) -> inspect (explain). Bytes accounting:
 accounting.
 """
 from .activations import (ActivationRule, activation_rules, get_activation_rule,
                           register_activation_rule, unregister_activation_rule)
 from .backend import TrainingModeError, tardis_backend
 from .calibrate import calibrate, calibrate_for_budget, record
-from .config import GUARDS, CalibrationConfig
+from .config import DEFAULT_BUDGET, GUARDS, CalibrationConfig
 from .options import TardisOptions
 from .explain import ExplainReport, explain
 from .profile import FFNProfile, Profile, ProfileError, ProfileMismatchError
 from .caches import clear_caches
+from .compress import CompressReport, compress_
 from .runtime.stats import collect_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GUARDS", "ActivationRule", "CalibrationConfig", "ExplainReport", "FFNProfile", "Profile",
+    "DEFAULT_BUDGET", "GUARDS", "ActivationRule", "CalibrationConfig", "CompressReport", "ExplainReport", "FFNProfile", "Profile",
     "ProfileError", "ProfileMismatchError", "TardisOptions", "TrainingModeError", "activation_rules", "calibrate",
-    "calibrate_for_budget", "clear_caches", "collect_stats", "explain", "get_activation_rule", "register_activation_rule",
+    "calibrate_for_budget", "clear_caches", "compress_", "collect_stats", "explain", "get_activation_rule", "register_activation_rule",
     "tardis_backend", "unregister_activation_rule",
 ]

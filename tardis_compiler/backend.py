@@ -279,8 +279,9 @@ def capture_graphs(model: torch.nn.Module, *inputs: Any, **kwargs: Any) -> list[
         graphs.append((copy, placeholder_fqns(copy)))
         return gm.forward
 
+    # Its own recompile region: a fresh backend per capture must not exhaust dynamo's recompile limit.
     with torch.no_grad():
-        torch.compile(model, backend=backend)(*inputs, **kwargs)
+        torch.compile(model, backend=backend, isolate_recompiles=True)(*inputs, **kwargs)
     return graphs
 
 

@@ -22,6 +22,11 @@ GUARDS = (*PREDICTOR_GUARDS, "exact", "all")
 #: int8 on MiniLM's plain FFNs (fewest bytes for its recall), int4 on SmolLM2's gated FFNs (its
 #: cheaper rows leave more of the budget to exact neurons: lower perplexity at every budget).
 DEFAULT_GUARDS = {"plain": "int8", "gated": "int4"}
+#: The budget calibration fits when none is given (``torch.compile(model, backend="tardis")`` with no
+#: options, ``calibrate(model, batches)``): half the dense FFN bytes read per token, where the measured
+#: trade-off turns (docs/RESULTS.md): MiniLM keeps cosine 0.995 at 0.5 (0.93 at 0.3), SmolLM2 +8% PPL
+#: at 0.5 (+50% at 0.3), and the bytes saved are time at 0.5 on both.
+DEFAULT_BUDGET = 0.5
 
 
 @dataclasses.dataclass
@@ -39,14 +44,19 @@ class CalibrationConfig:
             tokens; higher favours accuracy, lower fewer flags (speed).
         group_size: quantization group size of the guard's low-bit W1 copy.
         svd_rank: rank of the "svd" guard's factorisation; 0 (default): a quarter of d_in.
-        budget: FFN weight bytes read per token, as a fraction of the dense FFN's, in (0, 1].
-            Every FFN chooses each neuron's option (exact, guarded at some coverage, folded,
-            dropped) to fit it with the least calibration error. None: gated FFNs fit 0.5, plain
-            FFNs use ``coverage`` for every neuron (ranges with a worst-case error bound).
+        budget: FFN weight bytes read per token, as a fraction of the dense FFN's, in (0, 1];
+            default ``DEFAULT_BUDGET`` (0.5). Every FFN chooses each neuron's option (exact, guarded
+            at some coverage, folded, dropped) to fit it with the least calibration error. None:
+            the uniform coverage fit, where plain FFNs use ``coverage`` for every neuron (ranges with
+            a worst-case error bound); gated FFNs, which have no such fit, still get the default budget.
         allocation: how FFNs fitted to a budget share it: "layer" (each meets it), "model" (bytes
             go to the FFNs whose relative error they cut most; the model as a whole meets it) or
             "loss" (the model as a whole meets it, each neuron's error weighted by the loss's
             sensitivity to it, measured by one backward pass: ``calibrate/loss_weights.py``).
+        resident: FFN bytes a compressed model holds (``compress_``), as a fraction of the dense
+            FFN's weight bytes, or None (default): not capped. Only the neurons that can take the
+            exact path (exact, guarded) keep their weights, so memory is a second knapsack
+            constraint beside ``budget``: fewer guarded neurons, more folded or dropped ones.
         fold: with a budget, whether the mix may fold neurons into the matrix ``Wf``: None (default)
             takes whichever of the two variants has less error per FFN, False never folds (neurons
             off the exact path contribute nothing: contextual activation sparsity, c = 0), True always.
@@ -69,8 +79,9 @@ class CalibrationConfig:
     target_recall: float = 0.999
     group_size: int = 64
     svd_rank: int = 0
-    budget: float | None = None
+    budget: float | None = DEFAULT_BUDGET
     allocation: str = "layer"
+    resident: float | None = None
     fold: bool | None = None
     fold_fit: str = "lstsq"
     sequential: int = 1
@@ -93,6 +104,9 @@ class CalibrationConfig:
         require_integer(self.sequential, "sequential", 1, "(groups of FFNs fitted in turn; 1: all at once)")
         if self.budget is not None:
             require_number(self.budget, "budget", 0.0, 1.0, "(0, 1] (a fraction of dense FFN bytes read per token)",
+                           low_open=True)
+        if self.resident is not None:
+            require_number(self.resident, "resident", 0.0, math.inf, "(0, inf) (a fraction of dense FFN weight bytes held)",
                            low_open=True)
         require_integer(self.seed, "seed", None)
         require(isinstance(self.progress, bool), f"progress must be True or False, got {self.progress!r}")

@@ -8,9 +8,10 @@ encodes and measures the chosen mix.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterable, Mapping, Sequence
 
-from ..config import CalibrationConfig
+from ..config import DEFAULT_BUDGET, CalibrationConfig
 from ..profile import FFNProfile
 from .gated import GatedCandidates, finish_gated_ffn, prepare_gated_ffn
 from .plain import PlainCandidates, finish_plain_ffn, prepare_plain_ffn
@@ -20,19 +21,22 @@ from .record import FFNRecord
 
 
 def budget_of(config: CalibrationConfig) -> float:
-    """The budget to fit: ``config.budget``, or 0.5 of dense when none is set.
+    """The budget to fit: ``config.budget``, or ``DEFAULT_BUDGET`` (the gated FFNs of a coverage fit).
 
     Example:
-        >>> budget_of(CalibrationConfig()), budget_of(CalibrationConfig(budget=0.3))
+        >>> budget_of(CalibrationConfig(budget=None)), budget_of(CalibrationConfig(budget=0.3))
         (0.5, 0.3)
     """
-    return config.budget if config.budget is not None else 0.5
+    return config.budget if config.budget is not None else DEFAULT_BUDGET
 
 
 def allocate(cands: list[PlainCandidates | GatedCandidates], budget: float | Sequence[float], allocation: str,
-             fold: bool | None = None, loss_weights: OutputGradients | None = None) -> list[tuple[int, Choice]]:
+             fold: bool | None = None, loss_weights: OutputGradients | None = None,
+             resident: float | None = None) -> list[tuple[int, Choice]]:
     """Per FFN, the variant (with or without the folded matrix) and neuron mix to use, within
-    ``budget`` (a fraction of dense bytes; one per FFN, or one for all).
+    ``budget`` (a fraction of dense bytes; one per FFN, or one for all) and, if ``resident`` is
+    given, holding at most that fraction of the dense bytes in memory (per FFN for "layer", in
+    total otherwise): neurons that can never take the exact path keep no bundle.
 
     ``"layer"``: each FFN meets the budget on its own, with the variant of least error. ``"model"``:
     the FFNs share it, bytes going where they cut the most *relative* error (each FFN's error over
@@ -49,22 +53,24 @@ def allocate(cands: list[PlainCandidates | GatedCandidates], budget: float | Seq
     budgets = [float(budget)] * len(cands) if isinstance(budget, (int, float)) else list(budget)
     allowed = [[i for i, v in enumerate(c.variants) if fold is None or v[0] == fold] for c in cands]
     shared_bytes = sum(c.budget_bytes(b) for c, b in zip(cands, budgets))
+    caps = [c.budget_bytes(resident) if resident is not None else math.inf for c in cands]
     if allocation == "loss":
         if loss_weights is None:
             raise ValueError('allocation="loss" needs the loss weights of the FFNs (output_gradients): calibrate '
                              "with calibrate() or calibrate_for_budget(), which measure them on the batches")
         layers = [[(_loss_weighted(c.variants[i][1], c, loss_weights), c.variants[i][3]) for i in ids]
                   for c, ids in zip(cands, allowed)]
-        picks = choose_across(layers, shared_bytes)
+        picks = choose_across(layers, shared_bytes, resident_bytes=sum(caps))
         return [(ids[k], choice) for ids, (k, choice) in zip(allowed, picks)]
     if allocation == "model":
         layers = [[(c.variants[i][1].scaled(1.0 / max(c.energy, 1e-30)), c.variants[i][3]) for i in ids]
                   for c, ids in zip(cands, allowed)]
-        picks = choose_across(layers, shared_bytes)
+        picks = choose_across(layers, shared_bytes, resident_bytes=sum(caps))
         return [(ids[k], choice) for ids, (k, choice) in zip(allowed, picks)]
     picks = []
-    for c, ids, b in zip(cands, allowed, budgets):
-        choices = {i: choose(c.variants[i][1], c.budget_bytes(b), fixed_bytes=c.variants[i][3]) for i in ids}
+    for c, ids, b, cap in zip(cands, allowed, budgets, caps):
+        choices = {i: choose(c.variants[i][1], c.budget_bytes(b), fixed_bytes=c.variants[i][3], resident_bytes=cap)
+                   for i in ids}
         best = min(ids, key=lambda i: (not choices[i].within_budget, choices[i].error))
         picks.append((best, choices[best]))
     return picks
@@ -79,12 +85,12 @@ def _loss_weighted(options: NeuronOptions, cand: PlainCandidates | GatedCandidat
                          'calibration batches; use allocation="layer"')
     out_rows = cand.weights["wd_rows" if cand.record.gated else "w2_rows"]
     ratio = loss_weights.neuron_weights(name, out_rows) / out_rows.double().pow(2).sum(1).clamp(min=1e-30)
-    return NeuronOptions(options.labels, options.error * ratio[:, None], options.cost)
+    return options.scaled(ratio[:, None])
 
 
 def fit_policy_ffns(records: Iterable[FFNRecord], config: CalibrationConfig, guards: Mapping[str, str],
                     prepared: dict | None = None, loss_weights: OutputGradients | None = None) -> dict[str, FFNProfile]:
-    """Fit every FFN's per-neuron mix within ``config.budget`` (None: 0.5), sharing it as
+    """Fit every FFN's per-neuron mix within ``config.budget`` (None: ``DEFAULT_BUDGET``), sharing it as
     ``config.allocation`` says (see ``allocate``). ``guards`` maps an FFN kind ("plain", "gated") to
     the guard its mix is priced for. ``prepared`` (a dict owned by the caller, e.g. a ``Recorder``)
     memoises the per-neuron options, which depend on neither the budget nor the allocation.
@@ -128,9 +134,10 @@ def _fit_within(cands: list[PlainCandidates | GatedCandidates], budget: float, c
     for round_ in range(BUDGET_ROUNDS + 1):
         if config.allocation == "layer":
             picks = dict(zip(redo, allocate([cands[i] for i in redo], [targets[i] for i in redo], "layer",
-                                            config.fold)))
+                                            config.fold, resident=config.resident)))
         else:
-            picks = dict(enumerate(allocate(cands, targets, config.allocation, config.fold, loss_weights)))
+            picks = dict(enumerate(allocate(cands, targets, config.allocation, config.fold, loss_weights,
+                                            config.resident)))
         for i in redo:
             c, (variant, choice) = cands[i], picks[i]
             ffns[i] = (finish_gated_ffn if c.record.gated else finish_plain_ffn)(c, variant, choice, budget)

@@ -143,6 +143,8 @@ def _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold: bool, exact_cos
     n, m = g.shape
     u2 = u.pow(2)
     labels, errors, costs = ["exact"], [torch.zeros(m, dtype=torch.float64)], [torch.full((m,), exact_cost)]
+    # Held in memory: exact and guarded neurons keep their bundle (guarded ones their guard row too).
+    resident = [torch.full((m,), exact_cost)]
     plan: dict[str, dict[str, torch.Tensor]] = {}
 
     g_sorted, prefix = sorted_stats
@@ -152,6 +154,7 @@ def _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold: bool, exact_cos
     errors.append(col_norm2 * _window_sse(prefix["uu"][-1], prefix["auu"][-1], prefix["aauu"][-1], c_all) / n)
     plan[labels[-1]] = {"c": c_all.float()}
     costs.append(torch.zeros(m, dtype=torch.float64))
+    resident.append(torch.zeros(m, dtype=torch.float64))
 
     for p in COVERAGES:
         lower, upper, c = _best_window(g_sorted, prefix, p, with_fold)
@@ -161,9 +164,10 @@ def _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold: bool, exact_cos
         kept = error_terms.masked_fill_(flags, 0.0)
         errors.append(col_norm2 * kept.sum(0).double() / n)  # float32 pairwise sums: ample here
         costs.append(guard_row + flags.sum(0).double() / n * exact_cost)
+        resident.append(torch.full((m,), guard_row + exact_cost, dtype=torch.float64))
         labels.append(f"guarded@{p}")
         plan[labels[-1]] = {"c": c, "lower": lower, "upper": upper, "margin": margin}
-    return NeuronOptions(labels, torch.stack(errors, 1), torch.stack(costs, 1)), plan
+    return NeuronOptions(labels, torch.stack(errors, 1), torch.stack(costs, 1), torch.stack(resident, 1)), plan
 
 
 def _weighted_constant(prefix: dict, with_fold: bool) -> torch.Tensor:

@@ -139,6 +139,8 @@ def _options(z, y, z_hat, z_sorted, prefix, sigma, col_norm2, with_fold: bool, e
     """Per-neuron error and cost of each option, and the ranges/lines/margins behind them."""
     n, m = z.shape
     labels, errors, costs = ["exact"], [torch.zeros(m, dtype=torch.float64)], [torch.full((m,), exact_cost)]
+    # Held in memory: exact and guarded neurons keep their bundle (guarded ones their guard row too).
+    resident = [torch.full((m,), exact_cost)]
     plan: dict[str, dict[str, torch.Tensor]] = {}
 
     total = {key: p[-1:] for key, p in prefix.items()}
@@ -147,6 +149,7 @@ def _options(z, y, z_hat, z_sorted, prefix, sigma, col_norm2, with_fold: bool, e
     errors.append(col_norm2 * sse[0] / n)
     plan[labels[-1]] = {"slope": slope[0].float(), "intercept": intercept[0].float()}
     costs.append(torch.zeros(m, dtype=torch.float64))
+    resident.append(torch.zeros(m, dtype=torch.float64))
 
     cols = torch.arange(m)
     for p in COVERAGES:
@@ -162,9 +165,10 @@ def _options(z, y, z_hat, z_sorted, prefix, sigma, col_norm2, with_fold: bool, e
         kept = error_terms.masked_fill_(flags, 0.0)
         errors.append(col_norm2 * kept.sum(0).double() / n)
         costs.append(guard_row + flags.sum(0).double() / n * exact_cost)
+        resident.append(torch.full((m,), guard_row + exact_cost, dtype=torch.float64))
         labels.append(f"guarded@{p}")
         plan[labels[-1]] = {"slope": a, "intercept": c, "lower": lower, "upper": upper, "margin": margin}
-    return NeuronOptions(labels, torch.stack(errors, 1), torch.stack(costs, 1)), plan
+    return NeuronOptions(labels, torch.stack(errors, 1), torch.stack(costs, 1), torch.stack(resident, 1)), plan
 
 
 def _window_lines(s: dict[str, torch.Tensor], k: int, with_fold: bool):

@@ -34,23 +34,36 @@ _INF = math.inf
 
 @dataclasses.dataclass
 class NeuronOptions:
-    """The options open to each of m neurons: ``error`` and ``cost`` are (m, K), ``labels`` has K
-    names. An option a neuron cannot take has infinite error."""
+    """The options open to each of m neurons: ``error``, ``cost`` (bytes read per token) and
+    ``resident`` (bytes a compressed model holds: a bundle for every neuron that can take the exact
+    path, plus its guard row) are (m, K), ``labels`` has K names. An option a neuron cannot take has
+    infinite error. Without ``resident``, memory is not priced."""
 
     labels: list[str]
     error: torch.Tensor
     cost: torch.Tensor
+    resident: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.error.shape != self.cost.shape or self.error.dim() != 2 or self.error.shape[1] != len(self.labels):
-            raise ValueError(f"error {tuple(self.error.shape)} and cost {tuple(self.cost.shape)} must both be "
+        shapes = [t.shape for t in (self.error, self.cost, self.resident) if t is not None]
+        if len(set(shapes)) != 1 or self.error.dim() != 2 or self.error.shape[1] != len(self.labels):
+            raise ValueError(f"error, cost and resident {[tuple(s) for s in shapes]} must all be "
                              f"(neurons, {len(self.labels)} options)")
         self.error = self.error.double()
         self.cost = self.cost.double()
+        self.resident = self.resident.double() if self.resident is not None else None
 
-    def scaled(self, factor: float) -> "NeuronOptions":
-        """The same options with errors multiplied by ``factor`` (to compare FFNs on one scale)."""
-        return NeuronOptions(self.labels, self.error * factor, self.cost)
+    def scaled(self, factor: float | torch.Tensor) -> "NeuronOptions":
+        """The same options with errors multiplied by ``factor`` (a number, or one per neuron of
+        shape (m, 1)), to compare FFNs on one scale."""
+        return NeuronOptions(self.labels, self.error * factor, self.cost, self.resident)
+
+    def priced(self, resident_price: float) -> "NeuronOptions":
+        """The same options with each one's resident bytes charged at ``resident_price`` per byte
+        in its error: the inner problem of a memory-capped choice (``choose``)."""
+        if not resident_price or self.resident is None:
+            return self
+        return NeuronOptions(self.labels, self.error + resident_price * self.resident, self.cost, self.resident)
 
 
 @dataclasses.dataclass
@@ -62,6 +75,7 @@ class Choice:
     error: float
     price: float  # the Lagrange multiplier that produced it
     within_budget: bool
+    resident: float = math.nan  # fixed + per-neuron resident bytes (NaN: options without them)
 
     def counts(self, labels: list[str]) -> dict[str, int]:
         """How many neurons took each option (options no neuron took are left out)."""
@@ -69,13 +83,16 @@ class Choice:
         return {label: int(n) for label, n in zip(labels, hist.tolist()) if n}
 
 
-def _pick(options: NeuronOptions, price: float, fixed_bytes: float, budget_bytes: float) -> Choice:
+def _pick(options: NeuronOptions, price: float, fixed_bytes: float, budget_bytes: float,
+          errors: torch.Tensor | None = None) -> Choice:
     score = options.error + price * options.cost
     score = torch.where(torch.isnan(score), torch.full_like(score, math.inf), score)
     option = score.argmin(dim=1)
     cost = fixed_bytes + options.cost.gather(1, option[:, None]).sum().item()
-    error = options.error.gather(1, option[:, None]).sum().item()
-    return Choice(option, cost, error, price, cost <= budget_bytes * (1 + 1e-9))
+    error = (options.error if errors is None else errors).gather(1, option[:, None]).sum().item()
+    resident = (fixed_bytes + options.resident.gather(1, option[:, None]).sum().item()
+                if options.resident is not None else math.nan)
+    return Choice(option, cost, error, price, cost <= budget_bytes * (1 + 1e-9), resident)
 
 
 def _bisect_price(pick, steps: int):
@@ -98,9 +115,12 @@ def _bisect_price(pick, steps: int):
     return best
 
 
-def choose(options: NeuronOptions, budget_bytes: float, fixed_bytes: float = 0.0, steps: int = 80) -> Choice:
+def choose(options: NeuronOptions, budget_bytes: float, fixed_bytes: float = 0.0, steps: int = 80,
+           resident_bytes: float = math.inf) -> Choice:
     """Pick one option per neuron to minimise total error with ``fixed_bytes`` + chosen costs
-    within ``budget_bytes`` (Lagrangian bisection, see the module docstring).
+    within ``budget_bytes`` (Lagrangian bisection, see the module docstring), and, when
+    ``resident_bytes`` is finite, with ``fixed_bytes`` + chosen resident bytes within it: a second
+    price on memory, bisected around the first (``_cap_resident``).
 
     When even the cheapest options exceed the budget, returns them with ``within_budget=False``.
 
@@ -111,7 +131,36 @@ def choose(options: NeuronOptions, budget_bytes: float, fixed_bytes: float = 0.0
         >>> c.option.tolist(), c.bytes, c.error       # the costly error gets the exact path
         ([0, 1], 10.0, 1.0)
     """
-    return _bisect_price(lambda price: _pick(options, price, fixed_bytes, budget_bytes), steps)
+    def fit(price_of_memory: float) -> Choice:
+        priced = options.priced(price_of_memory)
+        return _bisect_price(lambda price: _pick(priced, price, fixed_bytes, budget_bytes, options.error), steps)
+
+    return _cap_resident(fit, lambda c: c.resident, resident_bytes, options.resident is not None)
+
+
+def _cap_resident(fit, resident_of, resident_bytes: float, priced: bool):
+    """``fit(0)``, or if its resident bytes exceed ``resident_bytes``, ``fit(nu)`` at the smallest
+    price ``nu`` per resident byte that brings them within (bisection on its exponent, as for the
+    read price). A cap no price meets returns the most frugal fit, marked over budget."""
+    best = fit(0.0)
+    if not priced or resident_of(best) <= resident_bytes * (1 + 1e-9):
+        return best
+    lo, hi = -30.0, 30.0
+    best = fit(10.0 ** hi)
+    if resident_of(best) > resident_bytes * (1 + 1e-9):
+        best.within_budget = False
+        return best
+    for _ in range(_RESIDENT_STEPS):
+        mid = (lo + hi) / 2
+        candidate = fit(10.0 ** mid)
+        if resident_of(candidate) <= resident_bytes * (1 + 1e-9):
+            best, hi = candidate, mid
+        else:
+            lo = mid
+    return best
+
+
+_RESIDENT_STEPS = 30  # bisection steps of the memory price: 2 ** -30 of 60 decades is ample
 
 
 @dataclasses.dataclass
@@ -126,11 +175,12 @@ class JointChoice:
 
 
 def choose_across(ffns: list[list[tuple[NeuronOptions, float]]], budget_bytes: float,
-                  steps: int = 80) -> list[tuple[int, Choice]]:
+                  steps: int = 80, resident_bytes: float = math.inf) -> list[tuple[int, Choice]]:
     """One budget shared by several FFNs. Each FFN offers variants ``(options, fixed_bytes)`` (e.g.
     with and without a folded matrix); at one common price every FFN takes its best variant and
-    every neuron its best option, so bytes go where they buy the most error. Returns, per FFN,
-    the chosen variant's index and ``Choice``.
+    every neuron its best option, so bytes go where they buy the most error. A finite
+    ``resident_bytes`` caps the bytes all of them hold, at one common memory price (as ``choose``).
+    Returns, per FFN, the chosen variant's index and ``Choice``.
 
     Example:
         >>> cheap = NeuronOptions(["exact", "folded"], torch.tensor([[0., 1.]]), torch.tensor([[10., 0.]]))
@@ -139,21 +189,33 @@ def choose_across(ffns: list[list[tuple[NeuronOptions, float]]], budget_bytes: f
         >>> [choice.option.tolist() for _, choice in picks]      # the budget goes to the costly error
         [[1], [0]]
     """
-    def pick(price: float) -> JointChoice:
-        picks = []
-        for variants in ffns:
-            # A variant's fixed bytes count at the same price as its neurons' bytes.
-            scored = [(c.error + price * c.bytes, i, c) for i, (opts, fixed) in enumerate(variants)
-                      for c in [_pick(opts, price, fixed, math.inf)]]
-            _, i, c = min(scored, key=lambda t: t[:2])
-            picks.append((i, c))
-        total = sum(c.bytes for _, c in picks)
-        return JointChoice(picks, total, sum(c.error for _, c in picks), price, total <= budget_bytes * (1 + 1e-9))
+    def fit(price_of_memory: float) -> JointChoice:
+        priced = [[(opts.priced(price_of_memory), opts.error, fixed) for opts, fixed in variants] for variants in ffns]
 
-    joint = _bisect_price(pick, steps)
+        def pick(price: float) -> JointChoice:
+            picks = []
+            for variants in priced:
+                # A variant's fixed bytes count at the same prices as its neurons' bytes.
+                scored = [(c.error + price * c.bytes + price_of_memory * _or_zero(c.resident), i, c)
+                          for i, (opts, errors, fixed) in enumerate(variants)
+                          for c in [_pick(opts, price, fixed, math.inf, errors)]]
+                _, i, c = min(scored, key=lambda t: t[:2])
+                picks.append((i, c))
+            total = sum(c.bytes for _, c in picks)
+            return JointChoice(picks, total, sum(c.error for _, c in picks), price,
+                               total <= budget_bytes * (1 + 1e-9))
+
+        return _bisect_price(pick, steps)
+
+    has_resident = all(opts.resident is not None for variants in ffns for opts, _ in variants)
+    joint = _cap_resident(fit, lambda j: sum(c.resident for _, c in j.picks), resident_bytes, has_resident)
     for _, c in joint.picks:
         c.within_budget = joint.within_budget
     return joint.picks
+
+
+def _or_zero(value: float) -> float:
+    return 0.0 if math.isnan(value) else value
 
 
 def encode_choice(opts: NeuronOptions, plan: dict, choice: Choice, m: int,

@@ -2,7 +2,7 @@
 import tardis_compiler as tc
 from tests.tiny_models import build_tiny, token_batches
 
-QUIET = tc.CalibrationConfig(progress=False, group_size=32)
+QUIET = tc.CalibrationConfig(progress=False, group_size=32, budget=None)  # the uniform coverage fit
 
 
 def test_profile_measures_coverage_flag_rate_and_recall():

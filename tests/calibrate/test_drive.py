@@ -66,9 +66,11 @@ def test_non_finite_tokens_are_dropped_with_a_warning():
     with pytest.warns(UserWarning, match="dropped up to 2 token"):
         profile = tc.calibrate(mlp, [batch], tc.CalibrationConfig(progress=False))
     ffn = profile.ffns[""]
-    for vector in (ffn.slope, ffn.intercept, ffn.line_error, *ffn.margins.values()):
-        assert torch.isfinite(vector).all()
-    assert not ffn.lower.isnan().any() and not ffn.upper.isnan().any()
+    # Exact neurons of the default per-neuron mix carry infinite margins and line errors by
+    # design; what the dropped tokens must not leave is a NaN, or a non-finite line.
+    assert torch.isfinite(ffn.slope).all() and torch.isfinite(ffn.intercept).all()
+    for vector in (ffn.line_error, ffn.lower, ffn.upper, *ffn.margins.values()):
+        assert not vector.isnan().any()
     _assert_guard_all_is_exact(mlp, profile, torch.randn(4, 16))
 
 

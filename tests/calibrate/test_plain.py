@@ -86,6 +86,14 @@ def test_error_shrinks_with_the_budget_end_to_end():
     assert errors[1] < errors[0] < 0.5, errors
 
 
-def test_without_a_budget_plain_ffns_keep_the_coverage_fit():
-    profile = tc.calibrate(build_tiny("opt"), token_batches(4), tc.CalibrationConfig(progress=False))
+def test_budget_none_gives_plain_ffns_the_coverage_fit():
+    profile = tc.calibrate(build_tiny("opt"), token_batches(4), tc.CalibrationConfig(progress=False, budget=None))
     assert all(not f.has_policy and set(f.margins) == {"int2", "int4", "int8"} for f in profile.ffns.values())
+    assert all(f.stats["error_bound"] > 0 for f in profile.ffns.values())
+
+
+def test_the_default_is_the_per_neuron_mix_at_the_default_budget():
+    profile = tc.calibrate(build_tiny("opt"), token_batches(4), tc.CalibrationConfig(progress=False))
+    assert tc.CalibrationConfig().budget == tc.DEFAULT_BUDGET == 0.5
+    assert all(f.has_policy and f.kind == "plain" for f in profile.ffns.values())
+    assert abs(profile.bytes_fraction("int8") - tc.DEFAULT_BUDGET) < 0.02

@@ -1,0 +1,262 @@
+"""Rewrite by module swap: ``compress_(model, profile)``, the explicit in-place verb.
+
+The second front door to the runtime (the first is the backend's graph rewrite, ``passes/fold_ffns.py``).
+It finds the FFNs the same way, in the dynamo graph of one example call, builds each one's pack
+from the model's weights and the profile (``runtime/pack.py``), and swaps the modules for a
+``runtime/module.TardisFFN`` holding only that pack. Two swaps cover the architectures we support:
+
+- ``"module"``: the module the FFN's linears share computes exactly the FFN (``LlamaMLP``,
+  ``GPT2MLP``, ``FalconMLP``...; checked numerically on random inputs): it is replaced whole;
+- ``"split"`` (plain FFNs whose linears live in different modules, or beside attention: BERT, OPT,
+  BLOOM): the first linear becomes the ``TardisFFN`` (its output is then the FFN's output), the
+  activation module and the second linear become ``nn.Identity``.
+
+An FFN neither swap fits is left dense, with the reason in the returned report. With
+``guard="all"`` every neuron keeps its rows, and the model computes what the dense one does (the
+exactness check; it holds all the weights, so it saves no memory).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import os
+import re
+from typing import Any, Iterable
+
+import torch
+
+from .activations import get_activation_rule
+from .config import DEFAULT_GUARDS, GUARDS, require
+from .passes import find_ffns
+from .passes.context import ffn_slots
+from .passes.ffn_graph import module_of
+from .profile import Profile
+from .runtime.module import TardisFFN
+from .runtime.pack import build_pack, dense_reference
+
+log = logging.getLogger("tardis_compiler")
+
+
+@dataclasses.dataclass
+class CompressedFFN:
+    """What ``compress_`` did with one FFN: ``mode`` "module" / "split", or "dense" with ``reason``."""
+
+    name: str
+    mode: str
+    target: str = ""  # the module now holding the TardisFFN
+    identities: tuple[str, ...] = ()  # modules now nn.Identity ("split")
+    dense_bytes: int = 0  # the FFN's weight bytes before
+    resident_bytes: int = 0  # what its TardisFFN holds
+    read_bytes: float = 0.0  # bytes read per token, at the flag rate measured in calibration
+    reason: str = ""
+
+
+@dataclasses.dataclass
+class CompressReport:
+    """``compress_``'s result, one ``CompressedFFN`` per FFN found, with the memory totals."""
+
+    ffns: list[CompressedFFN]
+    guard: str | None
+
+    @property
+    def compressed(self) -> list[CompressedFFN]:
+        return [f for f in self.ffns if f.mode != "dense"]
+
+    def resident_fraction(self) -> float:
+        """Resident bytes of the compressed FFNs over their dense weight bytes."""
+        dense = sum(f.dense_bytes for f in self.compressed)
+        return sum(f.resident_bytes for f in self.compressed) / dense if dense else 1.0
+
+    def read_fraction(self) -> float:
+        """Bytes read per token over the dense bytes (the compressed FFNs)."""
+        dense = sum(f.dense_bytes for f in self.compressed)
+        return sum(f.read_bytes for f in self.compressed) / dense if dense else 1.0
+
+    def __str__(self) -> str:
+        lines = [f"{'FFN':<34} {'swap':<7} {'dense MB':>9} {'held MB':>8} {'read MB':>8}  note"]
+        for f in self.ffns:
+            lines.append(f"{f.name:<34} {f.mode:<7} {f.dense_bytes / 1e6:>9.3f} {f.resident_bytes / 1e6:>8.3f} "
+                         f"{f.read_bytes / 1e6:>8.3f}  {f.reason}")
+        lines.append(f"compressed {len(self.compressed)}/{len(self.ffns)} FFNs: held {self.resident_fraction():.3f} "
+                     f"of their dense bytes, read {self.read_fraction():.3f} per token")
+        return "\n".join(lines)
+
+
+def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, example_inputs: Any = None,
+              guard: str | None = None, skip: Iterable[str] = ()) -> CompressReport:
+    """Replace, in place, each FFN of ``model`` that ``profile`` calibrated by a ``TardisFFN``
+    holding only its pack (see the module docstring). Returns a ``CompressReport``.
+
+    ``example_inputs``: one call's inputs (a tensor, a tuple of arguments or a dict of keyword
+    arguments) to find the FFNs with; None takes a Hugging Face model's ``dummy_inputs``.
+    ``guard``: the guard to run (None: the profile's per FFN kind, ``DEFAULT_GUARDS``); "all" is
+    the exactness test mode. ``skip``: FFN names or regexes to leave dense.
+
+    Example:
+        >>> import torch, tardis_compiler as tc
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval()
+        >>> profile = tc.calibrate(mlp, [torch.randn(256, 16)], tc.CalibrationConfig(progress=False))
+        >>> report = tc.compress_(mlp, profile, torch.randn(2, 16))
+        >>> type(mlp[0]).__name__, type(mlp[2]).__name__, report.ffns[0].mode
+        ('TardisFFN', 'Identity', 'split')
+    """
+    from .backend import capture_graphs  # the backend imports passes; compress sits beside it
+
+    if isinstance(profile, (str, os.PathLike)):
+        profile = Profile.load(profile)
+    require(isinstance(profile, Profile), f"profile must be a Profile or a saved profile's path, got "
+            f"{type(profile).__name__}")
+    require(guard is None or guard in GUARDS, f"guard must be one of {GUARDS} or None, got {guard!r}")
+    if model.training:
+        raise ValueError("compress_() needs the model in eval mode (folding is an inference transform): "
+                         "call model.eval() first")
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    args, kwargs = _example_call(model, example_inputs)
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    done: dict[str, CompressedFFN] = {}
+    for gm, fqns in capture_graphs(model, *args, **kwargs):
+        matches, _ = find_ffns(gm, fqns)
+        for match in matches:
+            if match.name in done:
+                continue
+            done[match.name] = _compress_one(model, match, fqns, tensors, profile, guard, skip)
+    if not done:
+        raise ValueError("compress_() found no FFN in this model; tardis_compiler.explain(model, inputs) lists "
+                         "what was matched and why patterns were skipped")
+    report = CompressReport(list(done.values()), guard)
+    _mark_compressed(model, report, profile)
+    log.info("compress_:\n%s", report)
+    return report
+
+
+def _compress_one(model, match, fqns, tensors, profile: Profile, guard: str | None, skip) -> CompressedFFN:
+    name = match.name
+    entry = CompressedFFN(name, "dense")
+    if any(p == name or re.fullmatch(p, name) for p in skip):
+        entry.reason = "skipped (skip=)"
+        return entry
+    ffn = profile.ffns.get(name)
+    signature = (match.d_in, match.d_hidden, match.d_out, match.activation.name, match.kind)
+    if ffn is None or ffn.signature() != signature:
+        entry.reason = "not in the profile" if ffn is None else f"profile has {ffn.signature()}, model {signature}"
+        return entry
+    placeholders = list(fqns)
+    positions = {node: i for i, node in enumerate(placeholders)}
+    values = [tensors[fqns[node]] for node in placeholders]
+    slots = ffn_slots(match, positions)
+    weights = slots.weights(values)
+    entry.dense_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in slots.tensors(values)
+                                                                   if t is not None}.values())
+    if "#" in name:
+        entry.reason = "weights shared with another FFN: left dense"
+        return entry
+    plan = _plan_swap(model, match, fqns, weights)
+    if isinstance(plan, str):
+        entry.reason = plan
+        return entry
+    run_guard = guard or DEFAULT_GUARDS[match.kind]
+    if run_guard == "svd" and ffn.predictor is None:
+        entry.reason = "guard 'svd' needs a profile calibrated for it"
+        return entry
+    with torch.no_grad():
+        pack = build_pack(match.kind, weights, ffn.params(run_guard), run_guard, match.activation.name,
+                          profile.config.group_size, ffn.fold_term)
+    module = TardisFFN.from_pack(name, pack)
+    entry.mode, entry.target, entry.identities = plan
+    entry.resident_bytes = module.resident_bytes()
+    entry.read_bytes = ffn.bytes_per_token(run_guard, weights[next(iter(weights))].element_size()) \
+        if run_guard != "all" else float(entry.dense_bytes)
+    model.set_submodule(entry.target, module)
+    for fqn in entry.identities:
+        model.set_submodule(fqn, torch.nn.Identity())
+    return entry
+
+
+def _plan_swap(model, match, fqns, weights) -> tuple[str, str, tuple[str, ...]] | str:
+    """("module" | "split", target, identities), or the reason neither swap fits."""
+    linears = [match.gate, match.up, match.down] if match.kind == "gated" else [match.first, match.second]
+    owners = [module_of(fqns[spec.weight]) for spec in linears]
+    parent = match.name
+    if parent and _computes_ffn(model.get_submodule(parent), match, weights):
+        return "module", parent, ()
+    if match.kind == "gated":
+        return f"no module computes exactly this gated FFN (its linears: {owners}): left dense"
+    act = _activation_module(match)
+    if act is None or act in owners:
+        return "the activation is not a module of its own, so the FFN cannot be split across modules: left dense"
+    try:
+        act_module = model.get_submodule(act)
+    except AttributeError:
+        return f"activation module {act!r} not found in the model: left dense"
+    if any(True for _ in act_module.parameters()):
+        return f"activation module {act!r} has parameters: left dense"
+    return "split", owners[0], (act, owners[1])
+
+
+def _computes_ffn(module: torch.nn.Module, match, weights) -> bool:
+    """Whether ``module(x)`` is the FFN alone, on random x (nothing else in its forward)."""
+    try:
+        required = [p for p in inspect.signature(module.forward).parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return False
+    if len(required) != 1:
+        return False
+    first = weights["wg_rows" if match.kind == "gated" else "w1_rows"]
+    x = torch.randn(2, 3, match.d_in, generator=torch.Generator().manual_seed(0)).to(first.dtype)
+    try:
+        with torch.no_grad():
+            got = module(x)
+            want = dense_reference(match.kind, weights, get_activation_rule(match.activation.name).fn, x)
+    except Exception:  # noqa: BLE001 - any module that cannot take one tensor is not the FFN alone
+        return False
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return False
+    scale = want.float().norm().clamp(min=1e-30)
+    return bool(((got.float() - want.float()).norm() / scale) < 1e-2)
+
+
+_STACK_PREFIX = re.compile(r"^L\['[^']*'\](?:\[\d+\])?\.?")
+
+
+def _activation_module(match) -> str | None:
+    """The FQN of the module whose forward is the activation (every node between the linears
+    attributed to it), from dynamo's ``nn_module_stack``; None if there is no such module."""
+    owners = set()
+    for node in match.region:
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            return None
+        path, _cls = list(stack.values())[-1]
+        owners.add(_STACK_PREFIX.sub("", path))
+    return owners.pop() if len(owners) == 1 else None
+
+
+def _example_call(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
+    if example_inputs is None:
+        dummy = getattr(model, "dummy_inputs", None)
+        if not isinstance(dummy, dict):
+            raise ValueError("compress_() runs the model once to find its FFNs: pass example_inputs (a tensor, a "
+                             "tuple of arguments or a dict of keyword arguments, e.g. a tokenized sentence)")
+        return (), dict(dummy)
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _mark_compressed(model: torch.nn.Module, report: CompressReport, profile: Profile) -> None:
+    """Record the swaps on the model (what a checkpoint needs to rebuild it: ``hf/``)."""
+    swaps = dict(getattr(model, "tardis_swaps", {}) or {})
+    for f in report.compressed:
+        swaps[f.target] = {"ffn": model.get_submodule(f.target).spec(), "mode": f.mode,
+                           "identities": list(f.identities)}
+    model.tardis_swaps = swaps
+    try:
+        from .hf.quantizer import attach_quantization_config
+    except ImportError:  # transformers is not installed: nothing to attach
+        return
+    attach_quantization_config(model, report, profile)

@@ -1,0 +1,107 @@
+"""``TardisFFN``: a compressed FFN as an ``nn.Module``, the module-swap front door to the one runtime.
+
+``compress_`` (``tardis_compiler/compress.py``) replaces an FFN's modules by a ``TardisFFN`` that
+holds its pack (``runtime/pack.py``) as buffers and calls the same ``tardis::ffn`` op the backend's
+graph rewrite emits. The pack keeps only what inference reads: the folded matrix, the guard, and
+the bundles of the neurons that can take the exact path. The rows of folded-unguarded and dropped
+neurons are gone, so a compressed model holds less than the dense one.
+
+A pack is laid out for one dtype (its bundle stride depends on the element size), so ``.to(dtype)``
+leaves the buffers' dtypes alone (devices still move): call the model in the dtype it was
+compressed in, or compress it again from the dense model in the new dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from .ffn_op import ffn as run_ffn  # also registers torch.ops.tardis.ffn
+from .layout import Layout
+from .pack import FFNPack
+
+#: Version of ``TardisFFN.spec()``; a checkpoint written with another is refused with a clear error.
+SPEC_VERSION = 1
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+class TardisFFN(torch.nn.Module):
+    """One FFN compressed to its pack: ``forward(x)`` is ``torch.ops.tardis.ffn`` on the buffers.
+
+    Example:
+        >>> from tardis_compiler.runtime.pack import build_pack, guard_all_params, dense_reference
+        >>> w = {"w1_rows": torch.randn(16, 8), "b1": None, "w2_rows": torch.randn(16, 8), "b2": None}
+        >>> module = TardisFFN.from_pack("mlp", build_pack("plain", w, guard_all_params(16), "all", "relu", 64))
+        >>> x = torch.randn(3, 8)
+        >>> torch.allclose(module(x), dense_reference("plain", w, torch.relu, x), atol=1e-5)
+        True
+        >>> TardisFFN.empty(module.spec()).weights.shape == module.weights.shape
+        True
+    """
+
+    def __init__(self, name: str, layout: Layout, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.name, self.layout = name, layout
+        compute = torch.float64 if layout.dtype == torch.float64 else torch.float32
+        self.register_buffer("weights", torch.zeros(layout.n_weights, dtype=layout.dtype, device=device))
+        self.register_buffer("guard", torch.zeros(layout.n_guard, dtype=torch.uint8, device=device))
+        self.register_buffer("floats", torch.zeros(layout.n_floats, dtype=compute, device=device))
+        self.register_buffer("meta", layout.meta())  # on the CPU: the op reads it without a device sync
+        self.register_buffer("neurons", torch.zeros(layout.k_bundles, dtype=torch.int64, device=device))
+
+    @classmethod
+    def from_pack(cls, name: str, pack: FFNPack) -> "TardisFFN":
+        """The module holding ``pack`` (its tensors, not copies)."""
+        module = cls(name, pack.layout, device="meta")
+        for key, tensor in zip(("weights", "guard", "floats", "meta", "neurons"), (*pack.tensors(), pack.neurons)):
+            setattr(module, key, tensor)
+        return module
+
+    @classmethod
+    def empty(cls, spec: dict[str, Any], device: torch.device | str | None = None) -> "TardisFFN":
+        """A module of the shapes ``spec`` (from ``spec()``) describes, with zero buffers: what a
+        checkpoint's weights load into."""
+        if spec.get("spec_version") != SPEC_VERSION:
+            raise ValueError(f"tardis FFN spec version {spec.get('spec_version')!r}; this tardis_compiler reads "
+                             f"{SPEC_VERSION}: upgrade tardis_compiler, or compress the dense model again")
+        fields = {f.name for f in dataclasses.fields(Layout)}
+        values = {k: v for k, v in spec["layout"].items() if k in fields}
+        values["dtype"] = _DTYPES[values["dtype"]]
+        return cls(spec["name"], Layout(**values), device=device)
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description of this module's shapes (no weights), for checkpoints' configs."""
+        layout = dataclasses.asdict(self.layout)
+        layout["dtype"] = str(self.layout.dtype).removeprefix("torch.")
+        return {"spec_version": SPEC_VERSION, "name": self.name, "layout": layout}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_ffn(x, self, self.name)
+
+    # ``ffn_op.ffn`` takes anything with ``tensors()`` and ``layout``: the module is its own pack.
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weights, guard, floats, meta): the op's tensor arguments after x."""
+        return self.weights, self.guard, self.floats, self.meta
+
+    @property
+    def activation(self) -> str:
+        return self.layout.activation
+
+    def resident_bytes(self) -> int:
+        """Bytes this module holds (its buffers)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def _apply(self, fn, recurse: bool = True):
+        # Devices move; dtypes stay (see the module docstring); ``meta`` stays on the CPU.
+        for key, tensor in self._buffers.items():
+            if tensor is None or key == "meta":
+                continue
+            moved = fn(tensor)
+            self._buffers[key] = moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
+        return self
+
+    def extra_repr(self) -> str:
+        lay = self.layout
+        return (f"{self.name!r}, {lay.kind}, {lay.activation}, d_in={lay.d_in}, d_out={lay.d_out}, m={lay.m}, "
+                f"guarded={lay.k_guard}, exact={lay.k_always}, guard={lay.guard}, {lay.dtype}")

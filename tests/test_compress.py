@@ -1,0 +1,116 @@
+"""compress_: the module swap, on tiny random configs of every architecture the tests cover."""
+import copy
+
+import pytest
+import torch
+
+import tardis_compiler as tc
+from tardis_compiler.runtime.module import TardisFFN
+from tests.tiny_models import ARCHITECTURES, GATED_ARCHITECTURES, build_tiny, logits, token_batches
+
+QUIET = dict(progress=False, group_size=32)
+#: How each architecture's FFN is swapped: its own module where one computes exactly the FFN,
+#: else split across the first linear, the activation module and the second linear.
+SPLIT = {"bert", "opt", "bloom"}
+
+
+def _calibrated(arch: str, **config):
+    model = build_tiny(arch)
+    batches = token_batches(4)
+    return model, batches, tc.calibrate(model, batches, tc.CalibrationConfig(**QUIET, **config))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES + GATED_ARCHITECTURES)
+def test_guard_all_compressed_model_is_the_dense_model(arch):
+    model, batches, profile = _calibrated(arch)
+    compressed = copy.deepcopy(model)
+    report = tc.compress_(compressed, profile, batches[0], guard="all")
+    assert [f.mode for f in report.ffns] == ["split" if arch in SPLIT else "module"] * 2
+    assert sum(isinstance(m, TardisFFN) for m in compressed.modules()) == 2
+    with torch.no_grad():
+        for x in batches[:2]:
+            torch.testing.assert_close(logits(compressed(x)), logits(model(x)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_a_resident_cap_holds_less_than_dense(arch):
+    model, batches, capped = _calibrated(arch, resident=0.75)
+    _, _, uncapped = _calibrated(arch)
+    held = {}
+    for name, profile in (("capped", capped), ("uncapped", uncapped)):
+        compressed = copy.deepcopy(model)
+        report = tc.compress_(compressed, profile, batches[0])
+        held[name] = report.resident_fraction()
+        assert abs(report.read_fraction() - 0.5) < 0.03
+        with torch.no_grad():
+            x = batches[1]
+            dense, got = logits(model(x)), logits(compressed(x))
+        assert ((got - dense).norm() / dense.norm()) < 0.6  # an approximation, bounded
+    # Tiny shapes: per-FFN constants (bias floats, padding, meta) are a few % of the bytes here.
+    assert held["capped"] < 0.80 < 1.0 < held["uncapped"]
+
+
+def test_compressed_modules_drop_the_rows_of_neurons_never_computed_exactly():
+    model, batches, profile = _calibrated("llama", resident=0.75)
+    tc.compress_(model, profile, batches[0])
+    for module in model.modules():
+        if isinstance(module, TardisFFN):
+            assert module.layout.k_bundles < module.layout.m
+            assert module.neurons.numel() == module.layout.k_bundles
+
+
+def test_compressed_model_runs_under_inductor_and_generates():
+    model, batches, profile = _calibrated("llama")
+    tc.compress_(model, profile, batches[0])
+    x = batches[1]
+    with torch.no_grad():
+        eager = logits(model(x))
+        torch.compiler.reset()
+        compiled = torch.compile(model)  # inductor: the op stays opaque (an extern call)
+        torch.testing.assert_close(logits(compiled(x)), eager, atol=1e-4, rtol=1e-4)
+    torch.compiler.reset()
+    out = model.generate(x[:1, :4], max_new_tokens=5, do_sample=False, pad_token_id=2)
+    assert out.shape == (1, 9)
+
+
+def test_pack_dtypes_survive_model_to():
+    model, batches, profile = _calibrated("llama")
+    tc.compress_(model, profile, batches[0])
+    model.to(torch.bfloat16)
+    ffn = next(m for m in model.modules() if isinstance(m, TardisFFN))
+    assert ffn.weights.dtype == torch.float32 and ffn.floats.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype it was compressed in"):
+        ffn(torch.randn(1, ffn.layout.d_in, dtype=torch.bfloat16))
+
+
+def test_skip_and_profile_mismatches_leave_ffns_dense_with_a_reason():
+    model, batches, profile = _calibrated("gpt2")
+    report = tc.compress_(model, profile, batches[0], skip=[r"transformer\.h\.0\..*"])
+    assert [f.mode for f in report.ffns] == ["dense", "module"]
+    assert "skip" in report.ffns[0].reason
+    other = build_tiny("llama")
+    report = tc.compress_(other, profile, token_batches(1)[0])
+    assert all(f.mode == "dense" and "not in the profile" in f.reason for f in report.ffns)
+    assert "compressed 0/2" in str(report)
+
+
+def test_bad_calls_say_what_to_do():
+    model, batches, profile = _calibrated("gpt2")
+    with pytest.raises(ValueError, match="eval mode"):
+        tc.compress_(copy.deepcopy(model).train(), profile, batches[0])
+    with pytest.raises(ValueError, match="guard must be one of"):
+        tc.compress_(model, profile, batches[0], guard="int3")
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
+    with pytest.raises(ValueError, match="pass example_inputs"):
+        tc.compress_(mlp, profile)
+    with pytest.raises(ValueError, match="found no FFN"):
+        tc.compress_(torch.nn.Linear(8, 8).eval(), profile, torch.randn(2, 8))
+
+
+def test_the_weights_compress_reads_are_not_modified():
+    model, batches, profile = _calibrated("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    originals = dict(model.named_parameters())
+    tc.compress_(model, profile, batches[0])
+    for name, tensor in originals.items():
+        torch.testing.assert_close(tensor, before[name], atol=0, rtol=0)
