@@ -19,11 +19,18 @@ from .caches import clear_caches
 from .compress import CompressReport, compress_
 from .runtime.stats import collect_stats
 
+try:  # transformers' quantizer registry: checkpoints with quant_method "tardis" load (hf/quantizer.py)
+    from .hf import TardisConfig, register as _register_with_transformers
+except ImportError:  # a transformers without the quantizer plugin API
+    TardisConfig = None
+else:
+    _register_with_transformers()
+
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_BUDGET", "GUARDS", "ActivationRule", "CalibrationConfig", "CompressReport", "ExplainReport", "FFNProfile", "Profile",
-    "ProfileError", "ProfileMismatchError", "TardisOptions", "TrainingModeError", "activation_rules", "calibrate",
+    "ProfileError", "ProfileMismatchError", "TardisConfig", "TardisOptions", "TrainingModeError", "activation_rules", "calibrate",
     "calibrate_for_budget", "clear_caches", "compress_", "collect_stats", "explain", "get_activation_rule", "register_activation_rule",
     "tardis_backend", "unregister_activation_rule",
 ]

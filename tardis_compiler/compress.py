@@ -163,8 +163,9 @@ def _compress_one(model, match, fqns, tensors, profile: Profile, guard: str | No
     with torch.no_grad():
         pack = build_pack(match.kind, weights, ffn.params(run_guard), run_guard, match.activation.name,
                           profile.config.group_size, ffn.fold_term)
-    module = TardisFFN.from_pack(name, pack)
     entry.mode, entry.target, entry.identities = plan
+    first_linear = module_of(fqns[(match.gate if match.kind == "gated" else match.first).weight])
+    module = TardisFFN.from_pack(name, pack, dense_key=first_linear[len(entry.target):].lstrip("."))
     entry.resident_bytes = module.resident_bytes()
     entry.read_bytes = ffn.bytes_per_token(run_guard, weights[next(iter(weights))].element_size()) \
         if run_guard != "all" else float(entry.dense_bytes)

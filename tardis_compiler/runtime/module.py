@@ -6,6 +6,11 @@ graph rewrite emits. The pack keeps only what inference reads: the folded matrix
 the bundles of the neurons that can take the exact path. The rows of folded-unguarded and dropped
 neurons are gone, so a compressed model holds less than the dense one.
 
+``dense_key`` keeps an empty (0-element) tensor under the name of the dense FFN's first weight
+(its path below this module; "" for this module's own ``weight``): a checkpoint loaded into the dense
+architecture without tardis_compiler then fails loudly on that size mismatch, rather than running
+with randomly initialised FFNs.
+
 A pack is laid out for one dtype (its bundle stride depends on the element size), so ``.to(dtype)``
 leaves the buffers' dtypes alone (devices still move): call the model in the dtype it was
 compressed in, or compress it again from the dense model in the new dtype.
@@ -26,6 +31,10 @@ SPEC_VERSION = 1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
+class _Tombstone(torch.nn.Module):
+    """Holds a ``dense_key`` mark (see the module docstring)."""
+
+
 class TardisFFN(torch.nn.Module):
     """One FFN compressed to its pack: ``forward(x)`` is ``torch.ops.tardis.ffn`` on the buffers.
 
@@ -40,22 +49,33 @@ class TardisFFN(torch.nn.Module):
         True
     """
 
-    def __init__(self, name: str, layout: Layout, device: torch.device | str | None = None) -> None:
+    def __init__(self, name: str, layout: Layout, device: torch.device | str | None = None,
+                 dense_key: str | None = None) -> None:
         super().__init__()
-        self.name, self.layout = name, layout
+        self.name, self.layout, self.dense_key = name, layout, dense_key
         compute = torch.float64 if layout.dtype == torch.float64 else torch.float32
         self.register_buffer("weights", torch.zeros(layout.n_weights, dtype=layout.dtype, device=device))
         self.register_buffer("guard", torch.zeros(layout.n_guard, dtype=torch.uint8, device=device))
         self.register_buffer("floats", torch.zeros(layout.n_floats, dtype=compute, device=device))
         self.register_buffer("meta", layout.meta())  # on the CPU: the op reads it without a device sync
         self.register_buffer("neurons", torch.zeros(layout.k_bundles, dtype=torch.int64, device=device))
+        if dense_key is not None:
+            owner = self
+            for part in filter(None, dense_key.split(".")):
+                child = owner._modules.get(part) or _Tombstone()
+                owner.add_module(part, child)
+                owner = child
+            owner.register_buffer("weight", torch.zeros(0, dtype=layout.dtype, device=device))
 
     @classmethod
-    def from_pack(cls, name: str, pack: FFNPack) -> "TardisFFN":
+    def from_pack(cls, name: str, pack: FFNPack, dense_key: str | None = None) -> "TardisFFN":
         """The module holding ``pack`` (its tensors, not copies)."""
-        module = cls(name, pack.layout, device="meta")
+        module = cls(name, pack.layout, device="meta", dense_key=dense_key)  # placeholders, replaced below
         for key, tensor in zip(("weights", "guard", "floats", "meta", "neurons"), (*pack.tensors(), pack.neurons)):
             setattr(module, key, tensor)
+        for mark in module.modules():  # the empty dense_key marks
+            if "weight" in mark._buffers:
+                mark._buffers["weight"] = torch.zeros(0, dtype=pack.layout.dtype, device=pack.weights.device)
         return module
 
     @classmethod
@@ -67,14 +87,15 @@ class TardisFFN(torch.nn.Module):
                              f"{SPEC_VERSION}: upgrade tardis_compiler, or compress the dense model again")
         fields = {f.name for f in dataclasses.fields(Layout)}
         values = {k: v for k, v in spec["layout"].items() if k in fields}
-        values["dtype"] = _DTYPES[values["dtype"]]
-        return cls(spec["name"], Layout(**values), device=device)
+        values["dtype"] = _DTYPES[spec["layout"]["element_type"]]
+        return cls(spec["name"], Layout(**values), device=device, dense_key=spec.get("dense_key"))
 
     def spec(self) -> dict[str, Any]:
         """JSON-able description of this module's shapes (no weights), for checkpoints' configs."""
         layout = dataclasses.asdict(self.layout)
-        layout["dtype"] = str(self.layout.dtype).removeprefix("torch.")
-        return {"spec_version": SPEC_VERSION, "name": self.name, "layout": layout}
+        # Not "dtype": transformers rewrites keys of that name anywhere in a config it saves.
+        layout["element_type"] = str(layout.pop("dtype")).removeprefix("torch.")
+        return {"spec_version": SPEC_VERSION, "name": self.name, "layout": layout, "dense_key": self.dense_key}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_ffn(x, self, self.name)
@@ -94,11 +115,12 @@ class TardisFFN(torch.nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         # Devices move; dtypes stay (see the module docstring); ``meta`` stays on the CPU.
-        for key, tensor in self._buffers.items():
-            if tensor is None or key == "meta":
-                continue
-            moved = fn(tensor)
-            self._buffers[key] = moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
+        for module in self.modules():
+            for key, tensor in module._buffers.items():
+                if tensor is None or (module is self and key == "meta"):
+                    continue
+                moved = fn(tensor)
+                module._buffers[key] = moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
         return self
 
     def extra_repr(self) -> str:

@@ -12,8 +12,9 @@
 //
 // Threads: one OpenMP parallel region per call, on the libgomp torch itself loaded (build.py links
 // that file), with torch.get_num_threads() threads. Each thread computes a slice of Wf's rows into
-// a shared fp32 buffer, takes chunks of neurons from an atomic counter and accumulates their
-// corrections into its own buffer; after one barrier the threads reduce disjoint output rows.
+// a shared fp32 buffer, takes every nth chunk of neurons (a fixed split: deterministic sums) and
+// accumulates their corrections into its own buffer; after one barrier the threads reduce disjoint
+// output rows.
 // All accumulation is fp32; weights are fp32 or bf16 (bf16 -> fp32 is a 16-bit shift). The vector
 // primitives (dots, axpys, unpacking) are in ffn_simd.h.
 #include <atomic>
@@ -356,7 +357,7 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
     for (int64_t r = 0; r < c.rank; ++r) proj[t * c.rank + r] = dot(c.p + r * d, xs + t * d, d);
   c.xs = xs, c.xqf = xqf, c.xdeq = xdeq, c.sx = sx, c.gsum = gsum, c.proj = proj, c.xq8 = xq8;
 
-  std::atomic<int64_t> next_chunk(0), flagged_pairs(0), corrected(0);
+  std::atomic<int64_t> flagged_pairs(0), corrected(0);
   int team = 1;
   const uint64_t all_tokens = tokens == 64 ? ~0ull : ((1ull << tokens) - 1ull);
 
@@ -371,15 +372,14 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
       for (int64_t t = 0; t < tokens; ++t)
         yacc[t * n + r] = (c.wf ? dot(c.wf + r * d, xs + t * d, d) : 0.f) + c.bf[r];
 
-    // 2. Chunks of neurons from a shared counter: a guard pass over the chunk's guard stream, then
-    //    an exact pass over its flagged bundles, read in place.
+    // 2. Chunks of neurons, dealt round-robin (chunk k to thread k mod nth: the same split every
+    //    call, so the same sums in the same order: deterministic outputs): a guard pass over the
+    //    chunk's guard stream, then an exact pass over its flagged bundles, read in place.
     int64_t my_flagged = 0, my_corrected = 0, hit[CHUNK];
     uint64_t hit_mask[CHUNK];
     float zt[MAX_TOKENS];
     float* row = rows_scratch + static_cast<int64_t>(tid) * (d + groups);
-    for (;;) {
-      const int64_t c0 = next_chunk.fetch_add(CHUNK, std::memory_order_relaxed);
-      if (c0 >= kb) break;
+    for (int64_t c0 = static_cast<int64_t>(tid) * CHUNK; c0 < kb; c0 += static_cast<int64_t>(nth) * CHUNK) {
       const int64_t c1 = c0 + CHUNK < kb ? c0 + CHUNK : kb;
       int hits = 0;
       for (int64_t j = c0; j < c1; ++j) {
