@@ -126,7 +126,7 @@ class TardisCompiler:
             row = _row(m, example_inputs, positions)
             report.ffns.append(row)
             if self.options.skips(m.name):
-                row.status, row.reason = "dense", "excluded by options['skip']"
+                row.status, row.reason = "dense", self.options.skips(m.name)
             elif m.kind == "gated" and any(lin.layout != "out_in" for lin in (m.gate, m.up, m.down)):
                 row.status, row.reason = "dense", "gated FFN with a transposed (x @ W) weight: only nn.Linear layouts"
             else:

@@ -38,7 +38,8 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate the dense model and every registered compression method at the "
                     "given FFN weight-bytes-read budgets, side by side, offline.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"])
+    parser.add_argument("--model", default="smollm2", help="a built-in name (smollm2, minilm), a local Hugging "
+                        "Face causal LM or encoder folder, a tardis checkpoint, or a .gguf file")
     preset = parser.add_mutually_exclusive_group()
     preset.add_argument("--preset", choices=sorted(PRESETS), default="standard",
                         help="data sizes: quick (minutes), standard (about 1.5 hours on 2 cores, default), "
@@ -103,7 +104,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         overrides["methods"] = tuple(args.methods)
     if args.tasks:
         overrides["tasks"] = tuple(args.tasks)
-    expected = (ModelPackageMissing, DatasetTooSmall, ContextTooLong, InvalidBudget)
+    expected = (ModelPackageMissing, DatasetTooSmall, ContextTooLong, InvalidBudget, OSError)
     try:
         config = EvalConfig.from_preset(args.preset, **overrides)
         results = run_eval(config)
@@ -122,6 +123,81 @@ def _run_eval(args: argparse.Namespace) -> int:
     print()
     written = ", ".join(str(p) for p in paths.values())
     print(f"total {results['seconds'] / 60:.1f} min; wrote {written}")
+    return 0
+
+
+def add_compress_command(subparsers: argparse._SubParsersAction) -> None:
+    """``tardis compress MODEL --budget B --out DIR``: calibrate, compress, write the HF checkpoint."""
+    from tardis_compiler.config import GUARDS
+
+    parser = subparsers.add_parser(
+        "compress", help="calibrate and compress a model, write a Hugging Face checkpoint",
+        description="Calibrate MODEL on the built-in Wikipedia text (or --text FILE), replace its FFNs by "
+                    "tardis modules (compress_) and write the checkpoint to --out: "
+                    "AutoModelForCausalLM.from_pretrained(DIR) loads it once tardis_compiler is installed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("model", metavar="MODEL", help="a built-in name (smollm2, minilm), a local Hugging Face "
+                        "model folder, or a .gguf file")
+    parser.add_argument("--budget", type=float, default=0.5, help="FFN weight bytes read per token, a fraction "
+                        "of dense, in (0, 1]")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where to write the checkpoint")
+    parser.add_argument("--resident", type=float, help="cap on the FFN bytes the checkpoint holds, a fraction of "
+                        "dense (default: no cap)")
+    parser.add_argument("--text", metavar="FILE", help="calibrate on this UTF-8 text file instead")
+    parser.add_argument("--guard", choices=GUARDS, help="default: per FFN kind, the one that measured best")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="PATTERN",
+                        help="FFN names or regexes to leave dense (e.g. the first and last layers)")
+    parser.add_argument("--calibration-batches", type=_count, default=16, metavar="N")
+    parser.add_argument("--context-length", type=_count, help="tokens per calibration window (default: "
+                        "512 for causal LMs, 256 for encoders, at most the model's)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="compress in this dtype "
+                        "(default: the model's)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.set_defaults(run=_run_compress)
+
+
+def _run_compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from tardis_compiler.hf.checkpoint import compress_pretrained
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        report = compress_pretrained(args.model, args.out, args.budget, text=args.text, resident=args.resident,
+                                     guard=args.guard, skip=tuple(args.skip),
+                                     calibration_batches=args.calibration_batches,
+                                     context_length=args.context_length,
+                                     dtype=getattr(torch, args.dtype) if args.dtype else None,
+                                     progress=args.progress)
+    except (OSError, ValueError, ImportError) as error:
+        print(f"tardis compress: error: {error}", file=sys.stderr)
+        return 2
+    print(report)
+    print(f"wrote {args.out} in {report.seconds:.0f} s; load it with "
+          f"AutoModelForCausalLM.from_pretrained({args.out!r}) after `import tardis_compiler`")
+    return 0
+
+
+def add_explain_command(subparsers: argparse._SubParsersAction) -> None:
+    """``tardis explain DIR``: the explain table of a compressed checkpoint."""
+    parser = subparsers.add_parser("explain", help="print the explain table of a compressed checkpoint",
+                                   description="What each FFN of a tardis checkpoint became: its swap, guard, "
+                                               "neuron counts, calibration's held-out flag rate, recall and "
+                                               "error, and the bytes it reads and holds.")
+    parser.add_argument("checkpoint", metavar="DIR")
+    parser.set_defaults(run=_run_explain)
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    from tardis_compiler.hf.checkpoint import checkpoint_table
+
+    try:
+        print(checkpoint_table(args.checkpoint))
+    except (OSError, ValueError) as error:
+        print(f"tardis explain: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -146,7 +222,9 @@ def _run_install_models(args: argparse.Namespace) -> int:
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_compress_command,
     add_eval_command,
+    add_explain_command,
     add_install_models_command,
 ]
 

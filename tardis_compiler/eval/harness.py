@@ -18,7 +18,7 @@ from .corpus import (calibration_batches, evaluation_passages, evaluation_window
                      wikipedia_split)
 from .methods import get_method, method_names
 from .metrics import embedding_cosine, evaluate_task, perplexity, sentence_embeddings
-from .models import LoadedModel, check_context, load_model
+from .models import LoadedModel, check_context, is_compressed, load_model
 from .tasks import Task, load_task
 
 
@@ -143,6 +143,12 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     started = time.time()
     methods = [get_method(name) for name in (config.methods or method_names())]
     loaded = load_model(config.model)
+    if is_compressed(loaded.model):  # a tardis checkpoint: measured as it is, under "dense"
+        others = [m.name for m in methods if m.name != "dense"]
+        if config.methods and others:
+            raise ValueError(f"{config.model!r} is a compressed tardis checkpoint, evaluated as it is: drop "
+                             f"--methods {' '.join(others)} (compare methods on the dense model it came from)")
+        methods = [get_method("dense")]
     context_length = check_context(loaded.model, config.context_length
                                    or loaded.spec.default_context)
     data = prepare_data(loaded, config, context_length)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from ..compress import compressed_bytes
 from .accounting import FFNBytes, PreparedModel
 from .activation_sparsity import teal
 from .ffn import dense_ffn_bytes
@@ -94,6 +95,12 @@ def dense(model: torch.nn.Module, batches: Iterable[Any], budget: float = 1.0) -
         >>> dense(model, [], 1.0).ffn_bytes.read_fraction
         1.0
     """
+    compressed = compressed_bytes(model)
+    if compressed is not None:  # a tardis checkpoint, evaluated as it is: its FFNs are not dense
+        read, held, dense_total = compressed
+        rest = dense_ffn_bytes(model)  # FFNs left dense (skip=), found as linears
+        return PreparedModel(model, FFNBytes(read + rest, held + rest, dense_total + rest),
+                             details={"method": "tardis checkpoint, as loaded"})
     total = dense_ffn_bytes(model)
     return PreparedModel(model, FFNBytes(float(total), total, total), details={"method": "dense"})
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from .errors import ContextTooLong
+from .errors import ContextTooLong, ModelNotFound
 from .packages import OFFLINE_PACKAGES, package_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -142,19 +142,61 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def load_model(name: str) -> LoadedModel:
-    """Load a model by its short name (``"smollm2"`` or ``"minilm"``).
+def load_model(name: str, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load a model: a built-in short name (``"smollm2"``, ``"minilm"``), a local Hugging Face folder
+    (``config.json`` and a tokenizer; a ``compress_``ed checkpoint too), or a ``.gguf`` file
+    (dequantized). Causal LMs get perplexity and zero-shot metrics, encoders the embedding cosine.
 
     Example:
         >>> loaded = load_model("minilm")
         >>> loaded.spec.kind
         'encoder'
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
-    spec = MODELS[name]
-    model, tokenizer = spec.load()
-    return LoadedModel(model, tokenizer, spec)
+    if name in MODELS:
+        spec = MODELS[name]
+        model, tokenizer = spec.load()
+        return LoadedModel(model.to(dtype) if dtype is not None else model, tokenizer, spec)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelNotFound(f"model {name!r} not found: give a built-in name ({', '.join(sorted(MODELS))}), a local "
+                            "Hugging Face model folder (with config.json and the tokenizer) or a .gguf file")
+    _offline()
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+
+    folder, gguf = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
+    if not gguf and not (folder / "config.json").exists():
+        raise ModelNotFound(f"{name!r} is not a Hugging Face model folder (no config.json in it) nor a .gguf file")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, **gguf)
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        kind, auto = "causal-lm", AutoModelForCausalLM
+    elif config.model_type in MODEL_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False):
+        kind, auto = "encoder", AutoModel
+    else:
+        raise ValueError(f"{name!r} is a {config.model_type!r} model, neither a causal LM nor an encoder: tardis "
+                         "evaluates and compresses causal LMs (perplexity, zero-shot) and encoders (embeddings)")
+    options = {"dtype": dtype} if dtype is not None else {}
+    model = auto.from_pretrained(folder, local_files_only=True, **gguf, **options)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **gguf)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{name!r} has no tokenizer tardis can load ({error}); save it beside the model with "
+                         "tokenizer.save_pretrained(folder)") from None
+    context = min(max_context(model) or 512, 512 if kind == "causal-lm" else 256)
+    spec = ModelSpec(str(path), "", kind, context, lambda: (model, tokenizer))
+    return LoadedModel(model.eval(), tokenizer, spec)
+
+
+def is_compressed(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds ``compress_``ed FFNs (a tardis checkpoint, or after ``compress_``).
+
+    Example:
+        >>> is_compressed(torch.nn.Linear(2, 2))
+        False
+    """
+    from ..runtime.module import TardisFFN
+
+    return any(isinstance(m, TardisFFN) for m in model.modules())
 
 
 def max_context(model: torch.nn.Module) -> int | None:

@@ -87,7 +87,8 @@ def write_results(results: dict[str, Any], output_dir: str | Path) -> Path:
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     stamp = results["run"]["date"].replace("-", "").replace(":", "").replace("T", "-")[:15]
-    path = folder / f"eval-{results['model']['name']}-{results['config']['preset']}-{stamp}.json"
+    model = Path(results["model"]["name"]).name or "model"  # a path given as --model: its last part
+    path = folder / f"eval-{model}-{results['config']['preset']}-{stamp}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     return path
 
