@@ -58,10 +58,16 @@ def profile_cache_dir() -> str:
 def cached_profiles(name: str, model: torch.nn.Module, batches, budgets, config: tc.CalibrationConfig,
                     guard: str | None = None) -> dict[float, tc.Profile]:
     """Budget-fitted profiles of ``model`` (one recording, one fit per budget), saved under
-    ``profile_cache_dir()/name-budget`` and loaded from there on later runs."""
+    ``profile_cache_dir()/name-guard-budget-<config hash>`` and loaded from there on later runs
+    (the hash of the config and package version: a changed calibration is fitted afresh)."""
+    import hashlib
+
+    key = json.dumps({"config": config.to_dict(), "version": tc.__version__, "fit": _calibration_source_hash()},
+                     sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     out, recorder = {}, None
     for budget in budgets:
-        path = os.path.join(profile_cache_dir(), f"{name}-{guard or 'default'}-{budget}")
+        path = os.path.join(profile_cache_dir(), f"{name}-{guard or 'default'}-{budget}-{digest}")
         if os.path.isdir(path):
             out[budget] = tc.Profile.load(path)
             continue
@@ -70,6 +76,21 @@ def cached_profiles(name: str, model: torch.nn.Module, batches, budgets, config:
         out[budget] = tc.calibrate_for_budget(model, batches, budget, guard, config, recorder=recorder)
         out[budget].save(path)
     return out
+
+
+def _calibration_source_hash() -> str:
+    """A hash of the calibration package's source: profiles cached by an older fit are not reused."""
+    import hashlib
+    import importlib
+
+    # importlib: ``tardis_compiler.calibrate`` the attribute is the function, the package is this.
+    folder = os.path.dirname(importlib.import_module("tardis_compiler.calibrate").__file__)
+    digest = hashlib.sha1()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass

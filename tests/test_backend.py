@@ -7,7 +7,7 @@ import torch
 import tardis_compiler as tc
 from tests.tiny_models import ARCHITECTURES, build_tiny, logits, token_batches
 
-QUIET = tc.CalibrationConfig(progress=False, group_size=32)
+QUIET = tc.CalibrationConfig(progress=False, group_size=32, budget=None)  # the uniform coverage fit, every low-bit guard
 DECODERS = [a for a in ARCHITECTURES if a != "bert"]
 #: The tests below check the pack (exactness, errors, flags, counters) on 32-token inputs, which the
 #: default dense_above="auto" would hand to the dense FFN: they run every token through the pack.

@@ -30,7 +30,7 @@ class ModelPackageMissing(ImportError):
         )
 
 
-class ModelNotFound(FileNotFoundError):
+class ModelNotFound(FileNotFoundError, ValueError):
     """A model given by path does not exist, or is not a model folder or file; the message says
     what ``--model`` accepts.
 

@@ -21,7 +21,7 @@ def test_budgets_are_validated_sorted_and_deduplicated():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"model": "gpt5"}, "unknown model"),
+    ({"model": "gpt5"}, "neither a built-in"),
     ({"tasks": ("piqa", "mmlu")}, "unknown task"),
     ({"ppl_windows": 0}, "ppl_windows"),
     ({"context_length": 4}, "context_length"),

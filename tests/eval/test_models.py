@@ -38,7 +38,7 @@ def test_missing_model_package(monkeypatch, tmp_path, name, command):
 
 
 def test_unknown_model():
-    with pytest.raises(ValueError, match="known"):
+    with pytest.raises(ValueError, match="built-in name"):
         models.load_model("gpt5")
 
 
