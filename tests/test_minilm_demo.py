@@ -19,6 +19,7 @@ def test_minilm_demo_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "encoder.layer.5" in proc.stdout and "rewritten" in proc.stdout
     result = json.loads(out.read_text())
-    # Measured on this slice: cosine 0.960 at 0.50 of dense FFN bytes (p = 0.85, int4 guard).
-    assert result["mean_cosine"] > 0.93
-    assert result["bytes_ratio"] < 0.6
+    # The default: the per-neuron mix at DEFAULT_BUDGET (0.5). The standard preset measures cosine 0.995
+    # at 0.5 on 1024 passages (docs/RESULTS.md); this 4-window calibration fits a coarser mix.
+    assert result["mean_cosine"] > 0.95
+    assert abs(result["bytes_ratio"] - 0.5) < 0.03
