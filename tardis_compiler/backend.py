@@ -125,8 +125,9 @@ class TardisCompiler:
         for m in matches:
             row = _row(m, example_inputs, positions)
             report.ffns.append(row)
-            if self.options.skips(m.name):
-                row.status, row.reason = "dense", self.options.skips(m.name)
+            skipped_because = self.options.skips(m.name)
+            if skipped_because:
+                row.status, row.reason = "dense", skipped_because
             elif m.kind == "gated" and any(lin.layout != "out_in" for lin in (m.gate, m.up, m.down)):
                 row.status, row.reason = "dense", "gated FFN with a transposed (x @ W) weight: only nn.Linear layouts"
             else:

@@ -118,17 +118,19 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
     if model.training:
         raise ValueError("compress_() needs the model in eval mode (folding is an inference transform): "
                          "call model.eval() first")
-    skip = check_patterns(skip if isinstance(skip, str) else tuple(skip), "skip")
+    skip = check_patterns(skip if isinstance(skip, (str, list)) else tuple(skip), "skip")
     args, kwargs = _example_call(model, example_inputs)
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
     done: dict[str, CompressedFFN] = {}
     for gm, fqns in capture_graphs(model, *args, **kwargs):
         matches, _ = find_ffns(gm, fqns)
+        placeholders = list(fqns)  # the graph's state inputs, as the model's tensors (ffn_slots' values)
+        graph_inputs = ({node: i for i, node in enumerate(placeholders)}, [tensors[fqns[n]] for n in placeholders])
         for match in matches:
             if match.name in done:
                 continue
-            done[match.name] = _compress_one(model, match, fqns, tensors, profile, guard, skip)
+            done[match.name] = _compress_one(model, match, fqns, graph_inputs, profile, guard, skip)
     if not done:
         raise ValueError("compress_() found no FFN in this model; tardis_compiler.explain(model, inputs) lists "
                          "what was matched and why patterns were skipped")
@@ -138,20 +140,21 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
     return report
 
 
-def _compress_one(model, match, fqns, tensors, profile: Profile, guard: str | None, skip) -> CompressedFFN:
+def _compress_one(model, match, fqns, graph_inputs, profile: Profile, guard: str | None, skip) -> CompressedFFN:
     name = match.name
     entry = CompressedFFN(name, "dense")
-    if name_matches(name, skip) or profile.config.skips(name):
-        entry.reason = "skipped (skip=)" if name_matches(name, skip) else "skipped by the calibration's skip"
+    if name_matches(name, skip):
+        entry.reason = "skipped (skip=)"
+        return entry
+    if profile.config.skips(name):
+        entry.reason = "skipped by the calibration's skip"
         return entry
     ffn = profile.ffns.get(name)
     signature = (match.d_in, match.d_hidden, match.d_out, match.activation.name, match.kind)
     if ffn is None or ffn.signature() != signature:
         entry.reason = "not in the profile" if ffn is None else f"profile has {ffn.signature()}, model {signature}"
         return entry
-    placeholders = list(fqns)
-    positions = {node: i for i, node in enumerate(placeholders)}
-    values = [tensors[fqns[node]] for node in placeholders]
+    positions, values = graph_inputs
     slots = ffn_slots(match, positions)
     weights = slots.weights(values)
     entry.dense_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in slots.tensors(values)
