@@ -9,7 +9,7 @@ may take), the profile (bytes per token at the measured flag rate), the backend 
   ``folded_matrix_bytes`` (Wf, read once per token), ``always_read_bytes`` (the float32 bf),
   ``exact_neuron_bytes`` (one neuron on the exact path), ``guard_neuron_bytes`` and ``guard_bytes``
   (what the guard reads per guarded neuron and once); ``ffn_bytes_per_token`` adds them up for a
-  plain FFN with every neuron guarded (a coverage fit);
+  plain FFN with every neuron guarded (a coverage fit), ``mix_bytes_per_token`` for a fitted mix;
 - pruned matrices (Wanda, RIA): ``bitmask_bytes``, and ``density_for_budget`` for a budget given
   as a fraction of dense bytes (``check_budget``, ``InvalidBudget``).
 
@@ -28,8 +28,25 @@ if TYPE_CHECKING:
 __all__ = [
     "InvalidBudget", "always_read_bytes", "bitmask_bytes", "check_budget", "density_for_budget",
     "exact_neuron_bytes", "ffn_bytes_per_token", "folded_matrix_bytes", "gated_dense_bytes", "guard_bytes",
-    "guard_neuron_bytes",
+    "guard_neuron_bytes", "mix_bytes_per_token",
 ]
+
+
+def mix_bytes_per_token(measured: dict, corrected_neurons: float) -> float:
+    """Bytes a fitted mix reads per token when ``corrected_neurons`` take the exact path: what it
+    reads whatever is flagged, the always-exact neurons at ``exact_cost`` and the flagged guarded
+    ones at ``guarded_cost`` (less with int8 bundles). ``measured``: the guard's stats a
+    calibration recorded (``calibrate/policy.policy_measurements``).
+
+    Example:
+        >>> mix_bytes_per_token({"fixed_bytes": 100, "exact_cost": 10, "guarded_cost": 4, "always_neurons": 2}, 5)
+        132
+    """
+    exact = measured["exact_cost"]
+    guarded = measured.get("guarded_cost", exact)
+    always = measured.get("always_neurons", 0)
+    return (measured["fixed_bytes"] + min(corrected_neurons, always) * exact
+            + max(corrected_neurons - always, 0) * guarded)
 
 
 def ffn_bytes_per_token(d_in: int, d_hidden: int, d_out: int, elem_bytes: int, has_bias: bool,

@@ -11,9 +11,13 @@ from the model's weights and the profile (``runtime/pack.py``), and swaps the mo
   BLOOM): the first linear becomes the ``TardisFFN`` (its output is then the FFN's output), the
   activation module and the second linear become ``nn.Identity``.
 
-An FFN neither swap fits is left dense, with the reason in the returned report. With
-``guard="all"`` every neuron keeps its rows, and the model computes what the dense one does (the
-exactness check; it holds all the weights, so it saves no memory).
+An FFN neither swap fits is left dense, with the reason in the returned report. The guarded
+neurons' rows are kept as int8 by default (``bundles="int8"``: they are read only on the tokens
+their guard flags, and int8 halves what bfloat16 holds and quarters float32); the always-exact ones
+stay in the model's dtype (calibration priced them so: ``CalibrationConfig.bundles``). With
+``guard="all"`` every neuron keeps its rows as they are, and the
+model computes what the dense one does (the exactness check; it holds all the weights, so it saves
+no memory); ``bundles="dense"`` keeps the guarded rows exact too.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from .passes import find_ffns
 from .passes.context import ffn_slots
 from .passes.ffn_graph import module_of
 from .profile import Profile
+from .runtime.layout import BUNDLE_ENCODINGS
 from .runtime.module import TardisFFN
 from .runtime.pack import build_pack, dense_reference
 
@@ -51,6 +56,7 @@ class CompressedFFN:
     read_bytes: float = 0.0  # bytes read per token, at the flag rate measured in calibration
     reason: str = ""
     guard: str = ""
+    bundles: str = ""  # how the guarded neurons' rows are held: "int8" or "dense"
     measured: dict = dataclasses.field(default_factory=dict)  # calibration's held-out stats for ``guard``
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,6 +70,7 @@ class CompressReport:
 
     ffns: list[CompressedFFN]
     guard: str | None
+    bundles: str = "int8"
     seconds: float = 0.0  # set by callers that time the whole compression (``tardis compress``)
 
     @property
@@ -91,14 +98,15 @@ class CompressReport:
 
 
 def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, example_inputs: Any = None,
-              guard: str | None = None, skip: Iterable[str] = ()) -> CompressReport:
+              guard: str | None = None, skip: Iterable[str] = (), bundles: str | None = None) -> CompressReport:
     """Replace, in place, each FFN of ``model`` that ``profile`` calibrated by a ``TardisFFN``
     holding only its pack (see the module docstring). Returns a ``CompressReport``.
 
     ``example_inputs``: one call's inputs (a tensor, a tuple of arguments or a dict of keyword
     arguments) to find the FFNs with; None takes a Hugging Face model's ``dummy_inputs``.
     ``guard``: the guard to run (None: the profile's per FFN kind, ``DEFAULT_GUARDS``); "all" is
-    the exactness test mode. ``skip``: FFN names or regexes to leave dense.
+    the exactness test mode. ``skip``: FFN names or regexes to leave dense. ``bundles``: how the
+    guarded neurons' rows are held, "int8" (default) or "dense" (exact; more memory).
 
     Example:
         >>> import torch, tardis_compiler as tc
@@ -115,6 +123,8 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
     require(isinstance(profile, Profile), f"profile must be a Profile or a saved profile's path, got "
             f"{type(profile).__name__}")
     require(guard is None or guard in GUARDS, f"guard must be one of {GUARDS} or None, got {guard!r}")
+    bundles = profile.config.bundles if bundles is None else bundles
+    require(bundles in BUNDLE_ENCODINGS, f"bundles must be one of {sorted(BUNDLE_ENCODINGS)} or None, got {bundles!r}")
     if model.training:
         raise ValueError("compress_() needs the model in eval mode (folding is an inference transform): "
                          "call model.eval() first")
@@ -130,17 +140,18 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
         for match in matches:
             if match.name in done:
                 continue
-            done[match.name] = _compress_one(model, match, fqns, graph_inputs, profile, guard, skip)
+            done[match.name] = _compress_one(model, match, fqns, graph_inputs, profile, guard, skip, bundles)
     if not done:
         raise ValueError("compress_() found no FFN in this model; tardis_compiler.explain(model, inputs) lists "
                          "what was matched and why patterns were skipped")
-    report = CompressReport(list(done.values()), guard)
+    report = CompressReport(list(done.values()), guard, bundles)
     _mark_compressed(model, report, profile)
     log.info("compress_:\n%s", report)
     return report
 
 
-def _compress_one(model, match, fqns, graph_inputs, profile: Profile, guard: str | None, skip) -> CompressedFFN:
+def _compress_one(model, match, fqns, graph_inputs, profile: Profile, guard: str | None, skip,
+                  bundles: str) -> CompressedFFN:
     name = match.name
     entry = CompressedFFN(name, "dense")
     if name_matches(name, skip):
@@ -172,17 +183,18 @@ def _compress_one(model, match, fqns, graph_inputs, profile: Profile, guard: str
         return entry
     with torch.no_grad():
         pack = build_pack(match.kind, weights, ffn.params(run_guard), run_guard, match.activation.name,
-                          profile.config.group_size, ffn.fold_term)
+                          profile.config.group_size, ffn.fold_term, bundles=bundles)
     entry.mode, entry.target, entry.identities = plan
     first_linear = module_of(fqns[(match.gate if match.kind == "gated" else match.first).weight])
     module = TardisFFN.from_pack(name, pack, dense_key=first_linear[len(entry.target):].lstrip("."))
     entry.resident_bytes = module.resident_bytes()
-    entry.guard = run_guard
+    entry.guard, entry.bundles = run_guard, pack.layout.bundles
     held_out = ffn.stats.get("guards", {}).get(run_guard, {})
     entry.measured = {key: held_out[key] for key in ("flag_rate", "recall", "rel_error") if key in held_out}
     entry.measured["coverage"] = ffn.stats.get("coverage")
     entry.measured["policy"] = ffn.stats.get("policy", {}).get("counts")
-    entry.read_bytes = ffn.bytes_per_token(run_guard, weights[next(iter(weights))].element_size()) \
+    entry.read_bytes = ffn.bytes_per_token(run_guard, weights[next(iter(weights))].element_size(),
+                                           bundles=pack.layout.bundles) \
         if run_guard != "all" else float(entry.dense_bytes)
     model.set_submodule(entry.target, module)
     for fqn in entry.identities:

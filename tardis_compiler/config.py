@@ -58,6 +58,11 @@ class CalibrationConfig:
             FFN's weight bytes, or None (default): not capped. Only the neurons that can take the
             exact path (exact, guarded) keep their weights, so memory is a second knapsack
             constraint beside ``budget``: fewer guarded neurons, more folded or dropped ones.
+        bundles: how the guarded neurons' rows (their bundles) are stored: "int8" (default; one
+            scale per row and column: a quarter of float32's bytes read and held, half of
+            bfloat16's, so a budget affords more guarded neurons) or "dense" (the model's dtype:
+            the exact path is exact). Always-exact neurons stay dense either way, and ``guard="all"``
+            keeps every row as it is (the exactness check).
         fold: with a budget, whether the mix may fold neurons into the matrix ``Wf``: None (default)
             takes whichever of the two variants has less error per FFN, False never folds (neurons
             off the exact path contribute nothing: contextual activation sparsity, c = 0), True always.
@@ -88,6 +93,7 @@ class CalibrationConfig:
     budget: float | None = DEFAULT_BUDGET
     allocation: str = "layer"
     resident: float | None = None
+    bundles: str = "int8"
     fold: bool | None = None
     fold_fit: str = "lstsq"
     sequential: int = 1
@@ -106,6 +112,7 @@ class CalibrationConfig:
         require_integer(self.svd_rank, "svd_rank", 0, "(0: a quarter of d_in)")
         require(self.allocation in ("layer", "model", "loss"),
                 f"allocation must be 'layer', 'model' or 'loss', got {self.allocation!r}")
+        require(self.bundles in ("int8", "dense"), f"bundles must be 'int8' or 'dense', got {self.bundles!r}")
         require(self.fold is None or isinstance(self.fold, bool),
                 f"fold must be None, True or False, got {self.fold!r}")
         require(self.fold_fit in ("lstsq", "lines"), f"fold_fit must be 'lstsq' or 'lines', got {self.fold_fit!r}")

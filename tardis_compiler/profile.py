@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .accounting import ffn_bytes_per_token
+from .accounting import exact_neuron_bytes, ffn_bytes_per_token
 from .config import DEFAULT_GUARDS, PREDICTOR_GUARDS, CalibrationConfig
 
 if TYPE_CHECKING:
@@ -87,13 +87,35 @@ class FFNProfile:
             rows = torch.cat([torch.cat([rows, rows.new_zeros(6, self.d_in)], dim=1), self.predictor.float()])
         return rows.contiguous()
 
-    def bytes_per_token(self, guard: str, elem_bytes: int | None = None, has_bias: bool | None = None) -> float:
+    def bytes_per_token(self, guard: str, elem_bytes: int | None = None, has_bias: bool | None = None,
+                        bundles: str | None = None) -> float:
         """FFN weight bytes read per token (batch 1) when folded with ``guard``, at the flag rate
         calibration measured; ``guard="dense"`` for the dense FFN. The weights' element size and
-        bias default to the calibrated model's.
+        bias default to the calibrated model's; ``bundles`` (how the guarded neurons' rows are
+        stored, "int8" or "dense") to what calibration priced (``stats["bundles"]``).
 
         Example: ``ffn.bytes_per_token("int8") / ffn.bytes_per_token("dense")``.
         """
+        total = self._bytes_per_token(guard, elem_bytes, has_bias)
+        priced = self.stats.get("bundles", "dense")
+        if bundles is not None and bundles != priced and guard not in ("all", "dense", "exact"):
+            saving = self._int8_bundle_saving(guard, elem_bytes)
+            total += -saving if bundles == "int8" else saving
+        return total
+
+    def _int8_bundle_saving(self, guard: str, elem_bytes: int | None) -> float:
+        """Bytes per token int8 bundles save over dense ones: each flagged guarded neuron reads
+        codes, not rows."""
+        from .runtime.pack import neuron_classes
+
+        guarded, _ = neuron_classes(self.params(guard), guard, self.d_hidden)
+        rate = self.stats.get("guards", {}).get(guard, {}).get("flag_rate", 1.0)
+        elem = self.stats.get("elem_bytes", 4) if elem_bytes is None else elem_bytes
+        per_neuron = (exact_neuron_bytes(self.kind, self.d_in, self.d_out, elem)
+                      - exact_neuron_bytes(self.kind, self.d_in, self.d_out, elem, "int8"))
+        return rate * guarded.numel() * per_neuron
+
+    def _bytes_per_token(self, guard: str, elem_bytes: int | None, has_bias: bool | None) -> float:
         if self.kind == "gated" and guard == "all":  # fold + every neuron: W_g, W_u rows and W_d columns
             scale = 1.0 if elem_bytes is None else elem_bytes / self.stats["elem_bytes"]
             return self.stats["dense_bytes"] * scale * (1 + self.d_out / (3 * self.d_hidden))
@@ -122,7 +144,7 @@ class FFNProfile:
                              f"not {guard!r}: calibrate again with this guard")
         return measured["bytes_per_token"] * scale
 
-    def layout(self, guard: str, dtype: torch.dtype, group_size: int) -> "Layout":
+    def layout(self, guard: str, dtype: torch.dtype, group_size: int, bundles: str = "dense") -> "Layout":
         """The layout of the pack this calibration gives with ``guard`` in ``dtype``: its resident
         bytes and what each neuron costs (``runtime/layout.py``), without building it.
 
@@ -131,7 +153,7 @@ class FFNProfile:
         from .runtime.pack import pack_layout
 
         return pack_layout(self.kind, self.activation, dtype, self.d_in, self.d_out, self.d_hidden,
-                           self.params(guard), guard, group_size, self.fold_term)
+                           self.params(guard), guard, group_size, self.fold_term, bundles)
 
     def signature(self) -> tuple[int, int, int, str, str]:
         """What must match between a model's FFN and this profile."""
@@ -214,7 +236,8 @@ class Profile:
         for key, kind in (("tokens", int), ("source", str), ("config", dict), ("ffns", dict)):
             check.that(isinstance(meta.get(key), kind), key, f"missing or not a {kind.__name__}")
         try:
-            config = CalibrationConfig.from_dict(meta["config"])
+            # A profile from before int8 bundles was priced for dense ones: keep them.
+            config = CalibrationConfig.from_dict({"bundles": "dense", **meta["config"]})
         except (TypeError, ValueError) as exc:
             raise ProfileError(meta_path, f"config: {exc}") from exc
         if not os.path.isfile(tensor_path):

@@ -78,20 +78,21 @@ def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     energy = ((a * u) @ w["wd_rows"]).pow(2).sum(1).mean().item()
 
     exact_cost = float(exact_neuron_bytes("gated", d_in, d_out, elem))
+    guarded_cost = float(exact_neuron_bytes("gated", d_in, d_out, elem, config.bundles))  # a flagged guarded neuron
     guard_row, guard_fixed = guard_bytes(predictor, d_in, elem)
     fold_bytes = float(folded_matrix_bytes(d_in, d_out, elem))
     sorted_stats = _sorted_stats(g, u, a)
     variants = []
     for with_fold in (True, False):
-        opts, plan = _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold, exact_cost, guard_row, guard,
-                              config)
+        opts, plan = _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold, (exact_cost, guarded_cost),
+                              guard_row, guard, config)
         variants.append((with_fold, opts, plan, (fold_bytes if with_fold else 0.0) + guard_fixed))
     stats = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0], "measured_on": measured_on,
              "elem_bytes": elem, "has_bias": gate_up_bias or down_bias, "gate_up_bias": gate_up_bias,
-             "down_bias": down_bias, "dense_bytes": dense_bytes,
+             "down_bias": down_bias, "dense_bytes": dense_bytes, "bundles": config.bundles,
              "error_bound": None}  # u is unbounded: no worst-case bound for a gated FFN
     measure = {"act": act, "predictor": predictor, "guard": guard, "fold_bytes": fold_bytes,
-               "guard_row": guard_row, "guard_fixed": guard_fixed, "exact_cost": exact_cost,
+               "guard_row": guard_row, "guard_fixed": guard_fixed, "exact_cost": (exact_cost, guarded_cost),
                "always_bytes": always_read_bytes(d_out), "x_fit": x_fit,
                "lstsq": config.fold_fit == "lstsq", "seed": config.seed}
     return GatedCandidates(record, w, variants, dense_bytes, energy, stats, x_hold if x_hold.shape[0] else x_fit,
@@ -137,9 +138,11 @@ def _sorted_stats(g: torch.Tensor, u: torch.Tensor, a: torch.Tensor) -> tuple[to
     return g.gather(0, order), prefix
 
 
-def _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold: bool, exact_cost: float, guard_row: float,
-             guard: str, config: CalibrationConfig) -> tuple[NeuronOptions, dict]:
-    """Per-neuron error and cost of each option, and the ranges/constants/margins behind them."""
+def _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold: bool, costs_of: tuple[float, float],
+             guard_row: float, guard: str, config: CalibrationConfig) -> tuple[NeuronOptions, dict]:
+    """Per-neuron error and cost of each option, and the ranges/constants/margins behind them.
+    ``costs_of``: bytes an exact neuron reads, and a flagged guarded one (int8 bundles: fewer)."""
+    exact_cost, guarded_cost = costs_of
     n, m = g.shape
     u2 = u.pow(2)
     labels, errors, costs = ["exact"], [torch.zeros(m, dtype=torch.float64)], [torch.full((m,), exact_cost)]
@@ -163,8 +166,8 @@ def _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold: bool, exact_cos
         flags = (g_hat < lower + margin) | (g_hat > upper - margin)
         kept = error_terms.masked_fill_(flags, 0.0)
         errors.append(col_norm2 * kept.sum(0).double() / n)  # float32 pairwise sums: ample here
-        costs.append(guard_row + flags.sum(0).double() / n * exact_cost)
-        resident.append(torch.full((m,), guard_row + exact_cost, dtype=torch.float64))
+        costs.append(guard_row + flags.sum(0).double() / n * guarded_cost)
+        resident.append(torch.full((m,), guard_row + guarded_cost, dtype=torch.float64))
         labels.append(f"guarded@{p}")
         plan[labels[-1]] = {"c": c, "lower": lower, "upper": upper, "margin": margin}
     return NeuronOptions(labels, torch.stack(errors, 1), torch.stack(costs, 1), torch.stack(resident, 1)), plan
@@ -204,7 +207,7 @@ def _best_window(g_sorted, prefix, coverage: float, with_fold: bool):
     return lower, upper, c
 
 
-def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_cost, exact_cost, dense_bytes,
+def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_cost, costs_of, dense_bytes,
              always_bytes, fold_term) -> dict[str, Any]:
     """What the chosen policy does on ``x`` (held-out tokens): coverage, flags, recall, output
     error and bytes read per token."""
@@ -214,7 +217,7 @@ def _measure(x, w, act, params, predictor, guard, with_fold, fold_bytes, guard_c
     delta_y = error + fold_term_output(fold_term, x)
     fixed = (fold_bytes if with_fold else 0.0) + always_bytes
     return policy_measurements(flags, outside, always, guarded, delta_y, dense_y,
-                               predictor, guard, guard_cost, fixed, exact_cost, dense_bytes)
+                               predictor, guard, guard_cost, fixed, costs_of, dense_bytes)
 
 
 def _output_error(x, w, act, params, predictor, guard):

@@ -75,6 +75,7 @@ def prepare_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
 
     # As the pack lays them out (runtime/layout.py): a bundle [W1 row | W2 column] and four floats.
     exact_cost = float(exact_neuron_bytes("plain", d_in, d_out, elem))
+    guarded_cost = float(exact_neuron_bytes("plain", d_in, d_out, elem, config.bundles))  # a flagged guarded neuron
     guard_row, guard_fixed = guard_bytes(predictor, d_in, elem)
     fold_bytes = float(folded_matrix_bytes(d_in, d_out, elem))
     order = z.argsort(dim=0)
@@ -85,14 +86,14 @@ def prepare_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     sigma = (z_hat - z).std(dim=0) if predictor is not None else None
     variants = []
     for with_fold in (True, False):
-        opts, plan = _options(z, y, z_hat, z_sorted, prefix, sigma, col_norm2, with_fold, exact_cost, guard_row,
-                              guard, config)
+        opts, plan = _options(z, y, z_hat, z_sorted, prefix, sigma, col_norm2, with_fold, (exact_cost, guarded_cost),
+                              guard_row, guard, config)
         fixed = (fold_bytes if with_fold else 0.0) + always_read_bytes(d_out) + guard_fixed
         variants.append((with_fold, opts, plan, fixed))
     stats = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0], "measured_on": measured_on,
-             "elem_bytes": elem, "has_bias": has_bias, "dense_bytes": dense_bytes}
+             "elem_bytes": elem, "has_bias": has_bias, "dense_bytes": dense_bytes, "bundles": config.bundles}
     measure = {"act": act, "predictor": predictor, "guard": guard, "guard_row": guard_row, "guard_fixed": guard_fixed,
-               "exact_cost": exact_cost, "x_fit": x_fit, "lstsq": config.fold_fit == "lstsq", "seed": config.seed}
+               "exact_cost": (exact_cost, guarded_cost), "x_fit": x_fit, "lstsq": config.fold_fit == "lstsq", "seed": config.seed}
     return PlainCandidates(record, w, variants, dense_bytes, energy, stats, x_hold if x_hold.shape[0] else x_fit,
                            measure)
 
@@ -134,9 +135,11 @@ def finish_plain_ffn(cand: PlainCandidates, variant: int, choice: Choice, budget
     )
 
 
-def _options(z, y, z_hat, z_sorted, prefix, sigma, col_norm2, with_fold: bool, exact_cost: float,
+def _options(z, y, z_hat, z_sorted, prefix, sigma, col_norm2, with_fold: bool, costs_of: tuple[float, float],
              guard_row: float, guard: str, config: CalibrationConfig) -> tuple[NeuronOptions, dict]:
-    """Per-neuron error and cost of each option, and the ranges/lines/margins behind them."""
+    """Per-neuron error and cost of each option, and the ranges/lines/margins behind them.
+    ``costs_of``: bytes an exact neuron reads, and a flagged guarded one (int8 bundles: fewer)."""
+    exact_cost, guarded_cost = costs_of
     n, m = z.shape
     labels, errors, costs = ["exact"], [torch.zeros(m, dtype=torch.float64)], [torch.full((m,), exact_cost)]
     # Held in memory: exact and guarded neurons keep their bundle (guarded ones their guard row too).
@@ -164,8 +167,8 @@ def _options(z, y, z_hat, z_sorted, prefix, sigma, col_norm2, with_fold: bool, e
         flags = (z_hat < lower + margin) | (z_hat > upper - margin)
         kept = error_terms.masked_fill_(flags, 0.0)
         errors.append(col_norm2 * kept.sum(0).double() / n)
-        costs.append(guard_row + flags.sum(0).double() / n * exact_cost)
-        resident.append(torch.full((m,), guard_row + exact_cost, dtype=torch.float64))
+        costs.append(guard_row + flags.sum(0).double() / n * guarded_cost)
+        resident.append(torch.full((m,), guard_row + guarded_cost, dtype=torch.float64))
         labels.append(f"guarded@{p}")
         plan[labels[-1]] = {"slope": a, "intercept": c, "lower": lower, "upper": upper, "margin": margin}
     return NeuronOptions(labels, torch.stack(errors, 1), torch.stack(costs, 1), torch.stack(resident, 1)), plan

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ..accounting import mix_bytes_per_token
+
 #: Range coverages offered to each guarded neuron.
 COVERAGES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 _INF = math.inf
@@ -245,10 +247,11 @@ def encode_choice(opts: NeuronOptions, plan: dict, choice: Choice, m: int,
 
 def policy_measurements(flags: torch.Tensor, outside: torch.Tensor, always: torch.Tensor, guarded: torch.Tensor,
                         delta_y: torch.Tensor, dense_y: torch.Tensor, predictor, guard: str, guard_cost: tuple,
-                        fixed: float, exact_cost: float, dense_bytes: float) -> dict[str, Any]:
+                        fixed: float, costs_of: tuple[float, float], dense_bytes: float) -> dict[str, Any]:
     """Stats of a fitted mix on held-out tokens, shared by gated and plain FFNs: coverage, and for
     ``guard`` flag rate, recall, output error and bytes per token (``fixed`` = what is read whatever
-    the guard, e.g. the folded matrix and output bias).
+    the guard, e.g. the folded matrix and output bias; ``costs_of``: bytes an exact neuron reads,
+    and a flagged guarded one).
 
     Example:
         >>> # stats.update(policy_measurements(flags, outside, always, guarded, dy, y, ...))
@@ -256,7 +259,9 @@ def policy_measurements(flags: torch.Tensor, outside: torch.Tensor, always: torc
     any_guarded = bool(guarded.any())
     guard_read = guarded.sum().item() * guard_cost[0] + guard_cost[1] * any_guarded
     fixed_bytes = fixed + guard_read
-    per_token = fixed_bytes + flags.float().sum(1).mean().item() * exact_cost
+    exact_cost, guarded_cost = costs_of
+    always_neurons = int(always.sum().item())
+    corrected = flags.float().sum(1).mean().item()
     missed = outside & ~flags
     guard_stats = {
         "flag_rate": flags[:, guarded].float().mean().item() if any_guarded else 0.0,
@@ -265,10 +270,12 @@ def policy_measurements(flags: torch.Tensor, outside: torch.Tensor, always: torc
         "rel_error": (delta_y.norm() / dense_y.norm().clamp(min=1e-30)).item(),
         "max_abs_error": delta_y.abs().max().item() if delta_y.numel() else 0.0,
         "kernel": predictor.kernel if predictor is not None else guard,
-        "bytes": guard_read, "bytes_per_token": per_token,
-        # bytes per token = fixed_bytes + corrected_rate * m * exact_cost (the meter's formula)
-        "fixed_bytes": fixed_bytes, "exact_cost": exact_cost,
+        "bytes": guard_read,
+        # bytes per token: accounting.mix_bytes_per_token of these (the meter's formula too)
+        "fixed_bytes": fixed_bytes, "exact_cost": exact_cost, "guarded_cost": guarded_cost,
+        "always_neurons": always_neurons,
     }
+    guard_stats["bytes_per_token"] = per_token = mix_bytes_per_token(guard_stats, corrected)
     return {
         "coverage": 1.0 - (outside | always).float().mean().item(),  # (token, neuron) pairs the fold serves
         "guards": {guard: guard_stats},

@@ -17,7 +17,8 @@ from .config import EvalConfig
 from .corpus import (calibration_batches, evaluation_passages, evaluation_windows, special_tokens,
                      wikipedia_split)
 from .methods import get_method, method_names
-from .metrics import embedding_cosine, evaluate_task, perplexity, sentence_embeddings
+from .metrics import (embedding_cosine, evaluate_task, mean_accuracy, mean_accuracy_stderr, perplexity,
+                      sentence_embeddings)
 from .models import LoadedModel, check_context, is_compressed, load_model
 from .tasks import Task, load_task
 
@@ -32,6 +33,8 @@ class EvalData:
     tasks: list[Task] = dataclasses.field(default_factory=list)
     passages: list[str] = dataclasses.field(default_factory=list)
     reference_embeddings: torch.Tensor | None = None
+    task_limit: int | None = None  # how ``tasks`` were subset, for a scorer that reloads them
+    seed: int = 0
 
     def summary(self) -> dict[str, Any]:
         """Sizes, for the results record."""
@@ -59,7 +62,7 @@ def prepare_data(loaded: LoadedModel, config: EvalConfig, context_length: int) -
         calibration=calibration_batches(tokenizer, context_length=context_length,
                                         num_batches=config.calibration_batches, seed=config.seed,
                                         split=split),
-        prefix=special_tokens(tokenizer)[0])
+        prefix=special_tokens(tokenizer)[0], task_limit=config.task_limit, seed=config.seed)
     if loaded.spec.kind == "causal-lm":
         data.windows = evaluation_windows(tokenizer, context_length=context_length,
                                           num_windows=config.ppl_windows, seed=config.seed,
@@ -75,9 +78,10 @@ def prepare_data(loaded: LoadedModel, config: EvalConfig, context_length: int) -
 
 
 def measure(prepared: PreparedModel, loaded: LoadedModel, data: EvalData, context_length: int,
-            *, progress: bool = False) -> tuple[dict[str, Any], FFNBytes, str]:
+            *, progress: bool = False, scorer: str = "lm-eval") -> tuple[dict[str, Any], FFNBytes, str]:
     """Metrics of one prepared model, and its bytes (measured on the evaluation text when the
-    method has a meter, else as the method computed them).
+    method has a meter, else as the method computed them). Zero-shot tasks are scored by
+    ``scorer``: "lm-eval" (``lmeval.evaluate_tasks``) or "fast" (``metrics.evaluate_task``).
 
     Example:
         >>> from tardis_compiler.eval.methods import dense
@@ -105,23 +109,20 @@ def measure(prepared: PreparedModel, loaded: LoadedModel, data: EvalData, contex
         ffn_bytes = dataclasses.replace(ffn_bytes, read_per_token=prepared.meter.read_per_token())
         source = "measured on evaluation text"
     with torch.no_grad():
-        for task in data.tasks:
-            metrics[task.name] = evaluate_task(model, loaded.tokenizer, task, prefix=data.prefix,
-                                               max_length=context_length, progress=progress)
+        if scorer == "lm-eval" and data.tasks:
+            from .lmeval import evaluate_tasks
+
+            metrics.update(evaluate_tasks(model, loaded.tokenizer, [t.name for t in data.tasks],
+                                          limit=data.task_limit, seed=data.seed,
+                                          max_length=context_length))
+        else:
+            for task in data.tasks:
+                metrics[task.name] = evaluate_task(model, loaded.tokenizer, task, prefix=data.prefix,
+                                                   max_length=context_length, progress=progress)
     if data.tasks:
         metrics["mean_accuracy"] = mean_accuracy(metrics)
+        metrics["mean_accuracy_stderr"] = mean_accuracy_stderr(metrics)
     return metrics, ffn_bytes, source
-
-
-def mean_accuracy(metrics: dict[str, Any]) -> float:
-    """Mean over tasks of acc_norm (multiple choice) or acc (LAMBADA): the accuracy summary.
-
-    Example:
-        >>> mean_accuracy({"piqa": {"acc": 0.6, "acc_norm": 0.7}, "lambada": {"acc": 0.3}})
-        0.5
-    """
-    scores = [m.get("acc_norm", m["acc"]) for m in metrics.values() if isinstance(m, dict)]
-    return sum(scores) / len(scores)
 
 
 def run_eval(config: EvalConfig) -> dict[str, Any]:
@@ -165,7 +166,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
             continue
         prepared_at = time.time()
         metrics, ffn_bytes, source = measure(prepared, loaded, data, context_length,
-                                             progress=config.progress)
+                                             progress=config.progress, scorer=config.scorer)
         if _fingerprint(loaded.model) != fingerprint:
             raise RuntimeError(f"method {method.name!r} modified the dense model in place; methods "
                                f"must work on a copy (copy.deepcopy) or wrap the model")

@@ -161,14 +161,16 @@ def _forward_parameters(model: torch.nn.Module) -> set[str]:
 
 def evaluate_task(model: torch.nn.Module, tokenizer: Any, task: Task, *, prefix: Sequence[int] = (),
                   max_length: int = 2048, progress: bool = False) -> dict[str, float]:
-    """Zero-shot metrics of ``task``: ``acc`` and ``acc_norm`` for multiple choice (acc_norm divides
-    each choice's log-likelihood by its length in characters, like lm-eval), ``acc`` (greedy
-    exact match of the last word) and ``ppl`` for LAMBADA.
+    """Zero-shot metrics of ``task``, the project's fast scorer: ``acc`` and ``acc_norm`` for
+    multiple choice (acc_norm divides each choice's log-likelihood by its length in characters, like
+    lm-eval), ``acc`` (greedy exact match of the last word) and ``ppl`` for LAMBADA; each accuracy
+    with its standard error, and ``correct``: per item, 0/1, the headline accuracy (acc_norm, or
+    LAMBADA's acc). ``lmeval.evaluate_tasks`` is the same through lm-eval; their agreement is tested.
 
     Example:
         >>> # needs a causal LM (SmolLM2, ~20 s to load): tests/eval/test_metrics.py runs it
         >>> evaluate_task(causal_lm, causal_tokenizer, load_task("piqa", limit=20))  # doctest: +SKIP
-        {'acc': 0.65, 'acc_norm': 0.7, 'n': 20}
+        {'acc': 0.65, 'acc_stderr': 0.109424, 'acc_norm': 0.7, 'acc_norm_stderr': 0.105131, 'n': 20, 'correct': [...]}
     """
     requests, owners = [], []
     for q, item in enumerate(task.items):
@@ -183,21 +185,91 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Any, task: Task, *, prefix:
     scores = score_continuations(model, requests, max_length=max_length, progress=progress,
                                  desc=task.name)
     if task.kind == "last_word":
-        correct = sum(s.greedy for s in scores)
         mean_logprob = sum(s.logprob for s in scores) / len(scores)
-        return {"acc": correct / len(scores), "ppl": math.exp(-mean_logprob), "n": len(scores)}
+        return {**accuracy("acc", [s.greedy for s in scores]), "ppl": math.exp(-mean_logprob),
+                "n": len(scores), "correct": [int(s.greedy) for s in scores]}
 
     per_item: list[list[tuple[float, float]]] = [[] for _ in task.items]
     for (q, c), score in zip(owners, scores):
         text = task.items[q].continuations[c]
         chars = len(text[1:] if text.startswith(" ") else text)
         per_item[q].append((score.logprob, score.logprob / max(chars, 1)))
-    acc = acc_norm = 0
-    for item, choices in zip(task.items, per_item):
-        acc += max(range(len(choices)), key=lambda c: choices[c][0]) == item.label
-        acc_norm += max(range(len(choices)), key=lambda c: choices[c][1]) == item.label
-    n = len(task.items)
-    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+    right = [max(range(len(choices)), key=lambda c: choices[c][0]) == item.label
+             for item, choices in zip(task.items, per_item)]
+    right_norm = [max(range(len(choices)), key=lambda c: choices[c][1]) == item.label
+                  for item, choices in zip(task.items, per_item)]
+    return {**accuracy("acc", right), **accuracy("acc_norm", right_norm), "n": len(task.items),
+            "correct": [int(r) for r in right_norm]}
+
+
+def accuracy(name: str, outcomes: Sequence[bool]) -> dict[str, float]:
+    """``{name: mean, name + "_stderr": its standard error}`` of 0/1 ``outcomes``, the standard error
+    with the sample variance (n - 1), as lm-eval reports it.
+
+    Example:
+        >>> accuracy("acc", [True, False, True, False])
+        {'acc': 0.5, 'acc_stderr': 0.288675}
+    """
+    n = len(outcomes)
+    mean = sum(outcomes) / n
+    stderr = math.sqrt(mean * (1 - mean) / (n - 1)) if n > 1 else float("nan")
+    return {name: mean, f"{name}_stderr": round(stderr, 6)}
+
+
+def _task_metrics(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    return [m for m in metrics.values() if isinstance(m, dict) and "acc" in m]
+
+
+def mean_accuracy(metrics: dict[str, Any]) -> float:
+    """Mean over tasks of acc_norm (multiple choice) or acc (LAMBADA): the accuracy summary.
+
+    Example:
+        >>> mean_accuracy({"piqa": {"acc": 0.6, "acc_norm": 0.7}, "lambada": {"acc": 0.3}})
+        0.5
+    """
+    scores = [m.get("acc_norm", m["acc"]) for m in _task_metrics(metrics)]
+    return sum(scores) / len(scores)
+
+
+def mean_accuracy_stderr(metrics: dict[str, Any]) -> float:
+    """Standard error of ``mean_accuracy``: the tasks' standard errors combined as independent.
+
+    Example:
+        >>> round(mean_accuracy_stderr({"a": {"acc": 0.5, "acc_stderr": 0.03},
+        ...                             "b": {"acc": 0.5, "acc_stderr": 0.04}}), 4)
+        0.025
+    """
+    tasks = _task_metrics(metrics)
+    errors = [m.get("acc_norm_stderr" if "acc_norm" in m else "acc_stderr", float("nan"))
+              for m in tasks]
+    return math.sqrt(sum(e * e for e in errors)) / len(errors)
+
+
+def paired_difference(metrics: dict[str, Any], reference: dict[str, Any]) -> tuple[float, float] | None:
+    """Mean accuracy of ``metrics`` minus that of ``reference`` (same items), and the standard
+    error of that difference from the per-item differences: far smaller than the unpaired one,
+    since two methods mostly get the same items right. None when per-item outcomes are missing.
+
+    Example:
+        >>> paired_difference({"t": {"acc": 0.5, "correct": [1, 0, 1, 0]}},
+        ...                   {"t": {"acc": 0.75, "correct": [1, 1, 1, 0]}})
+        (-0.25, 0.25)
+    """
+    differences, variances, count = 0.0, 0.0, 0
+    for name, task in metrics.items():
+        other = reference.get(name)
+        if not (isinstance(task, dict) and isinstance(other, dict) and "correct" in task
+                and "correct" in other and len(task["correct"]) == len(other["correct"])):
+            if isinstance(task, dict) and "acc" in task:
+                return None
+            continue
+        d = [a - b for a, b in zip(task["correct"], other["correct"])]
+        mean = sum(d) / len(d)
+        var = sum((x - mean) ** 2 for x in d) / (len(d) - 1) if len(d) > 1 else float("nan")
+        differences, variances, count = differences + mean, variances + var / len(d), count + 1
+    if count == 0:
+        return None
+    return differences / count, math.sqrt(variances) / count
 
 
 @torch.no_grad()

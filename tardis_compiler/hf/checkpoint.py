@@ -34,11 +34,12 @@ def text_batches(tokenizer: Any, path: str | Path, context_length: int, num_batc
 
 def compress_pretrained(model_ref: str, out: str | Path, budget: float, text: str | None = None,
                         resident: float | None = None, guard: str | None = None, skip: tuple[str, ...] = (),
-                        calibration_batches: int = 16, context_length: int | None = None,
+                        bundles: str = "int8", calibration_batches: int = 16, context_length: int | None = None,
                         dtype: torch.dtype | None = None, progress: bool = True) -> CompressReport:
     """Load ``model_ref`` (a built-in name, a local HF folder or a .gguf file), calibrate it on the
-    built-in Wikipedia calibration text (or the file ``text``) at ``budget``, ``compress_`` it and
-    write the HF checkpoint (weights, config, tokenizer) to ``out``.
+    built-in Wikipedia calibration text (or the file ``text``) at ``budget``, ``compress_`` it
+    (``bundles``: how the guarded neurons' rows are held, see ``compress_``) and write the HF
+    checkpoint (weights, config, tokenizer) to ``out``.
 
     Example:
         >>> # compress_pretrained("smollm2", "smollm2-tardis", 0.5, resident=0.9)
@@ -58,7 +59,7 @@ def compress_pretrained(model_ref: str, out: str | Path, budget: float, text: st
         batches = wikipedia_batches(loaded.tokenizer, context_length=context, num_batches=calibration_batches)
     config = CalibrationConfig(budget=budget, resident=resident, skip=skip, progress=progress)
     profile = calibrate(loaded.model, batches, config)
-    report = compress_(loaded.model, profile, batches[0][:, :16], guard=guard)
+    report = compress_(loaded.model, profile, batches[0][:, :16], guard=guard, bundles=bundles)
     if not report.compressed:
         raise ValueError(f"no FFN of {model_ref!r} could be compressed:\n{report}")
     out = Path(out)
@@ -84,7 +85,7 @@ def checkpoint_table(folder: str | Path) -> str:
     head = (f"{'FFN':<30} {'swap':<7} {'guard':<6} {'guarded':>7} {'exact':>6} {'flag':>6} {'recall':>7} "
             f"{'rel err':>8} {'read':>6} {'held':>6}")
     lines = [f"tardis checkpoint {folder}: budget {quant.get('budget')}, guard {quant.get('guard') or 'default'}, "
-             f"format {quant.get('format_version')}", f"calibration: {quant.get('source', '')}", head]
+             f"guarded rows {quant.get('bundles') or 'dense'}, format {quant.get('format_version')}", f"calibration: {quant.get('source', '')}", head]
     dense = read = held = 0.0
     for target, swap in quant.get("modules", {}).items():
         layout, done = swap["ffn"]["layout"], swap.get("compressed", {})

@@ -26,7 +26,7 @@ from ..runtime.module import TardisFFN
 
 QUANT_METHOD = "tardis"
 #: Version of the checkpoint format (``TardisConfig``); ``TardisFFN.spec`` has its own.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: int8 bundles (pack layout 2)
 _ALIGN = 64  # bytes: torch's CPU allocations, and what the fused kernel's rows are laid out for
 
 
@@ -37,8 +37,8 @@ class TardisConfig(QuantizationConfigMixin):
         modules: module FQN -> {"ffn": ``TardisFFN.spec()``, "mode": "module" | "split",
             "identities": FQNs replaced by ``nn.Identity``}.
         format_version: ``FORMAT_VERSION`` of the writer.
-        guard, budget, source: how it was compressed (for people reading config.json; the
-            modules alone rebuild the model).
+        guard, budget, bundles, source: how it was compressed (for people reading config.json;
+            the modules alone rebuild the model).
 
     Example:
         >>> TardisConfig(modules={}).to_dict()["quant_method"]
@@ -46,11 +46,12 @@ class TardisConfig(QuantizationConfigMixin):
     """
 
     def __init__(self, modules: dict[str, Any] | None = None, format_version: int = FORMAT_VERSION,
-                 guard: str | None = None, budget: float | None = None, source: str = "", **kwargs: Any) -> None:
+                 guard: str | None = None, budget: float | None = None, bundles: str | None = None,
+                 source: str = "", **kwargs: Any) -> None:
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.modules = dict(modules or {})
-        self.guard, self.budget, self.source = guard, budget, source
+        self.guard, self.budget, self.bundles, self.source = guard, budget, bundles, source
         if format_version != FORMAT_VERSION:
             raise ValueError(f"this checkpoint has tardis format version {format_version}; this tardis_compiler "
                              f"reads {FORMAT_VERSION}: install the tardis_compiler version that wrote it")
@@ -136,7 +137,7 @@ def attach_quantization_config(model: torch.nn.Module, report: Any, profile: Any
     if previous is not None and getattr(previous, "quant_method", None) not in (None, QUANT_METHOD):
         raise ValueError(f"this model is already quantized with {previous.quant_method!r}; compress the dense model")
     quant = TardisConfig(modules=model.tardis_swaps, guard=report.guard, budget=profile.config.budget,
-                         source=profile.source)
+                         bundles=report.bundles, source=profile.source)
     config.quantization_config = quant
     model.hf_quantizer = TardisHfQuantizer(quant, pre_quantized=True)
     model.is_quantized = True

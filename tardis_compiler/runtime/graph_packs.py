@@ -104,9 +104,10 @@ class GraphPacks:
         def build() -> FFNPack:
             params = calibration.params(guard)
             return build_pack(ffn.kind, ffn.weights(args), params, guard, ffn.activation, self.group_size,
-                              calibration.fold_term)
+                              calibration.fold_term, bundles=bundles)
 
-        return PACK_CACHE.get(ffn.tensors(args), calibration, (guard, self.group_size), build)
+        bundles = profile.config.bundles  # as calibration priced them
+        return PACK_CACHE.get(ffn.tensors(args), calibration, (guard, self.group_size, bundles), build)
 
     def forget(self) -> None:
         """Drop the fast path's references (``clear_caches``)."""

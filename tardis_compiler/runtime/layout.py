@@ -7,10 +7,13 @@ One FFN's pack is four buffers (see ``runtime/pack.py``, which fills them):
   ``[W_g row | W_u row | W_d column]`` for a gated one, each padded to a 64-byte stride. Bundles
   ``[0, k_guard)`` are the guarded neurons, in guard order; ``[k_guard, k_guard + k_always)`` the
   always-exact ones. Neurons that are never computed exactly (folded unguarded, dropped) have none.
-* ``guard`` (uint8): the guard's codes of the guarded neurons' first rows, then their scales.
+* ``guard`` (uint8): the guard's codes of the guarded neurons' first rows, then their scales; with
+  int8 bundles (``bundles="int8"``), then the guarded neurons' bundles as int8 codes, each padded to
+  64 bytes (``weights`` then holds only the always-exact bundles).
 * ``floats`` (float32): the folded bias ``bf`` (d_out), each guarded neuron's flag band with the
-  bias taken out (lo, hi), four floats per bundle (first bias, up bias, slope, intercept), and the
-  svd guard's projection ``P`` (rank, d_in).
+  bias taken out (lo, hi), four floats per bundle (first bias, up bias, slope, intercept), the
+  svd guard's projection ``P`` (rank, d_in), and with int8 bundles three scales per guarded neuron
+  (first row, up row, output column; a plain FFN's second is unused).
 * ``meta`` (int64): the fields of ``META_FIELDS``: shapes, codes and offsets.
 
 This module is the one home of those sizes: the pack builder, the kernel's checks
@@ -24,10 +27,15 @@ import torch
 
 META_FIELDS = ("MAGIC", "VERSION", "KIND", "ACT", "DTYPE", "D_IN", "D_OUT", "M", "K_GUARD", "K_ALWAYS", "GUARD",
                "GROUP", "RANK", "STRIDE", "HAS_WF", "OFF_BUNDLES", "OFF_GSCALES", "OFF_BF", "OFF_BANDS",
-               "OFF_NEURON", "OFF_P", "N_WEIGHTS", "N_GUARD", "N_FLOATS")
+               "OFF_NEURON", "OFF_P", "N_WEIGHTS", "N_GUARD", "N_FLOATS", "BUNDLES", "QSTRIDE", "OFF_QBUNDLES",
+               "OFF_QSCALES")
 FIELD = {name: i for i, name in enumerate(META_FIELDS)}
 MAGIC = 0x7A4D5446
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+#: How the guarded neurons' bundles are stored: in the model's dtype (exact), or int8 with a scale per
+#: row and column (a quarter of float32's bytes, half of bfloat16's; always-exact bundles stay dense).
+BUNDLE_ENCODINGS = {"dense": 0, "int8": 1}
+QSCALES = 3  # int8 bundle scales per guarded neuron
 KINDS = {"plain": 0, "gated": 1}
 #: Activations the kernel evaluates itself (others run the torch path).
 KERNEL_ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "quick_gelu": 4}
@@ -111,11 +119,34 @@ class Layout:
     group: int
     rank: int
     has_wf: bool
+    bundles: str = "dense"
+
+    def __post_init__(self) -> None:
+        if self.bundles not in BUNDLE_ENCODINGS:
+            raise ValueError(f"bundles must be one of {sorted(BUNDLE_ENCODINGS)}, got {self.bundles!r}")
+        if self.bundles == "int8" and self.guard not in ("int8", "int4", "int2", "svd"):
+            raise ValueError(f"int8 bundles need a low-bit or svd guard (the {self.guard!r} guard reads the "
+                             "bundles' own first rows): use bundles='dense'")
 
     @property
     def k_bundles(self) -> int:
         """Neurons with a bundle (guarded + always exact)."""
         return self.k_guard + self.k_always
+
+    @property
+    def k_dense_bundles(self) -> int:
+        """Bundles in ``weights``: all of them, or with int8 bundles only the always-exact ones."""
+        return self.k_always if self.bundles == "int8" else self.k_bundles
+
+    @property
+    def k_int8_bundles(self) -> int:
+        """Bundles stored as int8 in ``guard``: the guarded neurons' with int8 bundles, else none."""
+        return self.k_guard if self.bundles == "int8" else 0
+
+    @property
+    def qstride(self) -> int:
+        """Bytes between int8 bundles: the row padded to 64 bytes (0 without int8 bundles)."""
+        return round_up(bundle_row(self.kind, self.d_in, self.d_out), ALIGN_BYTES) if self.k_int8_bundles else 0
 
     @property
     def elem_bytes(self) -> int:
@@ -131,15 +162,24 @@ class Layout:
 
     @property
     def n_weights(self) -> int:
-        return self.off_bundles + self.k_bundles * self.stride
+        return self.off_bundles + self.k_dense_bundles * self.stride
 
     @property
     def off_gscales(self) -> int:
         return round_up(self.k_guard * guard_codes_bytes(self.guard, self.d_in, self.group, self.rank), 16)
 
     @property
-    def n_guard(self) -> int:
+    def end_gscales(self) -> int:
+        """End of the guard's scales in ``guard``."""
         return self.off_gscales + self.k_guard * guard_scale_bytes(self.guard, self.d_in, self.group)
+
+    @property
+    def off_qbundles(self) -> int:
+        return round_up(self.end_gscales, ALIGN_BYTES) if self.k_int8_bundles else self.end_gscales
+
+    @property
+    def n_guard(self) -> int:
+        return self.off_qbundles + self.k_int8_bundles * self.qstride
 
     @property
     def off_bands(self) -> int:
@@ -154,8 +194,12 @@ class Layout:
         return self.off_neuron + NEURON_FLOATS * self.k_bundles
 
     @property
-    def n_floats(self) -> int:
+    def off_qscales(self) -> int:
         return self.off_p + (self.rank * self.d_in if self.guard == "svd" else 0)
+
+    @property
+    def n_floats(self) -> int:
+        return self.off_qscales + QSCALES * self.k_int8_bundles
 
     def meta(self) -> torch.Tensor:
         """The int64 ``meta`` tensor the kernel reads."""
@@ -167,7 +211,8 @@ class Layout:
             "RANK": self.rank, "STRIDE": self.stride, "HAS_WF": int(self.has_wf), "OFF_BUNDLES": self.off_bundles,
             "OFF_GSCALES": self.off_gscales, "OFF_BF": 0, "OFF_BANDS": self.off_bands,
             "OFF_NEURON": self.off_neuron, "OFF_P": self.off_p, "N_WEIGHTS": self.n_weights,
-            "N_GUARD": self.n_guard, "N_FLOATS": self.n_floats,
+            "N_GUARD": self.n_guard, "N_FLOATS": self.n_floats, "BUNDLES": BUNDLE_ENCODINGS[self.bundles],
+            "QSTRIDE": self.qstride, "OFF_QBUNDLES": self.off_qbundles, "OFF_QSCALES": self.off_qscales,
         }
         return torch.tensor([values[name] for name in META_FIELDS], dtype=torch.int64)
 
@@ -181,17 +226,24 @@ class Layout:
             raise ValueError(f"tardis pack layout version {v[FIELD['VERSION']]}, this package reads {LAYOUT_VERSION}")
         kinds = {code: name for name, code in KINDS.items()}
         guards = {code: name for name, code in GUARD_ENCODINGS.items()}
+        encodings = {code: name for name, code in BUNDLE_ENCODINGS.items()}
         layout = cls(kinds[v[FIELD["KIND"]]], activation, dtype, v[FIELD["D_IN"]], v[FIELD["D_OUT"]],
                      v[FIELD["M"]], v[FIELD["K_GUARD"]], v[FIELD["K_ALWAYS"]], guards[v[FIELD["GUARD"]]],
-                     v[FIELD["GROUP"]], v[FIELD["RANK"]], bool(v[FIELD["HAS_WF"]]))
+                     v[FIELD["GROUP"]], v[FIELD["RANK"]], bool(v[FIELD["HAS_WF"]]),
+                     encodings[v[FIELD["BUNDLES"]]])
         if layout.meta().tolist()[FIELD["STRIDE"]:] != v[FIELD["STRIDE"]:]:
             raise ValueError("tardis pack meta is inconsistent (offsets or sizes do not match its shapes)")
         return layout
 
     # --- bytes: what the kernel reads per token and what the pack holds -----------------------
     def bundle_bytes(self) -> int:
-        """Bytes the exact path reads for one neuron: its bundle (unpadded) and its four floats."""
-        return bundle_row(self.kind, self.d_in, self.d_out) * self.elem_bytes + 4 * NEURON_FLOATS
+        """Bytes the exact path reads for one always-exact neuron: its bundle (unpadded) and its
+        four floats."""
+        return exact_neuron_bytes(self.kind, self.d_in, self.d_out, self.elem_bytes)
+
+    def guarded_bundle_bytes(self) -> int:
+        """Bytes the exact path reads for one flagged guarded neuron (int8 bundles: codes and scales)."""
+        return exact_neuron_bytes(self.kind, self.d_in, self.d_out, self.elem_bytes, self.bundles)
 
     def fixed_bytes(self) -> int:
         """Bytes read per token whatever is flagged: Wf, bf, the guard and the bands, svd's P."""
@@ -203,8 +255,11 @@ class Layout:
         return wf + 4 * self.d_out + guard + p
 
     def bytes_per_token(self, corrected_neurons: float) -> float:
-        """Bytes read per token (batch 1) when ``corrected_neurons`` take the exact path."""
-        return self.fixed_bytes() + corrected_neurons * self.bundle_bytes()
+        """Bytes read per token (batch 1) when ``corrected_neurons`` take the exact path (the
+        always-exact ones among them, every token)."""
+        guarded = max(corrected_neurons - self.k_always, 0.0)
+        return (self.fixed_bytes() + min(corrected_neurons, self.k_always) * self.bundle_bytes()
+                + guarded * self.guarded_bundle_bytes())
 
     def resident_bytes(self) -> int:
         """Bytes the pack holds (padding included)."""
@@ -213,13 +268,16 @@ class Layout:
 
 
 # --- the cost model calibration prices options with (the same bytes ``Layout`` counts) ----------
-def exact_neuron_bytes(kind: str, d_in: int, d_out: int, elem_bytes: int) -> int:
-    """Bytes one neuron on the exact path reads: its bundle and its four floats.
+def exact_neuron_bytes(kind: str, d_in: int, d_out: int, elem_bytes: int, bundles: str = "dense") -> int:
+    """Bytes one neuron on the exact path reads: its bundle (int8 bundles: codes and three float32
+    scales) and its four floats.
 
     Example:
-        >>> exact_neuron_bytes("gated", 576, 576, 2)
-        3472
+        >>> exact_neuron_bytes("gated", 576, 576, 2), exact_neuron_bytes("gated", 576, 576, 2, "int8")
+        (3472, 1756)
     """
+    if bundles == "int8":
+        return bundle_row(kind, d_in, d_out) + 4 * QSCALES + 4 * NEURON_FLOATS
     return bundle_row(kind, d_in, d_out) * elem_bytes + 4 * NEURON_FLOATS
 
 

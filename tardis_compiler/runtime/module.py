@@ -27,7 +27,7 @@ from .layout import Layout
 from .pack import FFNPack
 
 #: Version of ``TardisFFN.spec()``; a checkpoint written with another is refused with a clear error.
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: the layout's ``bundles`` (int8 bundles)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 

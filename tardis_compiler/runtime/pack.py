@@ -22,10 +22,24 @@ import torch
 import torch.nn.functional as F
 
 from .guard import LOW_BIT_ENCODINGS, quantize
-from .layout import NEURON_FLOATS, Layout, bundle_row
+from .layout import BUNDLE_ENCODINGS, NEURON_FLOATS, QSCALES, Layout, bundle_row
 
 #: Guards a pack can be built for; "all" flags every neuron (the exactness check).
 PACK_GUARDS = (*LOW_BIT_ENCODINGS, "svd", "exact", "all")
+
+
+def bundle_encoding(bundles: str, guard: str, k_guard: int = 1) -> str:
+    """The encoding the guarded bundles get: ``bundles``, except "dense" when there are no guarded
+    neurons (``guard="all"``: the exactness check keeps every row as it is) and with the "exact"
+    guard (it reads the bundles' own first rows).
+
+    Example:
+        >>> bundle_encoding("int8", "int4", 10), bundle_encoding("int8", "all", 0), bundle_encoding("int8", "exact")
+        ('int8', 'dense', 'dense')
+    """
+    if bundles not in BUNDLE_ENCODINGS:
+        raise ValueError(f"bundles must be one of {sorted(BUNDLE_ENCODINGS)}, got {bundles!r}")
+    return bundles if k_guard and guard not in ("exact", "all") else "dense"
 
 
 @dataclasses.dataclass(eq=False)
@@ -118,7 +132,8 @@ def fold_ffn(w1_rows: torch.Tensor, b1: torch.Tensor | None, w2_rows: torch.Tens
 
 
 def pack_layout(kind: str, activation: str, dtype: torch.dtype, d_in: int, d_out: int, m: int, params: torch.Tensor,
-                guard: str, group_size: int, fold_term: torch.Tensor | None = None) -> Layout:
+                guard: str, group_size: int, fold_term: torch.Tensor | None = None,
+                bundles: str = "dense") -> Layout:
     """The layout ``build_pack`` gives these calibration rows, without building anything (reports).
 
     Example:
@@ -132,12 +147,16 @@ def pack_layout(kind: str, activation: str, dtype: torch.dtype, d_in: int, d_out
     encoding = guard if guarded.numel() else "none"
     rank = predictor.shape[0] if encoding == "svd" and predictor is not None else 0
     return Layout(kind, activation, dtype, d_in, d_out, m, guarded.numel(), always.numel(), encoding, group_size,
-                  rank, has_wf)
+                  rank, has_wf, bundle_encoding(bundles, guard, guarded.numel()))
 
 
 def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch.Tensor, guard: str,
-               activation: str, group_size: int, fold_term: torch.Tensor | None = None) -> FFNPack:
-    """The pack of one FFN with ``guard`` (one of ``PACK_GUARDS``).
+               activation: str, group_size: int, fold_term: torch.Tensor | None = None,
+               bundles: str = "dense") -> FFNPack:
+    """The pack of one FFN with ``guard`` (one of ``PACK_GUARDS``); the guarded neurons' bundles in
+    the model's dtype (``bundles="dense"``: their exact path is exact) or int8 (``"int8"``: a
+    quarter of float32's bytes, half of bfloat16's, and a rounding error of at most half a step
+    per weight).
 
     ``weights`` are neuron-major views: plain ``w1_rows`` (m, d_in), ``b1``, ``w2_rows`` (m, d_out),
     ``b2``; gated ``wg_rows``, ``bg``, ``wu_rows``, ``bu``, ``wd_rows`` (m, d_out), ``bd``.
@@ -169,13 +188,14 @@ def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch
                          "calibrate with guard='svd' and a budget")
     rank = predictor.shape[0] if encoding == "svd" else 0
     layout = Layout(kind, activation, dtype, d_in, d_out, m, guarded.numel(), always.numel(), encoding,
-                    group_size, rank, wf is not None)
+                    group_size, rank, wf is not None, bundle_encoding(bundles, guard, guarded.numel()))
 
+    row = bundle_row(kind, d_in, d_out)
     packed = first.new_zeros(layout.n_weights)
     if wf is not None:
         packed[:d_out * d_in] = wf.reshape(-1)
-    packed[layout.off_bundles:].view(-1, layout.stride)[:, :bundle_row(kind, d_in, d_out)] = \
-        _bundles(kind, weights, bundled)
+    dense_neurons = always if layout.bundles == "int8" else bundled
+    packed[layout.off_bundles:].view(-1, layout.stride)[:, :row] = _bundles(kind, weights, dense_neurons)
 
     floats = torch.zeros(layout.n_floats, dtype=compute, device=first.device)
     floats[:d_out] = bf
@@ -188,11 +208,15 @@ def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch
     if encoding in LOW_BIT_ENCODINGS:
         codes, scales = quantize(first.index_select(0, guarded), encoding, group_size)
         guard_bytes[:codes.numel()] = codes.reshape(-1)
-        guard_bytes[layout.off_gscales:] = scales.reshape(-1)
+        guard_bytes[layout.off_gscales:layout.end_gscales] = scales.reshape(-1)
     elif encoding == "svd":
         q = predictor[:, :m].index_select(1, guarded).t().float().contiguous()
         guard_bytes[:q.numel() * 4] = q.cpu().view(-1).view(torch.uint8)
-        floats[layout.off_p:] = predictor[:, m:].reshape(-1).to(compute)
+        floats[layout.off_p:layout.off_qscales] = predictor[:, m:].reshape(-1).to(compute)
+    if layout.bundles == "int8":
+        codes, scales = int8_bundles(kind, weights, guarded)
+        guard_bytes[layout.off_qbundles:].view(-1, layout.qstride)[:, :row] = codes.cpu().view(torch.uint8)
+        floats[layout.off_qscales:] = scales.reshape(-1).to(compute)
     meta = layout.meta()  # on the CPU whatever the device: the op reads it without a device sync
     return FFNPack(packed, guard_bytes.to(first.device), floats, meta, activation, bundled.cpu(), layout)
 
@@ -217,6 +241,51 @@ def _bundles(kind: str, w: dict, idx: torch.Tensor) -> torch.Tensor:
     """(k, row) rows ``[first | up | out]`` of the neurons ``idx``."""
     names = ("wg_rows", "wu_rows", "wd_rows") if kind == "gated" else ("w1_rows", "w2_rows")
     return torch.cat([w[n].detach().index_select(0, idx) for n in names], dim=1)
+
+
+def int8_bundles(kind: str, w: dict, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bundles of neurons ``idx`` as int8 codes (k, row) and their (k, 3) float32 scales:
+    symmetric, one scale per row (first, up) and per output column, ``max|w| / 127``.
+    ``dequantize_bundles`` inverts it (up to rounding).
+
+    Example:
+        >>> w = {"w1_rows": torch.randn(4, 8), "w2_rows": torch.randn(4, 6)}
+        >>> codes, scales = int8_bundles("plain", w, torch.arange(4))
+        >>> codes.shape, scales.shape, int(codes.abs().max())
+        (torch.Size([4, 14]), torch.Size([4, 3]), 127)
+    """
+    names = ("wg_rows", "wu_rows", "wd_rows") if kind == "gated" else ("w1_rows", None, "w2_rows")
+    codes, scales = [], []
+    for name in names:
+        if name is None:  # plain: no up row; its scale slot is unused
+            scales.append(torch.ones(idx.numel(), device=idx.device))
+            continue
+        rows = w[name].detach().index_select(0, idx).float()
+        scale = rows.abs().amax(dim=1).clamp(min=1e-30) / 127
+        codes.append(torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        scales.append(scale)
+    assert len(scales) == QSCALES
+    return torch.cat(codes, dim=1), torch.stack(scales, dim=1)
+
+
+def dequantize_bundles(kind: str, codes: torch.Tensor, scales: torch.Tensor, d_in: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """(k, row) bundles in ``dtype`` from int8 ``codes`` and their (k, 3) ``scales``.
+
+    Example:
+        >>> w = {"w1_rows": torch.randn(4, 8), "w2_rows": torch.randn(4, 6)}
+        >>> codes, scales = int8_bundles("plain", w, torch.arange(4))
+        >>> b = dequantize_bundles("plain", codes, scales, 8, torch.float32)
+        >>> bool((b[:, :8] - w["w1_rows"]).abs().max() <= scales[:, :1].max() / 2 + 1e-6)
+        True
+    """
+    first = 2 * d_in if kind == "gated" else d_in
+    per_column = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+    per_column[:, :d_in] = scales[:, :1]
+    if kind == "gated":
+        per_column[:, d_in:first] = scales[:, 1:2]
+    per_column[:, first:] = scales[:, 2:3]
+    return (codes.float() * per_column).to(dtype)
 
 
 def _neuron_floats(kind: str, w: dict, slope, intercept, b_first, idx) -> torch.Tensor:

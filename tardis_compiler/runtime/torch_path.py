@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from ..activations import get_activation_rule
 from .cpu.kernel import kernel
 from .guard import LOW_BIT_ENCODINGS, predict
-from .layout import DTYPES, NEURON_FLOATS, Layout, bundle_row, guard_codes_bytes
+from .layout import DTYPES, NEURON_FLOATS, QSCALES, Layout, bundle_row, guard_codes_bytes
+from .pack import dequantize_bundles
 
 
 def guard_predictions(layout: Layout, x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor,
@@ -36,19 +37,31 @@ def guard_predictions(layout: Layout, x2: torch.Tensor, weights: torch.Tensor, g
     if layout.guard in LOW_BIT_ENCODINGS:
         code_bytes = guard_codes_bytes(layout.guard, d, layout.group)
         codes = guard[:kg * code_bytes].view(kg, code_bytes)
-        scales = guard[layout.off_gscales:layout.n_guard].view(kg, -1)
+        scales = guard[layout.off_gscales:layout.end_gscales].view(kg, -1)
         return predict(codes, scales, layout.guard, d, layout.group, x2)
     if layout.guard == "svd":
         q = guard[:kg * layout.rank * 4].view(torch.float32).view(kg, layout.rank)
-        p = floats[layout.off_p:layout.n_floats].view(layout.rank, d).float()
+        p = floats[layout.off_p:layout.off_qscales].view(layout.rank, d).float()
         return (xf @ p.t()) @ q.t()
     return F.linear(x2, bundles(layout, weights)[:kg, :d]).float()  # "exact": the bundles' first rows
 
 
 def bundles(layout: Layout, weights: torch.Tensor) -> torch.Tensor:
-    """(k_bundles, row) strided view of the bundles: no copy."""
+    """(k_dense_bundles, row) strided view of the bundles in ``weights``: no copy."""
     row = bundle_row(layout.kind, layout.d_in, layout.d_out)
-    return weights[layout.off_bundles:layout.n_weights].view(layout.k_bundles, layout.stride)[:, :row]
+    return weights[layout.off_bundles:layout.n_weights].view(layout.k_dense_bundles, layout.stride)[:, :row]
+
+
+def all_bundles(layout: Layout, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
+    """(k_bundles, row) bundles in the model's dtype, guarded ones first: the view of ``bundles``,
+    or with int8 bundles the guarded ones dequantized (a copy) above the always-exact ones."""
+    dense = bundles(layout, weights)
+    if layout.bundles != "int8":
+        return dense
+    row, kg = bundle_row(layout.kind, layout.d_in, layout.d_out), layout.k_guard
+    codes = guard[layout.off_qbundles:layout.n_guard].view(kg, layout.qstride)[:, :row].view(torch.int8)
+    scales = floats[layout.off_qscales:layout.n_floats].view(kg, QSCALES).float()
+    return torch.cat([dequantize_bundles(layout.kind, codes, scales, layout.d_in, weights.dtype), dense])
 
 
 def ffn_torch(x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor,
@@ -65,7 +78,7 @@ def ffn_torch(x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floa
         y += F.linear(x2, weights[:n * d].view(n, d)).to(compute)
     if not kb:
         return y.to(x2.dtype), None
-    b = bundles(layout, weights)
+    b = all_bundles(layout, weights, guard, floats)
     nf = floats[layout.off_neuron:layout.off_p].view(kb, NEURON_FLOATS)
     z = F.linear(x2, b[:, :d]).to(compute) + nf[:, 0]
     act = get_activation_rule(layout.activation).fn

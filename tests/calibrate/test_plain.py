@@ -41,7 +41,9 @@ def _record(m=256, d=32, act="gelu", tokens=3000):
 @pytest.mark.parametrize("act", ["gelu", "relu"])
 def test_budget_is_met_and_error_falls_as_it_grows(act):
     rec = _record(act=act)
-    ffns = [fit_plain_ffn(rec, tc.CalibrationConfig(budget=b, progress=False), "int8") for b in (0.3, 0.5, 0.8)]
+    # Dense bundles: with int8 ones this small FFN can guard every neuron by 0.5, and the error floors.
+    ffns = [fit_plain_ffn(rec, tc.CalibrationConfig(budget=b, progress=False, bundles="dense"), "int8")
+            for b in (0.3, 0.5, 0.8)]
     for budget, ffn in zip((0.3, 0.5, 0.8), ffns):
         assert ffn.stats["policy"]["within_budget"]
         assert ffn.stats["bytes_fraction"] <= budget + 0.03
@@ -96,4 +98,6 @@ def test_the_default_is_the_per_neuron_mix_at_the_default_budget():
     profile = tc.calibrate(build_tiny("opt"), token_batches(4), tc.CalibrationConfig(progress=False))
     assert tc.CalibrationConfig().budget == tc.DEFAULT_BUDGET == 0.5
     assert all(f.has_policy and f.kind == "plain" for f in profile.ffns.values())
-    assert abs(profile.bytes_fraction("int8") - tc.DEFAULT_BUDGET) < 0.02
+    # int8 bundles (the default) make guarded neurons cheap: the budget holds, and need not bind here.
+    assert profile.bytes_fraction("int8") <= tc.DEFAULT_BUDGET + 0.02
+    assert all(f.stats["bundles"] == "int8" for f in profile.ffns.values())

@@ -27,6 +27,7 @@ class Case:
     group: int = 16
     rank: int = 4
     seed: int = 0
+    bundles: str = "dense"  # "int8": the guarded neurons' bundles as int8 codes
 
     def weights(self) -> dict[str, torch.Tensor | None]:
         g = torch.Generator().manual_seed(self.seed)
@@ -106,4 +107,5 @@ def make(case: Case, tokens: int) -> tuple[dict, torch.Tensor, torch.Tensor, FFN
     weights = case.weights()
     x = case.inputs(tokens)
     params = case_params(case, weights, x)
-    return weights, params, x, build_pack(case.kind, weights, params, case.guard, case.activation, case.group)
+    return weights, params, x, build_pack(case.kind, weights, params, case.guard, case.activation, case.group,
+                                          bundles=case.bundles)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tardis_compiler.activations import get_activation_rule
 from tardis_compiler.runtime import ffn_op
 from tardis_compiler.runtime.cpu.kernel import kernel
+from tardis_compiler.runtime.layout import FIELD
 from tardis_compiler.runtime.pack import build_pack, dense_reference, guard_all_params
 from tardis_compiler.runtime.stats import collect_stats
 from tardis_compiler.runtime.torch_path import ffn_torch
@@ -46,13 +47,15 @@ def _random_cases(n: int, seed: int) -> list[tuple[Case, int, int]]:
                     dtype=rng.choice([torch.float32, torch.bfloat16]), bias=rng.random() < 0.5,
                     frac_guarded=rng.choice([0.0, 0.5, 1.0]), frac_always=rng.choice([0.0, 0.2, 1.0]),
                     lines=rng.random() < 0.7, group=rng.choice([8, 16, 64]), rank=rng.choice([1, 3]), seed=i)
+        if case.guard != "exact" and rng.random() < 0.4:
+            case.bundles = "int8"
         cases.append((case, rng.choice([1, 2, 5, 8]), rng.choice([1, 2])))
     return cases
 
 
 @needs_kernel
 @pytest.mark.parametrize("case,tokens,threads", _random_cases(160, seed=0),
-                         ids=lambda v: v.kind + v.guard + str(v.dtype)[-4:] if isinstance(v, Case) else str(v))
+                         ids=lambda v: v.kind + v.guard + v.bundles + str(v.dtype)[-4:] if isinstance(v, Case) else str(v))
 def test_kernel_matches_torch_path(case, tokens, threads):
     """Seeded fuzz: odd d, m below the thread count, no guarded / all guarded / all exact neurons."""
     _, _, x, pack = make(case, tokens)
@@ -205,7 +208,7 @@ def test_kernel_refuses_a_corrupt_pack():
     case = Case("gated", 16, 8, 20, guard="int8")
     _, _, x, pack = make(case, 1)
     meta = pack.meta.clone()
-    meta[-3] += 1  # N_WEIGHTS no longer the weights' size
+    meta[FIELD["N_WEIGHTS"]] += 1  # no longer the weights' size
     with pytest.raises(ValueError, match="sizes"):
         kernel().ffn(x, torch.empty(1, 8), 1, pack.weights, pack.guard, pack.floats, meta)
     with pytest.raises(ValueError, match="features"):

@@ -7,7 +7,9 @@
 // plain:  z = w1_j . x + b1_j,    delta_j = act(z) - a_j z - c_j
 // Guarded neurons (bundles [0, k_guard)) are flagged when the guard's prediction of their
 // pre-activation leaves their band; always-exact neurons (bundles [k_guard, k_bundles)) are flagged
-// for every token. The layout of the buffers is written by runtime/pack.py; the meta fields are
+// for every token. With int8 bundles (meta BUNDLES), the guarded neurons' bundles are int8 codes in
+// the guard buffer, scaled per row and column; the always-exact ones stay in the weights buffer.
+// The layout of the buffers is written by runtime/pack.py; the meta fields are
 // listed in META_LAYOUT, which pack.py checks against its own list when it loads this library.
 //
 // Threads: one OpenMP parallel region per call, on the libgomp torch itself loaded (build.py links
@@ -34,13 +36,16 @@ using namespace tardis;
 enum Meta : int {
   MAGIC, VERSION, KIND, ACT, DTYPE, D_IN, D_OUT, M, K_GUARD, K_ALWAYS, GUARD, GROUP, RANK, STRIDE,
   HAS_WF, OFF_BUNDLES, OFF_GSCALES, OFF_BF, OFF_BANDS, OFF_NEURON, OFF_P, N_WEIGHTS, N_GUARD,
-  N_FLOATS, META_LEN
+  N_FLOATS, BUNDLES, QSTRIDE, OFF_QBUNDLES, OFF_QSCALES, META_LEN
 };
 const char* META_LAYOUT =
     "MAGIC,VERSION,KIND,ACT,DTYPE,D_IN,D_OUT,M,K_GUARD,K_ALWAYS,GUARD,GROUP,RANK,STRIDE,HAS_WF,"
-    "OFF_BUNDLES,OFF_GSCALES,OFF_BF,OFF_BANDS,OFF_NEURON,OFF_P,N_WEIGHTS,N_GUARD,N_FLOATS";
+    "OFF_BUNDLES,OFF_GSCALES,OFF_BF,OFF_BANDS,OFF_NEURON,OFF_P,N_WEIGHTS,N_GUARD,N_FLOATS,"
+    "BUNDLES,QSTRIDE,OFF_QBUNDLES,OFF_QSCALES";
 const int64_t MAGIC_VALUE = 0x7a4d5446;  // "FTMz"
-const int64_t LAYOUT_VERSION = 1;
+const int64_t LAYOUT_VERSION = 2;
+enum Bundles { B_DENSE = 0, B_INT8 = 1 };  // how the guarded neurons' bundles are stored
+const int QSCALES = 3;                    // int8 bundle scales: first row, up row, output column
 enum Kind { PLAIN = 0, GATED = 1 };
 enum Guard { G_NONE = 0, G_INT8 = 1, G_INT4 = 2, G_INT2 = 3, G_EXACT = 4, G_SVD = 5 };
 const int NEURON_FLOATS = 4;  // bias (gate / w1), bias (up), slope, intercept
@@ -143,9 +148,12 @@ int check_meta(const int64_t* m, int64_t n_weights, int64_t n_guard, int64_t n_f
   if (d <= 0 || n <= 0 || kg < 0 || ka < 0 || kb > m[M] || m[KIND] < 0 || m[KIND] > 1) return -4;
   if (m[ACT] < 0 || m[ACT] > QUICK_GELU || m[DTYPE] < 0 || m[DTYPE] > 1) return -4;
   const int64_t row = (m[KIND] == GATED ? 2 * d : d) + n;
+  if (m[BUNDLES] != B_DENSE && m[BUNDLES] != B_INT8) return -10;
+  const bool int8_bundles = m[BUNDLES] == B_INT8;
+  const int64_t dense_bundles = int8_bundles ? ka : kb;
   if (m[STRIDE] < row) return -5;
   if (m[HAS_WF] && m[OFF_BUNDLES] < n * d) return -5;
-  if (m[OFF_BUNDLES] < 0 || m[OFF_BUNDLES] + kb * m[STRIDE] > n_weights) return -5;
+  if (m[OFF_BUNDLES] < 0 || m[OFF_BUNDLES] + dense_bundles * m[STRIDE] > n_weights) return -5;
   int64_t guard_bytes = 0, p_floats = 0;
   switch (m[GUARD]) {
     case G_NONE: case G_EXACT: break;
@@ -169,6 +177,12 @@ int check_meta(const int64_t* m, int64_t n_weights, int64_t n_guard, int64_t n_f
   if (m[OFF_BANDS] < 0 || m[OFF_BANDS] + 2 * kg > n_floats) return -7;
   if (m[OFF_NEURON] < 0 || m[OFF_NEURON] + NEURON_FLOATS * kb > n_floats) return -7;
   if (m[OFF_P] < 0 || m[OFF_P] + p_floats > n_floats) return -7;
+  if (int8_bundles) {  // int8 bundles need a guard that does not read them (not "exact")
+    if (m[GUARD] == G_NONE || m[GUARD] == G_EXACT) return -10;
+    if (m[QSTRIDE] < row || m[OFF_QBUNDLES] < m[OFF_GSCALES] + scale_bytes) return -10;
+    if (m[OFF_QBUNDLES] + kg * m[QSTRIDE] > n_guard) return -10;
+    if (m[OFF_QSCALES] < m[OFF_P] + p_floats || m[OFF_QSCALES] + QSCALES * kg > n_floats) return -10;
+  }
   return 0;
 }
 
@@ -202,8 +216,7 @@ void decode_row(const uint8_t* guard, const int64_t* m, int64_t j, float* scaled
   }
 }
 
-template <class W>
-inline void prefetch_bundle(const W* bundle, int64_t bytes) {
+inline void prefetch_bundle(const void* bundle, int64_t bytes) {
   const char* p = reinterpret_cast<const char*>(bundle);
   for (int64_t off = 0; off < bytes && off < PREFETCH_BYTES; off += 64) __builtin_prefetch(p + off);
 }
@@ -241,7 +254,10 @@ struct Call {
   int kind, act, enc;
   bool subbyte;
   const W* wf;
-  const W* bundles;
+  const W* bundles;       // dense bundles: all of them, or (int8 bundles) the always-exact ones
+  const int8_t* qbundles;  // int8 bundles of the guarded neurons, or null
+  const float* qscales;    // their (first, up, out) scales
+  int64_t qstride, dense_from;  // dense bundle of neuron j: bundles + (j - dense_from) * stride
   const uint8_t* guard;
   const float *bf, *bands, *neuron, *p;
   // Per-call inputs (see run): x in fp32; for sub-byte guards x quantized per group (as int8 and
@@ -277,7 +293,7 @@ uint64_t flag_tokens(const Call<W>& c, int64_t j, float* row, float* lows, float
         case G_SVD:
           zt[t] = dot(reinterpret_cast<const float*>(c.guard) + j * c.rank, c.proj + t * c.rank, c.rank);
           break;
-        default:  // G_EXACT: the bundle's own first row
+        default:  // G_EXACT: the bundle's own first row (always dense: check_meta)
           zt[t] = dot(c.bundles + j * c.stride, xt, d);
       }
     }
@@ -288,12 +304,11 @@ uint64_t flag_tokens(const Call<W>& c, int64_t j, float* row, float* lows, float
   return mask;
 }
 
-// The exact path of bundle j for the tokens in `mask`: acc[t] += delta_j(x_t) * out_col_j.
+// The exact path of one bundle `b` (elements of type B: the model's dtype, or int8 codes with
+// the row / column scales `s`) for the tokens in `mask`: acc[t] += delta(x_t) * out_col.
 // Returns the number of (token, neuron) pairs corrected.
-template <class W>
-int64_t correct(const Call<W>& c, int64_t j, uint64_t mask, float* acc) {
-  const W* b = c.bundles + j * c.stride;
-  const float* nf = c.neuron + j * NEURON_FLOATS;
+template <class W, class B>
+int64_t correct_bundle(const Call<W>& c, const B* b, const float* nf, const float* s, uint64_t mask, float* acc) {
   int64_t pairs = 0;
   for (int64_t t = 0; t < c.tokens; ++t) {
     if (!((mask >> t) & 1ull)) continue;
@@ -303,14 +318,32 @@ int64_t correct(const Call<W>& c, int64_t j, uint64_t mask, float* acc) {
     if (c.kind == GATED) {
       float g, u;
       dot2(b, b + c.d, xt, c.d, &g, &u);  // the gate and up rows share one pass over x
-      delta = (activation(c.act, g + nf[0]) - nf[3]) * (u + nf[1]);
+      delta = (activation(c.act, s[0] * g + nf[0]) - nf[3]) * (s[1] * u + nf[1]);
     } else {
-      const float z = dot(b, xt, c.d) + nf[0];
+      const float z = s[0] * dot(b, xt, c.d) + nf[0];
       delta = activation(c.act, z) - nf[2] * z - nf[3];
     }
-    axpy(acc + t * c.n, delta, b + c.out_offset, c.n);
+    axpy(acc + t * c.n, s[2] * delta, b + c.out_offset, c.n);
   }
   return pairs;
+}
+
+const float UNIT_SCALES[QSCALES] = {1.f, 1.f, 1.f};
+
+// The exact path of bundle j (guarded neurons first, then the always-exact ones).
+template <class W>
+int64_t correct(const Call<W>& c, int64_t j, uint64_t mask, float* acc) {
+  const float* nf = c.neuron + j * NEURON_FLOATS;
+  if (c.qbundles && j < c.kg)
+    return correct_bundle(c, c.qbundles + j * c.qstride, nf, c.qscales + j * QSCALES, mask, acc);
+  return correct_bundle(c, c.bundles + (j - c.dense_from) * c.stride, nf, UNIT_SCALES, mask, acc);
+}
+
+// Where bundle j's bytes start, for prefetching.
+template <class W>
+const void* bundle_address(const Call<W>& c, int64_t j) {
+  if (c.qbundles && j < c.kg) return c.qbundles + j * c.qstride;
+  return c.bundles + (j - c.dense_from) * c.stride;
 }
 
 template <class W>
@@ -326,11 +359,15 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
   c.guard_row = c.enc == G_INT8 ? c.d : c.subbyte ? subbyte_row_bytes(c.d, c.group, c.enc == G_INT4 ? 4 : 2) : 0;
   c.wf = m[HAS_WF] ? weights : nullptr;
   c.bundles = weights + m[OFF_BUNDLES];
+  const bool int8_bundles = m[BUNDLES] == B_INT8;
+  c.qbundles = int8_bundles ? reinterpret_cast<const int8_t*>(guard + m[OFF_QBUNDLES]) : nullptr;
+  c.qscales = int8_bundles ? floats + m[OFF_QSCALES] : nullptr;
+  c.qstride = m[QSTRIDE], c.dense_from = int8_bundles ? c.kg : 0;
   c.guard = guard;
   c.bf = floats + m[OFF_BF], c.bands = floats + m[OFF_BANDS], c.neuron = floats + m[OFF_NEURON];
   c.p = floats + m[OFF_P];
   c.out_offset = c.kind == GATED ? 2 * c.d : c.d;
-  c.bundle_bytes = (c.out_offset + c.n) * static_cast<int64_t>(sizeof(W));
+  c.bundle_bytes = (c.out_offset + c.n) * static_cast<int64_t>(int8_bundles ? 1 : sizeof(W));
   const int64_t d = c.d, n = c.n, kb = c.kb, groups = c.groups;
 
   // Scratch (grown once, then reused): the per-call inputs of `c`, Wf's output, per-thread
@@ -392,8 +429,8 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
       for (int h = 0; h < hits; ++h) {
         // Prefetch a later flagged bundle, so its lines arrive while this one is used.
         if (h == 0)
-          for (int a = 1; a < PREFETCH_AHEAD && a < hits; ++a) prefetch_bundle(c.bundles + hit[a] * c.stride, c.bundle_bytes);
-        if (h + PREFETCH_AHEAD < hits) prefetch_bundle(c.bundles + hit[h + PREFETCH_AHEAD] * c.stride, c.bundle_bytes);
+          for (int a = 1; a < PREFETCH_AHEAD && a < hits; ++a) prefetch_bundle(bundle_address(c, hit[a]), c.bundle_bytes);
+        if (h + PREFETCH_AHEAD < hits) prefetch_bundle(bundle_address(c, hit[h + PREFETCH_AHEAD]), c.bundle_bytes);
         my_flagged += correct(c, hit[h], hit_mask[h], acc);
         ++my_corrected;
       }

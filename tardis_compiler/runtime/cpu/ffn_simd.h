@@ -34,6 +34,7 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
 
 inline float to_f32(float v) { return v; }
 inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
+inline float to_f32(int8_t v) { return static_cast<float>(v); }  // int8 bundle codes (scaled by the caller)
 inline void store(float* p, float v) { *p = v; }
 inline void store(uint16_t* p, float v) { *p = f32_to_bf16(v); }
 
@@ -60,6 +61,12 @@ inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps
 inline __m512 load16(const uint16_t* p, __mmask16 k) {
   __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 load16(const int8_t* p, __mmask16 k) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, p)));
 }
 inline __mmask16 tail_mask(int64_t left) { return static_cast<__mmask16>((1u << left) - 1u); }
 #endif
