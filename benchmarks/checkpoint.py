@@ -1,15 +1,16 @@
 """The deploy path on SmolLM2-135M: compress_ -> save_pretrained -> from_pretrained -> generate.
 
-Per (budget, resident cap): calibrate once (one recording shared by every fit), compress a copy of
+Per (budget, resident cap, how the guarded rows are held): calibrate once (one recording shared by every fit), compress a copy of
 the dense model, save it, reload it, check the reloaded logits equal the in-memory ones, then
 measure what a user gets: FFN bytes held and read (fractions of dense), checkpoint size, perplexity
 on held-out Wikipedia windows (every token through the packs), and greedy decode tokens/s at batch
-1 beside the dense model in the same dtype, eager and inductor, and (uncapped configs) the same
-profile through ``backend="tardis"``, which keeps the dense weights; interleaved, medians. The
+1 beside the dense model in the same dtype (inductor; ``--eager`` adds eager), and at
+``--backend-budgets`` the same profile through ``backend="tardis"``, which keeps the dense
+weights; interleaved, medians. The
 bytes-bound ideal scales the dense FFN time (dense minus FFNs-removed) by the bytes read.
 
-    python benchmarks/checkpoint.py                       # bf16, budget 0.5 with and without caps
-    python benchmarks/checkpoint.py --configs 0.5:0.9 0.3:0.9 0.7:0.9 --dtype float32
+    python benchmarks/checkpoint.py                       # bf16: 0.3, 0.5, 0.7 (int8 rows), 0.5 dense rows
+    python benchmarks/checkpoint.py --configs 0.5:0.9:dense 0.5 --dtype float32   # BUDGET[:RESIDENT[:ROWS]]
 """
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ from common import machine, write_json
 from smollm2_decode import compile_forward, without_ffns
 
 
-def parse_config(text: str) -> tuple[float, float | None]:
-    budget, _, resident = text.partition(":")
-    return float(budget), (float(resident) if resident and resident != "none" else None)
+def parse_config(text: str) -> tuple[float, float | None, str]:
+    """BUDGET[:RESIDENT[:BUNDLES]], e.g. 0.5, 0.5:0.9, 0.5:none:dense."""
+    budget, resident, bundles = (text.split(":") + ["none", "int8"])[:3]
+    return float(budget), (float(resident) if resident != "none" else None), bundles
 
 
 def folder_bytes(folder: str) -> int:
@@ -39,9 +41,12 @@ def folder_bytes(folder: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=["0.5:none", "0.5:0.9", "0.5:0.525"],
+    parser.add_argument("--configs", nargs="+", default=["0.3", "0.5", "0.7", "0.5:none:dense"],
                         help="budget:resident pairs (resident 'none': no cap)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--eager", action="store_true", help="also time each checkpoint eagerly")
+    parser.add_argument("--backend-budgets", nargs="*", type=float, default=[0.5],
+                        help="budgets (int8 rows, uncapped) also timed through backend='tardis'")
     parser.add_argument("--calibration-batches", type=int, default=16)
     parser.add_argument("--ppl-windows", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -78,9 +83,9 @@ def main() -> None:
     info: dict[str, dict] = {name: {"kind": "dense", "read": 1.0, "held": 1.0} for name in variants}
     info["dense inductor, FFNs removed"].update(kind="ceiling", read=0.0, held=0.0)
     for text in args.configs:
-        budget, resident = parse_config(text)
+        budget, resident, bundles = parse_config(text)
         begin = time.perf_counter()
-        config = tc.CalibrationConfig(progress=False, budget=budget, resident=resident)
+        config = tc.CalibrationConfig(progress=False, budget=budget, resident=resident, bundles=bundles)
         profile = recorder.fit(f"checkpoint benchmark: {len(batches)} windows", config)
         fit_s = time.perf_counter() - begin
         model = copy.deepcopy(dense)
@@ -90,15 +95,18 @@ def main() -> None:
         reloaded = T.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         with torch.no_grad():
             same = torch.equal(reloaded(windows[0][None, :64]).logits, model(windows[0][None, :64]).logits)
-        name = f"tardis {budget} resident {resident or 'uncapped'}"
-        variants[f"{name} eager"] = (reloaded, reloaded.forward)
+        name = f"tardis {budget} resident {resident or 'uncapped'} {bundles} rows"
+        suffixes = ("eager", "inductor") if args.eager else ("inductor",)
+        if args.eager:
+            variants[f"{name} eager"] = (reloaded, reloaded.forward)
         variants[f"{name} inductor"] = (reloaded, compile_forward(reloaded))
-        for suffix in ("eager", "inductor"):
-            info[f"{name} {suffix}"] = {"kind": "tardis", "budget": budget, "resident_cap": resident,
+        for suffix in suffixes:
+            info[f"{name} {suffix}"] = {"kind": "tardis", "budget": budget, "resident_cap": resident, "bundles": bundles,
                                         "read": report.read_fraction(), "held": report.resident_fraction(),
                                         "checkpoint_fraction": folder_bytes(folder) / dense_size,
                                         "reload_equal": same, "fit_s": fit_s}
-        if resident is None:  # the same profile through the backend, which keeps the dense weights
+        if resident is None and budget in args.backend_budgets and bundles == "int8":
+            # the same profile through the backend, which keeps the dense weights
             backend = f"backend {budget} inductor"
             variants[backend] = (dense, compile_forward(dense, backend="tardis", options={"profile": profile}))
             info[backend] = {"kind": "tardis-backend", "budget": budget, "read": report.read_fraction(),
@@ -119,12 +127,12 @@ def main() -> None:
         finally:
             model.forward = original
 
-    ppl = {}
+    ppl_of: dict[int, float] = {}  # per model (eager and inductor variants share it)
     for name, (model, forward) in variants.items():
         run(model, forward, prompts[0])  # warm up (compiles)
-        if name.endswith("eager") and info[name]["kind"] != "ceiling":
-            ppl[name] = perplexity(model, windows[:args.ppl_windows], prefix).value
-            print(f"{name}: PPL {ppl[name]:.3f}", flush=True)
+        if info[name]["kind"] in ("dense", "tardis") and id(model) not in ppl_of:
+            ppl_of[id(model)] = perplexity(model, windows[:args.ppl_windows], prefix).value
+            print(f"{name}: PPL {ppl_of[id(model)]:.3f}", flush=True)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for prompt in prompts:
@@ -138,7 +146,7 @@ def main() -> None:
         seconds = statistics.median(times[name])
         row = {"variant": name, **info[name], "tokens_per_s": args.new_tokens / seconds,
                "vs_best_dense": best_dense / seconds,
-               "ppl": ppl.get(name.replace("inductor", "eager").replace(", FFNs removed", ""))}
+               "ppl": ppl_of.get(id(variants[name][0])) if info[name]["kind"] in ("dense", "tardis") else None}
         # The backend row runs prefill (> 4 tokens per call in bf16) on the dense weights: not the
         # checkpoint's perplexity, so none is reported for it.
         if info[name]["kind"] in ("tardis", "tardis-backend"):

