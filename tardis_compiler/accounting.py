@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .runtime.layout import always_read_bytes, exact_neuron_bytes, folded_matrix_bytes, guard_neuron_bytes
+from .runtime.layout import always_read_bytes, exact_neuron_bytes, folded_matrix_bytes, guard_neuron_bytes, mix_bytes
 from .runtime.svd_predictor import SVDPredictor
 
 if TYPE_CHECKING:
@@ -42,11 +42,9 @@ def mix_bytes_per_token(measured: dict, corrected_neurons: float) -> float:
         >>> mix_bytes_per_token({"fixed_bytes": 100, "exact_cost": 10, "guarded_cost": 4, "always_neurons": 2}, 5)
         132
     """
-    exact = measured["exact_cost"]
-    guarded = measured.get("guarded_cost", exact)
-    always = measured.get("always_neurons", 0)
-    return (measured["fixed_bytes"] + min(corrected_neurons, always) * exact
-            + max(corrected_neurons - always, 0) * guarded)
+    exact = measured["exact_cost"]  # profiles from before int8 bundles have no guarded_cost
+    return mix_bytes(measured["fixed_bytes"], exact, measured.get("guarded_cost", exact),
+                     measured.get("always_neurons", 0), corrected_neurons)
 
 
 def ffn_bytes_per_token(d_in: int, d_hidden: int, d_out: int, elem_bytes: int, has_bias: bool,

@@ -70,12 +70,17 @@ class CompressReport:
 
     ffns: list[CompressedFFN]
     guard: str | None
-    bundles: str = "int8"
     seconds: float = 0.0  # set by callers that time the whole compression (``tardis compress``)
 
     @property
     def compressed(self) -> list[CompressedFFN]:
         return [f for f in self.ffns if f.mode != "dense"]
+
+    @property
+    def bundles(self) -> str:
+        """How the compressed FFNs hold their guarded rows: "int8", "dense", or "mixed"."""
+        kinds = {f.bundles for f in self.compressed}
+        return kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "")
 
     def resident_fraction(self) -> float:
         """Resident bytes of the compressed FFNs over their dense weight bytes."""
@@ -106,7 +111,8 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
     arguments) to find the FFNs with; None takes a Hugging Face model's ``dummy_inputs``.
     ``guard``: the guard to run (None: the profile's per FFN kind, ``DEFAULT_GUARDS``); "all" is
     the exactness test mode. ``skip``: FFN names or regexes to leave dense. ``bundles``: how the
-    guarded neurons' rows are held, "int8" (default) or "dense" (exact; more memory).
+    guarded neurons' rows are held, "int8" or "dense" (exact; more memory); None (default): what the
+    profile priced for each FFN (``FFNProfile.bundles``: ``CalibrationConfig.bundles`` for fits to a budget).
 
     Example:
         >>> import torch, tardis_compiler as tc
@@ -123,8 +129,8 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
     require(isinstance(profile, Profile), f"profile must be a Profile or a saved profile's path, got "
             f"{type(profile).__name__}")
     require(guard is None or guard in GUARDS, f"guard must be one of {GUARDS} or None, got {guard!r}")
-    bundles = profile.config.bundles if bundles is None else bundles
-    require(bundles in BUNDLE_ENCODINGS, f"bundles must be one of {sorted(BUNDLE_ENCODINGS)} or None, got {bundles!r}")
+    require(bundles is None or bundles in BUNDLE_ENCODINGS,
+            f"bundles must be one of {sorted(BUNDLE_ENCODINGS)} or None, got {bundles!r}")
     if model.training:
         raise ValueError("compress_() needs the model in eval mode (folding is an inference transform): "
                          "call model.eval() first")
@@ -144,7 +150,7 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
     if not done:
         raise ValueError("compress_() found no FFN in this model; tardis_compiler.explain(model, inputs) lists "
                          "what was matched and why patterns were skipped")
-    report = CompressReport(list(done.values()), guard, bundles)
+    report = CompressReport(list(done.values()), guard)
     _mark_compressed(model, report, profile)
     log.info("compress_:\n%s", report)
     return report
@@ -183,7 +189,7 @@ def _compress_one(model, match, fqns, graph_inputs, profile: Profile, guard: str
         return entry
     with torch.no_grad():
         pack = build_pack(match.kind, weights, ffn.params(run_guard), run_guard, match.activation.name,
-                          profile.config.group_size, ffn.fold_term, bundles=bundles)
+                          profile.config.group_size, ffn.fold_term, bundles=bundles or ffn.bundles)
     entry.mode, entry.target, entry.identities = plan
     first_linear = module_of(fqns[(match.gate if match.kind == "gated" else match.first).weight])
     module = TardisFFN.from_pack(name, pack, dense_key=first_linear[len(entry.target):].lstrip("."))

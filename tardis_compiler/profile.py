@@ -92,16 +92,21 @@ class FFNProfile:
         """FFN weight bytes read per token (batch 1) when folded with ``guard``, at the flag rate
         calibration measured; ``guard="dense"`` for the dense FFN. The weights' element size and
         bias default to the calibrated model's; ``bundles`` (how the guarded neurons' rows are
-        stored, "int8" or "dense") to what calibration priced (``stats["bundles"]``).
+        stored, "int8" or "dense") to what calibration priced (``self.bundles``).
 
         Example: ``ffn.bytes_per_token("int8") / ffn.bytes_per_token("dense")``.
         """
         total = self._bytes_per_token(guard, elem_bytes, has_bias)
-        priced = self.stats.get("bundles", "dense")
-        if bundles is not None and bundles != priced and guard not in ("all", "dense", "exact"):
+        if bundles is not None and bundles != self.bundles and guard not in ("all", "dense", "exact"):
             saving = self._int8_bundle_saving(guard, elem_bytes)
             total += -saving if bundles == "int8" else saving
         return total
+
+    @property
+    def bundles(self) -> str:
+        """How calibration priced the guarded neurons' rows, so how packs hold them: "int8" or
+        "dense" (fits that price nothing, and profiles from before int8 rows)."""
+        return self.stats.get("bundles", "dense")
 
     def _int8_bundle_saving(self, guard: str, elem_bytes: int | None) -> float:
         """Bytes per token int8 bundles save over dense ones: each flagged guarded neuron reads
@@ -144,16 +149,18 @@ class FFNProfile:
                              f"not {guard!r}: calibrate again with this guard")
         return measured["bytes_per_token"] * scale
 
-    def layout(self, guard: str, dtype: torch.dtype, group_size: int, bundles: str = "dense") -> "Layout":
+    def layout(self, guard: str, dtype: torch.dtype, group_size: int, bundles: str | None = None) -> "Layout":
         """The layout of the pack this calibration gives with ``guard`` in ``dtype``: its resident
-        bytes and what each neuron costs (``runtime/layout.py``), without building it.
+        bytes and what each neuron costs (``runtime/layout.py``), without building it. ``bundles``
+        defaults to what calibration priced (``self.bundles``), as the packs are built.
 
         Example: ``ffn.layout("int4", torch.bfloat16, 64).resident_bytes()``.
         """
         from .runtime.pack import pack_layout
 
         return pack_layout(self.kind, self.activation, dtype, self.d_in, self.d_out, self.d_hidden,
-                           self.params(guard), guard, group_size, self.fold_term, bundles)
+                           self.params(guard), guard, group_size, self.fold_term,
+                           bundles or self.bundles)
 
     def signature(self) -> tuple[int, int, int, str, str]:
         """What must match between a model's FFN and this profile."""

@@ -92,7 +92,7 @@ def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
              "down_bias": down_bias, "dense_bytes": dense_bytes, "bundles": config.bundles,
              "error_bound": None}  # u is unbounded: no worst-case bound for a gated FFN
     measure = {"act": act, "predictor": predictor, "guard": guard, "fold_bytes": fold_bytes,
-               "guard_row": guard_row, "guard_fixed": guard_fixed, "exact_cost": (exact_cost, guarded_cost),
+               "guard_row": guard_row, "guard_fixed": guard_fixed, "costs_of": (exact_cost, guarded_cost),
                "always_bytes": always_read_bytes(d_out), "x_fit": x_fit,
                "lstsq": config.fold_fit == "lstsq", "seed": config.seed}
     return GatedCandidates(record, w, variants, dense_bytes, energy, stats, x_hold if x_hold.shape[0] else x_fit,
@@ -116,7 +116,7 @@ def finish_gated_ffn(cand: GatedCandidates, variant: int, choice: Choice, budget
                          cand.dense_bytes, "calibration_rel_error": (opts.error.gather(1, choice.option[:, None])
                                                                       .sum().item() / max(cand.energy, 1e-30)) ** 0.5})
     stats.update(_measure(cand.x_eval, cand.weights, k["act"], params, k["predictor"], k["guard"], with_fold,
-                          k["fold_bytes"], (k["guard_row"], k["guard_fixed"]), k["exact_cost"], cand.dense_bytes,
+                          k["fold_bytes"], (k["guard_row"], k["guard_fixed"]), k["costs_of"], cand.dense_bytes,
                           k["always_bytes"], fold_term))
     rec, guard = cand.record, k["guard"]
     return FFNProfile(

@@ -93,7 +93,7 @@ def prepare_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     stats = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0], "measured_on": measured_on,
              "elem_bytes": elem, "has_bias": has_bias, "dense_bytes": dense_bytes, "bundles": config.bundles}
     measure = {"act": act, "predictor": predictor, "guard": guard, "guard_row": guard_row, "guard_fixed": guard_fixed,
-               "exact_cost": (exact_cost, guarded_cost), "x_fit": x_fit, "lstsq": config.fold_fit == "lstsq", "seed": config.seed}
+               "costs_of": (exact_cost, guarded_cost), "x_fit": x_fit, "lstsq": config.fold_fit == "lstsq", "seed": config.seed}
     return PlainCandidates(record, w, variants, dense_bytes, energy, stats, x_hold if x_hold.shape[0] else x_fit,
                            measure)
 
@@ -198,7 +198,7 @@ def _measure(cand: PlainCandidates, p: dict[str, torch.Tensor], fixed: float) ->
     delta_y = error + fold_term_output(fold_term, x)
     # ``fixed`` counted the svd guard's P already; policy_measurements adds it back if any neuron is guarded.
     return policy_measurements(flags, outside, always, guarded, delta_y, dense_y, predictor, guard,
-                               (k["guard_row"], k["guard_fixed"]), fixed - k["guard_fixed"], k["exact_cost"],
+                               (k["guard_row"], k["guard_fixed"]), fixed - k["guard_fixed"], k["costs_of"],
                                cand.dense_bytes)
 
 

@@ -38,7 +38,7 @@ def compress_pretrained(model_ref: str, out: str | Path, budget: float, text: st
                         dtype: torch.dtype | None = None, progress: bool = True) -> CompressReport:
     """Load ``model_ref`` (a built-in name, a local HF folder or a .gguf file), calibrate it on the
     built-in Wikipedia calibration text (or the file ``text``) at ``budget``, ``compress_`` it
-    (``bundles``: how the guarded neurons' rows are held, see ``compress_``) and write the HF
+    (``bundles``: how the guarded neurons' rows are held and priced, ``CalibrationConfig.bundles``) and write the HF
     checkpoint (weights, config, tokenizer) to ``out``.
 
     Example:
@@ -57,9 +57,9 @@ def compress_pretrained(model_ref: str, out: str | Path, budget: float, text: st
         batches = text_batches(loaded.tokenizer, text, context, calibration_batches)
     else:
         batches = wikipedia_batches(loaded.tokenizer, context_length=context, num_batches=calibration_batches)
-    config = CalibrationConfig(budget=budget, resident=resident, skip=skip, progress=progress)
+    config = CalibrationConfig(budget=budget, resident=resident, skip=skip, bundles=bundles, progress=progress)
     profile = calibrate(loaded.model, batches, config)
-    report = compress_(loaded.model, profile, batches[0][:, :16], guard=guard, bundles=bundles)
+    report = compress_(loaded.model, profile, batches[0][:, :16], guard=guard)  # rows as calibration priced
     if not report.compressed:
         raise ValueError(f"no FFN of {model_ref!r} could be compressed:\n{report}")
     out = Path(out)

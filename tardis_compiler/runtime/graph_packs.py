@@ -106,7 +106,7 @@ class GraphPacks:
             return build_pack(ffn.kind, ffn.weights(args), params, guard, ffn.activation, self.group_size,
                               calibration.fold_term, bundles=bundles)
 
-        bundles = profile.config.bundles  # as calibration priced them
+        bundles = calibration.bundles  # as calibration priced them
         return PACK_CACHE.get(ffn.tensors(args), calibration, (guard, self.group_size, bundles), build)
 
     def forget(self) -> None:

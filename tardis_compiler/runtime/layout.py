@@ -257,9 +257,8 @@ class Layout:
     def bytes_per_token(self, corrected_neurons: float) -> float:
         """Bytes read per token (batch 1) when ``corrected_neurons`` take the exact path (the
         always-exact ones among them, every token)."""
-        guarded = max(corrected_neurons - self.k_always, 0.0)
-        return (self.fixed_bytes() + min(corrected_neurons, self.k_always) * self.bundle_bytes()
-                + guarded * self.guarded_bundle_bytes())
+        return mix_bytes(self.fixed_bytes(), self.bundle_bytes(), self.guarded_bundle_bytes(), self.k_always,
+                         corrected_neurons)
 
     def resident_bytes(self) -> int:
         """Bytes the pack holds (padding included)."""
@@ -268,6 +267,20 @@ class Layout:
 
 
 # --- the cost model calibration prices options with (the same bytes ``Layout`` counts) ----------
+def mix_bytes(fixed: float, exact_cost: float, guarded_cost: float, always_neurons: int,
+              corrected_neurons: float) -> float:
+    """Bytes read per token when ``corrected_neurons`` take the exact path: ``fixed`` whatever is
+    flagged, the always-exact neurons (corrected every token) at ``exact_cost``, the flagged guarded
+    ones at ``guarded_cost``.
+
+    Example:
+        >>> mix_bytes(100, 10, 4, 2, 5)
+        132
+    """
+    return (fixed + min(corrected_neurons, always_neurons) * exact_cost
+            + max(corrected_neurons - always_neurons, 0) * guarded_cost)
+
+
 def exact_neuron_bytes(kind: str, d_in: int, d_out: int, elem_bytes: int, bundles: str = "dense") -> int:
     """Bytes one neuron on the exact path reads: its bundle (int8 bundles: codes and three float32
     scales) and its four floats.

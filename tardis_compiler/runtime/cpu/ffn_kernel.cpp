@@ -339,11 +339,13 @@ int64_t correct(const Call<W>& c, int64_t j, uint64_t mask, float* acc) {
   return correct_bundle(c, c.bundles + (j - c.dense_from) * c.stride, nf, UNIT_SCALES, mask, acc);
 }
 
-// Where bundle j's bytes start, for prefetching.
+// Prefetch bundle j (int8 or dense, each with its own size).
 template <class W>
-const void* bundle_address(const Call<W>& c, int64_t j) {
-  if (c.qbundles && j < c.kg) return c.qbundles + j * c.qstride;
-  return c.bundles + (j - c.dense_from) * c.stride;
+void prefetch_neuron(const Call<W>& c, int64_t j) {
+  if (c.qbundles && j < c.kg)
+    prefetch_bundle(c.qbundles + j * c.qstride, c.out_offset + c.n);
+  else
+    prefetch_bundle(c.bundles + (j - c.dense_from) * c.stride, c.bundle_bytes);
 }
 
 template <class W>
@@ -367,7 +369,7 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
   c.bf = floats + m[OFF_BF], c.bands = floats + m[OFF_BANDS], c.neuron = floats + m[OFF_NEURON];
   c.p = floats + m[OFF_P];
   c.out_offset = c.kind == GATED ? 2 * c.d : c.d;
-  c.bundle_bytes = (c.out_offset + c.n) * static_cast<int64_t>(int8_bundles ? 1 : sizeof(W));
+  c.bundle_bytes = (c.out_offset + c.n) * static_cast<int64_t>(sizeof(W));  // a dense bundle
   const int64_t d = c.d, n = c.n, kb = c.kb, groups = c.groups;
 
   // Scratch (grown once, then reused): the per-call inputs of `c`, Wf's output, per-thread
@@ -429,8 +431,8 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
       for (int h = 0; h < hits; ++h) {
         // Prefetch a later flagged bundle, so its lines arrive while this one is used.
         if (h == 0)
-          for (int a = 1; a < PREFETCH_AHEAD && a < hits; ++a) prefetch_bundle(bundle_address(c, hit[a]), c.bundle_bytes);
-        if (h + PREFETCH_AHEAD < hits) prefetch_bundle(bundle_address(c, hit[h + PREFETCH_AHEAD]), c.bundle_bytes);
+          for (int a = 1; a < PREFETCH_AHEAD && a < hits; ++a) prefetch_neuron(c, hit[a]);
+        if (h + PREFETCH_AHEAD < hits) prefetch_neuron(c, hit[h + PREFETCH_AHEAD]);
         my_flagged += correct(c, hit[h], hit_mask[h], acc);
         ++my_corrected;
       }
