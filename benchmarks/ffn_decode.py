@@ -29,6 +29,7 @@ import tardis_compiler as tc
 from common import Bandwidth, cached_profiles, interleaved_medians, machine, write_json
 from tardis_compiler.runtime import ffn_op
 from tardis_compiler.runtime.cpu.kernel import kernel
+from tardis_compiler.runtime.layout import KERNEL_ACTIVATIONS
 from tardis_compiler.runtime.pack import build_pack, guard_all_params
 from tardis_compiler.runtime.torch_path import ffn_torch
 
@@ -281,7 +282,7 @@ def prefill(repeats: int) -> dict:
             def fused():
                 for i in range(len(packs)):
                     for a, b in chunks:
-                        k.ffn(xs[i][a:b], ys[i][a:b], b - a, *packs[i].tensors())
+                        k.ffn(xs[i][a:b], ys[i][a:b], *packs[i].tensors(), KERNEL_ACTIVATIONS[packs[i].activation])
 
             variants = {
                 "fused kernel": fused,

@@ -10,6 +10,9 @@ may take), the profile (bytes per token at the measured flag rate), the backend 
   ``exact_neuron_bytes`` (one neuron on the exact path), ``guard_neuron_bytes`` and ``guard_bytes``
   (what the guard reads per guarded neuron and once); ``ffn_bytes_per_token`` adds them up for a
   plain FFN with every neuron guarded (a coverage fit), ``mix_bytes_per_token`` for a fitted mix;
+- what a pack holds (``Layout.resident_bytes``, linear in the mix for calibration's memory cap):
+  ``held_neuron_bytes`` (one neuron with a bundle), ``held_fixed_bytes`` (whatever the mix),
+  ``held_bytes`` (both, for a calibration's guard);
 - pruned matrices (Wanda, RIA): ``bitmask_bytes``, and ``density_for_budget`` for a budget given
   as a fraction of dense bytes (``check_budget``, ``InvalidBudget``).
 
@@ -19,7 +22,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .runtime.layout import always_read_bytes, exact_neuron_bytes, folded_matrix_bytes, guard_neuron_bytes, mix_bytes
+from .runtime.layout import (ALIGN_BYTES, META_FIELDS, NEURON_FLOATS, QSCALES, always_read_bytes, bundle_row,
+                             bundle_stride, exact_neuron_bytes, folded_matrix_bytes, guard_neuron_bytes,
+                             guard_row_bytes, mix_bytes, round_up)
 from .runtime.svd_predictor import SVDPredictor
 
 if TYPE_CHECKING:
@@ -28,7 +33,8 @@ if TYPE_CHECKING:
 __all__ = [
     "InvalidBudget", "always_read_bytes", "bitmask_bytes", "check_budget", "density_for_budget",
     "exact_neuron_bytes", "ffn_bytes_per_token", "folded_matrix_bytes", "gated_dense_bytes", "guard_bytes",
-    "guard_neuron_bytes", "mix_bytes_per_token",
+    "guard_neuron_bytes", "held_bytes", "held_fixed_bytes", "held_neuron_bytes", "mix_bytes_per_token",
+    "NEURON_INDEX_BYTES",
 ]
 
 
@@ -95,6 +101,86 @@ def guard_bytes(predictor: LowBitGuard | SVDPredictor | None, d_in: int, elem: i
     if predictor is None:
         return float(guard_neuron_bytes("exact", d_in, elem)), 0.0
     return float(guard_neuron_bytes(predictor.kernel, d_in, elem, predictor.group_size)), 0.0
+
+
+# --- bytes held: what a pack keeps in memory (``Layout.resident_bytes``), per neuron and fixed ----
+#: Bytes of one bundle's entry in a pack's ``neurons`` index (int64): held for reports, never read.
+NEURON_INDEX_BYTES = 8
+#: Alignment of the guard's scales in the ``guard`` buffer (``Layout.off_gscales``).
+_SCALES_ALIGN = 16
+
+
+def _float_bytes(elem_bytes: int) -> int:
+    return 8 if elem_bytes == 8 else 4  # a float64 pack keeps its floats in float64, any other float32
+
+
+def held_neuron_bytes(kind: str, d_in: int, d_out: int, elem_bytes: int, guard: str = "none",
+                      bundles: str = "dense", group: int = 64, rank: int = 0) -> int:
+    """Bytes a pack holds for one neuron with a bundle, as ``Layout.resident_bytes`` counts them:
+    its bundle padded to 64 bytes, its four floats and its ``neurons`` entry; for a guarded one
+    (``guard`` not "none") also its guard codes and scales (none for "exact", which reads the
+    bundle's first row) and its band, and with ``bundles="int8"`` its bundle as int8 codes (padded
+    to 64 bytes) and three scales. An always-exact neuron's bundle stays dense whatever ``bundles``.
+
+    Example:
+        >>> held_neuron_bytes("gated", 32, 32, 4)                    # always exact, fp32: 384 + 16 + 8
+        408
+        >>> held_neuron_bytes("gated", 32, 32, 4, "int4", "int8", group=32)   # 20 + 8 + 128 + 12 + 16 + 8
+        192
+    """
+    floats = _float_bytes(elem_bytes)
+    if guard != "none" and bundles == "int8":
+        bundle = round_up(bundle_row(kind, d_in, d_out), ALIGN_BYTES) + floats * QSCALES
+    else:
+        bundle = bundle_stride(kind, d_in, d_out, elem_bytes) * elem_bytes
+    held = bundle + floats * NEURON_FLOATS + NEURON_INDEX_BYTES
+    if guard != "none":
+        held += guard_row_bytes(guard, d_in, group, rank) + 2 * floats  # codes and scales, the band
+    return held
+
+
+def held_fixed_bytes(d_in: int, d_out: int, elem_bytes: int, has_wf: bool, guard: str = "none",
+                     bundles: str = "dense", rank: int = 0) -> int:
+    """Bytes a pack holds whatever its mix, at most: Wf (padded to 64 bytes), the folded bias,
+    svd's P, the ``meta`` tensor, and the padding that aligns the guard's scales and the int8
+    bundles (an upper bound: it depends on how many neurons are guarded, so the price stays linear).
+
+    Example:
+        >>> held_fixed_bytes(32, 32, 4, True)                         # Wf + bf + meta
+        4448
+        >>> held_fixed_bytes(32, 32, 4, True, "int4", "int8") - 4448  # alignment of scales and bundles
+        78
+    """
+    floats = _float_bytes(elem_bytes)
+    held = round_up(d_out * d_in * elem_bytes, ALIGN_BYTES) if has_wf else 0
+    held += floats * d_out + len(META_FIELDS) * 8
+    if guard == "svd":
+        held += floats * rank * d_in
+    if guard not in ("none", "exact"):  # the scales follow the codes at a 16-byte boundary
+        held += _SCALES_ALIGN - 1
+    if guard != "none" and bundles == "int8":
+        held += ALIGN_BYTES - 1
+    return held
+
+
+def held_bytes(predictor: LowBitGuard | SVDPredictor | None, kind: str, d_in: int, d_out: int, elem_bytes: int,
+               bundles: str, has_wf: bool) -> tuple[float, float, float]:
+    """What a pack priced for ``predictor`` holds: (per always-exact neuron, per guarded neuron,
+    whatever the mix). None is the "exact" guard (the bundles' own rows: they stay dense).
+
+    Example:
+        >>> held_bytes(None, "gated", 32, 32, 4, "int8", True)
+        (408.0, 416.0, 4448.0)
+    """
+    if isinstance(predictor, SVDPredictor):
+        guard, group, rank = "svd", 64, predictor.rank
+    elif predictor is None:
+        guard, group, rank, bundles = "exact", 64, 0, "dense"
+    else:
+        guard, group, rank = predictor.kernel, predictor.group_size, 0
+    return (float(held_neuron_bytes(kind, d_in, d_out, elem_bytes)),
+            float(held_neuron_bytes(kind, d_in, d_out, elem_bytes, guard, bundles, group, rank)),
+            float(held_fixed_bytes(d_in, d_out, elem_bytes, has_wf, guard, bundles, rank)))
 
 
 # --- pruned matrices: the bitmask format ----------------------------------------------------------

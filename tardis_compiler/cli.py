@@ -130,7 +130,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def add_compress_command(subparsers: argparse._SubParsersAction) -> None:
-    """``tardis compress MODEL --budget B --out DIR``: calibrate, compress, write the HF checkpoint."""
+    """``tardis compress MODEL --budget B --out DIR [--force]``: calibrate, compress, write the HF checkpoint."""
     from tardis_compiler.config import GUARDS
 
     parser = subparsers.add_parser(
@@ -143,7 +143,10 @@ def add_compress_command(subparsers: argparse._SubParsersAction) -> None:
                         "model folder, or a .gguf file")
     parser.add_argument("--budget", type=float, default=0.5, help="FFN weight bytes read per token, a fraction "
                         "of dense, in (0, 1]")
-    parser.add_argument("--out", required=True, metavar="DIR", help="where to write the checkpoint")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where to write the checkpoint: a new or "
+                        "empty folder, outside the model's folder")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out: replace only the "
+                        "files the checkpoint writes, keep every other file")
     parser.add_argument("--resident", type=float, help="cap on the FFN bytes the checkpoint holds, a fraction of "
                         "dense (default: no cap)")
     parser.add_argument("--text", metavar="FILE", help="calibrate on this UTF-8 text file instead")
@@ -175,7 +178,7 @@ def _run_compress(args: argparse.Namespace) -> int:
                                      calibration_batches=args.calibration_batches,
                                      context_length=args.context_length,
                                      dtype=getattr(torch, args.dtype) if args.dtype else None,
-                                     progress=args.progress)
+                                     progress=args.progress, force=args.force)
     except (OSError, ValueError, ImportError) as error:
         print(f"tardis compress: error: {error}", file=sys.stderr)
         return 2

@@ -11,8 +11,9 @@ from the model's weights and the profile (``runtime/pack.py``), and swaps the mo
   BLOOM): the first linear becomes the ``TardisFFN`` (its output is then the FFN's output), the
   activation module and the second linear become ``nn.Identity``.
 
-An FFN neither swap fits is left dense, with the reason in the returned report. The guarded
-neurons' rows are kept as int8 by default (``bundles="int8"``: they are read only on the tokens
+An FFN neither swap fits is left dense, with the reason in the returned report; so are the weights
+no FFN match covers (routed MoE experts, ``moe.routed_experts``), listed as not considered. The
+guarded neurons' rows are kept as int8 by default (``bundles="int8"``: they are read only on the tokens
 their guard flags, and int8 halves what bfloat16 holds and quarters float32); the always-exact ones
 stay in the model's dtype (calibration priced them so: ``CalibrationConfig.bundles``). With
 ``guard="all"`` every neuron keeps its rows as they are, and the
@@ -32,6 +33,7 @@ import torch
 
 from .activations import get_activation_rule
 from .config import DEFAULT_GUARDS, GUARDS, check_patterns, name_matches, require
+from .moe import routed_experts
 from .passes import find_ffns
 from .passes.context import ffn_slots
 from .passes.ffn_graph import module_of
@@ -66,11 +68,14 @@ class CompressedFFN:
 
 @dataclasses.dataclass
 class CompressReport:
-    """``compress_``'s result, one ``CompressedFFN`` per FFN found, with the memory totals."""
+    """``compress_``'s result, one ``CompressedFFN`` per FFN found, with the memory totals, and
+    ``not_considered``: (module FQN, reason) of weights no FFN match covers (routed MoE experts),
+    which stay dense and are not in the totals."""
 
     ffns: list[CompressedFFN]
     guard: str | None
     seconds: float = 0.0  # set by callers that time the whole compression (``tardis compress``)
+    not_considered: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def compressed(self) -> list[CompressedFFN]:
@@ -97,8 +102,14 @@ class CompressReport:
         for f in self.ffns:
             lines.append(f"{f.name:<34} {f.mode:<7} {f.dense_bytes / 1e6:>9.3f} {f.resident_bytes / 1e6:>8.3f} "
                          f"{f.read_bytes / 1e6:>8.3f}  {f.reason}")
-        lines.append(f"compressed {len(self.compressed)}/{len(self.ffns)} FFNs: held {self.resident_fraction():.3f} "
-                     f"of their dense bytes, read {self.read_fraction():.3f} per token")
+        lines.extend(f"not considered: {name or '<root>'} ({reason})" for name, reason in self.not_considered)
+        summary = (f"compressed {len(self.compressed)}/{len(self.ffns)} FFNs found: held {self.resident_fraction():.3f} "
+                   f"of their dense bytes, read {self.read_fraction():.3f} per token")
+        if self.not_considered:
+            n = len(self.not_considered)
+            kinds = ", ".join(dict.fromkeys(reason.split(":")[0] for _, reason in self.not_considered))
+            summary += f"; {n} module{'s' * (n > 1)} not considered ({kinds}: they stay dense)"
+        lines.append(summary)
         return "\n".join(lines)
 
 
@@ -147,10 +158,12 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
             if match.name in done:
                 continue
             done[match.name] = _compress_one(model, match, fqns, graph_inputs, profile, guard, skip, bundles)
+    not_considered = routed_experts(model, list(done))  # after matching: what no found FFN covers
     if not done:
-        raise ValueError("compress_() found no FFN in this model; tardis_compiler.explain(model, inputs) lists "
-                         "what was matched and why patterns were skipped")
-    report = CompressReport(list(done.values()), guard)
+        beside = f" (not considered: {not_considered[0][0]}, {not_considered[0][1]})" if not_considered else ""
+        raise ValueError(f"compress_() found no FFN in this model{beside}; tardis_compiler.explain(model, inputs) "
+                         "lists what was matched and why patterns were skipped")
+    report = CompressReport(list(done.values()), guard, not_considered=not_considered)
     _mark_compressed(model, report, profile)
     log.info("compress_:\n%s", report)
     return report

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .backend import CalibrationStates, TardisCompiler
+from .moe import routed_experts
 from .options import TardisOptions
 from .report import FFNReport, GraphReport, render_table
 from .runtime.ffn_op import dense_above_for
@@ -22,9 +23,11 @@ class ExplainReport:
 
     An FFN whose measured calls all ran the dense FFN (more tokens per call than ``dense_above``)
     has no measured flag rate (``runtime_flag_rate`` None: the table shows calibration's) and a note
-    in its graph's report saying so."""
+    in its graph's report saying so. ``not_considered``: (module FQN, reason) of weights no FFN match
+    covers (routed MoE experts: ``moe.routed_experts``), which run dense."""
 
     graphs: list[GraphReport]
+    not_considered: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def ffns(self):
@@ -38,7 +41,8 @@ class ExplainReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"graphs": [g.to_dict() for g in self.graphs]}
+        return {"graphs": [g.to_dict() for g in self.graphs],
+                "not_considered": [{"module": name, "reason": reason} for name, reason in self.not_considered]}
 
     def to_json(self, path: str) -> None:
         """Write ``to_dict()`` to ``path``."""
@@ -46,7 +50,8 @@ class ExplainReport:
             json.dump(self.to_dict(), f, indent=1)
 
     def __str__(self) -> str:
-        return render_table(self.graphs)
+        return "\n".join([render_table(self.graphs), *(f"not considered: {name or '<root>'} ({reason})"
+                                                      for name, reason in self.not_considered)])
 
 
 def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> ExplainReport:
@@ -86,7 +91,8 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Exp
         compiler.release()
     for graph in graphs:
         _fill_measured(graph, stats.ffns, opts)
-    return ExplainReport(graphs)
+    found = [f.name for g in graphs for f in g.ffns if f.status != "skipped"]  # skipped: patterns, not FFNs
+    return ExplainReport(graphs, routed_experts(model, found) if isinstance(model, torch.nn.Module) else [])
 
 
 def _fill_measured(graph: GraphReport, measured: dict[str, FFNCounters], opts: TardisOptions) -> None:

@@ -68,3 +68,24 @@ def test_bitmask_bytes():
     assert bitmask_bytes(kept=30, positions=64, element_size=4) == 30 * 4 + 8
     assert bitmask_bytes(kept=64, positions=64, element_size=4) == 256  # dense, no mask
     assert bitmask_bytes(kept=1, positions=9, element_size=2) == 2 + 2  # mask rounds up to bytes
+
+
+@pytest.mark.parametrize("kind", ["plain", "gated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("guard,bundles", [("int4", "int8"), ("int8", "dense"), ("svd", "int8"), ("exact", "dense")])
+def test_held_bytes_price_what_the_layout_holds(kind, dtype, guard, bundles):
+    """Calibration's memory price (linear in the mix) is Layout.resident_bytes, up to the alignment
+    padding it bounds from above: never less, at most 78 bytes more."""
+    d_in, d_out, m, group, rank = 40, 24, 96, 16, 5 if guard == "svd" else 0
+    elem = torch.empty(0, dtype=dtype).element_size()
+    for has_wf in (True, False):
+        fixed = accounting.held_fixed_bytes(d_in, d_out, elem, has_wf, guard, bundles, rank)
+        exact = accounting.held_neuron_bytes(kind, d_in, d_out, elem)
+        guarded = accounting.held_neuron_bytes(kind, d_in, d_out, elem, guard, bundles, group, rank)
+        for k_guard, k_always in ((1, 0), (3, 7), (37, 2), (96, 0)):
+            lay = layout.Layout(kind, "silu", dtype, d_in, d_out, m, k_guard, k_always, guard, group, rank, has_wf,
+                                bundles)
+            priced = fixed + k_guard * guarded + k_always * exact
+            assert 0 <= priced - lay.resident_bytes() <= 15 + 63, (has_wf, k_guard, k_always)
+        always_only = layout.Layout(kind, "silu", dtype, d_in, d_out, m, 0, 9, "none", group, 0, has_wf)
+        assert accounting.held_fixed_bytes(d_in, d_out, elem, has_wf) + 9 * exact == always_only.resident_bytes()

@@ -6,7 +6,7 @@ import torch
 
 import tardis_compiler as tc
 from tardis_compiler.runtime.module import TardisFFN
-from tests.tiny_models import ARCHITECTURES, GATED_ARCHITECTURES, build_tiny, logits, token_batches
+from tests.tiny_models import ARCHITECTURES, GATED_ARCHITECTURES, build_tiny, build_tiny_moe, logits, token_batches
 
 QUIET = dict(progress=False, group_size=32)
 #: How each architecture's FFN is swapped: its own module where one computes exactly the FFN,
@@ -51,6 +51,39 @@ def test_resident_bytes_drop_below_dense(arch):
         assert ((got - dense).norm() / dense.norm()) < 0.6  # an approximation, bounded
     # Tiny shapes: per-FFN constants (bias floats, padding, meta) are a few % of the bytes here.
     assert held["default"] < 0.80 and held["capped"] < 0.80 < 1.0 < held["dense rows"], held
+
+
+@pytest.mark.parametrize("bundles", ["int8", "dense"])
+def test_a_resident_cap_holds_after_compress(bundles):
+    """The cap is on what the compressed model holds: calibration prices every byte a pack keeps
+    (padded bundles, floats, the ``neurons`` index, ``meta``), at d=32, m=128 where they matter."""
+    model, batches = build_tiny("llama"), token_batches(4)
+    for cap in (0.3, 0.5):
+        profile = tc.calibrate(model, batches, tc.CalibrationConfig(**QUIET, resident=cap, bundles=bundles))
+        compressed = copy.deepcopy(model)
+        report = tc.compress_(compressed, profile, batches[0])
+        assert len(report.compressed) == 2 and report.resident_fraction() <= cap, (cap, report.resident_fraction())
+        modules = [m for m in compressed.modules() if isinstance(m, TardisFFN)]
+        assert len(modules) == 2
+        for module in modules:
+            held = sum(b.numel() * b.element_size() for b in module.buffers())
+            assert module.layout.resident_bytes() == held == module.resident_bytes()
+
+
+def test_routed_moe_experts_are_reported_as_not_considered():
+    """Qwen2-MoE: the shared experts are dense FFNs and compress; the routed experts (fused 3-D
+    parameters) are not FFNs the matcher sees: the report names them, and its summary counts them."""
+    model, batches = build_tiny_moe(), token_batches(4)
+    profile = tc.calibrate(model, batches, tc.CalibrationConfig(**QUIET))
+    report = tc.compress_(model, profile, batches[0])
+    assert [f.name for f in report.compressed] == [f"model.layers.{i}.mlp.shared_expert" for i in range(2)]
+    reason = "routed MoE experts: tardis compresses dense FFNs only; they stay dense"
+    assert report.not_considered == [(f"model.layers.{i}.mlp.experts", reason) for i in range(2)]
+    text = str(report)
+    assert f"not considered: model.layers.0.mlp.experts ({reason})" in text
+    summary = text.splitlines()[-1]
+    assert summary.startswith("compressed 2/2 FFNs found") and "2 modules not considered (routed MoE experts" in summary
+    assert type(model.model.layers[0].mlp.experts).__name__ == "Qwen2MoeExperts"  # left as it was
 
 
 def test_compressed_modules_drop_the_rows_of_neurons_never_computed_exactly():

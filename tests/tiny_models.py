@@ -78,6 +78,22 @@ def build_tiny(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **o
     return model.to(dtype).eval()
 
 
+def build_tiny_moe(seed: int = 0) -> torch.nn.Module:
+    """A 2-layer, hidden-32 Qwen2-MoE causal LM, eval mode: per layer 4 routed experts (fused 3-D
+    ``mlp.experts`` parameters, top 2) beside one dense shared expert (``mlp.shared_expert``)."""
+    torch.manual_seed(seed)
+    cfg = T.Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, moe_intermediate_size=16,
+                           shared_expert_intermediate_size=2 * HIDDEN, num_experts=4, num_experts_per_tok=2,
+                           num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1,
+                           max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    model = T.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() >= 2:  # the experts' stacked matrices too: (experts, out, in)
+                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5 * 1.5)
+    return model.eval()
+
+
 def token_batches(n: int, length: int = 16, batch: int = 2, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (batch, length), generator=g) for _ in range(n)]

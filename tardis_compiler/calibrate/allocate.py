@@ -56,7 +56,8 @@ def allocate(cands: list[PlainCandidates | GatedCandidates], budget: float | Seq
     budgets = [float(budget)] * len(cands) if isinstance(budget, (int, float)) else list(budget)
     allowed = [[i for i, v in enumerate(c.variants) if fold is None or v[0] == fold] for c in cands]
     shared_bytes = sum(c.budget_bytes(b) for c, b in zip(cands, budgets))
-    caps = [c.budget_bytes(resident) if resident is not None else math.inf for c in cands]
+    # Held bytes count everything the pack holds (the options' ``held_fixed`` too): the cap is the whole fraction.
+    caps = [resident * c.dense_bytes if resident is not None else math.inf for c in cands]
     if allocation == "loss":
         if loss_weights is None:
             raise ValueError('allocation="loss" needs the loss weights of the FFNs (output_gradients): calibrate '

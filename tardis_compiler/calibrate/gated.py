@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..accounting import always_read_bytes, exact_neuron_bytes, folded_matrix_bytes, gated_dense_bytes, guard_bytes
+from ..accounting import (always_read_bytes, exact_neuron_bytes, folded_matrix_bytes, gated_dense_bytes, guard_bytes,
+                          held_bytes)
 from ..activations import get_activation_rule
 from ..config import PREDICTOR_GUARDS, CalibrationConfig
 from ..profile import FFNProfile
@@ -84,8 +85,9 @@ def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     sorted_stats = _sorted_stats(g, u, a)
     variants = []
     for with_fold in (True, False):
+        held = held_bytes(predictor, "gated", d_in, d_out, elem, config.bundles, with_fold)
         opts, plan = _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold, (exact_cost, guarded_cost),
-                              guard_row, guard, config)
+                              guard_row, guard, config, held)
         variants.append((with_fold, opts, plan, (fold_bytes if with_fold else 0.0) + guard_fixed))
     stats = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0], "measured_on": measured_on,
              "elem_bytes": elem, "has_bias": gate_up_bias or down_bias, "gate_up_bias": gate_up_bias,
@@ -139,15 +141,19 @@ def _sorted_stats(g: torch.Tensor, u: torch.Tensor, a: torch.Tensor) -> tuple[to
 
 
 def _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold: bool, costs_of: tuple[float, float],
-             guard_row: float, guard: str, config: CalibrationConfig) -> tuple[NeuronOptions, dict]:
+             guard_row: float, guard: str, config: CalibrationConfig,
+             held: tuple[float, float, float]) -> tuple[NeuronOptions, dict]:
     """Per-neuron error and cost of each option, and the ranges/constants/margins behind them.
-    ``costs_of``: bytes an exact neuron reads, and a flagged guarded one (int8 bundles: fewer)."""
+    ``costs_of``: bytes an exact neuron reads, and a flagged guarded one (int8 bundles: fewer);
+    ``held``: bytes the pack holds per exact neuron, per guarded one, and whatever the mix."""
     exact_cost, guarded_cost = costs_of
     n, m = g.shape
     u2 = u.pow(2)
     labels, errors, costs = ["exact"], [torch.zeros(m, dtype=torch.float64)], [torch.full((m,), exact_cost)]
-    # Held in memory: exact and guarded neurons keep their bundle (guarded ones their guard row too).
-    resident = [torch.full((m,), exact_cost)]
+    # Held in memory: exact and guarded neurons keep their bundle (guarded ones their guard row too),
+    # as the pack holds them (accounting.held_bytes: padding, floats, ``neurons`` entry).
+    held_exact, held_guarded, held_fixed = held
+    resident = [torch.full((m,), held_exact, dtype=torch.float64)]
     plan: dict[str, dict[str, torch.Tensor]] = {}
 
     g_sorted, prefix = sorted_stats
@@ -167,10 +173,11 @@ def _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold: bool, costs_of:
         kept = error_terms.masked_fill_(flags, 0.0)
         errors.append(col_norm2 * kept.sum(0).double() / n)  # float32 pairwise sums: ample here
         costs.append(guard_row + flags.sum(0).double() / n * guarded_cost)
-        resident.append(torch.full((m,), guard_row + guarded_cost, dtype=torch.float64))
+        resident.append(torch.full((m,), held_guarded, dtype=torch.float64))
         labels.append(f"guarded@{p}")
         plan[labels[-1]] = {"c": c, "lower": lower, "upper": upper, "margin": margin}
-    return NeuronOptions(labels, torch.stack(errors, 1), torch.stack(costs, 1), torch.stack(resident, 1)), plan
+    return NeuronOptions(labels, torch.stack(errors, 1), torch.stack(costs, 1), torch.stack(resident, 1),
+                         held_fixed), plan
 
 
 def _weighted_constant(prefix: dict, with_fold: bool) -> torch.Tensor:

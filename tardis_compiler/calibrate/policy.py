@@ -38,13 +38,15 @@ _INF = math.inf
 class NeuronOptions:
     """The options open to each of m neurons: ``error``, ``cost`` (bytes read per token) and
     ``resident`` (bytes a compressed model holds: a bundle for every neuron that can take the exact
-    path, plus its guard row) are (m, K), ``labels`` has K names. An option a neuron cannot take has
-    infinite error. Without ``resident``, memory is not priced."""
+    path, plus its guard row: ``accounting.held_bytes``) are (m, K), ``labels`` has K names. An option
+    a neuron cannot take has infinite error. Without ``resident``, memory is not priced.
+    ``held_fixed``: bytes held whatever the mix (Wf, bf, ``meta``...); None: the fixed bytes read."""
 
     labels: list[str]
     error: torch.Tensor
     cost: torch.Tensor
     resident: torch.Tensor | None = None
+    held_fixed: float | None = None
 
     def __post_init__(self) -> None:
         shapes = [t.shape for t in (self.error, self.cost, self.resident) if t is not None]
@@ -58,14 +60,15 @@ class NeuronOptions:
     def scaled(self, factor: float | torch.Tensor) -> "NeuronOptions":
         """The same options with errors multiplied by ``factor`` (a number, or one per neuron of
         shape (m, 1)), to compare FFNs on one scale."""
-        return NeuronOptions(self.labels, self.error * factor, self.cost, self.resident)
+        return NeuronOptions(self.labels, self.error * factor, self.cost, self.resident, self.held_fixed)
 
     def priced(self, resident_price: float) -> "NeuronOptions":
         """The same options with each one's resident bytes charged at ``resident_price`` per byte
         in its error: the inner problem of a memory-capped choice (``choose``)."""
         if not resident_price or self.resident is None:
             return self
-        return NeuronOptions(self.labels, self.error + resident_price * self.resident, self.cost, self.resident)
+        return NeuronOptions(self.labels, self.error + resident_price * self.resident, self.cost, self.resident,
+                             self.held_fixed)
 
 
 @dataclasses.dataclass
@@ -77,7 +80,7 @@ class Choice:
     error: float
     price: float  # the Lagrange multiplier that produced it
     within_budget: bool
-    resident: float = math.nan  # fixed + per-neuron resident bytes (NaN: options without them)
+    resident: float = math.nan  # held fixed + per-neuron resident bytes (NaN: options without them)
 
     def counts(self, labels: list[str]) -> dict[str, int]:
         """How many neurons took each option (options no neuron took are left out)."""
@@ -92,7 +95,8 @@ def _pick(options: NeuronOptions, price: float, fixed_bytes: float, budget_bytes
     option = score.argmin(dim=1)
     cost = fixed_bytes + options.cost.gather(1, option[:, None]).sum().item()
     error = (options.error if errors is None else errors).gather(1, option[:, None]).sum().item()
-    resident = (fixed_bytes + options.resident.gather(1, option[:, None]).sum().item()
+    held_fixed = fixed_bytes if options.held_fixed is None else options.held_fixed
+    resident = (held_fixed + options.resident.gather(1, option[:, None]).sum().item()
                 if options.resident is not None else math.nan)
     return Choice(option, cost, error, price, cost <= budget_bytes * (1 + 1e-9), resident)
 
@@ -121,8 +125,8 @@ def choose(options: NeuronOptions, budget_bytes: float, fixed_bytes: float = 0.0
            resident_bytes: float = math.inf) -> Choice:
     """Pick one option per neuron to minimise total error with ``fixed_bytes`` + chosen costs
     within ``budget_bytes`` (Lagrangian bisection, see the module docstring), and, when
-    ``resident_bytes`` is finite, with ``fixed_bytes`` + chosen resident bytes within it: a second
-    price on memory, bisected around the first (``_cap_resident``).
+    ``resident_bytes`` is finite, with the options' ``held_fixed`` (None: ``fixed_bytes``) + chosen
+    resident bytes within it: a second price on memory, bisected around the first (``_cap_resident``).
 
     When even the cheapest options exceed the budget, returns them with ``within_budget=False``.
 

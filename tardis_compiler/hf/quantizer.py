@@ -14,6 +14,7 @@ randomly initialised FFNs (tested in tests/hf/test_quantizer.py).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -22,11 +23,17 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
                                           register_quantization_config, register_quantizer)
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..runtime.module import TardisFFN
+from ..runtime.module import TardisFFN, layout_of_spec
+from ..runtime.validate import PACK_TENSORS, PackError, validate_pack, validate_stored_tensors, validate_swap
+
+log = logging.getLogger("tardis_compiler")
 
 QUANT_METHOD = "tardis"
 #: Version of the checkpoint format (``TardisConfig``); ``TardisFFN.spec`` has its own.
-FORMAT_VERSION = 2  # 2: int8 bundles (pack layout 2)
+FORMAT_VERSION = 3  # 2: int8 bundles (pack layout 2); 3: every module's sha256 (required)
+#: Older formats this package still reads: 2, whose modules carry no sha256 (their bytes are
+#: checked for structure and finiteness only; a load warns).
+READABLE_FORMATS = (2, FORMAT_VERSION)
 _ALIGN = 64  # bytes: torch's CPU allocations, and what the fused kernel's rows are laid out for
 
 
@@ -50,11 +57,13 @@ class TardisConfig(QuantizationConfigMixin):
                  source: str = "", **kwargs: Any) -> None:
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
+        if not isinstance(modules or {}, dict) or not all(isinstance(k, str) for k in (modules or {})):
+            raise ValueError("tardis quantization_config 'modules' must map module paths to their swaps")
         self.modules = dict(modules or {})
         self.guard, self.budget, self.bundles, self.source = guard, budget, bundles, source
-        if format_version != FORMAT_VERSION:
-            raise ValueError(f"this checkpoint has tardis format version {format_version}; this tardis_compiler "
-                             f"reads {FORMAT_VERSION}: install the tardis_compiler version that wrote it")
+        if format_version not in READABLE_FORMATS:
+            raise ValueError(f"this checkpoint has tardis format version {format_version!r}; this tardis_compiler "
+                             f"reads {list(READABLE_FORMATS)}: install the tardis_compiler version that wrote it")
         unknown = sorted(set(kwargs) - {"quant_method"})
         if unknown:
             raise ValueError(f"unknown tardis quantization_config keys {unknown}: written by a newer "
@@ -72,38 +81,62 @@ class TardisHfQuantizer(HfQuantizer):
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    def _process_model_before_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
+    def _process_model_before_weight_loading(self, model: torch.nn.Module, checkpoint_files: Any = None,
+                                             **kwargs: Any) -> None:
+        # A checkpoint is untrusted input: every swap is checked against the dense model and every
+        # stored tensor's header against its layout before anything is allocated or replaced.
+        modules = self.quantization_config.modules
         wanted = _dtype_of(getattr(model.config, "dtype", None))
-        for target, swap in self.quantization_config.modules.items():
-            saved = swap["ffn"]["layout"]["element_type"]
-            if wanted is not None and str(wanted).removeprefix("torch.") != saved:
+        stored = stored_tensor_headers(checkpoint_files)
+        built = {}
+        for target, swap in modules.items():
+            if not isinstance(swap, dict) or not isinstance(swap.get("ffn"), dict):
+                raise ValueError(f"tardis module {target}: its config.json entry has no 'ffn' spec")
+            try:
+                layout = layout_of_spec(swap["ffn"])
+            except ValueError as exc:
+                raise ValueError(f"tardis module {target}: config.json: {exc}") from None
+            saved = str(layout.dtype).removeprefix("torch.")
+            if wanted is not None and wanted != layout.dtype:
                 raise ValueError(f"this tardis checkpoint was compressed in {saved} (its packs are laid out for it); "
                                  f"load it with dtype=torch.{saved}, or compress the dense model in {wanted}")
-            model.set_submodule(target, TardisFFN.empty(swap["ffn"], device="meta"))
-            for fqn in swap.get("identities", ()):
+            identities = validate_swap(model, target, swap, layout)
+            if stored is not None:
+                validate_stored_tensors(stored, target, layout, swap["ffn"].get("dense_key"), identities)
+            built[target] = (TardisFFN.empty(swap["ffn"], device="meta"), identities)
+        _check_disjoint({target: (target, *identities) for target, (_, identities) in built.items()})
+        for target, (module, identities) in built.items():
+            model.set_submodule(target, module)
+            for fqn in identities:
                 model.set_submodule(fqn, torch.nn.Identity())
-        model.tardis_swaps = dict(self.quantization_config.modules)
+        model.tardis_swaps = dict(modules)
 
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
-        from ..runtime.layout import Layout
-
+        specs = {target: swap["ffn"] for target, swap in self.quantization_config.modules.items()}
+        with_digests = self.quantization_config.format_version >= 3
+        if not with_digests:
+            log.warning("tardis: this checkpoint (format %d) records no sha256 of its packs: corrupted bytes that are "
+                        "still valid values cannot be detected; compress the model again to get one",
+                        self.quantization_config.format_version)
         for name, module in model.named_modules():
-            if isinstance(module, TardisFFN):
-                try:
-                    loaded = Layout.from_meta(module.meta.cpu(), module.layout.activation, module.layout.dtype)
-                except ValueError as exc:
-                    raise ValueError(f"tardis module {name}: its pack did not load from the checkpoint ({exc}); "
-                                     "the checkpoint is incomplete or corrupt") from None
-                if loaded != module.layout:
-                    raise ValueError(f"tardis module {name}: the checkpoint's pack does not match config.json")
-                module.meta = module.meta.cpu()
-                # Tensors read from safetensors may sit at any offset of the file; the kernel's vector
-                # loops peel differently on unaligned rows (last-bit differences): give every
-                # buffer fresh, aligned memory, as a pack built in memory has.
-                for key in ("weights", "guard", "floats", "neurons"):
-                    tensor = getattr(module, key)
-                    if tensor.data_ptr() % _ALIGN:
-                        setattr(module, key, tensor.clone())
+            if not isinstance(module, TardisFFN):
+                continue
+            module.meta = module.meta.cpu()
+            digest = specs.get(name, {}).get("sha256")
+            layout = validate_pack(*(getattr(module, key) for key in PACK_TENSORS), module.layout.activation,
+                                   module.layout.dtype, expected=module.layout, digest=digest,
+                                   where=f"tardis module {name}")
+            if with_digests and digest is None:
+                raise PackError(f"tardis module {name}: config.json records no sha256 of its pack (format "
+                                f"{FORMAT_VERSION} requires one): the checkpoint was edited; compress the model again")
+            assert layout == module.layout
+            # Tensors read from safetensors may sit at any offset of the file; the kernel's vector
+            # loops peel differently on unaligned rows (last-bit differences): give every
+            # buffer fresh, aligned memory, as a pack built in memory has.
+            for key in ("weights", "guard", "floats", "neurons"):
+                tensor = getattr(module, key)
+                if tensor.data_ptr() % _ALIGN:
+                    setattr(module, key, tensor.clone())
         return model
 
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:
@@ -116,6 +149,43 @@ class TardisHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def _check_disjoint(paths: dict[str, tuple[str, ...]]) -> None:
+    """No two swaps may touch the same module, or one inside another."""
+    owner = {}
+    for target, group in paths.items():
+        for path in group:
+            for other, other_target in owner.items():
+                if path == other or path.startswith(other + ".") or other.startswith(path + "."):
+                    raise ValueError(f"tardis modules {other_target} and {target} both replace {path!r} "
+                                     "(or modules inside each other): config.json is inconsistent")
+            owner[path] = target
+
+
+def stored_tensor_headers(files: Any) -> dict[str, tuple[str, str, tuple[int, ...]]] | None:
+    """key -> (file name, safetensors dtype, shape) of every tensor in the checkpoint's safetensors
+    files, read from their headers only (no tensor is loaded); None when the files are not known
+    (weights given another way), or are not safetensors.
+
+    Example:
+        >>> stored_tensor_headers(None) is None
+        True
+    """
+    from safetensors import safe_open
+
+    if not files:
+        return None
+    paths = [str(f) for f in (files if isinstance(files, (list, tuple)) else [files])]
+    if not all(p.endswith(".safetensors") for p in paths):
+        return None
+    headers = {}
+    for path in paths:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                part = f.get_slice(key)
+                headers[key] = (path.rsplit("/", 1)[-1], part.get_dtype(), tuple(part.get_shape()))
+    return headers
 
 
 def _dtype_of(value: Any) -> torch.dtype | None:

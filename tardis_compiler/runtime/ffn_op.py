@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..activations import get_activation_rule, is_builtin
 from .cpu.kernel import MAX_TOKENS, kernel
-from .layout import DTYPES, FIELD, Layout
+from .layout import DTYPES, FIELD, KERNEL_ACTIVATIONS, Layout
 from .stats import active_stats
 from .torch_path import ffn_torch
 
@@ -65,14 +65,14 @@ def _ffn_cpu(x: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats
     if dense and 0 <= dense_above < tokens:
         return _dense_ffn(x, dense, activation, name, int(meta[FIELD["M"]]))
     if (fused is None or not 0 < tokens <= FUSED_MAX_TOKENS or x.dtype not in DTYPES or x.dtype != weights.dtype
-            or not is_builtin(activation)):
+            or not is_builtin(activation) or activation not in KERNEL_ACTIVATIONS):
         return _ffn_any(x, weights, guard, floats, meta, d_out, activation, name, -1, [])
     if not x.is_contiguous():
         x = x.contiguous()
     y = x.new_empty((*x.shape[:-1], d_out))
     stats = active_stats()
     counters = torch.zeros(3, dtype=torch.int64) if stats is not None else None
-    fused.ffn(x, y, tokens, weights, guard, floats, meta, counters)
+    fused.ffn(x, y, weights, guard, floats, meta, KERNEL_ACTIVATIONS[activation], counters)
     if stats is not None:
         stats.record(name, tokens, int(meta[FIELD["M"]]), int(counters[0]), int(counters[1]), dense=False)
     return y

@@ -43,8 +43,14 @@ KERNEL_ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "quick_ge
 #: per-group scale and minimum), "exact" (the bundle's own first row), "svd" (rank-r factors).
 GUARD_ENCODINGS = {"none": 0, "int8": 1, "int4": 2, "int2": 3, "exact": 4, "svd": 5}
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's dtypes; others run the torch path
+#: Dtypes a pack can be laid out for (float16 and float64 run the torch path).
+PACK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+               "float64": torch.float64}
 NEURON_FLOATS = 4
 ALIGN_BYTES = 64
+#: Largest d_in, d_out, m and group a pack may have (the kernel refuses more, too): far above any
+#: real FFN, and small enough that no size or offset product overflows int64.
+MAX_DIM = 1 << 20
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -72,13 +78,19 @@ def group_sizes(d_in: int, group: int) -> list[int]:
     return [min(group, d_in - start) for start in range(0, d_in, group)]
 
 
+def group_count(d_in: int, group: int) -> int:
+    """Number of quantization groups along a row (``len(group_sizes(...))``, without the list)."""
+    return (d_in + group - 1) // group
+
+
 def guard_codes_bytes(encoding: str, d_in: int, group: int = 64, rank: int = 0) -> int:
     """Bytes of one guarded row's codes (svd: its float32 row of Q); scales are stored after all codes."""
     if encoding == "int8":
         return d_in
     if encoding in ("int4", "int2"):
         bits = 4 if encoding == "int4" else 2
-        return sum((s * bits + 7) // 8 for s in group_sizes(d_in, group))
+        full, rest = divmod(d_in, group)  # closed form: a hostile d_in must not build a list
+        return full * ((group * bits + 7) // 8) + (rest * bits + 7) // 8
     if encoding == "svd":
         return 4 * rank
     return 0
@@ -89,7 +101,7 @@ def guard_scale_bytes(encoding: str, d_in: int, group: int = 64) -> int:
     if encoding == "int8":
         return 4
     if encoding in ("int4", "int2"):
-        return 4 * len(group_sizes(d_in, group))
+        return 4 * group_count(d_in, group)
     return 0
 
 
@@ -122,8 +134,24 @@ class Layout:
     bundles: str = "dense"
 
     def __post_init__(self) -> None:
-        if self.bundles not in BUNDLE_ENCODINGS:
-            raise ValueError(f"bundles must be one of {sorted(BUNDLE_ENCODINGS)}, got {self.bundles!r}")
+        # Checked before any size is computed: a layout may come from an untrusted config.json.
+        _choice(self.kind, KINDS, "kind")
+        _choice(self.guard, GUARD_ENCODINGS, "guard")
+        _choice(self.bundles, BUNDLE_ENCODINGS, "bundles")
+        if not isinstance(self.activation, str) or not self.activation:
+            raise ValueError(f"activation must be a rule name, got {self.activation!r}")
+        if self.dtype not in PACK_DTYPES.values():
+            raise ValueError(f"dtype must be one of {sorted(PACK_DTYPES)}, got {self.dtype!r}")
+        for name in ("d_in", "d_out", "m", "group"):
+            _integer(getattr(self, name), name, 1, MAX_DIM)
+        _integer(self.k_guard, "k_guard", 0, self.m)
+        _integer(self.k_always, "k_always", 0, self.m - self.k_guard)
+        _integer(self.rank, "rank", 1 if self.guard == "svd" else 0, MAX_DIM if self.guard == "svd" else 0)
+        if not isinstance(self.has_wf, bool):
+            raise ValueError(f"has_wf must be a bool, got {self.has_wf!r}")
+        if (self.guard == "none") != (self.k_guard == 0):
+            raise ValueError(f"guard {self.guard!r} with {self.k_guard} guarded neurons: a pack has guard 'none' "
+                             "exactly when no neuron is guarded")
         if self.bundles == "int8" and self.guard not in ("int8", "int4", "int2", "svd"):
             raise ValueError(f"int8 bundles need a low-bit or svd guard (the {self.guard!r} guard reads the "
                              "bundles' own first rows): use bundles='dense'")
@@ -218,21 +246,36 @@ class Layout:
 
     @classmethod
     def from_meta(cls, meta: torch.Tensor, activation: str, dtype: torch.dtype) -> "Layout":
-        """Read a ``meta`` tensor back (the activation's name and the dtype are not in it)."""
+        """Read a ``meta`` tensor back (the activation's name and the dtype are not in it). Every
+        field must be what ``meta()`` writes for the layout it describes: ValueError naming the
+        first field that is not.
+
+        Example:
+            >>> lay = Layout("gated", "silu", torch.float32, 8, 8, 16, 4, 2, "int8", 8, 0, True)
+            >>> Layout.from_meta(lay.meta(), "silu", torch.float32) == lay
+            True
+        """
+        if not isinstance(meta, torch.Tensor) or meta.dtype != torch.int64 or meta.dim() != 1:
+            raise ValueError("not a tardis FFN pack: its meta must be a 1-D int64 tensor")
         v = meta.tolist()
         if len(v) != len(META_FIELDS) or v[FIELD["MAGIC"]] != MAGIC:
             raise ValueError("not a tardis FFN pack: its meta tensor has the wrong length or magic number")
         if v[FIELD["VERSION"]] != LAYOUT_VERSION:
             raise ValueError(f"tardis pack layout version {v[FIELD['VERSION']]}, this package reads {LAYOUT_VERSION}")
-        kinds = {code: name for name, code in KINDS.items()}
-        guards = {code: name for name, code in GUARD_ENCODINGS.items()}
-        encodings = {code: name for name, code in BUNDLE_ENCODINGS.items()}
-        layout = cls(kinds[v[FIELD["KIND"]]], activation, dtype, v[FIELD["D_IN"]], v[FIELD["D_OUT"]],
-                     v[FIELD["M"]], v[FIELD["K_GUARD"]], v[FIELD["K_ALWAYS"]], guards[v[FIELD["GUARD"]]],
-                     v[FIELD["GROUP"]], v[FIELD["RANK"]], bool(v[FIELD["HAS_WF"]]),
-                     encodings[v[FIELD["BUNDLES"]]])
-        if layout.meta().tolist()[FIELD["STRIDE"]:] != v[FIELD["STRIDE"]:]:
-            raise ValueError("tardis pack meta is inconsistent (offsets or sizes do not match its shapes)")
+        names = {"KIND": KINDS, "GUARD": GUARD_ENCODINGS, "BUNDLES": BUNDLE_ENCODINGS, "HAS_WF": {False: 0, True: 1}}
+        decoded = {}
+        for field, table in names.items():
+            by_code = {code: name for name, code in table.items()}
+            if v[FIELD[field]] not in by_code:
+                raise ValueError(f"tardis pack meta field {field} is {v[FIELD[field]]}, not one of {sorted(by_code)}")
+            decoded[field] = by_code[v[FIELD[field]]]
+        layout = cls(decoded["KIND"], activation, dtype, v[FIELD["D_IN"]], v[FIELD["D_OUT"]], v[FIELD["M"]],
+                     v[FIELD["K_GUARD"]], v[FIELD["K_ALWAYS"]], decoded["GUARD"], v[FIELD["GROUP"]],
+                     v[FIELD["RANK"]], decoded["HAS_WF"], decoded["BUNDLES"])
+        for name, want, got in zip(META_FIELDS, layout.meta().tolist(), v):
+            if want != got:
+                raise ValueError(f"tardis pack meta field {name} is {got}, but its shapes and codes give {want}"
+                                 + (f" (the {activation!r} activation, {dtype})" if name in ("ACT", "DTYPE") else ""))
         return layout
 
     # --- bytes: what the kernel reads per token and what the pack holds -----------------------
@@ -261,9 +304,27 @@ class Layout:
                          corrected_neurons)
 
     def resident_bytes(self) -> int:
-        """Bytes the pack holds (padding included)."""
-        return (self.n_weights * self.elem_bytes + self.n_guard + self.n_floats * 4
-                + len(META_FIELDS) * 8)
+        """Bytes the pack holds (padding included): its four buffers and the int64 ``neurons``
+        index (one entry per bundle; reports read it, the kernel does not), the buffers of a
+        ``TardisFFN``. Calibration prices the same bytes (``accounting.held_bytes``).
+
+        Example:
+            >>> Layout("plain", "relu", torch.float32, 8, 8, 16, 0, 2, "none", 64, 0, True).resident_bytes()
+            688
+        """
+        floats = 8 if self.dtype == torch.float64 else 4  # float64 packs keep their floats in float64
+        return (self.n_weights * self.elem_bytes + self.n_guard + self.n_floats * floats
+                + len(META_FIELDS) * 8 + self.k_bundles * 8)
+
+
+def _choice(value, table: dict, name: str) -> None:
+    if not isinstance(value, str) or value not in table:
+        raise ValueError(f"{name} must be one of {sorted(table)}, got {value!r}")
+
+
+def _integer(value, name: str, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
 
 
 # --- the cost model calibration prices options with (the same bytes ``Layout`` counts) ----------

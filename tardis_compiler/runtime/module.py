@@ -18,17 +18,21 @@ compressed in, or compress it again from the dense model in the new dtype.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import torch
 
 from .ffn_op import ffn as run_ffn  # also registers torch.ops.tardis.ffn
-from .layout import Layout
+from .layout import PACK_DTYPES, Layout
 from .pack import FFNPack
+from .validate import PACK_TENSORS, pack_digest, validate_pack
 
 #: Version of ``TardisFFN.spec()``; a checkpoint written with another is refused with a clear error.
 SPEC_VERSION = 2  # 2: the layout's ``bundles`` (int8 bundles)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+_BUFFER_NAMES = set(PACK_TENSORS)
+_SPEC_KEYS = {"spec_version", "name", "layout", "dense_key", "sha256"}
+_DENSE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,7}")
 
 
 class _Tombstone(torch.nn.Module):
@@ -69,7 +73,9 @@ class TardisFFN(torch.nn.Module):
 
     @classmethod
     def from_pack(cls, name: str, pack: FFNPack, dense_key: str | None = None) -> "TardisFFN":
-        """The module holding ``pack`` (its tensors, not copies)."""
+        """The module holding ``pack`` (its tensors, not copies), once ``validate_pack`` passes it."""
+        validate_pack(*pack.tensors(), pack.neurons, pack.activation, pack.layout.dtype, expected=pack.layout,
+                      where=f"tardis module {name}")
         module = cls(name, pack.layout, device="meta", dense_key=dense_key)  # placeholders, replaced below
         for key, tensor in zip(("weights", "guard", "floats", "meta", "neurons"), (*pack.tensors(), pack.neurons)):
             setattr(module, key, tensor)
@@ -82,20 +88,16 @@ class TardisFFN(torch.nn.Module):
     def empty(cls, spec: dict[str, Any], device: torch.device | str | None = None) -> "TardisFFN":
         """A module of the shapes ``spec`` (from ``spec()``) describes, with zero buffers: what a
         checkpoint's weights load into."""
-        if spec.get("spec_version") != SPEC_VERSION:
-            raise ValueError(f"tardis FFN spec version {spec.get('spec_version')!r}; this tardis_compiler reads "
-                             f"{SPEC_VERSION}: upgrade tardis_compiler, or compress the dense model again")
-        fields = {f.name for f in dataclasses.fields(Layout)}
-        values = {k: v for k, v in spec["layout"].items() if k in fields}
-        values["dtype"] = _DTYPES[spec["layout"]["element_type"]]
-        return cls(spec["name"], Layout(**values), device=device, dense_key=spec.get("dense_key"))
+        return cls(spec["name"], layout_of_spec(spec), device=device, dense_key=spec.get("dense_key"))
 
     def spec(self) -> dict[str, Any]:
-        """JSON-able description of this module's shapes (no weights), for checkpoints' configs."""
+        """JSON-able description of this module's shapes (no weights), for checkpoints' configs,
+        with the sha256 of its buffers (``validate_pack`` checks it when a checkpoint loads)."""
         layout = dataclasses.asdict(self.layout)
         # Not "dtype": transformers rewrites keys of that name anywhere in a config it saves.
         layout["element_type"] = str(layout.pop("dtype")).removeprefix("torch.")
-        return {"spec_version": SPEC_VERSION, "name": self.name, "layout": layout, "dense_key": self.dense_key}
+        return {"spec_version": SPEC_VERSION, "name": self.name, "layout": layout, "dense_key": self.dense_key,
+                "sha256": pack_digest([getattr(self, key) for key in PACK_TENSORS])}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_ffn(x, self, self.name)
@@ -127,3 +129,45 @@ class TardisFFN(torch.nn.Module):
         lay = self.layout
         return (f"{self.name!r}, {lay.kind}, {lay.activation}, d_in={lay.d_in}, d_out={lay.d_out}, m={lay.m}, "
                 f"guarded={lay.k_guard}, exact={lay.k_always}, guard={lay.guard}, {lay.dtype}")
+
+
+def layout_of_spec(spec: Any) -> Layout:
+    """The ``Layout`` a module spec (``TardisFFN.spec()``, from an untrusted config.json) describes;
+    ValueError naming the field that is missing, unknown or out of range.
+
+    Example:
+        >>> lay = Layout("plain", "relu", torch.float32, 8, 8, 16, 0, 16, "none", 64, 0, False)
+        >>> spec = {"spec_version": SPEC_VERSION, "name": "mlp", "dense_key": None, "layout": {
+        ...     **{k: v for k, v in dataclasses.asdict(lay).items() if k != "dtype"}, "element_type": "float32"}}
+        >>> layout_of_spec(spec) == lay
+        True
+    """
+    if not isinstance(spec, dict):
+        raise ValueError(f"a tardis FFN spec must be a JSON object, got {type(spec).__name__}")
+    if spec.get("spec_version") != SPEC_VERSION:
+        raise ValueError(f"tardis FFN spec version {spec.get('spec_version')!r}; this tardis_compiler reads "
+                         f"{SPEC_VERSION}: upgrade tardis_compiler, or compress the dense model again")
+    unknown = sorted(set(spec) - _SPEC_KEYS)
+    if unknown:
+        raise ValueError(f"tardis FFN spec has unknown keys {unknown}")
+    if not isinstance(spec.get("name"), str):
+        raise ValueError(f"tardis FFN spec 'name' must be a string, got {spec.get('name')!r}")
+    dense_key = spec.get("dense_key")
+    if dense_key not in (None, "") and (not isinstance(dense_key, str) or not _DENSE_KEY.fullmatch(dense_key)
+                                        or dense_key.split(".")[0] in _BUFFER_NAMES):
+        raise ValueError(f"tardis FFN spec 'dense_key' {dense_key!r} is not a module path below the FFN")
+    if "sha256" in spec and not (isinstance(spec["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", spec["sha256"])):
+        raise ValueError("tardis FFN spec 'sha256' must be 64 hex digits")
+    values = spec.get("layout")
+    fields = {f.name for f in dataclasses.fields(Layout)} - {"dtype"}
+    if not isinstance(values, dict):
+        raise ValueError("tardis FFN spec has no 'layout' object")
+    missing, unknown = sorted(fields - set(values) - {"bundles"}), sorted(set(values) - fields - {"element_type"})
+    if missing or unknown:
+        raise ValueError(f"tardis FFN spec layout: missing fields {missing}, unknown fields {unknown}")
+    if values.get("element_type") not in PACK_DTYPES:
+        raise ValueError(f"tardis FFN spec layout 'element_type' must be one of {sorted(PACK_DTYPES)}, got "
+                         f"{values.get('element_type')!r}")
+    kwargs = {k: v for k, v in values.items() if k != "element_type"}
+    return Layout(dtype=PACK_DTYPES[values["element_type"]], **kwargs)
+

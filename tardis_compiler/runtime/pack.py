@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .guard import LOW_BIT_ENCODINGS, quantize
 from .layout import BUNDLE_ENCODINGS, NEURON_FLOATS, QSCALES, Layout, bundle_row
+from .validate import validate_pack
 
 #: Guards a pack can be built for; "all" flags every neuron (the exactness check).
 PACK_GUARDS = (*LOW_BIT_ENCODINGS, "svd", "exact", "all")
@@ -218,7 +219,9 @@ def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch
         guard_bytes[layout.off_qbundles:].view(-1, layout.qstride)[:, :row] = codes.cpu().view(torch.uint8)
         floats[layout.off_qscales:] = scales.reshape(-1).to(compute)
     meta = layout.meta()  # on the CPU whatever the device: the op reads it without a device sync
-    return FFNPack(packed, guard_bytes.to(first.device), floats, meta, activation, bundled.cpu(), layout)
+    pack = FFNPack(packed, guard_bytes.to(first.device), floats, meta, activation, bundled.cpu(), layout)
+    validate_pack(*pack.tensors(), pack.neurons, activation, where="the pack built")  # e.g. non-finite weights
+    return pack
 
 
 def _fold(kind: str, w: dict, slope: torch.Tensor, intercept: torch.Tensor):

@@ -45,7 +45,7 @@ def test_checkpoint_is_safetensors_and_json_with_the_tardis_config(tmp_path):
     model.save_pretrained(tmp_path)
     assert {p.suffix for p in tmp_path.iterdir()} <= {".json", ".safetensors"}  # nothing pickled
     quant = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert quant["quant_method"] == "tardis" and quant["format_version"] == 2 and quant["budget"] == 0.5 and quant["bundles"] == "int8"
+    assert quant["quant_method"] == "tardis" and quant["format_version"] == 3 and quant["budget"] == 0.5 and quant["bundles"] == "int8"
     assert set(quant["modules"]) == {"model.layers.0.mlp", "model.layers.1.mlp"}
     spec = quant["modules"]["model.layers.0.mlp"]
     assert spec["mode"] == "module" and spec["ffn"]["layout"]["element_type"] == "float32"

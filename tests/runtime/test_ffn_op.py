@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tardis_compiler.activations import get_activation_rule
 from tardis_compiler.runtime import ffn_op
 from tardis_compiler.runtime.cpu.kernel import kernel
-from tardis_compiler.runtime.layout import FIELD
+from tardis_compiler.runtime.layout import FIELD, KERNEL_ACTIVATIONS
 from tardis_compiler.runtime.pack import build_pack, dense_reference, guard_all_params
 from tardis_compiler.runtime.stats import collect_stats
 from tardis_compiler.runtime.torch_path import ffn_torch
@@ -27,7 +27,7 @@ def _kernel_out(x: torch.Tensor, pack, threads: int) -> torch.Tensor:
     torch.set_num_threads(threads)
     try:
         y = torch.empty(x.shape[0], pack.layout.d_out, dtype=x.dtype)
-        kernel().ffn(x, y, x.shape[0], *pack.tensors())
+        kernel().ffn(x, y, *pack.tensors(), KERNEL_ACTIVATIONS[pack.activation])
         return y
     finally:
         torch.set_num_threads(before)
@@ -187,7 +187,7 @@ def test_kernel_honours_torch_threads(threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        kernel().ffn(x, torch.empty(1, 8), 1, *pack.tensors(), counters)
+        kernel().ffn(x, torch.empty(1, 8), *pack.tensors(), KERNEL_ACTIVATIONS[pack.activation], counters)
     finally:
         torch.set_num_threads(before)
     assert counters[2] == threads
@@ -210,9 +210,9 @@ def test_kernel_refuses_a_corrupt_pack():
     meta = pack.meta.clone()
     meta[FIELD["N_WEIGHTS"]] += 1  # no longer the weights' size
     with pytest.raises(ValueError, match="sizes"):
-        kernel().ffn(x, torch.empty(1, 8), 1, pack.weights, pack.guard, pack.floats, meta)
+        kernel().ffn(x, torch.empty(1, 8), pack.weights, pack.guard, pack.floats, meta, KERNEL_ACTIVATIONS["silu"])
     with pytest.raises(ValueError, match="features"):
-        kernel().ffn(torch.randn(1, 17), torch.empty(1, 8), 1, *pack.tensors())
+        kernel().ffn(torch.randn(1, 17), torch.empty(1, 8), *pack.tensors(), KERNEL_ACTIVATIONS["silu"])
 
 
 def test_dtype_mismatch_is_a_clear_error():

@@ -4,6 +4,7 @@ import torch
 
 from tardis_compiler.runtime.cpu.kernel import kernel
 from tardis_compiler.runtime.layout import Layout, bundle_row
+from tardis_compiler.runtime.module import TardisFFN
 from tardis_compiler.runtime.pack import build_pack, neuron_classes, pack_layout
 from tardis_compiler.runtime.torch_path import bundles
 from tests.runtime.pack_cases import Case, make
@@ -49,7 +50,7 @@ def test_corrupt_meta_is_rejected():
         Layout.from_meta(meta, "silu", torch.float32)
     meta = pack.meta.clone()
     meta[-1] += 4
-    with pytest.raises(ValueError, match="inconsistent"):
+    with pytest.raises(ValueError, match="field OFF_QSCALES is"):
         Layout.from_meta(meta, "silu", torch.float32)
 
 
@@ -61,8 +62,8 @@ def test_pack_layout_predicts_build_pack():
 
 def test_resident_bytes_are_the_buffers():
     _, _, _, pack = make(Case("gated", 32, 16, 64, guard="int4"), 1)
-    held = sum(t.numel() * t.element_size() for t in pack.tensors())
-    assert pack.layout.resident_bytes() == held
+    held = sum(t.numel() * t.element_size() for t in (*pack.tensors(), pack.neurons))
+    assert pack.layout.resident_bytes() == held == TardisFFN.from_pack("mlp", pack).resident_bytes()
     # read per token with nothing flagged: Wf, bf, guard codes + scales + bands, no bundle
     L = pack.layout
     assert L.bytes_per_token(0) == 16 * 32 * 4 + 16 * 4 + L.k_guard * (16 + 4 * 2 + 8)

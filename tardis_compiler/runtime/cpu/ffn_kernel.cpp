@@ -51,6 +51,11 @@ enum Guard { G_NONE = 0, G_INT8 = 1, G_INT4 = 2, G_INT2 = 3, G_EXACT = 4, G_SVD 
 const int NEURON_FLOATS = 4;  // bias (gate / w1), bias (up), slope, intercept
 const int64_t CHUNK = 64;     // neurons per work item
 const int64_t MAX_TOKENS = 64;  // token masks are 64-bit
+const int64_t MAX_DIM = 1 << 20;  // largest d_in, d_out, m, group (runtime/layout.py MAX_DIM)
+// Element types of the buffers the entry points are given (runtime/cpu/kernel.py BUFFER_TYPES):
+// each call says what every buffer holds, and a call whose types differ from the pack's is refused.
+enum BufferType { T_F32 = 0, T_BF16 = 1, T_F16 = 2, T_F64 = 3, T_U8 = 4, T_I8 = 5, T_I32 = 6, T_I64 = 7 };
+const char* BUFFER_TYPES = "float32,bfloat16,float16,float64,uint8,int8,int32,int64";
 #ifndef TARDIS_PREFETCH_BYTES
 #define TARDIS_PREFETCH_BYTES 4096
 #endif
@@ -131,58 +136,56 @@ inline float dot_subbyte(const uint8_t* q, const uint16_t* scales, const GuardIn
 }
 
 int64_t subbyte_row_bytes(int64_t n, int64_t group, int bits) {
-  int64_t total = 0;
-  for (int64_t start = 0; start < n; start += group) {
-    const int64_t size = start + group <= n ? group : n - start;
-    total += (size * bits + 7) / 8;
-  }
-  return total;
+  // Closed form of the per-group sum (runtime/layout.py guard_codes_bytes computes the same).
+  return (n / group) * ((group * bits + 7) / 8) + ((n % group) * bits + 7) / 8;
 }
 
-// Sizes every buffer must have for `meta`; 0 if consistent with the numels given, else an error code.
+int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// The meta fields a pack of these shapes and codes has: runtime/layout.py Layout.meta(), recomputed
+// here so that no field the kernel indexes with can disagree with the rest. 0 if `m` is exactly
+// that and its buffers hold n_weights / n_guard / n_floats elements, else a negative error code.
+// Every dimension is bounded first (MAX_DIM), so no product below overflows int64.
 int check_meta(const int64_t* m, int64_t n_weights, int64_t n_guard, int64_t n_floats) {
   if (m[MAGIC] != MAGIC_VALUE) return -1;
   if (m[VERSION] != LAYOUT_VERSION) return -2;
-  if (m[N_WEIGHTS] != n_weights || m[N_GUARD] != n_guard || m[N_FLOATS] != n_floats) return -3;
-  const int64_t d = m[D_IN], n = m[D_OUT], kg = m[K_GUARD], ka = m[K_ALWAYS], kb = kg + ka;
-  if (d <= 0 || n <= 0 || kg < 0 || ka < 0 || kb > m[M] || m[KIND] < 0 || m[KIND] > 1) return -4;
-  if (m[ACT] < 0 || m[ACT] > QUICK_GELU || m[DTYPE] < 0 || m[DTYPE] > 1) return -4;
-  const int64_t row = (m[KIND] == GATED ? 2 * d : d) + n;
+  const int64_t d = m[D_IN], n = m[D_OUT], kg = m[K_GUARD], ka = m[K_ALWAYS], group = m[GROUP], rank = m[RANK];
+  if (d < 1 || d > MAX_DIM || n < 1 || n > MAX_DIM || m[M] < 1 || m[M] > MAX_DIM) return -4;
+  if (kg < 0 || ka < 0 || kg > m[M] || ka > m[M] - kg) return -4;
+  if (group < 1 || group > MAX_DIM) return -4;
+  if (m[KIND] != PLAIN && m[KIND] != GATED) return -4;
+  if (m[ACT] < RELU || m[ACT] > QUICK_GELU || m[DTYPE] < 0 || m[DTYPE] > 1) return -4;
+  if (m[HAS_WF] != 0 && m[HAS_WF] != 1) return -4;
   if (m[BUNDLES] != B_DENSE && m[BUNDLES] != B_INT8) return -10;
+  const int64_t enc = m[GUARD];
+  if (enc < G_NONE || enc > G_SVD) return -6;
+  if ((enc == G_NONE) != (kg == 0)) return -6;
+  if (enc == G_SVD ? (rank < 1 || rank > MAX_DIM) : rank != 0) return -6;
   const bool int8_bundles = m[BUNDLES] == B_INT8;
-  const int64_t dense_bundles = int8_bundles ? ka : kb;
-  if (m[STRIDE] < row) return -5;
-  if (m[HAS_WF] && m[OFF_BUNDLES] < n * d) return -5;
-  if (m[OFF_BUNDLES] < 0 || m[OFF_BUNDLES] + dense_bundles * m[STRIDE] > n_weights) return -5;
-  int64_t guard_bytes = 0, p_floats = 0;
-  switch (m[GUARD]) {
-    case G_NONE: case G_EXACT: break;
-    case G_INT8: guard_bytes = kg * d; break;
-    case G_INT4: case G_INT2:
-      if (m[GROUP] <= 0) return -6;
-      guard_bytes = kg * subbyte_row_bytes(d, m[GROUP], m[GUARD] == G_INT4 ? 4 : 2);
-      break;
-    case G_SVD:
-      if (m[RANK] <= 0) return -6;
-      guard_bytes = kg * m[RANK] * 4;
-      p_floats = m[RANK] * d;
-      break;
-    default: return -6;
-  }
-  if (m[GUARD] == G_NONE && kg) return -6;
-  const int64_t groups = (m[GROUP] > 0) ? (d + m[GROUP] - 1) / m[GROUP] : 0;
-  int64_t scale_bytes = m[GUARD] == G_INT8 ? kg * 4 : (m[GUARD] == G_INT4 || m[GUARD] == G_INT2) ? kg * groups * 4 : 0;
-  if (m[OFF_GSCALES] < guard_bytes || m[OFF_GSCALES] + scale_bytes > n_guard) return -6;
-  if (m[OFF_BF] < 0 || m[OFF_BF] + n > n_floats) return -7;
-  if (m[OFF_BANDS] < 0 || m[OFF_BANDS] + 2 * kg > n_floats) return -7;
-  if (m[OFF_NEURON] < 0 || m[OFF_NEURON] + NEURON_FLOATS * kb > n_floats) return -7;
-  if (m[OFF_P] < 0 || m[OFF_P] + p_floats > n_floats) return -7;
-  if (int8_bundles) {  // int8 bundles need a guard that does not read them (not "exact")
-    if (m[GUARD] == G_NONE || m[GUARD] == G_EXACT) return -10;
-    if (m[QSTRIDE] < row || m[OFF_QBUNDLES] < m[OFF_GSCALES] + scale_bytes) return -10;
-    if (m[OFF_QBUNDLES] + kg * m[QSTRIDE] > n_guard) return -10;
-    if (m[OFF_QSCALES] < m[OFF_P] + p_floats || m[OFF_QSCALES] + QSCALES * kg > n_floats) return -10;
-  }
+  if (int8_bundles && (enc == G_NONE || enc == G_EXACT)) return -10;  // "exact" reads the bundles' rows
+
+  const int64_t elem = m[DTYPE] == 0 ? 4 : 2, kb = kg + ka;
+  const int64_t row = (m[KIND] == GATED ? 2 * d : d) + n;
+  const int64_t stride = round_up(row, 64 / elem);
+  const int64_t off_bundles = round_up(m[HAS_WF] ? n * d : 0, 64 / elem);
+  const int64_t k_int8 = int8_bundles ? kg : 0, k_dense = kb - k_int8;
+  const int64_t code_bytes = enc == G_INT8 ? d
+                             : (enc == G_INT4 || enc == G_INT2) ? subbyte_row_bytes(d, group, enc == G_INT4 ? 4 : 2)
+                             : enc == G_SVD ? 4 * rank : 0;
+  const int64_t scale_bytes = enc == G_INT8 ? 4 : (enc == G_INT4 || enc == G_INT2) ? 4 * ((d + group - 1) / group) : 0;
+  const int64_t off_gscales = round_up(kg * code_bytes, 16), end_gscales = off_gscales + kg * scale_bytes;
+  const int64_t qstride = k_int8 ? round_up(row, 64) : 0;
+  const int64_t off_qbundles = k_int8 ? round_up(end_gscales, 64) : end_gscales;
+  const int64_t off_neuron = n + 2 * kg, off_p = off_neuron + NEURON_FLOATS * kb;
+  const int64_t off_qscales = off_p + (enc == G_SVD ? rank * d : 0);
+  const int64_t want[][2] = {
+      {STRIDE, stride}, {OFF_BUNDLES, off_bundles}, {OFF_GSCALES, off_gscales}, {OFF_BF, 0}, {OFF_BANDS, n},
+      {OFF_NEURON, off_neuron}, {OFF_P, off_p}, {N_WEIGHTS, off_bundles + k_dense * stride},
+      {N_GUARD, off_qbundles + k_int8 * qstride}, {N_FLOATS, off_qscales + QSCALES * k_int8},
+      {QSTRIDE, qstride}, {OFF_QBUNDLES, off_qbundles}, {OFF_QSCALES, off_qscales}};
+  for (const auto& field : want)
+    if (m[field[0]] != field[1]) return -5;
+  if (m[N_WEIGHTS] != n_weights || m[N_GUARD] != n_guard || m[N_FLOATS] != n_floats) return -3;
   return 0;
 }
 
@@ -475,24 +478,52 @@ int tardis_simd_width() {
 #endif
 }
 
-// 0 if `meta` describes buffers of these sizes consistently, else a negative error code.
+// The element types, in the order of BufferType: kernel.py refuses a library whose list differs.
+const char* tardis_buffer_types() { return BUFFER_TYPES; }
+
+// 0 if `meta` (META_LEN int64s) describes buffers of these sizes consistently, else a negative
+// error code.
 int tardis_check_meta(const int64_t* meta, int64_t n_weights, int64_t n_guard, int64_t n_floats) {
   return check_meta(meta, n_weights, n_guard, n_floats);
 }
 
-// y (tokens, d_out) = the FFN of x (tokens, d_in), both contiguous in the pack's dtype.
+// One buffer as the caller describes it: its address, element type and element count.
+struct Buffer {
+  const void* data;
+  int64_t type, numel;
+};
+
+// The checks every entry point makes before it reads anything: a meta of META_LEN int64s that is
+// consistent in itself and with the buffers' counts, the buffers' element types those the pack
+// is laid out for, x of d_in features. Returns 0 or a negative error code.
+int check_call(const Buffer& x, const Buffer& weights, const Buffer& guard, const Buffer& floats, const Buffer& meta,
+               int64_t tokens) {
+  if (meta.type != T_I64 || meta.numel != META_LEN) return -11;
+  const int64_t* m = static_cast<const int64_t*>(meta.data);
+  const int status = check_meta(m, weights.numel, guard.numel, floats.numel);
+  if (status) return status;
+  if (x.type != m[DTYPE] || weights.type != m[DTYPE] || guard.type != T_U8 || floats.type != T_F32) return -11;
+  if (tokens < 1 || tokens > MAX_TOKENS) return -9;
+  if (x.numel != tokens * m[D_IN]) return -8;  // no overflow: tokens <= 64, d_in <= MAX_DIM
+  return 0;
+}
+
+// y (tokens, d_out) = the FFN of x (tokens, d_in), both contiguous; each buffer with its element
+// type and count (BufferType), `act` the activation the caller means (the pack's must be the same).
 // counters (nullable): [flagged (token, neuron) pairs, neurons corrected] are added to, and
 // counters[2] is set to the number of threads the call ran on.
-// Returns 0, or a negative error code (nothing is written then).
-int tardis_ffn(const void* x, void* y, const void* weights, const uint8_t* guard, const float* floats,
-               const int64_t* meta, int64_t tokens, int64_t d_in, int64_t n_weights, int64_t n_guard,
-               int64_t n_floats, int threads, int64_t* counters) {
-  const int status = check_meta(meta, n_weights, n_guard, n_floats);
+// Returns 0, or a negative error code (nothing is read or written then).
+int tardis_ffn(const void* x, int64_t x_type, int64_t x_numel, void* y, int64_t y_type, int64_t y_numel,
+               const void* weights, int64_t weights_type, int64_t n_weights, const uint8_t* guard, int64_t guard_type,
+               int64_t n_guard, const float* floats, int64_t floats_type, int64_t n_floats, const int64_t* meta,
+               int64_t meta_type, int64_t meta_numel, int64_t tokens, int64_t act, int threads, int64_t* counters) {
+  const int status = check_call({x, x_type, x_numel}, {weights, weights_type, n_weights}, {guard, guard_type, n_guard},
+                                {floats, floats_type, n_floats}, {meta, meta_type, meta_numel}, tokens);
   if (status) return status;
-  if (d_in != meta[D_IN]) return -8;
-  if (tokens < 1 || tokens > MAX_TOKENS) return -9;
+  if (y_type != meta[DTYPE] || y_numel != tokens * meta[D_OUT]) return -12;
+  if (act != meta[ACT]) return -13;
   if (threads < 1) threads = 1;
-  if (meta[DTYPE] == 0)
+  if (meta[DTYPE] == T_F32)
     return run(static_cast<const float*>(x), static_cast<float*>(y), static_cast<const float*>(weights), guard,
                floats, meta, tokens, threads, counters);
   return run(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y), static_cast<const uint16_t*>(weights),
@@ -502,13 +533,21 @@ int tardis_ffn(const void* x, void* y, const void* weights, const uint8_t* guard
 // The low-bit guard's predictions for many tokens (the batched path's flags, with the fused
 // kernel's arithmetic): out (tokens, k_guard) fp32, bias excluded. Each thread decodes a row once
 // into fp32 and dots it with every token. Returns 0, or a negative error code.
-int tardis_guard_predict(const void* x, float* out, const uint8_t* guard, const int64_t* meta, int64_t tokens,
-                         int64_t d_in, int64_t n_weights, int64_t n_guard, int64_t n_floats, int threads) {
+// Buffers as in tardis_ffn (weights and floats are only sized, not read); out holds out_numel
+// floats and must be tokens * k_guard. Any token count: this is the batched path's.
+int tardis_guard_predict(const void* x, int64_t x_type, int64_t x_numel, float* out, int64_t out_numel,
+                         int64_t weights_type, int64_t n_weights, const uint8_t* guard, int64_t guard_type,
+                         int64_t n_guard, int64_t floats_type, int64_t n_floats, const int64_t* meta, int64_t meta_type,
+                         int64_t meta_numel, int64_t tokens, int threads) {
+  if (meta_type != T_I64 || meta_numel != META_LEN) return -11;
   const int status = check_meta(meta, n_weights, n_guard, n_floats);
   if (status) return status;
-  if (d_in != meta[D_IN]) return -8;
+  if (x_type != meta[DTYPE] || weights_type != meta[DTYPE] || guard_type != T_U8 || floats_type != T_F32) return -11;
+  // Divisions, not products: tokens is not bounded here.
+  if (tokens < 1 || x_numel % meta[D_IN] || x_numel / meta[D_IN] != tokens) return -8;
+  if (meta[K_GUARD] ? out_numel % meta[K_GUARD] || out_numel / meta[K_GUARD] != tokens : out_numel) return -12;
   if (meta[GUARD] != G_INT8 && meta[GUARD] != G_INT4 && meta[GUARD] != G_INT2) return -6;
-  const int64_t rows = meta[K_GUARD], d = d_in, group = meta[GROUP];
+  const int64_t rows = meta[K_GUARD], d = meta[D_IN], group = meta[GROUP];
   const bool subbyte = meta[GUARD] != G_INT8;
   const int64_t groups = subbyte ? (d + group - 1) / group : 0;
   std::vector<float> xs(tokens * d), xqf(tokens * d), sx(tokens * groups + 1), gsum(tokens * groups + 1);
