@@ -33,13 +33,48 @@ def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int,
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+#: Instruction sets a benchmark can run as if the CPU had no more (``--isa``): the environment that
+#: pins torch's kernels (ATen, inductor's generated C++, oneDNN, MKL) to it, and the -march the
+#: tardis kernel is built for. "avx2" is a CPU without AVX-512 (AMD Zen 2/3, Intel client cores).
+ISAS = {"avx2": ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+                 "x86-64-v3")}
+
+
+def pin_isa(isa: str | None, kernel_march: str | None = None) -> None:
+    """Run the rest of this process as on a CPU with only ``isa`` (see ``ISAS``): re-executes the
+    script with the environment torch reads at start-up, then builds the tardis kernel for that
+    -march (or ``kernel_march``: e.g. x86-64-v2 for the kernel's portable loops). None: the
+    machine's own instruction sets."""
+    if isa is None:
+        return
+    import sys
+
+    from tardis_compiler.runtime.cpu import build, kernel
+
+    env, march = ISAS[isa]
+    march = kernel_march or march
+    if any(os.environ.get(k) != v for k, v in env.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
+    build.FLAGS = tuple(f"-march={march}" if f == "-march=native" else f for f in build.FLAGS)
+    kernel.reset()
+
+
 def machine() -> dict:
-    """Where and when a measurement was made."""
+    """Where and when a measurement was made (and the load average: a loaded machine ruins
+    2-thread timings)."""
     from tardis_compiler.runtime.cpu.kernel import status
 
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    isa = [name for name in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "avx2", "avx_vnni") if name in flags]
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-            "threads": torch.get_num_threads(), "kernel": status()}
+            "cpu_isa": isa, "torch_isa": os.environ.get("ATEN_CPU_CAPABILITY", "native"),
+            "load_average": os.getloadavg(), "threads": torch.get_num_threads(), "kernel": status()}
 
 
 def write_json(name: str, data: dict) -> str:

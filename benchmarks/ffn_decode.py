@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import tardis_compiler as tc
-from common import Bandwidth, cached_profiles, interleaved_medians, machine, write_json
+from common import ISAS, Bandwidth, cached_profiles, interleaved_medians, machine, pin_isa, write_json
 from tardis_compiler.runtime import ffn_op
 from tardis_compiler.runtime.cpu.kernel import kernel
 from tardis_compiler.runtime.layout import KERNEL_ACTIVATIONS
@@ -190,8 +190,9 @@ def bench(setup: Setup, repeats: int) -> dict:
     layers = len(setup.modules)
     guard = tc.config.DEFAULT_GUARDS[setup.kind]
     group = tc.CalibrationConfig().group_size
+    # Each pack holds its guarded rows as calibration priced them (FFNProfile.bundles: int8 by default).
     packs = {label: [build_pack(setup.kind, setup.weights[i], prof.ffns[names[i]].params(guard), guard,
-                                setup.activation, group) for i in range(layers)]
+                                setup.activation, group, bundles=prof.ffns[names[i]].bundles) for i in range(layers)]
              for label, (prof, names) in setup.profiles.items()}
     first_label, (first_prof, first_names) = next(iter(setup.profiles.items()))
     fixed = [build_pack(setup.kind, setup.weights[i], _never_flag(first_prof.ffns[first_names[i]].params(guard),
@@ -327,13 +328,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prefill", action="store_true", help="time tokens per call instead")
+    parser.add_argument("--isa", choices=sorted(ISAS), help="run as on a CPU with only this instruction set")
+    parser.add_argument("--kernel-march", help="with --isa: build the tardis kernel for this -march instead "
+                        "(x86-64-v2: its portable loops)")
+    parser.add_argument("--out", help="name of the JSON written under results/ (default: ffn_decode / ffn_prefill)")
     args = parser.parse_args()
+    pin_isa(args.isa, args.kernel_march)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results = machine()
     if args.prefill:
         results["prefill"] = prefill(args.repeats)
-        path = write_json("ffn_prefill.json", results)
+        path = write_json(f"{args.out or 'ffn_prefill'}.json", results)
     else:
         results["shapes"] = []
         for shape in args.shapes:
@@ -348,7 +354,7 @@ def main() -> None:
                 results["shapes"].append(bench(setup, args.repeats))
                 print(markdown({"shapes": results["shapes"][-1:], "threads": args.threads}), flush=True)
                 torch.compiler.reset()
-        path = write_json("ffn_decode.json", results)
+        path = write_json(f"{args.out or 'ffn_decode'}.json", results)
     print(markdown(results))
     print(f"wrote {path}")
 

@@ -24,7 +24,7 @@ import time
 import torch
 
 import tardis_compiler as tc
-from common import RESULTS, cached_profiles, machine, write_json
+from common import ISAS, RESULTS, cached_profiles, machine, pin_isa, write_json
 
 
 class Int8WeightOnlyLinear(torch.nn.Module):
@@ -74,14 +74,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
-    parser.add_argument("--sparsity-budgets", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    parser.add_argument("--sparsity-budgets", nargs="*", type=float, default=[0.3, 0.5, 0.7])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ppl-windows", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--isa", choices=sorted(ISAS), help="run as on a CPU with only this instruction set "
+                        "(torch's kernels and the tardis kernel; e.g. avx2: no AVX-512)")
+    parser.add_argument("--out", default="smollm2_decode", help="name of the JSON/PNG written under results/")
     args = parser.parse_args()
+    pin_isa(args.isa)
     torch.set_num_threads(args.threads)
 
     from tardis_compiler.eval.corpus import calibration_batches, evaluation_windows, special_tokens
@@ -122,7 +126,7 @@ def main() -> None:
             # Perplexity through the pack on every token (the default runs 512-token windows dense).
             ppl_forwards[f"tardis {short} {budget}"] = compile_forward(
                 model, backend="tardis", options={"profile": profile, "dense_above": None})
-        if dtype == torch.bfloat16:
+        if dtype == torch.bfloat16 and args.sparsity_budgets:
             sparse = cached_profiles(f"smollm2-{dtype_name}-nofold", model, batches, args.sparsity_budgets,
                                      tc.CalibrationConfig(progress=False, fold=False))
             for budget, profile in sparse.items():
@@ -173,9 +177,9 @@ def main() -> None:
         rows.append({"variant": name, **info, "tokens_per_s": tps, "ppl": ppl[name], "prefix_agreement": same})
     _add_ratios(rows)
     result = {**machine(), "args": vars(args), "rows": rows}
-    path = write_json("smollm2_decode.json", result)
+    path = write_json(f"{args.out}.json", result)
     print(markdown(result))
-    _plot(rows)
+    _plot(rows, args.out)
     print(f"wrote {path}")
 
 
@@ -202,7 +206,8 @@ def _prefix_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def markdown(result: dict) -> str:
     lines = [f"SmolLM2-135M greedy decode, batch 1, {result['args']['new_tokens']} new tokens, "
-             f"{result['threads']} threads ({result['kernel']})", "",
+             f"{result['threads']} threads ({result['kernel']}; torch ISA {result.get('torch_isa', 'native')}; "
+             f"load average {result.get('load_average', ['?'])[0]})", "",
              "| variant | FFN bytes | tokens/s | vs faster dense (same dtype) | bytes-bound ideal tok/s | of ideal | "
              "PPL | same tokens as dense |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -213,7 +218,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: list[dict]) -> None:
+def _plot(rows: list[dict], name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,7 +238,7 @@ def _plot(rows: list[dict]) -> None:
     ax.set_yscale("log")
     ax.set_title("SmolLM2-135M: speed / quality (down and right is better)")
     fig.tight_layout()
-    fig.savefig(f"{RESULTS}/smollm2_decode.png", dpi=120)
+    fig.savefig(f"{RESULTS}/{name}.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 // Vector primitives of the fused FFN kernel (ffn_kernel.cpp): bf16 conversion, activations, and
 // fp32-accumulating dots and axpys over fp32 / bf16 / int8 / sub-byte rows. AVX-512 (with VNNI
-// where present) when compiled for it, portable loops otherwise; every function computes the same
-// sums either way, up to float32 summation order.
+// where present) when compiled for it, else AVX2 + FMA (with AVX-VNNI where present: most laptops
+// and AMD Zen 2/3 servers have no AVX-512), else portable loops; every function computes the same
+// sums each way, up to float32 summation order.
 #pragma once
 
 #include <cmath>
@@ -10,6 +11,9 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define TARDIS_AVX512 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#define TARDIS_AVX2 1
 #include <immintrin.h>
 #endif
 
@@ -71,6 +75,23 @@ inline __m512 load16(const int8_t* p, __mmask16 k) {
 inline __mmask16 tail_mask(int64_t left) { return static_cast<__mmask16>((1u << left) - 1u); }
 #endif
 
+#ifdef TARDIS_AVX2
+// Eight elements as fp32 (AVX2 has no 16-bit masked loads: tails are scalar loops).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 // sum_i w[i] x[i], fp32 accumulation.
 template <class W>
 inline float dot(const W* w, const float* x, int64_t n) {
@@ -87,6 +108,19 @@ inline float dot(const W* w, const float* x, int64_t n) {
     a1 = _mm512_fmadd_ps(load16(w + i, k), _mm512_maskz_loadu_ps(k, x + i), a1);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(TARDIS_AVX2)
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {  // four chains: FMA latency, not loads, would bound one
+    a0 = _mm256_fmadd_ps(load8(w + i), _mm256_loadu_ps(x + i), a0);
+    a1 = _mm256_fmadd_ps(load8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+    a2 = _mm256_fmadd_ps(load8(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+    a3 = _mm256_fmadd_ps(load8(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+  }
+  for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(load8(w + i), _mm256_loadu_ps(x + i), a0);
+  float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; i < n; ++i) s += to_f32(w[i]) * x[i];
+  return s;
 #else
   float s = 0.f;
   for (int64_t i = 0; i < n; ++i) s += to_f32(w[i]) * x[i];
@@ -113,6 +147,28 @@ inline void dot2(const W* w0, const W* w1, const float* x, int64_t n, float* s0,
   }
   *s0 = _mm512_reduce_add_ps(a0);
   *s1 = _mm512_reduce_add_ps(a1);
+#elif defined(TARDIS_AVX2)
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+    a0 = _mm256_fmadd_ps(load8(w0 + i), x0, a0);
+    b0 = _mm256_fmadd_ps(load8(w1 + i), x0, b0);
+    a1 = _mm256_fmadd_ps(load8(w0 + i + 8), x1, a1);
+    b1 = _mm256_fmadd_ps(load8(w1 + i + 8), x1, b1);
+  }
+  for (; i + 8 <= n; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    a0 = _mm256_fmadd_ps(load8(w0 + i), xv, a0);
+    b0 = _mm256_fmadd_ps(load8(w1 + i), xv, b0);
+  }
+  float r0 = hsum8(_mm256_add_ps(a0, a1)), r1 = hsum8(_mm256_add_ps(b0, b1));
+  for (; i < n; ++i) {
+    r0 += to_f32(w0[i]) * x[i];
+    r1 += to_f32(w1[i]) * x[i];
+  }
+  *s0 = r0;
+  *s1 = r1;
 #else
   *s0 = dot(w0, x, n);
   *s1 = dot(w1, x, n);
@@ -131,6 +187,15 @@ inline void axpy(float* acc, float a, const W* w, int64_t n) {
     __mmask16 k = tail_mask(n - i);
     _mm512_mask_storeu_ps(acc + i, k, _mm512_fmadd_ps(av, load16(w + i, k), _mm512_maskz_loadu_ps(k, acc + i)));
   }
+#elif defined(TARDIS_AVX2)
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(av, load8(w + i), _mm256_loadu_ps(acc + i)));
+    _mm256_storeu_ps(acc + i + 8, _mm256_fmadd_ps(av, load8(w + i + 8), _mm256_loadu_ps(acc + i + 8)));
+  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(av, load8(w + i), _mm256_loadu_ps(acc + i)));
+  for (; i < n; ++i) acc[i] += a * to_f32(w[i]);
 #else
   for (int64_t i = 0; i < n; ++i) acc[i] += a * to_f32(w[i]);
 #endif
@@ -154,9 +219,7 @@ inline float dot_int8(const int8_t* q, const float* x, int64_t n) {
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #else
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += static_cast<float>(q[i]) * x[i];
-  return s;
+  return dot(q, x, n);  // AVX2: load8(int8_t*); portable: the scalar loop
 #endif
 }
 
@@ -219,6 +282,34 @@ inline __m512i group64_codes(const uint8_t* q) {
 }
 #endif
 
+#ifdef TARDIS_AVX2
+// The 64 codes of a full group in element order, as two vectors of 32 bytes (elements 0-31, 32-63).
+template <int BITS>
+inline void group64_codes_avx2(const uint8_t* q, __m256i* lo, __m256i* hi) {
+  if (BITS == 4) {  // byte b: element b (low nibble), element 32 + b (high nibble)
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    *lo = _mm256_and_si256(v, nibble);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    return;
+  }
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));  // byte b: elements b + 16k
+  const __m128i crumb = _mm_set1_epi8(0x03);
+  *lo = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 2), crumb), _mm_and_si128(v, crumb));
+  *hi = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 6), crumb), _mm_and_si128(_mm_srli_epi16(v, 4), crumb));
+}
+
+// Eight int32 sums of four products each: unsigned codes (< 16) times signed int8 x. Without
+// AVX-VNNI, maddubs then madd: its int16 pair sums (at most 2 * 15 * 127) cannot saturate.
+inline __m256i dot_u8s8(__m256i codes, __m256i x) {
+#ifdef __AVXVNNI__
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), codes, x);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1));
+#endif
+}
+#endif
+
 // out[t] = row . x_t for `tokens` tokens of x (tokens, n): four tokens share each load of the row.
 void dot_tokens(const float* row, const float* x, int64_t tokens, int64_t n, float* out, int64_t out_stride) {
   int64_t t = 0;
@@ -238,6 +329,23 @@ void dot_tokens(const float* row, const float* x, int64_t tokens, int64_t n, flo
     out[(t + 1) * out_stride] = _mm512_reduce_add_ps(a1);
     out[(t + 2) * out_stride] = _mm512_reduce_add_ps(a2);
     out[(t + 3) * out_stride] = _mm512_reduce_add_ps(a3);
+  }
+#elif defined(TARDIS_AVX2)
+  for (; t + 4 <= tokens; t += 4) {
+    const float* x0 = x + t * n;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 w = _mm256_loadu_ps(row + i);
+      a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x0 + i), a0);
+      a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x0 + n + i), a1);
+      a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x0 + 2 * n + i), a2);
+      a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x0 + 3 * n + i), a3);
+    }
+    float s[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
+    for (; i < n; ++i)
+      for (int k = 0; k < 4; ++k) s[k] += row[i] * x0[k * n + i];
+    for (int k = 0; k < 4; ++k) out[(t + k) * out_stride] = s[k];
   }
 #endif
   for (; t < tokens; ++t) out[t * out_stride] = dot(row, x + t * n, n);

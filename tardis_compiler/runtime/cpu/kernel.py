@@ -176,7 +176,7 @@ def kernel() -> FusedKernel | None:
 
     Example:
         >>> k = kernel()
-        >>> k is None or k.simd_width in (1, 16)
+        >>> k is None or k.simd_width in (1, 8, 16)
         True
     """
     loaded = _load()
@@ -192,7 +192,7 @@ def status() -> str:
     """
     loaded = _load()
     if isinstance(loaded, FusedKernel):
-        isa = "AVX-512" if loaded.simd_width == 16 else "portable C++"
+        isa = {16: "AVX-512", 8: "AVX2"}.get(loaded.simd_width, "portable C++")
         return f"fused CPU kernel ({isa}, {torch.get_num_threads()} threads)"
     return f"torch path: the fused CPU kernel is {loaded}"
 

@@ -104,25 +104,37 @@ def test_explain_says_which_path_runs(fresh_kernel, monkeypatch):
     assert "FFN runtime: torch path" in str(report)
 
 
-def test_the_portable_build_computes_the_same(fresh_kernel, monkeypatch):
-    """Built for a CPU without AVX-512, the kernel takes its portable loops: same results."""
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+@pytest.mark.parametrize("march,width", [("x86-64-v2", 1), ("x86-64-v3", 8)], ids=["portable", "avx2"])
+def test_each_isa_build_computes_the_same(fresh_kernel, monkeypatch, march, width):
+    """Built for a CPU without AVX-512 (x86-64-v3: AVX2 + FMA; x86-64-v2: neither), the kernel takes
+    its AVX2 or portable loops: the op's fuzz cases give the torch path's results."""
     from tardis_compiler.runtime.torch_path import ffn_torch
+    from tests.runtime.test_ffn_op import _random_cases
 
     if kernel.kernel() is None:
         pytest.skip("the fused CPU kernel cannot be built here")
+    if width == 8 and not {"avx2", "fma"} <= _cpu_flags():
+        pytest.skip("this CPU cannot run an AVX2 build")
     kernel.reset()
-    monkeypatch.setattr(build, "FLAGS", tuple(f if f != "-march=native" else "-march=x86-64-v2" for f in build.FLAGS))
-    portable = kernel.kernel()
-    assert portable is not None and portable.simd_width == 1
-    for guard in ("int8", "int4", "int2", "svd", "all"):
-        for dtype in (torch.float32, torch.bfloat16):
-            _, _, x, pack = make(Case("gated", 70, 20, 90, guard=guard, dtype=dtype, group=64), 3)
-            expected, _ = ffn_torch(x, *pack.tensors(), pack.layout)
-            y = torch.empty_like(expected)
-            portable.ffn(x, y, *pack.tensors(), KERNEL_ACTIVATIONS[pack.activation])
-            tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
-            scale = max(1.0, expected.float().abs().max().item())
-            torch.testing.assert_close(y.float() / scale, expected.float() / scale, **tol)
+    monkeypatch.setattr(build, "FLAGS", tuple(f if f != "-march=native" else f"-march={march}" for f in build.FLAGS))
+    built = kernel.kernel()
+    assert built is not None and built.simd_width == width
+    cases = [(Case("gated", 70, 20, 90, guard=guard, dtype=dtype, group=64), 3)
+             for guard in ("int8", "int4", "int2", "svd", "all") for dtype in (torch.float32, torch.bfloat16)]
+    cases += [(case, tokens) for case, tokens, _ in _random_cases(40, seed=3)]
+    for case, tokens in cases:
+        _, _, x, pack = make(case, tokens)
+        expected, _ = ffn_torch(x, *pack.tensors(), pack.layout)
+        y = torch.empty_like(expected)
+        built.ffn(x, y, *pack.tensors(), KERNEL_ACTIVATIONS[pack.activation])
+        tol = dict(atol=1e-4, rtol=1e-4) if case.dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+        scale = max(1.0, expected.float().abs().max().item())
+        torch.testing.assert_close(y.float() / scale, expected.float() / scale, **tol, msg=lambda m: f"{case}: {m}")
 
 
 # --- Loading only what this user built ------------------------------------------------------------
