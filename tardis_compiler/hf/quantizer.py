@@ -123,13 +123,11 @@ class TardisHfQuantizer(HfQuantizer):
                 continue
             module.meta = module.meta.cpu()
             digest = specs.get(name, {}).get("sha256")
-            layout = validate_pack(*(getattr(module, key) for key in PACK_TENSORS), module.layout.activation,
-                                   module.layout.dtype, expected=module.layout, digest=digest,
-                                   where=f"tardis module {name}")
+            validate_pack(*(getattr(module, key) for key in PACK_TENSORS), module.layout.activation,
+                          module.layout.dtype, expected=module.layout, digest=digest, where=f"tardis module {name}")
             if with_digests and digest is None:
                 raise PackError(f"tardis module {name}: config.json records no sha256 of its pack (format "
                                 f"{FORMAT_VERSION} requires one): the checkpoint was edited; compress the model again")
-            assert layout == module.layout
             # Tensors read from safetensors may sit at any offset of the file; the kernel's vector
             # loops peel differently on unaligned rows (last-bit differences): give every
             # buffer fresh, aligned memory, as a pack built in memory has.

@@ -26,7 +26,7 @@ import torch
 from .ffn_op import ffn as run_ffn  # also registers torch.ops.tardis.ffn
 from .layout import PACK_DTYPES, Layout
 from .pack import FFNPack
-from .validate import PACK_TENSORS, pack_digest, validate_pack
+from .validate import PACK_TENSORS, compute_dtype, pack_digest, validate_pack
 
 #: Version of ``TardisFFN.spec()``; a checkpoint written with another is refused with a clear error.
 SPEC_VERSION = 2  # 2: the layout's ``bundles`` (int8 bundles)
@@ -57,7 +57,7 @@ class TardisFFN(torch.nn.Module):
                  dense_key: str | None = None) -> None:
         super().__init__()
         self.name, self.layout, self.dense_key = name, layout, dense_key
-        compute = torch.float64 if layout.dtype == torch.float64 else torch.float32
+        compute = compute_dtype(layout.dtype)
         self.register_buffer("weights", torch.zeros(layout.n_weights, dtype=layout.dtype, device=device))
         self.register_buffer("guard", torch.zeros(layout.n_guard, dtype=torch.uint8, device=device))
         self.register_buffer("floats", torch.zeros(layout.n_floats, dtype=compute, device=device))

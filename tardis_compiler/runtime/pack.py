@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .guard import LOW_BIT_ENCODINGS, quantize
 from .layout import BUNDLE_ENCODINGS, NEURON_FLOATS, QSCALES, Layout, bundle_row
-from .validate import validate_pack
+from .validate import compute_dtype, validate_pack
 
 #: Guards a pack can be built for; "all" flags every neuron (the exactness check).
 PACK_GUARDS = (*LOW_BIT_ENCODINGS, "svd", "exact", "all")
@@ -121,7 +121,7 @@ def fold_ffn(w1_rows: torch.Tensor, b1: torch.Tensor | None, w2_rows: torch.Tens
         >>> torch.allclose(wf @ x + bf, w2.t() @ (a * (w1 @ x) + c), atol=1e-5)
         True
     """
-    compute = torch.float64 if w1_rows.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(w1_rows.dtype)
     w1, w2 = w1_rows.to(compute), w2_rows.to(compute)
     a, c = slope.to(compute), intercept.to(compute)
     weight = w2.t() @ (a[:, None] * w1)
@@ -171,7 +171,7 @@ def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch
     m, d_in = first.shape
     d_out = out.shape[1]
     dtype = first.dtype
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    compute = compute_dtype(dtype)
     params = params.detach().to(first.device, compute)
     rows, predictor = split_params(params, m)
     slope, intercept = rows[0], rows[1]
