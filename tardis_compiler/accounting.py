@@ -54,7 +54,8 @@ def mix_bytes_per_token(measured: dict, corrected_neurons: float) -> float:
 
 
 def ffn_bytes_per_token(d_in: int, d_hidden: int, d_out: int, elem_bytes: int, has_bias: bool,
-                        guard: str = "dense", corrected_rate: float = 0.0, guard_bytes: int = 0) -> float:
+                        guard: str = "dense", corrected_rate: float = 0.0, guard_bytes: int = 0,
+                        weights: str = "dense") -> float:
     """Plain FFN weight bytes read per token at batch 1, dense (``guard="dense"``) or folded with
     every neuron guarded (a coverage fit), as the pack lays them out (``runtime/layout.py``).
 
@@ -62,12 +63,19 @@ def ffn_bytes_per_token(d_in: int, d_hidden: int, d_out: int, elem_bytes: int, h
     W1 for ``guard="exact"``) and each neuron's float32 band, and for each corrected neuron its
     bundle [W1 row | W2 column] and four floats.
 
+    ``weights="int8"``: the dense FFN of int8 weights (a quantized pack's reference), its codes and a
+    float32 scale per W1 row and W2 column (``runtime/quantize.py``); biases in the model's dtype.
+
     Example:
         >>> ffn_bytes_per_token(384, 1536, 384, 4, True)   # MiniLM FFN, fp32
         4726272
+        >>> ffn_bytes_per_token(384, 1536, 384, 4, True, weights="int8")
+        1199616
     """
     m = d_hidden
     if guard == "dense":
+        if weights == "int8":
+            return m * d_in + m * d_out + 8 * m + (m + d_out) * has_bias * elem_bytes
         return (m * d_in + m * d_out + (m + d_out) * has_bias) * elem_bytes
     folded = folded_matrix_bytes(d_in, d_out, elem_bytes) + always_read_bytes(d_out)
     if guard == "exact":
@@ -77,14 +85,21 @@ def ffn_bytes_per_token(d_in: int, d_hidden: int, d_out: int, elem_bytes: int, h
     return folded + guard_bytes + corrected_rate * m * exact_neuron_bytes("plain", d_in, d_out, elem_bytes)
 
 
-def gated_dense_bytes(d_in: int, m: int, d_out: int, elem_bytes: int, gate_up_bias: bool, down_bias: bool) -> int:
-    """Weight bytes a dense gated FFN reads per token.
+def gated_dense_bytes(d_in: int, m: int, d_out: int, elem_bytes: int, gate_up_bias: bool, down_bias: bool,
+                      weights: str = "dense") -> int:
+    """Weight bytes a dense gated FFN reads per token; ``weights="int8"``: of its int8 weights (codes
+    and a float32 scale per W_g row, W_u row and W_d column; biases in the model's dtype).
 
     Example:
         >>> gated_dense_bytes(576, 1536, 576, 4, False, False)   # SmolLM2-135M, fp32
         10616832
+        >>> gated_dense_bytes(576, 1536, 576, 2, False, False, "int8")
+        2672640
     """
-    return (2 * m * d_in + m * d_out + 2 * m * gate_up_bias + d_out * down_bias) * elem_bytes
+    biases = (2 * m * gate_up_bias + d_out * down_bias) * elem_bytes
+    if weights == "int8":
+        return 3 * m * d_in + 12 * m + biases
+    return 2 * m * d_in * elem_bytes + m * d_out * elem_bytes + biases
 
 
 def guard_bytes(predictor: LowBitGuard | SVDPredictor | None, d_in: int, elem: int) -> tuple[float, float]:
@@ -115,12 +130,13 @@ def _float_bytes(elem_bytes: int) -> int:
 
 
 def held_neuron_bytes(kind: str, d_in: int, d_out: int, elem_bytes: int, guard: str = "none",
-                      bundles: str = "dense", group: int = 64, rank: int = 0) -> int:
+                      bundles: str = "dense", group: int = 64, rank: int = 0, weights: str = "dense") -> int:
     """Bytes a pack holds for one neuron with a bundle, as ``Layout.resident_bytes`` counts them:
     its bundle padded to 64 bytes, its four floats and its ``neurons`` entry; for a guarded one
     (``guard`` not "none") also its guard codes and scales (none for "exact", which reads the
     bundle's first row) and its band, and with ``bundles="int8"`` its bundle as int8 codes (padded
-    to 64 bytes) and three scales. An always-exact neuron's bundle stays dense whatever ``bundles``.
+    to 64 bytes) and three scales. An always-exact neuron's bundle stays dense whatever ``bundles``,
+    unless ``weights="int8"`` (every bundle int8).
 
     Example:
         >>> held_neuron_bytes("gated", 32, 32, 4)                    # always exact, fp32: 384 + 16 + 8
@@ -129,7 +145,7 @@ def held_neuron_bytes(kind: str, d_in: int, d_out: int, elem_bytes: int, guard: 
         192
     """
     floats = _float_bytes(elem_bytes)
-    if guard != "none" and bundles == "int8":
+    if (guard != "none" and bundles == "int8") or weights == "int8":
         bundle = round_up(bundle_row(kind, d_in, d_out), ALIGN_BYTES) + floats * QSCALES
     else:
         bundle = bundle_stride(kind, d_in, d_out, elem_bytes) * elem_bytes
@@ -140,7 +156,7 @@ def held_neuron_bytes(kind: str, d_in: int, d_out: int, elem_bytes: int, guard: 
 
 
 def held_fixed_bytes(d_in: int, d_out: int, elem_bytes: int, has_wf: bool, guard: str = "none",
-                     bundles: str = "dense", rank: int = 0) -> int:
+                     bundles: str = "dense", rank: int = 0, weights: str = "dense") -> int:
     """Bytes a pack holds whatever its mix, at most: Wf (padded to 64 bytes), the folded bias,
     svd's P, the ``meta`` tensor, and the padding that aligns the guard's scales and the int8
     bundles (an upper bound: it depends on how many neurons are guarded, so the price stays linear).
@@ -152,19 +168,23 @@ def held_fixed_bytes(d_in: int, d_out: int, elem_bytes: int, has_wf: bool, guard
         78
     """
     floats = _float_bytes(elem_bytes)
-    held = round_up(d_out * d_in * elem_bytes, ALIGN_BYTES) if has_wf else 0
+    if weights == "int8":  # Wf's codes and row scales; the int8 region starts 64-byte aligned
+        held = d_out * d_in + floats * d_out if has_wf else 0
+        held += ALIGN_BYTES - 1
+    else:
+        held = round_up(d_out * d_in * elem_bytes, ALIGN_BYTES) if has_wf else 0
     held += floats * d_out + len(META_FIELDS) * 8
     if guard == "svd":
         held += floats * rank * d_in
     if guard not in ("none", "exact"):  # the scales follow the codes at a 16-byte boundary
         held += _SCALES_ALIGN - 1
-    if guard != "none" and bundles == "int8":
+    if guard != "none" and bundles == "int8" and weights != "int8":
         held += ALIGN_BYTES - 1
     return held
 
 
 def held_bytes(predictor: LowBitGuard | SVDPredictor | None, kind: str, d_in: int, d_out: int, elem_bytes: int,
-               bundles: str, has_wf: bool) -> tuple[float, float, float]:
+               bundles: str, has_wf: bool, weights: str = "dense") -> tuple[float, float, float]:
     """What a pack priced for ``predictor`` holds: (per always-exact neuron, per guarded neuron,
     whatever the mix). None is the "exact" guard (the bundles' own rows: they stay dense).
 
@@ -178,9 +198,9 @@ def held_bytes(predictor: LowBitGuard | SVDPredictor | None, kind: str, d_in: in
         guard, group, rank, bundles = "exact", 64, 0, "dense"
     else:
         guard, group, rank = predictor.kernel, predictor.group_size, 0
-    return (float(held_neuron_bytes(kind, d_in, d_out, elem_bytes)),
-            float(held_neuron_bytes(kind, d_in, d_out, elem_bytes, guard, bundles, group, rank)),
-            float(held_fixed_bytes(d_in, d_out, elem_bytes, has_wf, guard, bundles, rank)))
+    return (float(held_neuron_bytes(kind, d_in, d_out, elem_bytes, weights=weights)),
+            float(held_neuron_bytes(kind, d_in, d_out, elem_bytes, guard, bundles, group, rank, weights)),
+            float(held_fixed_bytes(d_in, d_out, elem_bytes, has_wf, guard, bundles, rank, weights)))
 
 
 # --- pruned matrices: the bitmask format ----------------------------------------------------------

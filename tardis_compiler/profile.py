@@ -108,6 +108,12 @@ class FFNProfile:
         "dense" (fits that price nothing, and profiles from before int8 rows)."""
         return self.stats.get("bundles", "dense")
 
+    @property
+    def weights(self) -> str:
+        """How calibration priced Wf and the always-exact bundles, so how packs hold them: "int8"
+        (a quantized pack, ``CalibrationConfig.weights``) or "dense"."""
+        return self.stats.get("weights", "dense")
+
     def _int8_bundle_saving(self, guard: str, elem_bytes: int | None) -> float:
         """Bytes per token int8 bundles save over dense ones: each flagged guarded neuron reads
         codes, not rows."""
@@ -160,7 +166,7 @@ class FFNProfile:
 
         return pack_layout(self.kind, self.activation, dtype, self.d_in, self.d_out, self.d_hidden,
                            self.params(guard), guard, group_size, self.fold_term,
-                           bundles or self.bundles)
+                           bundles or self.bundles, self.weights)
 
     def signature(self) -> tuple[int, int, int, str, str]:
         """What must match between a model's FFN and this profile."""

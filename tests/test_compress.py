@@ -32,6 +32,26 @@ def test_guard_all_compressed_model_is_the_dense_model(arch):
             torch.testing.assert_close(logits(compressed(x)), logits(model(x)), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES + GATED_ARCHITECTURES)
+def test_guard_all_quantized_model_is_the_int8_reference(arch):
+    """weights="int8": the exactness invariant against the dense model of the same int8 FFN weights
+    (``quantized_reference``), within float32 rounding; a budget then reads about half the int8
+    FFN's bytes, a quarter of fp32's."""
+    model, batches, profile = _calibrated(arch, weights="int8")
+    reference = tc.quantized_reference(model, batches[0])
+    exact, fitted = copy.deepcopy(model), copy.deepcopy(model)
+    tc.compress_(exact, profile, batches[0], guard="all")
+    report = tc.compress_(fitted, profile, batches[0])
+    assert all(f.mode != "dense" for f in report.ffns)
+    assert all(m.layout.weights == "int8" for m in fitted.modules() if isinstance(m, TardisFFN))
+    with torch.no_grad():
+        for x in batches[:2]:
+            want = logits(reference(x))
+            torch.testing.assert_close(logits(exact(x)), want, atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(want, logits(model(x)), atol=1e-5)  # the reference is quantized
+    assert report.read_fraction() < 0.5 * 0.25 + 0.03  # of the fp32 FFN: half the int8 one's bytes
+
+
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_resident_bytes_drop_below_dense(arch):
     """int8 bundles (the default) hold less than dense with no cap; dense bundles hold more, and
@@ -150,3 +170,87 @@ def test_the_weights_compress_reads_are_not_modified():
     tc.compress_(model, profile, batches[0])
     for name, tensor in originals.items():
         torch.testing.assert_close(tensor, before[name], atol=0, rtol=0)
+
+
+# --- other_linears: the nn.Linear modules no compressed FFN covers, quantized weight-only ------------
+def _model_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())
+
+
+# Random tiny weights amplify errors (int8: 0.4% on the weights, 2% on the logits); SmolLM2: test_real_models.
+@pytest.mark.parametrize("other,bound", [("int8", 0.05), ("int4", 0.5)])
+def test_other_linears_quantize_attention_and_the_head(other, bound):
+    from tardis_compiler.runtime.quantized_linear import QuantizedLinear
+
+    model, batches, profile = _calibrated("llama")
+    ffns_only, quantized = copy.deepcopy(model), copy.deepcopy(model)
+    tc.compress_(ffns_only, profile, batches[0], guard="all")
+    report = tc.compress_(quantized, profile, batches[0], guard="all", other_linears=other)
+    names = {name for name, m in quantized.named_modules() if isinstance(m, QuantizedLinear)}
+    assert names == {q.name for q in report.quantized} and len(names) == 2 * 4 + 1 and "lm_head" in names
+    assert not any(type(m) is torch.nn.Linear for m in quantized.modules())
+    assert all(q.dtype == other and q.resident_bytes < q.dense_bytes / (1.9 if other == "int8" else 3)
+               for q in report.quantized)
+    totals = report.totals()
+    assert totals["held_after"] < totals["held_before"] and totals["read_after"] < totals["read_before"]
+    assert _model_bytes(quantized) < _model_bytes(ffns_only)  # resident bytes drop
+    assert f"other linears: 9/9 quantized to {other}" in str(report) and "compress_ in all" in str(report)
+    with torch.no_grad():  # guard="all": the FFNs are exact, the linears' quantization is all that differs
+        for x in batches[:2]:
+            dense, got = logits(model(x)), logits(quantized(x))
+            assert ((got - dense).norm() / dense.norm()) < bound, float((got - dense).norm() / dense.norm())
+
+
+def test_other_linears_quantize_the_linears_of_ffns_left_dense_but_not_skipped_ones():
+    from tardis_compiler.runtime.quantized_linear import QuantizedLinear
+
+    model, batches, profile = _calibrated("llama", skip=[r"model\.layers\.0\.mlp"])  # calibration leaves it dense
+    report = tc.compress_(model, profile, batches[0], other_linears="int8", skip=["lm_head", r".*\.v_proj"])
+    assert [f.mode for f in report.ffns] == ["dense", "module"]
+    assert isinstance(model.model.layers[0].mlp.gate_proj, QuantizedLinear)
+    assert type(model.lm_head) is torch.nn.Linear and type(model.model.layers[1].self_attn.v_proj) is torch.nn.Linear
+    dense = {q.name: q.reason for q in report.linears if q.dtype == "dense"}
+    assert dense == {"lm_head": "skipped (skip=)", "model.layers.0.self_attn.v_proj": "skipped (skip=)",
+                     "model.layers.1.self_attn.v_proj": "skipped (skip=)"}
+    assert "left dense: 3 (skipped (skip=))" in str(report)
+
+
+def test_a_tied_head_is_quantized_and_untied_or_kept_tied_with_skip():
+    from tardis_compiler.runtime.quantized_linear import QuantizedLinear
+
+    model = build_tiny("llama", tie_word_embeddings=True)
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    batches = token_batches(4)
+    profile = tc.calibrate(model, batches, tc.CalibrationConfig(**QUIET))
+    kept = copy.deepcopy(model)
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    report = tc.compress_(model, profile, batches[0], other_linears="int8")
+    head = next(q for q in report.quantized if q.name == "lm_head")
+    assert isinstance(model.lm_head, QuantizedLinear) and head.tied_to == "model.embed_tokens.weight"
+    assert head.held_before == 0 and "which keeps the dense weight: held +" in str(report)
+    assert model.config.tie_word_embeddings is False and "lm_head.weight" not in model.all_tied_weights_keys
+    assert torch.equal(model.model.embed_tokens.weight, embedding)  # the embedding keeps its dense weight
+    report = tc.compress_(kept, profile, batches[0], other_linears="int8", skip=["lm_head"])
+    assert kept.lm_head.weight is kept.model.embed_tokens.weight and kept.config.tie_word_embeddings
+
+
+def test_int4_leaves_linears_whose_inputs_do_not_fill_a_group_dense():
+    from tardis_compiler.runtime.quantized_linear import QuantizedLinear
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16),
+                                torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)).eval()
+    profile = tc.calibrate(model, [torch.randn(256, 16)], tc.CalibrationConfig(progress=False))
+    report = tc.compress_(model, profile, torch.randn(2, 16), other_linears="int4")
+    assert [(q.name, q.dtype) for q in report.linears] == [("3", "dense"), ("4", "int4")]
+    assert "multiple of 32" in report.linears[0].reason and isinstance(model[4], QuantizedLinear)
+    with pytest.raises(ValueError, match="other_linears must be one of"):
+        tc.compress_(model, profile, torch.randn(2, 16), other_linears="int2")
+
+
+def test_other_linears_read_the_dense_weights_without_changing_them():
+    model, batches, profile = _calibrated("llama")
+    originals = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
+    tc.compress_(model, profile, batches[0], other_linears="int4")
+    for name, (tensor, before) in originals.items():
+        torch.testing.assert_close(tensor, before, atol=0, rtol=0)

@@ -35,3 +35,12 @@ def test_wrong_types_are_value_errors_that_name_the_option(bad):
     key = next(iter(bad))
     with pytest.raises(ValueError, match=key if key != "calibration" else next(iter(bad[key]))):
         tc.TardisOptions.from_mapping(bad)
+
+
+@pytest.mark.parametrize("bad,says", [({"weights": "int3"}, "weights must be None or 'int8'"),
+                                      ({"weights": "int4"}, "int4 packs are not built yet"),
+                                      ({"weights": "int8", "bundles": "dense"}, "bundles must be 'int8'")])
+def test_quantized_pack_options_are_checked(bad, says):
+    with pytest.raises(ValueError, match=says):
+        tc.CalibrationConfig(**bad)
+    assert tc.CalibrationConfig(weights="int8").weights == "int8"

@@ -40,7 +40,7 @@ def fit_ffn(record: FFNRecord, config: CalibrationConfig) -> FFNProfile:
         >>> sorted(ffn.margins), 0.8 < ffn.stats["coverage"] < 0.97
         (['int2', 'int4', 'int8'], True)
     """
-    w = record.float_weights()
+    w = record.float_weights(config.weights)
     act = get_activation_rule(record.activation).fn
     x_fit, x_hold, measured_on = split_tokens(record.tokens(), config)
     n_hold = x_hold.shape[0]
@@ -52,7 +52,8 @@ def fit_ffn(record: FFNRecord, config: CalibrationConfig) -> FFNProfile:
 
     stats: dict[str, Any] = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0],
                              "elem_bytes": record.weights["w1_rows"].element_size(),
-                             "has_bias": record.weights["b1"] is not None or record.weights["b2"] is not None}
+                             "has_bias": record.weights["b1"] is not None or record.weights["b2"] is not None,
+                             "weights": config.weights or "dense"}
     x_eval = x_hold if n_hold else x_fit  # tiny sets: report in-sample numbers, and say so
     stats["measured_on"] = measured_on
     z_eval = F.linear(x_eval, w["w1_rows"], w["b1"])

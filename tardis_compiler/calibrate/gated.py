@@ -61,14 +61,15 @@ class GatedCandidates:
 
 def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> GatedCandidates:
     """Every option of every neuron of one gated FFN, with its error and bytes (module docstring)."""
-    w = record.float_weights()
+    w = record.float_weights(config.weights)  # the reference: int8 weights' values for a quantized pack
+    quant = config.weights or "dense"
     act = get_activation_rule(record.activation).fn
     m, d_in = w["wg_rows"].shape
     d_out = w["wd_rows"].shape[1]
     elem = record.weights["wg_rows"].element_size()
     gate_up_bias = w["bg"] is not None or w["bu"] is not None
     down_bias = w["bd"] is not None
-    dense_bytes = gated_dense_bytes(d_in, m, d_out, elem, gate_up_bias, down_bias)
+    dense_bytes = gated_dense_bytes(d_in, m, d_out, elem, gate_up_bias, down_bias, quant)
 
     x_fit, x_hold, measured_on = split_tokens(record.tokens(), config)
     g, u = F.linear(x_fit, w["wg_rows"], w["bg"]), F.linear(x_fit, w["wu_rows"], w["bu"])
@@ -78,20 +79,20 @@ def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     g_hat = guard_prediction(predictor, x_fit, w["bg"], g)
     energy = ((a * u) @ w["wd_rows"]).pow(2).sum(1).mean().item()
 
-    exact_cost = float(exact_neuron_bytes("gated", d_in, d_out, elem))
+    exact_cost = float(exact_neuron_bytes("gated", d_in, d_out, elem, quant))
     guarded_cost = float(exact_neuron_bytes("gated", d_in, d_out, elem, config.bundles))  # a flagged guarded neuron
     guard_row, guard_fixed = guard_bytes(predictor, d_in, elem)
-    fold_bytes = float(folded_matrix_bytes(d_in, d_out, elem))
+    fold_bytes = float(folded_matrix_bytes(d_in, d_out, elem, quant))
     sorted_stats = _sorted_stats(g, u, a)
     variants = []
     for with_fold in (True, False):
-        held = held_bytes(predictor, "gated", d_in, d_out, elem, config.bundles, with_fold)
+        held = held_bytes(predictor, "gated", d_in, d_out, elem, config.bundles, with_fold, quant)
         opts, plan = _options(g, u, a, g_hat, sorted_stats, col_norm2, with_fold, (exact_cost, guarded_cost),
                               guard_row, guard, config, held)
         variants.append((with_fold, opts, plan, (fold_bytes if with_fold else 0.0) + guard_fixed))
     stats = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0], "measured_on": measured_on,
              "elem_bytes": elem, "has_bias": gate_up_bias or down_bias, "gate_up_bias": gate_up_bias,
-             "down_bias": down_bias, "dense_bytes": dense_bytes, "bundles": config.bundles,
+             "down_bias": down_bias, "dense_bytes": dense_bytes, "bundles": config.bundles, "weights": quant,
              "error_bound": None}  # u is unbounded: no worst-case bound for a gated FFN
     measure = {"act": act, "predictor": predictor, "guard": guard, "fold_bytes": fold_bytes,
                "guard_row": guard_row, "guard_fixed": guard_fixed, "costs_of": (exact_cost, guarded_cost),

@@ -58,13 +58,14 @@ class PlainCandidates:
 
 def prepare_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> PlainCandidates:
     """Every option of every neuron of one plain FFN, with its error and bytes (module docstring)."""
-    w = record.float_weights()
+    w = record.float_weights(config.weights)  # the reference: int8 weights' values for a quantized pack
+    quant = config.weights or "dense"
     act = get_activation_rule(record.activation).fn
     m, d_in = w["w1_rows"].shape
     d_out = w["w2_rows"].shape[1]
     elem = record.weights["w1_rows"].element_size()
     has_bias = w["b1"] is not None or w["b2"] is not None
-    dense_bytes = ffn_bytes_per_token(d_in, m, d_out, elem, has_bias)
+    dense_bytes = ffn_bytes_per_token(d_in, m, d_out, elem, has_bias, weights=quant)
 
     x_fit, x_hold, measured_on = split_tokens(record.tokens(), config)
     z = F.linear(x_fit, w["w1_rows"], w["b1"])
@@ -75,10 +76,10 @@ def prepare_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     energy = (y @ w["w2_rows"]).pow(2).sum(1).mean().item()
 
     # As the pack lays them out (runtime/layout.py): a bundle [W1 row | W2 column] and four floats.
-    exact_cost = float(exact_neuron_bytes("plain", d_in, d_out, elem))
+    exact_cost = float(exact_neuron_bytes("plain", d_in, d_out, elem, quant))
     guarded_cost = float(exact_neuron_bytes("plain", d_in, d_out, elem, config.bundles))  # a flagged guarded neuron
     guard_row, guard_fixed = guard_bytes(predictor, d_in, elem)
-    fold_bytes = float(folded_matrix_bytes(d_in, d_out, elem))
+    fold_bytes = float(folded_matrix_bytes(d_in, d_out, elem, quant))
     order = z.argsort(dim=0)
     z_sorted, y_sorted = z.gather(0, order), y.gather(0, order)
     zd, yd = z_sorted.double(), y_sorted.double()
@@ -87,13 +88,14 @@ def prepare_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     sigma = (z_hat - z).std(dim=0) if predictor is not None else None
     variants = []
     for with_fold in (True, False):
-        held = held_bytes(predictor, "plain", d_in, d_out, elem, config.bundles, with_fold)
+        held = held_bytes(predictor, "plain", d_in, d_out, elem, config.bundles, with_fold, quant)
         opts, plan = _options(z, y, z_hat, z_sorted, prefix, sigma, col_norm2, with_fold, (exact_cost, guarded_cost),
                               guard_row, guard, config, held)
         fixed = (fold_bytes if with_fold else 0.0) + always_read_bytes(d_out) + guard_fixed
         variants.append((with_fold, opts, plan, fixed))
     stats = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0], "measured_on": measured_on,
-             "elem_bytes": elem, "has_bias": has_bias, "dense_bytes": dense_bytes, "bundles": config.bundles}
+             "elem_bytes": elem, "has_bias": has_bias, "dense_bytes": dense_bytes, "bundles": config.bundles,
+             "weights": quant}
     measure = {"act": act, "predictor": predictor, "guard": guard, "guard_row": guard_row, "guard_fixed": guard_fixed,
                "costs_of": (exact_cost, guarded_cost), "x_fit": x_fit, "lstsq": config.fold_fit == "lstsq", "seed": config.seed}
     return PlainCandidates(record, w, variants, dense_bytes, energy, stats, x_hold if x_hold.shape[0] else x_fit,

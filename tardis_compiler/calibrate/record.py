@@ -22,6 +22,7 @@ from ..passes.find_ffns import find_ffns
 from ..passes.fold_ffns import fold_ffns, folded_in_order
 from ..passes.record_ffn_inputs import record_ffn_inputs
 from ..runtime.graph_packs import GraphPacks
+from ..runtime.quantize import reference_weights
 
 if TYPE_CHECKING:
     from .drive import Recorder
@@ -78,9 +79,11 @@ class FFNRecord:
             self.samples[slots[keep]] = rest[keep]
         self.seen += rows.shape[0]
 
-    def float_weights(self) -> dict[str, torch.Tensor | None]:
-        """float32 CPU copies of the weights, as the fitting steps compute with them."""
-        return {k: (v.detach().float().cpu() if v is not None else None) for k, v in self.weights.items()}
+    def float_weights(self, weights: str | None = None) -> dict[str, torch.Tensor | None]:
+        """float32 CPU copies of the weights, as the fitting steps compute with them: with
+        ``weights="int8"`` those of the quantized reference (``runtime/quantize.reference_weights``)."""
+        floats = {k: (v.detach().float().cpu() if v is not None else None) for k, v in self.weights.items()}
+        return reference_weights("gated" if self.gated else "plain", floats, weights)
 
     @property
     def gated(self) -> bool:

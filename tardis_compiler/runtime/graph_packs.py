@@ -104,10 +104,10 @@ class GraphPacks:
         def build() -> FFNPack:
             params = calibration.params(guard)
             return build_pack(ffn.kind, ffn.weights(args), params, guard, ffn.activation, self.group_size,
-                              calibration.fold_term, bundles=bundles)
+                              calibration.fold_term, bundles=bundles, weights_encoding=quantized)
 
-        bundles = calibration.bundles  # as calibration priced them
-        return PACK_CACHE.get(ffn.tensors(args), calibration, (guard, self.group_size, bundles), build)
+        bundles, quantized = calibration.bundles, calibration.weights  # as calibration priced them
+        return PACK_CACHE.get(ffn.tensors(args), calibration, (guard, self.group_size, bundles, quantized), build)
 
     def forget(self) -> None:
         """Drop the fast path's references (``clear_caches``)."""

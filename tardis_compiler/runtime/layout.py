@@ -9,11 +9,14 @@ One FFN's pack is four buffers (see ``runtime/pack.py``, which fills them):
   always-exact ones. Neurons that are never computed exactly (folded unguarded, dropped) have none.
 * ``guard`` (uint8): the guard's codes of the guarded neurons' first rows, then their scales; with
   int8 bundles (``bundles="int8"``), then the guarded neurons' bundles as int8 codes, each padded to
-  64 bytes (``weights`` then holds only the always-exact bundles).
+  64 bytes (``weights`` then holds only the always-exact bundles). With int8 weights
+  (``weights="int8"``: a quantized pack) every bundle is there, guarded then always-exact, and
+  ``Wf``'s int8 codes (d_out, d_in) follow them: ``weights`` is then empty.
 * ``floats`` (float32): the folded bias ``bf`` (d_out), each guarded neuron's flag band with the
   bias taken out (lo, hi), four floats per bundle (first bias, up bias, slope, intercept), the
-  svd guard's projection ``P`` (rank, d_in), and with int8 bundles three scales per guarded neuron
-  (first row, up row, output column; a plain FFN's second is unused).
+  svd guard's projection ``P`` (rank, d_in), and with int8 bundles three scales per int8 bundle
+  (first row, up row, output column; a plain FFN's second is unused), then with int8 weights one
+  scale per row of ``Wf``.
 * ``meta`` (int64): the fields of ``META_FIELDS``: shapes, codes and offsets.
 
 This module is the one home of those sizes: the pack builder, the kernel's checks
@@ -35,7 +38,12 @@ LAYOUT_VERSION = 2
 #: How the guarded neurons' bundles are stored: in the model's dtype (exact), or int8 with a scale per
 #: row and column (a quarter of float32's bytes, half of bfloat16's; always-exact bundles stay dense).
 BUNDLE_ENCODINGS = {"dense": 0, "int8": 1}
-QSCALES = 3  # int8 bundle scales per guarded neuron
+#: How Wf and the always-exact bundles are stored: in the model's dtype, or int8 (a quantized pack:
+#: every weight int8, one scale per row of Wf and per row / column of a bundle). The meta's BUNDLES
+#: field holds both choices (``_BUNDLES_CODES``): int8 weights imply int8 bundles.
+WEIGHT_ENCODINGS = ("dense", "int8")
+_BUNDLES_CODES = {("dense", "dense"): 0, ("int8", "dense"): 1, ("int8", "int8"): 2}
+QSCALES = 3  # scales per int8 bundle
 KINDS = {"plain": 0, "gated": 1}
 #: Activations the kernel evaluates itself (others run the torch path).
 KERNEL_ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "quick_gelu": 4}
@@ -132,12 +140,14 @@ class Layout:
     rank: int
     has_wf: bool
     bundles: str = "dense"
+    weights: str = "dense"
 
     def __post_init__(self) -> None:
         # Checked before any size is computed: a layout may come from an untrusted config.json.
         _choice(self.kind, KINDS, "kind")
         _choice(self.guard, GUARD_ENCODINGS, "guard")
         _choice(self.bundles, BUNDLE_ENCODINGS, "bundles")
+        _choice(self.weights, dict.fromkeys(WEIGHT_ENCODINGS), "weights")
         if not isinstance(self.activation, str) or not self.activation:
             raise ValueError(f"activation must be a rule name, got {self.activation!r}")
         if self.dtype not in PACK_DTYPES.values():
@@ -152,7 +162,11 @@ class Layout:
         if (self.guard == "none") != (self.k_guard == 0):
             raise ValueError(f"guard {self.guard!r} with {self.k_guard} guarded neurons: a pack has guard 'none' "
                              "exactly when no neuron is guarded")
-        if self.bundles == "int8" and self.guard not in ("int8", "int4", "int2", "svd"):
+        if self.weights == "int8" and (self.bundles != "int8" or self.guard == "exact"):
+            raise ValueError(f"int8 weights need int8 bundles and a low-bit or svd guard, got bundles "
+                             f"{self.bundles!r} and guard {self.guard!r}")
+        quantized_pack = self.weights == "int8" and self.guard == "none"  # no guarded neuron: any guard
+        if self.bundles == "int8" and self.guard not in ("int8", "int4", "int2", "svd") and not quantized_pack:
             raise ValueError(f"int8 bundles need a low-bit or svd guard (the {self.guard!r} guard reads the "
                              "bundles' own first rows): use bundles='dense'")
 
@@ -163,13 +177,22 @@ class Layout:
 
     @property
     def k_dense_bundles(self) -> int:
-        """Bundles in ``weights``: all of them, or with int8 bundles only the always-exact ones."""
-        return self.k_always if self.bundles == "int8" else self.k_bundles
+        """Bundles in ``weights``: all of them, with int8 bundles the always-exact ones, with int8
+        weights none."""
+        return self.k_bundles - self.k_int8_bundles
 
     @property
     def k_int8_bundles(self) -> int:
-        """Bundles stored as int8 in ``guard``: the guarded neurons' with int8 bundles, else none."""
+        """Bundles stored as int8 in ``guard`` (bundles ``[0, k_int8_bundles)``): every one with int8
+        weights, the guarded neurons' with int8 bundles, else none."""
+        if self.weights == "int8":
+            return self.k_bundles
         return self.k_guard if self.bundles == "int8" else 0
+
+    @property
+    def int8_wf(self) -> bool:
+        """Whether Wf is held as int8 codes in ``guard`` (int8 weights), not in ``weights``."""
+        return self.has_wf and self.weights == "int8"
 
     @property
     def qstride(self) -> int:
@@ -186,7 +209,8 @@ class Layout:
 
     @property
     def off_bundles(self) -> int:
-        return round_up(self.d_out * self.d_in if self.has_wf else 0, ALIGN_BYTES // self.elem_bytes)
+        dense_wf = self.has_wf and not self.int8_wf
+        return round_up(self.d_out * self.d_in if dense_wf else 0, ALIGN_BYTES // self.elem_bytes)
 
     @property
     def n_weights(self) -> int:
@@ -203,11 +227,17 @@ class Layout:
 
     @property
     def off_qbundles(self) -> int:
-        return round_up(self.end_gscales, ALIGN_BYTES) if self.k_int8_bundles else self.end_gscales
+        quantized = self.k_int8_bundles or self.int8_wf
+        return round_up(self.end_gscales, ALIGN_BYTES) if quantized else self.end_gscales
+
+    @property
+    def off_qwf(self) -> int:
+        """Start of Wf's int8 codes in ``guard`` (int8 weights): right after the int8 bundles."""
+        return self.off_qbundles + self.k_int8_bundles * self.qstride
 
     @property
     def n_guard(self) -> int:
-        return self.off_qbundles + self.k_int8_bundles * self.qstride
+        return self.off_qwf + (self.d_out * self.d_in if self.int8_wf else 0)
 
     @property
     def off_bands(self) -> int:
@@ -226,8 +256,13 @@ class Layout:
         return self.off_p + (self.rank * self.d_in if self.guard == "svd" else 0)
 
     @property
-    def n_floats(self) -> int:
+    def off_wfscales(self) -> int:
+        """Start of Wf's per-row scales in ``floats`` (int8 weights): after the bundles' scales."""
         return self.off_qscales + QSCALES * self.k_int8_bundles
+
+    @property
+    def n_floats(self) -> int:
+        return self.off_wfscales + (self.d_out if self.int8_wf else 0)
 
     def meta(self) -> torch.Tensor:
         """The int64 ``meta`` tensor the kernel reads."""
@@ -239,7 +274,7 @@ class Layout:
             "RANK": self.rank, "STRIDE": self.stride, "HAS_WF": int(self.has_wf), "OFF_BUNDLES": self.off_bundles,
             "OFF_GSCALES": self.off_gscales, "OFF_BF": 0, "OFF_BANDS": self.off_bands,
             "OFF_NEURON": self.off_neuron, "OFF_P": self.off_p, "N_WEIGHTS": self.n_weights,
-            "N_GUARD": self.n_guard, "N_FLOATS": self.n_floats, "BUNDLES": BUNDLE_ENCODINGS[self.bundles],
+            "N_GUARD": self.n_guard, "N_FLOATS": self.n_floats, "BUNDLES": _BUNDLES_CODES[self.bundles, self.weights],
             "QSTRIDE": self.qstride, "OFF_QBUNDLES": self.off_qbundles, "OFF_QSCALES": self.off_qscales,
         }
         return torch.tensor([values[name] for name in META_FIELDS], dtype=torch.int64)
@@ -262,7 +297,7 @@ class Layout:
             raise ValueError("not a tardis FFN pack: its meta tensor has the wrong length or magic number")
         if v[FIELD["VERSION"]] != LAYOUT_VERSION:
             raise ValueError(f"tardis pack layout version {v[FIELD['VERSION']]}, this package reads {LAYOUT_VERSION}")
-        names = {"KIND": KINDS, "GUARD": GUARD_ENCODINGS, "BUNDLES": BUNDLE_ENCODINGS, "HAS_WF": {False: 0, True: 1}}
+        names = {"KIND": KINDS, "GUARD": GUARD_ENCODINGS, "BUNDLES": _BUNDLES_CODES, "HAS_WF": {False: 0, True: 1}}
         decoded = {}
         for field, table in names.items():
             by_code = {code: name for name, code in table.items()}
@@ -271,7 +306,7 @@ class Layout:
             decoded[field] = by_code[v[FIELD[field]]]
         layout = cls(decoded["KIND"], activation, dtype, v[FIELD["D_IN"]], v[FIELD["D_OUT"]], v[FIELD["M"]],
                      v[FIELD["K_GUARD"]], v[FIELD["K_ALWAYS"]], decoded["GUARD"], v[FIELD["GROUP"]],
-                     v[FIELD["RANK"]], decoded["HAS_WF"], decoded["BUNDLES"])
+                     v[FIELD["RANK"]], decoded["HAS_WF"], *decoded["BUNDLES"])
         for name, want, got in zip(META_FIELDS, layout.meta().tolist(), v):
             if want != got:
                 raise ValueError(f"tardis pack meta field {name} is {got}, but its shapes and codes give {want}"
@@ -280,9 +315,9 @@ class Layout:
 
     # --- bytes: what the kernel reads per token and what the pack holds -----------------------
     def bundle_bytes(self) -> int:
-        """Bytes the exact path reads for one always-exact neuron: its bundle (unpadded) and its
-        four floats."""
-        return exact_neuron_bytes(self.kind, self.d_in, self.d_out, self.elem_bytes)
+        """Bytes the exact path reads for one always-exact neuron: its bundle (unpadded; int8 weights:
+        codes and scales) and its four floats."""
+        return exact_neuron_bytes(self.kind, self.d_in, self.d_out, self.elem_bytes, self.weights)
 
     def guarded_bundle_bytes(self) -> int:
         """Bytes the exact path reads for one flagged guarded neuron (int8 bundles: codes and scales)."""
@@ -290,7 +325,7 @@ class Layout:
 
     def fixed_bytes(self) -> int:
         """Bytes read per token whatever is flagged: Wf, bf, the guard and the bands, svd's P."""
-        wf = self.d_out * self.d_in * self.elem_bytes if self.has_wf else 0
+        wf = folded_matrix_bytes(self.d_in, self.d_out, self.elem_bytes, self.weights) if self.has_wf else 0
         guard = self.k_guard * (guard_row_bytes(self.guard, self.d_in, self.group, self.rank) + 8)
         if self.guard == "exact":
             guard += self.k_guard * self.d_in * self.elem_bytes  # the first rows of every guarded bundle
@@ -355,8 +390,16 @@ def exact_neuron_bytes(kind: str, d_in: int, d_out: int, elem_bytes: int, bundle
     return bundle_row(kind, d_in, d_out) * elem_bytes + 4 * NEURON_FLOATS
 
 
-def folded_matrix_bytes(d_in: int, d_out: int, elem_bytes: int) -> int:
-    """Bytes of Wf, read once per token when the FFN has one."""
+def folded_matrix_bytes(d_in: int, d_out: int, elem_bytes: int, weights: str = "dense") -> int:
+    """Bytes of Wf, read once per token when the FFN has one (int8 weights: codes and a float32
+    scale per row).
+
+    Example:
+        >>> folded_matrix_bytes(576, 576, 2), folded_matrix_bytes(576, 576, 2, "int8")
+        (663552, 334080)
+    """
+    if weights == "int8":
+        return d_out * (d_in + 4)
     return d_out * d_in * elem_bytes
 
 

@@ -162,7 +162,7 @@ def layout_of_spec(spec: Any) -> Layout:
     fields = {f.name for f in dataclasses.fields(Layout)} - {"dtype"}
     if not isinstance(values, dict):
         raise ValueError("tardis FFN spec has no 'layout' object")
-    missing, unknown = sorted(fields - set(values) - {"bundles"}), sorted(set(values) - fields - {"element_type"})
+    missing, unknown = sorted(fields - set(values) - {"bundles", "weights"}), sorted(set(values) - fields - {"element_type"})
     if missing or unknown:
         raise ValueError(f"tardis FFN spec layout: missing fields {missing}, unknown fields {unknown}")
     if values.get("element_type") not in PACK_DTYPES:

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .guard import LOW_BIT_ENCODINGS, quantize
-from .layout import BUNDLE_ENCODINGS, NEURON_FLOATS, QSCALES, Layout, bundle_row
+from .layout import BUNDLE_ENCODINGS, NEURON_FLOATS, WEIGHT_ENCODINGS, Layout, bundle_row
+from .quantize import dequantize_bundles, int8_bundles, quantize_rows, reference_weights  # noqa: F401 (re-exported)
 from .validate import compute_dtype, validate_pack
 
 #: Guards a pack can be built for; "all" flags every neuron (the exactness check).
@@ -108,6 +109,21 @@ def neuron_classes(params: torch.Tensor, guard: str, m: int | None = None) -> tu
     return guarded.nonzero().squeeze(1), always.nonzero().squeeze(1)
 
 
+def folded_lines(rows: torch.Tensor, always: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slope, intercept) the pack folds into Wf: the calibration's, except zero for the always-exact
+    neurons, whose exact path then adds their whole output (nothing to cancel: with int8 weights
+    a folded line would not cancel exactly, and without one no Wf may be needed at all).
+
+    Example:
+        >>> rows = torch.ones(6, 3)
+        >>> [t.tolist() for t in folded_lines(rows, torch.tensor([1]))]
+        [[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]]
+    """
+    slope, intercept = rows[0].clone(), rows[1].clone()
+    slope[always], intercept[always] = 0.0, 0.0
+    return slope, intercept
+
+
 def fold_ffn(w1_rows: torch.Tensor, b1: torch.Tensor | None, w2_rows: torch.Tensor, b2: torch.Tensor | None,
              slope: torch.Tensor, intercept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold ``y = W2 (a * (W1 x + b1) + c) + b2`` into ``Wf x + bf``, computed in float32 (float64
@@ -134,7 +150,7 @@ def fold_ffn(w1_rows: torch.Tensor, b1: torch.Tensor | None, w2_rows: torch.Tens
 
 def pack_layout(kind: str, activation: str, dtype: torch.dtype, d_in: int, d_out: int, m: int, params: torch.Tensor,
                 guard: str, group_size: int, fold_term: torch.Tensor | None = None,
-                bundles: str = "dense") -> Layout:
+                bundles: str = "dense", weights_encoding: str = "dense") -> Layout:
     """The layout ``build_pack`` gives these calibration rows, without building anything (reports).
 
     Example:
@@ -143,21 +159,36 @@ def pack_layout(kind: str, activation: str, dtype: torch.dtype, d_in: int, d_out
     """
     rows, predictor = split_params(params, m)
     guarded, always = neuron_classes(params, guard, m)
-    has_wf = bool((rows[1] != 0).any() or (kind == "plain" and (rows[0] != 0).any()))
+    slope, intercept = folded_lines(rows, always)
+    has_wf = bool((intercept != 0).any() or (kind == "plain" and (slope != 0).any()))
     has_wf = has_wf or (fold_term is not None and guard != "all")
     encoding = guard if guarded.numel() else "none"
     rank = predictor.shape[0] if encoding == "svd" and predictor is not None else 0
     return Layout(kind, activation, dtype, d_in, d_out, m, guarded.numel(), always.numel(), encoding, group_size,
-                  rank, has_wf, bundle_encoding(bundles, guard, guarded.numel()))
+                  rank, has_wf, *_encodings(bundles, weights_encoding, guard, guarded.numel()))
+
+
+def _encodings(bundles: str, weights_encoding: str, guard: str, k_guard: int) -> tuple[str, str]:
+    """(bundles, weights) of a pack: int8 weights hold every bundle as int8."""
+    if weights_encoding not in WEIGHT_ENCODINGS:
+        raise ValueError(f"weights must be one of {WEIGHT_ENCODINGS}, got {weights_encoding!r}")
+    if weights_encoding == "int8":
+        if guard == "exact":
+            raise ValueError("the 'exact' guard reads the bundles' first rows in the model's dtype: with int8 "
+                             "weights use a low-bit or svd guard")
+        return "int8", "int8"
+    return bundle_encoding(bundles, guard, k_guard), "dense"
 
 
 def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch.Tensor, guard: str,
                activation: str, group_size: int, fold_term: torch.Tensor | None = None,
-               bundles: str = "dense") -> FFNPack:
+               bundles: str = "dense", weights_encoding: str = "dense") -> FFNPack:
     """The pack of one FFN with ``guard`` (one of ``PACK_GUARDS``); the guarded neurons' bundles in
     the model's dtype (``bundles="dense"``: their exact path is exact) or int8 (``"int8"``: a
     quarter of float32's bytes, half of bfloat16's, and a rounding error of at most half a step
-    per weight).
+    per weight). ``weights_encoding="int8"`` makes a quantized pack: ``Wf`` and every bundle int8,
+    exact against the dense FFN of the int8 weights (``quantize.reference_weights``), whose fold
+    ``Wf`` is.
 
     ``weights`` are neuron-major views: plain ``w1_rows`` (m, d_in), ``b1``, ``w2_rows`` (m, d_out),
     ``b2``; gated ``wg_rows``, ``bg``, ``wu_rows``, ``bu``, ``wd_rows`` (m, d_out), ``bd``.
@@ -174,28 +205,30 @@ def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch
     compute = compute_dtype(dtype)
     params = params.detach().to(first.device, compute)
     rows, predictor = split_params(params, m)
-    slope, intercept = rows[0], rows[1]
     guarded, always = (t.to(first.device) for t in neuron_classes(params, guard, m))
+    slope, intercept = folded_lines(rows, always)
     bundled = torch.cat([guarded, always])
+    bundle_code, weights_code = _encodings(bundles, weights_encoding, guard, guarded.numel())
+    reference = reference_weights(kind, weights, weights_code)  # what the pack is exact against
     with torch.no_grad():
-        wf, bf = _fold(kind, weights, slope, intercept)
+        wf, bf = _fold(kind, reference, slope, intercept)
         if fold_term is not None and guard != "all":
             term = fold_term.to(first.device, compute)
             wf = term[:, :-1] if wf is None else wf.to(compute) + term[:, :-1]
-            wf, bf = wf.to(dtype), bf + term[:, -1]
+            wf, bf = wf.to(reference[kind_first(kind)].dtype), bf + term[:, -1]
     encoding = "none" if not guarded.numel() else guard
     if guard == "svd" and guarded.numel() and predictor is None:
         raise ValueError("guard 'svd' needs the factors calibration stores in the profile: "
                          "calibrate with guard='svd' and a budget")
     rank = predictor.shape[0] if encoding == "svd" else 0
     layout = Layout(kind, activation, dtype, d_in, d_out, m, guarded.numel(), always.numel(), encoding,
-                    group_size, rank, wf is not None, bundle_encoding(bundles, guard, guarded.numel()))
+                    group_size, rank, wf is not None, bundle_code, weights_code)
 
     row = bundle_row(kind, d_in, d_out)
     packed = first.new_zeros(layout.n_weights)
-    if wf is not None:
+    if wf is not None and not layout.int8_wf:
         packed[:d_out * d_in] = wf.reshape(-1)
-    dense_neurons = always if layout.bundles == "int8" else bundled
+    int8_neurons, dense_neurons = bundled[:layout.k_int8_bundles], bundled[layout.k_int8_bundles:]
     packed[layout.off_bundles:].view(-1, layout.stride)[:, :row] = _bundles(kind, weights, dense_neurons)
 
     floats = torch.zeros(layout.n_floats, dtype=compute, device=first.device)
@@ -207,21 +240,30 @@ def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch
     floats[layout.off_neuron:layout.off_p] = _neuron_floats(kind, weights, slope, intercept, b_first, bundled).reshape(-1)
     guard_bytes = torch.zeros(layout.n_guard, dtype=torch.uint8)
     if encoding in LOW_BIT_ENCODINGS:
-        codes, scales = quantize(first.index_select(0, guarded), encoding, group_size)
+        codes, scales = quantize(reference[kind_first(kind)].index_select(0, guarded), encoding, group_size)
         guard_bytes[:codes.numel()] = codes.reshape(-1)
         guard_bytes[layout.off_gscales:layout.end_gscales] = scales.reshape(-1)
     elif encoding == "svd":
         q = predictor[:, :m].index_select(1, guarded).t().float().contiguous()
         guard_bytes[:q.numel() * 4] = q.cpu().view(-1).view(torch.uint8)
         floats[layout.off_p:layout.off_qscales] = predictor[:, m:].reshape(-1).to(compute)
-    if layout.bundles == "int8":
-        codes, scales = int8_bundles(kind, weights, guarded)
-        guard_bytes[layout.off_qbundles:].view(-1, layout.qstride)[:, :row] = codes.cpu().view(torch.uint8)
-        floats[layout.off_qscales:] = scales.reshape(-1).to(compute)
+    if layout.k_int8_bundles:
+        codes, scales = int8_bundles(kind, weights, int8_neurons)
+        guard_bytes[layout.off_qbundles:layout.off_qwf].view(-1, layout.qstride)[:, :row] = codes.cpu().view(torch.uint8)
+        floats[layout.off_qscales:layout.off_wfscales] = scales.reshape(-1).to(compute)
+    if layout.int8_wf:
+        codes, scales = quantize_rows(wf)
+        guard_bytes[layout.off_qwf:] = codes.cpu().reshape(-1).view(torch.uint8)
+        floats[layout.off_wfscales:] = scales.to(compute)
     meta = layout.meta()  # on the CPU whatever the device: the op reads it without a device sync
     pack = FFNPack(packed, guard_bytes.to(first.device), floats, meta, activation, bundled.cpu(), layout)
     validate_pack(*pack.tensors(), pack.neurons, activation, where="the pack built")  # e.g. non-finite weights
     return pack
+
+
+def kind_first(kind: str) -> str:
+    """The key of an FFN kind's first (guarded) matrix in its neuron-major weights."""
+    return "wg_rows" if kind == "gated" else "w1_rows"
 
 
 def _fold(kind: str, w: dict, slope: torch.Tensor, intercept: torch.Tensor):
@@ -244,51 +286,6 @@ def _bundles(kind: str, w: dict, idx: torch.Tensor) -> torch.Tensor:
     """(k, row) rows ``[first | up | out]`` of the neurons ``idx``."""
     names = ("wg_rows", "wu_rows", "wd_rows") if kind == "gated" else ("w1_rows", "w2_rows")
     return torch.cat([w[n].detach().index_select(0, idx) for n in names], dim=1)
-
-
-def int8_bundles(kind: str, w: dict, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bundles of neurons ``idx`` as int8 codes (k, row) and their (k, 3) float32 scales:
-    symmetric, one scale per row (first, up) and per output column, ``max|w| / 127``.
-    ``dequantize_bundles`` inverts it (up to rounding).
-
-    Example:
-        >>> w = {"w1_rows": torch.randn(4, 8), "w2_rows": torch.randn(4, 6)}
-        >>> codes, scales = int8_bundles("plain", w, torch.arange(4))
-        >>> codes.shape, scales.shape, int(codes.abs().max())
-        (torch.Size([4, 14]), torch.Size([4, 3]), 127)
-    """
-    names = ("wg_rows", "wu_rows", "wd_rows") if kind == "gated" else ("w1_rows", None, "w2_rows")
-    codes, scales = [], []
-    for name in names:
-        if name is None:  # plain: no up row; its scale slot is unused
-            scales.append(torch.ones(idx.numel(), device=idx.device))
-            continue
-        rows = w[name].detach().index_select(0, idx).float()
-        scale = rows.abs().amax(dim=1).clamp(min=1e-30) / 127
-        codes.append(torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        scales.append(scale)
-    assert len(scales) == QSCALES
-    return torch.cat(codes, dim=1), torch.stack(scales, dim=1)
-
-
-def dequantize_bundles(kind: str, codes: torch.Tensor, scales: torch.Tensor, d_in: int,
-                       dtype: torch.dtype) -> torch.Tensor:
-    """(k, row) bundles in ``dtype`` from int8 ``codes`` and their (k, 3) ``scales``.
-
-    Example:
-        >>> w = {"w1_rows": torch.randn(4, 8), "w2_rows": torch.randn(4, 6)}
-        >>> codes, scales = int8_bundles("plain", w, torch.arange(4))
-        >>> b = dequantize_bundles("plain", codes, scales, 8, torch.float32)
-        >>> bool((b[:, :8] - w["w1_rows"]).abs().max() <= scales[:, :1].max() / 2 + 1e-6)
-        True
-    """
-    first = 2 * d_in if kind == "gated" else d_in
-    per_column = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
-    per_column[:, :d_in] = scales[:, :1]
-    if kind == "gated":
-        per_column[:, d_in:first] = scales[:, 1:2]
-    per_column[:, first:] = scales[:, 2:3]
-    return (codes.float() * per_column).to(dtype)
 
 
 def _neuron_floats(kind: str, w: dict, slope, intercept, b_first, idx) -> torch.Tensor:

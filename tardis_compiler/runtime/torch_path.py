@@ -16,7 +16,7 @@ from ..activations import get_activation_rule
 from .cpu.kernel import kernel
 from .guard import LOW_BIT_ENCODINGS, predict
 from .layout import DTYPES, NEURON_FLOATS, QSCALES, Layout, bundle_row, guard_codes_bytes
-from .pack import dequantize_bundles
+from .quantize import dequantize_bundles
 
 
 def guard_predictions(layout: Layout, x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor,
@@ -53,15 +53,27 @@ def bundles(layout: Layout, weights: torch.Tensor) -> torch.Tensor:
 
 
 def all_bundles(layout: Layout, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
-    """(k_bundles, row) bundles in the model's dtype, guarded ones first: the view of ``bundles``,
-    or with int8 bundles the guarded ones dequantized (a copy) above the always-exact ones."""
+    """(k_bundles, row) bundles, guarded ones first: the view of ``bundles`` in the model's dtype,
+    or the int8 ones dequantized (a copy; float32 with int8 weights) above the dense ones."""
     dense = bundles(layout, weights)
-    if layout.bundles != "int8":
+    k8 = layout.k_int8_bundles
+    if not k8:
         return dense
-    row, kg = bundle_row(layout.kind, layout.d_in, layout.d_out), layout.k_guard
-    codes = guard[layout.off_qbundles:layout.n_guard].view(kg, layout.qstride)[:, :row].view(torch.int8)
-    scales = floats[layout.off_qscales:layout.n_floats].view(kg, QSCALES).float()
-    return torch.cat([dequantize_bundles(layout.kind, codes, scales, layout.d_in, weights.dtype), dense])
+    row = bundle_row(layout.kind, layout.d_in, layout.d_out)
+    codes = guard[layout.off_qbundles:layout.off_qwf].view(k8, layout.qstride)[:, :row].view(torch.int8)
+    scales = floats[layout.off_qscales:layout.off_wfscales].view(k8, QSCALES).float()
+    dtype = torch.float32 if layout.weights == "int8" else weights.dtype
+    return torch.cat([dequantize_bundles(layout.kind, codes, scales, layout.d_in, dtype), dense.to(dtype)])
+
+
+def folded_matrix(layout: Layout, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
+    """Wf (d_out, d_in): a view of ``weights``, or with int8 weights its codes times their scales
+    (float32, a copy)."""
+    n, d = layout.d_out, layout.d_in
+    if not layout.int8_wf:
+        return weights[:n * d].view(n, d)
+    codes = guard[layout.off_qwf:layout.n_guard].view(torch.int8).view(n, d)
+    return codes.float() * floats[layout.off_wfscales:layout.n_floats].float()[:, None]
 
 
 def ffn_torch(x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor,
@@ -74,16 +86,18 @@ def ffn_torch(x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floa
     d, n, kg, kb = layout.d_in, layout.d_out, layout.k_guard, layout.k_bundles
     compute = floats.dtype
     y = floats[:n].expand(x2.shape[0], n).clone()
+    # int8 weights: float32 math on the dequantized weights, as the kernel computes
+    xw = x2.float() if layout.weights == "int8" else x2
     if layout.has_wf:
-        y += F.linear(x2, weights[:n * d].view(n, d)).to(compute)
+        y += F.linear(xw, folded_matrix(layout, weights, guard, floats)).to(compute)
     if not kb:
         return y.to(x2.dtype), None
     b = all_bundles(layout, weights, guard, floats)
     nf = floats[layout.off_neuron:layout.off_p].view(kb, NEURON_FLOATS)
-    z = F.linear(x2, b[:, :d]).to(compute) + nf[:, 0]
+    z = F.linear(xw, b[:, :d]).to(compute) + nf[:, 0]
     act = get_activation_rule(layout.activation).fn
     if layout.kind == "gated":
-        u = F.linear(x2, b[:, d:2 * d]).to(compute) + nf[:, 1]
+        u = F.linear(xw, b[:, d:2 * d]).to(compute) + nf[:, 1]
         delta = (act(z) - nf[:, 3]) * u
     else:
         delta = act(z) - nf[:, 2] * z - nf[:, 3]
@@ -94,5 +108,5 @@ def ffn_torch(x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floa
         flags[:, :kg] = (z_hat < bands[:, 0]) | (z_hat > bands[:, 1]) | z_hat.isnan()
     delta = torch.where(flags, delta, torch.zeros((), dtype=compute, device=x2.device))
     out = b[:, d * (2 if layout.kind == "gated" else 1):]
-    y += (delta.to(x2.dtype) @ out).to(compute)
+    y += (delta.to(out.dtype) @ out).to(compute)
     return y.to(x2.dtype), flags

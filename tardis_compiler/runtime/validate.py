@@ -101,7 +101,7 @@ def validate_pack(weights: torch.Tensor | None, guard: torch.Tensor | None, floa
         raise PackError(f"{where}: tensor 'meta': {exc}") from None
     if expected is not None and layout != expected:
         differs = [f for f in ("kind", "activation", "dtype", "d_in", "d_out", "m", "k_guard", "k_always", "guard",
-                               "group", "rank", "has_wf", "bundles") if getattr(layout, f) != getattr(expected, f)]
+                               "group", "rank", "has_wf", "bundles", "weights") if getattr(layout, f) != getattr(expected, f)]
         raise PackError(f"{where}: the pack's meta differs from config.json in {differs}")
     sizes = {"weights": (layout.dtype, layout.n_weights), "guard": (torch.uint8, layout.n_guard),
              "floats": (compute_dtype(layout.dtype), layout.n_floats), "neurons": (torch.int64, layout.k_bundles)}

@@ -101,3 +101,17 @@ def test_the_default_is_the_per_neuron_mix_at_the_default_budget():
     # int8 bundles (the default) make guarded neurons cheap: the budget holds, and need not bind here.
     assert profile.bytes_fraction("int8") <= tc.DEFAULT_BUDGET + 0.02
     assert all(f.stats["bundles"] == "int8" for f in profile.ffns.values())
+
+
+def test_quantized_calibration_fits_and_prices_against_the_int8_reference():
+    """weights="int8": the mix is fitted on the int8 weights' values, the budget is a fraction of the
+    int8 FFN's bytes (codes and scales), and it is met."""
+    from tardis_compiler.accounting import ffn_bytes_per_token
+
+    rec = _record()
+    ffn = fit_plain_ffn(rec, tc.CalibrationConfig(budget=0.5, progress=False, weights="int8"), "int8")
+    assert ffn.weights == "int8" and ffn.stats["weights"] == "int8"
+    assert ffn.stats["dense_bytes"] == ffn_bytes_per_token(32, 256, 32, 4, True, weights="int8")
+    assert ffn.stats["policy"]["within_budget"] and ffn.stats["bytes_fraction"] <= 0.5 + 0.03
+    dense = fit_plain_ffn(rec, tc.CalibrationConfig(budget=0.5, progress=False), "int8")
+    assert dense.weights == "dense" and dense.stats["dense_bytes"] > 3 * ffn.stats["dense_bytes"]

@@ -28,6 +28,7 @@ class Case:
     rank: int = 4
     seed: int = 0
     bundles: str = "dense"  # "int8": the guarded neurons' bundles as int8 codes
+    weights_encoding: str = "dense"  # "int8": a quantized pack (Wf and every bundle int8)
 
     def weights(self) -> dict[str, torch.Tensor | None]:
         g = torch.Generator().manual_seed(self.seed)
@@ -94,7 +95,8 @@ def _between(sorted_values: torch.Tensor, rank: int) -> float:
 def _predictions(case: Case, weights: dict, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The guard's predictions of every neuron's first pre-activation, bias included."""
     guard = case.guard if case.guard != "all" else "exact"  # "all" needs no bands: any prediction will do
-    pack = build_pack(case.kind, weights, params, guard, case.activation, case.group)
+    quantized = case.weights_encoding if guard != "exact" else "dense"  # the guard codes the pack will hold
+    pack = build_pack(case.kind, weights, params, guard, case.activation, case.group, weights_encoding=quantized)
     guarded, _ = neuron_classes(params, guard, case.m)
     out = torch.zeros(x.shape[0], case.m)
     out[:, guarded] = guard_predictions(pack.layout, x, *pack.tensors())
@@ -108,4 +110,4 @@ def make(case: Case, tokens: int) -> tuple[dict, torch.Tensor, torch.Tensor, FFN
     x = case.inputs(tokens)
     params = case_params(case, weights, x)
     return weights, params, x, build_pack(case.kind, weights, params, case.guard, case.activation, case.group,
-                                          bundles=case.bundles)
+                                          bundles=case.bundles, weights_encoding=case.weights_encoding)

@@ -13,6 +13,7 @@ from tardis_compiler.runtime import ffn_op
 from tardis_compiler.runtime.cpu.kernel import kernel
 from tardis_compiler.runtime.layout import FIELD, KERNEL_ACTIVATIONS
 from tardis_compiler.runtime.pack import build_pack, dense_reference, guard_all_params
+from tardis_compiler.runtime.quantize import reference_weights
 from tardis_compiler.runtime.stats import collect_stats
 from tardis_compiler.runtime.torch_path import ffn_torch
 from tests.runtime.pack_cases import Case, make
@@ -49,13 +50,16 @@ def _random_cases(n: int, seed: int) -> list[tuple[Case, int, int]]:
                     lines=rng.random() < 0.7, group=rng.choice([8, 16, 64]), rank=rng.choice([1, 3]), seed=i)
         if case.guard != "exact" and rng.random() < 0.4:
             case.bundles = "int8"
+            if rng.random() < 0.5:
+                case.weights_encoding = "int8"
         cases.append((case, rng.choice([1, 2, 5, 8]), rng.choice([1, 2])))
     return cases
 
 
 @needs_kernel
 @pytest.mark.parametrize("case,tokens,threads", _random_cases(160, seed=0),
-                         ids=lambda v: v.kind + v.guard + v.bundles + str(v.dtype)[-4:] if isinstance(v, Case) else str(v))
+                         ids=lambda v: (v.kind + v.guard + v.bundles + ("-q8" if v.weights_encoding == "int8" else "")
+                                        + str(v.dtype)[-4:]) if isinstance(v, Case) else str(v))
 def test_kernel_matches_torch_path(case, tokens, threads):
     """Seeded fuzz: odd d, m below the thread count, no guarded / all guarded / all exact neurons."""
     _, _, x, pack = make(case, tokens)
@@ -102,6 +106,29 @@ def test_guard_all_reproduces_the_dense_ffn_bf16(kind):
     assert own < 8e-3 and own <= 2 * dense_err + 1e-3, (own, dense_err)
 
 
+@pytest.mark.parametrize("kind", ["plain", "gated"])
+@pytest.mark.parametrize("tokens", [1, 3, ffn_op.FUSED_MAX_TOKENS + 5])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_guard_all_quantized_pack_reproduces_the_int8_reference(kind, tokens, threads):
+    """The exactness invariant of a quantized pack: the dense FFN of its int8 weights, computed in
+    float64, within float32 rounding (kernel for few tokens, torch path beyond)."""
+    case = Case(kind, 33, 20, 70, guard="all", weights_encoding="int8")
+    w, _, x, pack = make(case, tokens)
+    assert pack.layout.weights == "int8" and pack.weights.numel() == 0  # every weight is in the int8 region
+    act = get_activation_rule(case.activation).fn
+    ref = reference_weights(kind, w, "int8")
+    exact = dense_reference(kind, {k: v.double() if v is not None else None for k, v in ref.items()}, act, x.double())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = ffn_op.ffn(x, pack)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got.double(), exact, atol=1e-5, rtol=1e-5)
+    assert (got.double() - dense_reference(kind, {k: v.double() if v is not None else None for k, v in w.items()},
+                                           act, x.double())).abs().max() > 1e-4  # the reference is not the float FFN
+
+
 def test_output_of_a_token_does_not_depend_on_its_batch():
     case = Case("gated", 32, 32, 64, guard="int8")
     _, _, x, pack = make(case, 12)
@@ -133,10 +160,10 @@ def test_custom_activation_runs_the_torch_path():
         unregister_activation_rule("softsign_op_test")
 
 
-@pytest.mark.parametrize("guard", GUARDS)
+@pytest.mark.parametrize("guard,quantized", [(g, "dense") for g in GUARDS] + [("int4", "int8"), ("all", "int8")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck(guard, dtype):
-    case = Case("gated", 16, 8, 24, guard=guard, dtype=dtype)
+def test_opcheck(guard, quantized, dtype):
+    case = Case("gated", 16, 8, 24, guard=guard, dtype=dtype, weights_encoding=quantized)
     w, _, x, pack = make(case, 2)
     for tokens in (1, ffn_op.FUSED_MAX_TOKENS + 1):
         for dense_above, dense in ((-1, []), (0, _linear_layout("gated", w))):

@@ -114,3 +114,30 @@ def test_guard_all_and_the_exact_guard_keep_dense_rows():
     for guard in ("all", "exact"):
         pack = build_pack("gated", weights, params, guard, "silu", 16, bundles="int8")
         assert pack.layout.bundles == "dense"
+
+
+@pytest.mark.parametrize("kind", ["plain", "gated"])
+def test_quantized_packs_hold_every_weight_as_int8(kind):
+    """weights_encoding="int8": Wf and every bundle int8 (guarded then always-exact), nothing in
+    ``weights``; half of bf16's bytes held and read, and ``pack_layout`` predicts the layout."""
+    case = Case(kind, 64, 48, 96, guard="int4", dtype=torch.bfloat16, frac_guarded=0.6, frac_always=0.2)
+    weights, params, _, dense = make(case, 2)
+    quantized = build_pack(kind, weights, params, "int4", case.activation, case.group, bundles="int8",
+                           weights_encoding="int8")
+    lay, ref = quantized.layout, dense.layout
+    assert (lay.weights, lay.bundles, lay.k_int8_bundles, lay.k_dense_bundles) == ("int8", "int8", ref.k_bundles, 0)
+    assert lay.int8_wf and quantized.weights.numel() == 0 and torch.equal(quantized.neurons, dense.neurons)
+    assert 0.4 < lay.resident_bytes() / ref.resident_bytes() < 0.7  # the guard codes and floats stay
+    assert lay.bytes_per_token(10) < 0.7 * ref.bytes_per_token(10)
+    assert pack_layout(kind, case.activation, torch.bfloat16, 64, 48, 96, params, "int4", case.group,
+                       bundles="int8", weights_encoding="int8") == lay
+    assert Layout.from_meta(quantized.meta, case.activation, torch.bfloat16) == lay
+
+
+def test_quantized_packs_refuse_the_exact_guard_and_stay_int8_for_guard_all():
+    case = Case("gated", 16, 8, 24, guard="exact")
+    weights, params, _, _ = make(case, 2)
+    with pytest.raises(ValueError, match="low-bit or svd guard"):
+        build_pack("gated", weights, params, "exact", "silu", 16, weights_encoding="int8")
+    pack = build_pack("gated", weights, params, "all", "silu", 16, weights_encoding="int8")
+    assert (pack.layout.k_int8_bundles, pack.layout.weights) == (24, "int8")

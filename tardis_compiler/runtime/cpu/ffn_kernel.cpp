@@ -7,8 +7,11 @@
 // plain:  z = w1_j . x + b1_j,    delta_j = act(z) - a_j z - c_j
 // Guarded neurons (bundles [0, k_guard)) are flagged when the guard's prediction of their
 // pre-activation leaves their band; always-exact neurons (bundles [k_guard, k_bundles)) are flagged
-// for every token. With int8 bundles (meta BUNDLES), the guarded neurons' bundles are int8 codes in
-// the guard buffer, scaled per row and column; the always-exact ones stay in the weights buffer.
+// for every token. With int8 bundles (meta BUNDLES 1), the guarded neurons' bundles are int8 codes
+// in the guard buffer, scaled per row and column; the always-exact ones stay in the weights buffer.
+// With int8 weights (BUNDLES 2: a quantized pack) every bundle is int8, and so is Wf (a scale per
+// row), after the bundles in the guard buffer; codes are widened to fp32 as they are read, so the
+// result is the dense FFN of the dequantized weights up to fp32 rounding.
 // The layout of the buffers is written by runtime/pack.py; the meta fields are
 // listed in META_LAYOUT, which pack.py checks against its own list when it loads this library.
 //
@@ -44,7 +47,8 @@ const char* META_LAYOUT =
     "BUNDLES,QSTRIDE,OFF_QBUNDLES,OFF_QSCALES";
 const int64_t MAGIC_VALUE = 0x7a4d5446;  // "FTMz"
 const int64_t LAYOUT_VERSION = 2;
-enum Bundles { B_DENSE = 0, B_INT8 = 1 };  // how the guarded neurons' bundles are stored
+// How the bundles and Wf are stored: all dense; the guarded bundles int8; everything int8.
+enum Bundles { B_DENSE = 0, B_INT8 = 1, B_INT8_ALL = 2 };
 const int QSCALES = 3;                    // int8 bundle scales: first row, up row, output column
 enum Kind { PLAIN = 0, GATED = 1 };
 enum Guard { G_NONE = 0, G_INT8 = 1, G_INT4 = 2, G_INT2 = 3, G_EXACT = 4, G_SVD = 5 };
@@ -169,32 +173,34 @@ int check_meta(const int64_t* m, int64_t n_weights, int64_t n_guard, int64_t n_f
   if (m[KIND] != PLAIN && m[KIND] != GATED) return -4;
   if (m[ACT] < RELU || m[ACT] > QUICK_GELU || m[DTYPE] < 0 || m[DTYPE] > 1) return -4;
   if (m[HAS_WF] != 0 && m[HAS_WF] != 1) return -4;
-  if (m[BUNDLES] != B_DENSE && m[BUNDLES] != B_INT8) return -10;
+  if (m[BUNDLES] != B_DENSE && m[BUNDLES] != B_INT8 && m[BUNDLES] != B_INT8_ALL) return -10;
   const int64_t enc = m[GUARD];
   if (enc < G_NONE || enc > G_SVD) return -6;
   if ((enc == G_NONE) != (kg == 0)) return -6;
   if (enc == G_SVD ? (rank < 1 || rank > MAX_DIM) : rank != 0) return -6;
-  const bool int8_bundles = m[BUNDLES] == B_INT8;
-  if (int8_bundles && (enc == G_NONE || enc == G_EXACT)) return -10;  // "exact" reads the bundles' rows
+  const bool int8_all = m[BUNDLES] == B_INT8_ALL, int8_guarded = m[BUNDLES] == B_INT8;
+  if (int8_guarded && (enc == G_NONE || enc == G_EXACT)) return -10;  // "exact" reads the bundles' rows
+  if (int8_all && enc == G_EXACT) return -10;
 
   const int64_t elem = m[DTYPE] == 0 ? 4 : 2, kb = kg + ka;
   const int64_t row = (m[KIND] == GATED ? 2 * d : d) + n;
   const int64_t stride = round_up(row, 64 / elem);
-  const int64_t off_bundles = round_up(m[HAS_WF] ? n * d : 0, 64 / elem);
-  const int64_t k_int8 = int8_bundles ? kg : 0, k_dense = kb - k_int8;
+  const int64_t qwf = int8_all && m[HAS_WF] ? n * d : 0;  // int8 Wf codes
+  const int64_t off_bundles = round_up(m[HAS_WF] && !int8_all ? n * d : 0, 64 / elem);
+  const int64_t k_int8 = int8_all ? kb : int8_guarded ? kg : 0, k_dense = kb - k_int8;
   const int64_t code_bytes = enc == G_INT8 ? d
                              : (enc == G_INT4 || enc == G_INT2) ? subbyte_row_bytes(d, group, enc == G_INT4 ? 4 : 2)
                              : enc == G_SVD ? 4 * rank : 0;
   const int64_t scale_bytes = enc == G_INT8 ? 4 : (enc == G_INT4 || enc == G_INT2) ? 4 * ((d + group - 1) / group) : 0;
   const int64_t off_gscales = round_up(kg * code_bytes, 16), end_gscales = off_gscales + kg * scale_bytes;
   const int64_t qstride = k_int8 ? round_up(row, 64) : 0;
-  const int64_t off_qbundles = k_int8 ? round_up(end_gscales, 64) : end_gscales;
+  const int64_t off_qbundles = k_int8 || qwf ? round_up(end_gscales, 64) : end_gscales;
   const int64_t off_neuron = n + 2 * kg, off_p = off_neuron + NEURON_FLOATS * kb;
   const int64_t off_qscales = off_p + (enc == G_SVD ? rank * d : 0);
   const int64_t want[][2] = {
       {STRIDE, stride}, {OFF_BUNDLES, off_bundles}, {OFF_GSCALES, off_gscales}, {OFF_BF, 0}, {OFF_BANDS, n},
       {OFF_NEURON, off_neuron}, {OFF_P, off_p}, {N_WEIGHTS, off_bundles + k_dense * stride},
-      {N_GUARD, off_qbundles + k_int8 * qstride}, {N_FLOATS, off_qscales + QSCALES * k_int8},
+      {N_GUARD, off_qbundles + k_int8 * qstride + qwf}, {N_FLOATS, off_qscales + QSCALES * k_int8 + (qwf ? n : 0)},
       {QSTRIDE, qstride}, {OFF_QBUNDLES, off_qbundles}, {OFF_QSCALES, off_qscales}};
   for (const auto& field : want)
     if (m[field[0]] != field[1]) return -5;
@@ -269,9 +275,11 @@ struct Call {
   int64_t tokens, d, n, kg, kb, stride, group, groups, rank, guard_row, out_offset, bundle_bytes;
   int kind, act, enc;
   bool subbyte;
-  const W* wf;
-  const W* bundles;       // dense bundles: all of them, or (int8 bundles) the always-exact ones
-  const int8_t* qbundles;  // int8 bundles of the guarded neurons, or null
+  const W* wf;             // dense Wf, or null
+  const int8_t* qwf;       // int8 Wf (int8 weights), or null
+  const float* wf_scales;  // its per-row scales
+  const W* bundles;        // dense bundles: all of them, the always-exact ones (int8 bundles), or none
+  const int8_t* qbundles;  // int8 bundles [0, dense_from), or null
   const float* qscales;    // their (first, up, out) scales
   int64_t qstride, dense_from;  // dense bundle of neuron j: bundles + (j - dense_from) * stride
   const uint8_t* guard;
@@ -350,7 +358,7 @@ const float UNIT_SCALES[QSCALES] = {1.f, 1.f, 1.f};
 template <class W>
 int64_t correct(const Call<W>& c, int64_t j, uint64_t mask, float* acc) {
   const float* nf = c.neuron + j * NEURON_FLOATS;
-  if (c.qbundles && j < c.kg)
+  if (j < c.dense_from)
     return correct_bundle(c, c.qbundles + j * c.qstride, nf, c.qscales + j * QSCALES, mask, acc);
   return correct_bundle(c, c.bundles + (j - c.dense_from) * c.stride, nf, UNIT_SCALES, mask, acc);
 }
@@ -358,7 +366,7 @@ int64_t correct(const Call<W>& c, int64_t j, uint64_t mask, float* acc) {
 // Prefetch bundle j (int8 or dense, each with its own size).
 template <class W>
 void prefetch_neuron(const Call<W>& c, int64_t j) {
-  if (c.qbundles && j < c.kg)
+  if (j < c.dense_from)
     prefetch_bundle(c.qbundles + j * c.qstride, c.out_offset + c.n);
   else
     prefetch_bundle(c.bundles + (j - c.dense_from) * c.stride, c.bundle_bytes);
@@ -375,12 +383,15 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
   c.subbyte = c.enc == G_INT4 || c.enc == G_INT2;
   c.groups = c.group > 0 ? (c.d + c.group - 1) / c.group : 0;
   c.guard_row = c.enc == G_INT8 ? c.d : c.subbyte ? subbyte_row_bytes(c.d, c.group, c.enc == G_INT4 ? 4 : 2) : 0;
-  c.wf = m[HAS_WF] ? weights : nullptr;
+  const bool int8_all = m[BUNDLES] == B_INT8_ALL;
+  const int64_t k_int8 = int8_all ? c.kb : m[BUNDLES] == B_INT8 ? c.kg : 0;
+  c.wf = m[HAS_WF] && !int8_all ? weights : nullptr;
   c.bundles = weights + m[OFF_BUNDLES];
-  const bool int8_bundles = m[BUNDLES] == B_INT8;
-  c.qbundles = int8_bundles ? reinterpret_cast<const int8_t*>(guard + m[OFF_QBUNDLES]) : nullptr;
-  c.qscales = int8_bundles ? floats + m[OFF_QSCALES] : nullptr;
-  c.qstride = m[QSTRIDE], c.dense_from = int8_bundles ? c.kg : 0;
+  c.qbundles = reinterpret_cast<const int8_t*>(guard + m[OFF_QBUNDLES]);
+  c.qscales = floats + m[OFF_QSCALES];
+  c.qstride = m[QSTRIDE], c.dense_from = k_int8;
+  c.qwf = m[HAS_WF] && int8_all ? c.qbundles + k_int8 * c.qstride : nullptr;  // Wf follows the int8 bundles
+  c.wf_scales = c.qscales + QSCALES * k_int8;
   c.guard = guard;
   c.bf = floats + m[OFF_BF], c.bands = floats + m[OFF_BANDS], c.neuron = floats + m[OFF_NEURON];
   c.p = floats + m[OFF_P];
@@ -424,8 +435,11 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
     std::memset(acc, 0, sizeof(float) * tokens * n);
     // 1. This thread's rows of Wf x + bf, into the shared buffer.
     for (int64_t r = tid * n / nth; r < (tid + 1) * n / nth; ++r)
-      for (int64_t t = 0; t < tokens; ++t)
-        yacc[t * n + r] = (c.wf ? dot(c.wf + r * d, xs + t * d, d) : 0.f) + c.bf[r];
+      for (int64_t t = 0; t < tokens; ++t) {
+        const float* xt = xs + t * d;
+        const float wf = c.wf ? dot(c.wf + r * d, xt, d) : c.qwf ? c.wf_scales[r] * dot_int8(c.qwf + r * d, xt, d) : 0.f;
+        yacc[t * n + r] = wf + c.bf[r];
+      }
 
     // 2. Chunks of neurons, dealt round-robin (chunk k to thread k mod nth: the same split every
     //    call, so the same sums in the same order: deterministic outputs): a guard pass over the

@@ -21,19 +21,23 @@ ROOT = Path(__file__).resolve().parents[3]
 CXX = shutil.which(os.environ.get("CXX") or "g++")
 
 
-def _libasan() -> str | None:
+def _library(name: str) -> str | None:
     if CXX is None:
         return None
-    path = subprocess.run([CXX, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    path = subprocess.run([CXX, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
     return path if os.path.isabs(path) and os.path.exists(path) else None
 
 
-LIBASAN = _libasan()
+LIBASAN = _library("libasan.so")
+# Preloaded beside libasan: python does not link libstdc++, and without it at start-up ASan's
+# __cxa_throw interceptor has nothing to forward to, so the first C++ exception torch throws (and
+# catches: e.g. when torchao registers its ops) aborts the process.
+LIBSTDCXX = _library("libstdc++.so")
 pytestmark = pytest.mark.skipif(LIBASAN is None, reason="needs g++ with AddressSanitizer (libasan)")
 
 
 def _asan_env(tmp_path: Path) -> dict:
-    return {**os.environ, "LD_PRELOAD": LIBASAN, "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1",
+    return {**os.environ, "LD_PRELOAD": ":".join(p for p in (LIBASAN, LIBSTDCXX) if p), "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1",
             "TARDIS_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
 
 
