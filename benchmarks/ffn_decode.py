@@ -80,7 +80,7 @@ def _record_inputs(model, modules, batches) -> list[torch.Tensor]:
     return [torch.cat(r) for r in rows]
 
 
-def smollm2(dtype: torch.dtype, budgets) -> Setup:
+def smollm2(dtype: torch.dtype, budgets, weights=(None,)) -> Setup:
     from tardis_compiler.eval.corpus import calibration_batches, evaluation_windows, special_tokens
     from tardis_compiler.eval.models import load_smollm2
 
@@ -92,13 +92,16 @@ def smollm2(dtype: torch.dtype, budgets) -> Setup:
     inputs = [x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:ROWS]]
               for x in _record_inputs(model, mlps, held_out)]
     batches = calibration_batches(tok, context_length=512, num_batches=16)
-    profiles = cached_profiles(f"smollm2-{str(dtype)[6:]}", model, batches, budgets,
-                               tc.CalibrationConfig(progress=False))
     names = [f"model.layers.{i}.mlp" for i in range(len(mlps))]
+    by_label = {}
+    for quant in weights:  # None: packs of the bf16 weights; "int8": quantized packs (tardis over int8)
+        profiles = cached_profiles(f"smollm2-{str(dtype)[6:]}", model, batches, budgets,
+                                   tc.CalibrationConfig(progress=False, weights=quant))
+        by_label.update({f"tardis{' over int8' if quant else ''} {b}": (p, names) for b, p in profiles.items()})
     weights = [{"wg_rows": m.gate_proj.weight, "bg": None, "wu_rows": m.up_proj.weight, "bu": None,
                 "wd_rows": m.down_proj.weight.t(), "bd": None} for m in mlps]
     return Setup("SmolLM2-135M (576 -> 1536 gated, 30 layers)", "gated", "silu", mlps, weights, inputs,
-                 {f"tardis {b}": (p, names) for b, p in profiles.items()})
+                 by_label)
 
 
 def minilm(dtype: torch.dtype, budgets, copies: int = 5) -> Setup:
@@ -192,7 +195,8 @@ def bench(setup: Setup, repeats: int) -> dict:
     group = tc.CalibrationConfig().group_size
     # Each pack holds its guarded rows as calibration priced them (FFNProfile.bundles: int8 by default).
     packs = {label: [build_pack(setup.kind, setup.weights[i], prof.ffns[names[i]].params(guard), guard,
-                                setup.activation, group, bundles=prof.ffns[names[i]].bundles) for i in range(layers)]
+                                setup.activation, group, bundles=prof.ffns[names[i]].bundles,
+                                weights_encoding=prof.ffns[names[i]].weights) for i in range(layers)]
              for label, (prof, names) in setup.profiles.items()}
     first_label, (first_prof, first_names) = next(iter(setup.profiles.items()))
     fixed = [build_pack(setup.kind, setup.weights[i], _never_flag(first_prof.ffns[first_names[i]].params(guard),
@@ -325,6 +329,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["smollm2", "minilm", "2048x8192"])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    parser.add_argument("--weights", nargs="+", choices=["dense", "int8"], default=["dense"],
+                        help="SmolLM2 tardis rows: packs of the model's weights and/or quantized packs (tardis over int8)")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prefill", action="store_true", help="time tokens per call instead")
@@ -345,7 +351,7 @@ def main() -> None:
         for shape in args.shapes:
             for dtype in (getattr(torch, d) for d in args.dtypes):
                 if shape == "smollm2":
-                    setup = smollm2(dtype, args.budgets)
+                    setup = smollm2(dtype, args.budgets, [None if w == "dense" else w for w in args.weights])
                 elif shape == "minilm":
                     setup = minilm(dtype, args.budgets)
                 else:

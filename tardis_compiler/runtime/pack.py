@@ -173,6 +173,9 @@ def _encodings(bundles: str, weights_encoding: str, guard: str, k_guard: int) ->
     if weights_encoding not in WEIGHT_ENCODINGS:
         raise ValueError(f"weights must be one of {WEIGHT_ENCODINGS}, got {weights_encoding!r}")
     if weights_encoding == "int8":
+        if bundles != "int8":
+            raise ValueError(f"a quantized pack (weights 'int8') holds every bundle as int8: bundles must be 'int8', "
+                             f"got {bundles!r}")
         if guard == "exact":
             raise ValueError("the 'exact' guard reads the bundles' first rows in the model's dtype: with int8 "
                              "weights use a low-bit or svd guard")

@@ -30,6 +30,10 @@ class Case:
     bundles: str = "dense"  # "int8": the guarded neurons' bundles as int8 codes
     weights_encoding: str = "dense"  # "int8": a quantized pack (Wf and every bundle int8)
 
+    def __post_init__(self) -> None:
+        if self.weights_encoding == "int8":
+            self.bundles = "int8"  # a quantized pack's bundles are all int8
+
     def weights(self) -> dict[str, torch.Tensor | None]:
         g = torch.Generator().manual_seed(self.seed)
         r = lambda *s: (torch.randn(*s, generator=g) / s[-1] ** 0.5).to(self.dtype)  # noqa: E731
@@ -96,7 +100,8 @@ def _predictions(case: Case, weights: dict, params: torch.Tensor, x: torch.Tenso
     """The guard's predictions of every neuron's first pre-activation, bias included."""
     guard = case.guard if case.guard != "all" else "exact"  # "all" needs no bands: any prediction will do
     quantized = case.weights_encoding if guard != "exact" else "dense"  # the guard codes the pack will hold
-    pack = build_pack(case.kind, weights, params, guard, case.activation, case.group, weights_encoding=quantized)
+    pack = build_pack(case.kind, weights, params, guard, case.activation, case.group,
+                      bundles="int8" if quantized == "int8" else "dense", weights_encoding=quantized)
     guarded, _ = neuron_classes(params, guard, case.m)
     out = torch.zeros(x.shape[0], case.m)
     out[:, guarded] = guard_predictions(pack.layout, x, *pack.tensors())

@@ -138,6 +138,8 @@ def test_quantized_packs_refuse_the_exact_guard_and_stay_int8_for_guard_all():
     case = Case("gated", 16, 8, 24, guard="exact")
     weights, params, _, _ = make(case, 2)
     with pytest.raises(ValueError, match="low-bit or svd guard"):
-        build_pack("gated", weights, params, "exact", "silu", 16, weights_encoding="int8")
-    pack = build_pack("gated", weights, params, "all", "silu", 16, weights_encoding="int8")
+        build_pack("gated", weights, params, "exact", "silu", 16, bundles="int8", weights_encoding="int8")
+    with pytest.raises(ValueError, match="bundles must be 'int8'"):
+        build_pack("gated", weights, params, "int4", "silu", 16, bundles="dense", weights_encoding="int8")
+    pack = build_pack("gated", weights, params, "all", "silu", 16, bundles="int8", weights_encoding="int8")
     assert (pack.layout.k_int8_bundles, pack.layout.weights) == (24, "int8")
