@@ -154,7 +154,11 @@ def add_compress_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bundles", choices=["int8", "dense"], default="int8",
                         help="how the guarded neurons' rows are held: int8 (half of bf16's bytes) or as they are")
     parser.add_argument("--skip", nargs="+", default=[], metavar="PATTERN",
-                        help="FFN names or regexes to leave dense (e.g. the first and last layers)")
+                        help="FFN names or regexes to leave dense (e.g. the first and last layers); with "
+                        "--other-linears, linears too (a linear is left dense if it or a module above it matches)")
+    parser.add_argument("--other-linears", choices=["int8", "int4"], help="also quantize, weight-only, every "
+                        "linear outside the compressed FFNs: attention projections, the LM head (untied from the "
+                        "embedding if tied), dense FFNs' linears (default: they stay as they are)")
     parser.add_argument("--calibration-batches", type=_count, default=16, metavar="N")
     parser.add_argument("--context-length", type=_count, help="tokens per calibration window (default: "
                         "512 for causal LMs, 256 for encoders, at most the model's)")
@@ -178,7 +182,7 @@ def _run_compress(args: argparse.Namespace) -> int:
                                      calibration_batches=args.calibration_batches,
                                      context_length=args.context_length,
                                      dtype=getattr(torch, args.dtype) if args.dtype else None,
-                                     progress=args.progress, force=args.force)
+                                     progress=args.progress, force=args.force, other_linears=args.other_linears)
     except (OSError, ValueError, ImportError) as error:
         print(f"tardis compress: error: {error}", file=sys.stderr)
         return 2

@@ -19,6 +19,9 @@ stay in the model's dtype (calibration priced them so: ``CalibrationConfig.bundl
 ``guard="all"`` every neuron keeps its rows as they are, and the
 model computes what the dense one does (the exactness check; it holds all the weights, so it saves
 no memory); ``bundles="dense"`` keeps the guarded rows exact too.
+
+``other_linears="int8"`` or ``"int4"`` then quantizes, weight-only, every ``nn.Linear`` left outside a
+compressed FFN (attention projections, the LM head, dense FFNs' linears: ``compress_linears.py``).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from typing import Any, Iterable
 import torch
 
 from .activations import get_activation_rule
+from .compress_linears import QuantizedLinearEntry, quantize_other_linears
 from .config import DEFAULT_GUARDS, GUARDS, check_patterns, name_matches, require
 from .moe import routed_experts
 from .passes import find_ffns
@@ -41,6 +45,7 @@ from .profile import Profile
 from .runtime.layout import BUNDLE_ENCODINGS
 from .runtime.module import TardisFFN
 from .runtime.pack import build_pack, dense_reference
+from .runtime.quantized_linear import OTHER_LINEARS
 
 log = logging.getLogger("tardis_compiler")
 
@@ -70,12 +75,16 @@ class CompressedFFN:
 class CompressReport:
     """``compress_``'s result, one ``CompressedFFN`` per FFN found, with the memory totals, and
     ``not_considered``: (module FQN, reason) of weights no FFN match covers (routed MoE experts),
-    which stay dense and are not in the totals."""
+    which stay dense and are not in the totals. ``linears``: with ``other_linears``, one
+    ``QuantizedLinearEntry`` per other ``nn.Linear`` (quantized, or dense with a reason); ``totals()``
+    counts the compressed FFNs and the quantized linears together."""
 
     ffns: list[CompressedFFN]
     guard: str | None
     seconds: float = 0.0  # set by callers that time the whole compression (``tardis compress``)
     not_considered: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    linears: list[QuantizedLinearEntry] = dataclasses.field(default_factory=list)
+    other_linears: str | None = None
 
     @property
     def compressed(self) -> list[CompressedFFN]:
@@ -86,6 +95,21 @@ class CompressReport:
         """How the compressed FFNs hold their guarded rows: "int8", "dense", or "mixed"."""
         kinds = {f.bundles for f in self.compressed}
         return kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "")
+
+    @property
+    def quantized(self) -> list[QuantizedLinearEntry]:
+        """The linears ``other_linears`` quantized."""
+        return [q for q in self.linears if q.dtype != "dense"]
+
+    def totals(self) -> dict[str, float]:
+        """Bytes before -> after over everything ``compress_`` replaced (compressed FFNs and quantized
+        linears): ``held_before`` / ``held_after`` (a tied linear frees nothing: its dense weight stays
+        with the parameter it shares) and ``read_before`` / ``read_after`` per token."""
+        ffns, lins = self.compressed, self.quantized
+        return {"held_before": sum(f.dense_bytes for f in ffns) + sum(q.held_before for q in lins),
+                "held_after": sum(f.resident_bytes for f in ffns) + sum(q.resident_bytes for q in lins),
+                "read_before": sum(f.dense_bytes for f in ffns) + sum(q.dense_bytes for q in lins),
+                "read_after": sum(f.read_bytes for f in ffns) + sum(q.resident_bytes for q in lins)}
 
     def resident_fraction(self) -> float:
         """Resident bytes of the compressed FFNs over their dense weight bytes."""
@@ -110,11 +134,31 @@ class CompressReport:
             kinds = ", ".join(dict.fromkeys(reason.split(":")[0] for _, reason in self.not_considered))
             summary += f"; {n} module{'s' * (n > 1)} not considered ({kinds}: they stay dense)"
         lines.append(summary)
+        if self.other_linears:
+            lines.extend(self._linear_lines())
         return "\n".join(lines)
+
+    def _linear_lines(self) -> list[str]:
+        done, mb = self.quantized, 1e6
+        before, after = sum(q.dense_bytes for q in done), sum(q.resident_bytes for q in done)
+        lines = [f"other linears: {len(done)}/{len(self.linears)} quantized to {self.other_linears} "
+                 f"(attention, LM head, dense FFNs' linears): {before / mb:.3f} -> {after / mb:.3f} MB read per token"]
+        lines.extend(f"  {q.name}: tied to {q.tied_to}, which keeps the dense weight: held +{q.resident_bytes / mb:.3f} MB "
+                     "(skip=[name] keeps it dense and tied)" for q in done if q.tied_to)
+        reasons: dict[str, list[str]] = {}
+        for q in self.linears:
+            if q.dtype == "dense":
+                reasons.setdefault(q.reason, []).append(q.name)
+        lines.extend(f"  left dense: {len(names)} ({reason}), e.g. {names[0]}" for reason, names in reasons.items())
+        t = self.totals()
+        lines.append(f"compress_ in all: held {t['held_before'] / mb:.3f} -> {t['held_after'] / mb:.3f} MB, "
+                     f"read {t['read_before'] / mb:.3f} -> {t['read_after'] / mb:.3f} MB per token")
+        return lines
 
 
 def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, example_inputs: Any = None,
-              guard: str | None = None, skip: Iterable[str] = (), bundles: str | None = None) -> CompressReport:
+              guard: str | None = None, skip: Iterable[str] = (), bundles: str | None = None,
+              other_linears: str | None = None) -> CompressReport:
     """Replace, in place, each FFN of ``model`` that ``profile`` calibrated by a ``TardisFFN``
     holding only its pack (see the module docstring). Returns a ``CompressReport``.
 
@@ -124,6 +168,9 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
     the exactness test mode. ``skip``: FFN names or regexes to leave dense. ``bundles``: how the
     guarded neurons' rows are held, "int8" or "dense" (exact; more memory); None (default): what the
     profile priced for each FFN (``FFNProfile.bundles``: ``CalibrationConfig.bundles`` for fits to a budget).
+    ``other_linears``: "int8" or "int4" also quantizes, weight-only, every ``nn.Linear`` outside the
+    compressed FFNs (attention, the LM head, FFNs left dense; ``skip`` patterns keep a linear, or the
+    modules under a name, dense; see ``compress_linears.py`` for tied heads); None (default): they stay.
 
     Example:
         >>> import torch, tardis_compiler as tc
@@ -142,6 +189,8 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
     require(guard is None or guard in GUARDS, f"guard must be one of {GUARDS} or None, got {guard!r}")
     require(bundles is None or bundles in BUNDLE_ENCODINGS,
             f"bundles must be one of {sorted(BUNDLE_ENCODINGS)} or None, got {bundles!r}")
+    require(other_linears is None or other_linears in OTHER_LINEARS,
+            f"other_linears must be one of {sorted(OTHER_LINEARS)} or None, got {other_linears!r}")
     if model.training:
         raise ValueError("compress_() needs the model in eval mode (folding is an inference transform): "
                          "call model.eval() first")
@@ -163,7 +212,9 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
         beside = f" (not considered: {not_considered[0][0]}, {not_considered[0][1]})" if not_considered else ""
         raise ValueError(f"compress_() found no FFN in this model{beside}; tardis_compiler.explain(model, inputs) "
                          "lists what was matched and why patterns were skipped")
-    report = CompressReport(list(done.values()), guard, not_considered=not_considered)
+    report = CompressReport(list(done.values()), guard, not_considered=not_considered, other_linears=other_linears)
+    if other_linears is not None:
+        report.linears = quantize_other_linears(model, other_linears, skip, not_considered)
     _mark_compressed(model, report, profile)
     log.info("compress_:\n%s", report)
     return report
@@ -202,7 +253,8 @@ def _compress_one(model, match, fqns, graph_inputs, profile: Profile, guard: str
         return entry
     with torch.no_grad():
         pack = build_pack(match.kind, weights, ffn.params(run_guard), run_guard, match.activation.name,
-                          profile.config.group_size, ffn.fold_term, bundles=bundles or ffn.bundles)
+                          profile.config.group_size, ffn.fold_term, bundles=bundles or ffn.bundles,
+                          weights_encoding=ffn.weights)
     entry.mode, entry.target, entry.identities = plan
     first_linear = module_of(fqns[(match.gate if match.kind == "gated" else match.first).weight])
     module = TardisFFN.from_pack(name, pack, dense_key=first_linear[len(entry.target):].lstrip("."))
@@ -302,6 +354,10 @@ def _mark_compressed(model: torch.nn.Module, report: CompressReport, profile: Pr
         swaps[f.target] = {"ffn": model.get_submodule(f.target).spec(), "mode": f.mode,
                            "identities": list(f.identities), "compressed": f.to_dict()}
     model.tardis_swaps = swaps
+    linears = dict(getattr(model, "tardis_linears", {}) or {})
+    for q in report.quantized:
+        linears[q.name] = {"linear": model.get_submodule(q.name).spec(), "compressed": q.to_dict()}
+    model.tardis_linears = linears
     try:
         from .hf.quantizer import attach_quantization_config
     except ImportError:  # transformers is not installed: nothing to attach

@@ -39,11 +39,12 @@ def compress_pretrained(model_ref: str, out: str | Path, budget: float, text: st
                         resident: float | None = None, guard: str | None = None, skip: tuple[str, ...] = (),
                         bundles: str = "int8", calibration_batches: int = 16, context_length: int | None = None,
                         dtype: torch.dtype | None = None, progress: bool = True,
-                        force: bool = False) -> CompressReport:
+                        force: bool = False, other_linears: str | None = None) -> CompressReport:
     """Load ``model_ref`` (a built-in name, a local HF folder or a .gguf file), calibrate it on the
     built-in Wikipedia calibration text (or the file ``text``) at ``budget``, ``compress_`` it
     (``bundles``: how the guarded neurons' rows are held and priced, ``CalibrationConfig.bundles``) and write the HF
-    checkpoint (weights, config, tokenizer) to ``out``.
+    checkpoint (weights, config, tokenizer) to ``out``. ``other_linears`` ("int8", "int4"): also quantize
+    the linears outside the compressed FFNs (``compress_``'s keyword).
 
     ``out`` must not be (or lie inside) the model's folder, and must be new or empty unless ``force``:
     then only the files this run writes are replaced, every other file in ``out`` is kept. The checkpoint
@@ -52,6 +53,7 @@ def compress_pretrained(model_ref: str, out: str | Path, budget: float, text: st
 
     Example:
         >>> # compress_pretrained("smollm2", "smollm2-tardis", 0.5, resident=0.9)
+        >>> # compress_pretrained("smollm2", "smollm2-tardis-q8", 0.5, other_linears="int8")
         >>> # compress_pretrained("./my-llama", "./existing-folder", 0.5, force=True)
     """
     from ..eval.corpus import calibration_batches as wikipedia_batches
@@ -70,7 +72,8 @@ def compress_pretrained(model_ref: str, out: str | Path, budget: float, text: st
         batches = wikipedia_batches(loaded.tokenizer, context_length=context, num_batches=calibration_batches)
     config = CalibrationConfig(budget=budget, resident=resident, skip=skip, bundles=bundles, progress=progress)
     profile = calibrate(loaded.model, batches, config)
-    report = compress_(loaded.model, profile, batches[0][:, :16], guard=guard)  # rows as calibration priced
+    report = compress_(loaded.model, profile, batches[0][:, :16], guard=guard,  # rows as calibration priced
+                       other_linears=other_linears)
     if not report.compressed:
         raise ValueError(f"no FFN of {model_ref!r} could be compressed:\n{report}")
     _write_checkpoint(loaded.model, loaded.tokenizer, model_ref, out, force)
@@ -200,7 +203,29 @@ def checkpoint_table(folder: str | Path) -> str:
                      f"{r / d:>6.3f} {h / d:>6.3f}")
     if dense:
         lines.append(f"total: reads {read / dense:.3f} of the dense FFN bytes per token, holds {held / dense:.3f}")
+    lines.extend(_linears_line(path, quant.get("linears")))
     return "\n".join(lines)
+
+
+def _linears_line(path: Path, linears: Any) -> list[str]:
+    """The table's line for the quantized linears (``compress_(other_linears=...)``), if any."""
+    if linears is None:
+        return []
+    if not isinstance(linears, dict):
+        raise ValueError(f"{str(path)!r}: quantization_config 'linears' is a {type(linears).__name__}, not a mapping; "
+                         "re-run tardis compress MODEL --out DIR to rewrite it")
+    kinds: dict[str, int] = {}
+    before = after = 0.0
+    for target, entry in linears.items():
+        field = _FieldReader(path, target)
+        spec = field.get(entry if isinstance(entry, dict) else {}, "linear", dict)
+        bits = field.get(spec, "bits", int, "linear.bits")
+        done = field.get(entry, "compressed", dict, default={})
+        before += field.get(done, "dense_bytes", (int, float), "compressed.dense_bytes", default=0)
+        after += field.get(done, "resident_bytes", (int, float), "compressed.resident_bytes", default=0)
+        kinds[f"int{bits}"] = kinds.get(f"int{bits}", 0) + 1
+    return [f"other linears: {len(linears)} quantized ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}): "
+            f"{before / 1e6:.3f} -> {after / 1e6:.3f} MB read per token"]
 
 
 _REQUIRED = object()

@@ -5,7 +5,10 @@
 ``model.save_pretrained(dir)`` writes the packs to safetensors and the swaps to ``config.json``'s
 ``quantization_config``; ``AutoModelForCausalLM.from_pretrained(dir)`` then rebuilds the
 ``TardisFFN`` and ``nn.Identity`` modules (empty, on the meta device) before the weights load into
-them. Nothing is pickled.
+them. Nothing is pickled. With ``compress_(..., other_linears=...)``, ``linears`` records the
+``QuantizedLinear`` modules (attention projections, the LM head, ...): they are rebuilt the same way,
+and checked as the packs are (``runtime/validate_linear.py``). A checkpoint without them has no
+``linears`` key, and loads as before.
 
 Without tardis_compiler installed, transformers warns "Unknown quantization type, got tardis" and
 tries the dense architecture; each FFN's first weight is stored as an empty tensor
@@ -24,7 +27,10 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..runtime.module import TardisFFN, layout_of_spec
+from ..runtime.quantized_linear import ELEMENT_TYPES, QuantizedLinear
 from ..runtime.validate import PACK_TENSORS, PackError, validate_pack, validate_stored_tensors, validate_swap
+from ..runtime.validate_linear import (check_spec, validate_linear_target, validate_linear_values,
+                                       validate_stored_linear)
 
 log = logging.getLogger("tardis_compiler")
 
@@ -46,6 +52,8 @@ class TardisConfig(QuantizationConfigMixin):
         format_version: ``FORMAT_VERSION`` of the writer.
         guard, budget, bundles, source: how it was compressed (for people reading config.json;
             the modules alone rebuild the model).
+        linears: module FQN -> {"linear": ``QuantizedLinear.spec()``, "compressed": its report entry}
+            (``compress_(other_linears=...)``); absent from config.json when empty.
 
     Example:
         >>> TardisConfig(modules={}).to_dict()["quant_method"]
@@ -54,12 +62,15 @@ class TardisConfig(QuantizationConfigMixin):
 
     def __init__(self, modules: dict[str, Any] | None = None, format_version: int = FORMAT_VERSION,
                  guard: str | None = None, budget: float | None = None, bundles: str | None = None,
-                 source: str = "", **kwargs: Any) -> None:
+                 source: str = "", linears: dict[str, Any] | None = None, **kwargs: Any) -> None:
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         if not isinstance(modules or {}, dict) or not all(isinstance(k, str) for k in (modules or {})):
             raise ValueError("tardis quantization_config 'modules' must map module paths to their swaps")
         self.modules = dict(modules or {})
+        if not isinstance(linears or {}, dict) or not all(isinstance(k, str) for k in (linears or {})):
+            raise ValueError("tardis quantization_config 'linears' must map module paths to their specs")
+        self.linears = dict(linears or {})
         self.guard, self.budget, self.bundles, self.source = guard, budget, bundles, source
         if format_version not in READABLE_FORMATS:
             raise ValueError(f"this checkpoint has tardis format version {format_version!r}; this tardis_compiler "
@@ -68,6 +79,12 @@ class TardisConfig(QuantizationConfigMixin):
         if unknown:
             raise ValueError(f"unknown tardis quantization_config keys {unknown}: written by a newer "
                              "tardis_compiler? upgrade it")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if not out.get("linears"):  # a checkpoint without quantized linears is written as before
+            out.pop("linears", None)
+        return out
 
 
 class TardisHfQuantizer(HfQuantizer):
@@ -104,12 +121,17 @@ class TardisHfQuantizer(HfQuantizer):
             if stored is not None:
                 validate_stored_tensors(stored, target, layout, swap["ffn"].get("dense_key"), identities)
             built[target] = (TardisFFN.empty(swap["ffn"], device="meta"), identities)
-        _check_disjoint({target: (target, *identities) for target, (_, identities) in built.items()})
+        linears = _linear_modules(model, self.quantization_config.linears, stored, wanted)
+        _check_disjoint({**{target: (target, *identities) for target, (_, identities) in built.items()},
+                         **{target: (target,) for target in linears}})
         for target, (module, identities) in built.items():
             model.set_submodule(target, module)
             for fqn in identities:
                 model.set_submodule(fqn, torch.nn.Identity())
+        for target, module in linears.items():
+            model.set_submodule(target, module)
         model.tardis_swaps = dict(modules)
+        model.tardis_linears = dict(self.quantization_config.linears)
 
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
         specs = {target: swap["ffn"] for target, swap in self.quantization_config.modules.items()}
@@ -135,6 +157,14 @@ class TardisHfQuantizer(HfQuantizer):
                 tensor = getattr(module, key)
                 if tensor.data_ptr() % _ALIGN:
                     setattr(module, key, tensor.clone())
+        for name, entry in self.quantization_config.linears.items():
+            module = model.get_submodule(name)
+            validate_linear_values(module, entry["linear"], f"tardis linear {name}")
+            for key, tensor in (*module._buffers.items(), *module._parameters.items()):
+                if tensor is not None and tensor.data_ptr() % _ALIGN:  # as the packs: fresh, aligned memory
+                    copy = tensor.detach().clone()
+                    setattr(module, key, torch.nn.Parameter(copy, requires_grad=False) if key == "bias" else copy)
+            module.prepare()
         return model
 
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:
@@ -147,6 +177,25 @@ class TardisHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def _linear_modules(model: torch.nn.Module, linears: dict[str, Any], stored: Any,
+                    wanted: torch.dtype | None) -> dict[str, QuantizedLinear]:
+    """The empty ``QuantizedLinear`` of each config.json ``linears`` entry, once its spec, its place in
+    the dense model and its stored tensors' headers are checked (nothing allocated before)."""
+    out = {}
+    for target, entry in linears.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("linear"), dict):
+            raise PackError(f"tardis linear {target}: its config.json entry must be an object with a 'linear' spec")
+        spec = check_spec(target, entry.get("linear"))
+        if wanted is not None and wanted != ELEMENT_TYPES[spec["element_type"]]:
+            raise ValueError(f"this tardis checkpoint was compressed in {spec['element_type']} (its quantized linear "
+                             f"{target}'s scales are), load it with dtype=torch.{spec['element_type']}")
+        validate_linear_target(model, target, spec)
+        if stored is not None:
+            validate_stored_linear(stored, target, spec)
+        out[target] = QuantizedLinear.empty(spec, device="meta")
+    return out
 
 
 def _check_disjoint(paths: dict[str, tuple[str, ...]]) -> None:
@@ -205,7 +254,7 @@ def attach_quantization_config(model: torch.nn.Module, report: Any, profile: Any
     if previous is not None and getattr(previous, "quant_method", None) not in (None, QUANT_METHOD):
         raise ValueError(f"this model is already quantized with {previous.quant_method!r}; compress the dense model")
     quant = TardisConfig(modules=model.tardis_swaps, guard=report.guard, budget=profile.config.budget,
-                         bundles=report.bundles, source=profile.source)
+                         bundles=report.bundles, source=profile.source, linears=getattr(model, "tardis_linears", None))
     config.quantization_config = quant
     model.hf_quantizer = TardisHfQuantizer(quant, pre_quantized=True)
     model.is_quantized = True

@@ -23,13 +23,19 @@ safetensors and the ``"tardis"`` quantizer rebuilds them (``hf/quantizer.py``); 
   one copy of the codes is held. Where the op cannot run (not on a CPU, ``out % 16 != 0``) the
   forward dequantizes the portable codes instead (same function, slower).
 
+``weight`` is an empty (0-element) buffer, as ``TardisFFN``'s ``dense_key`` mark: a checkpoint loaded
+into the dense architecture without tardis_compiler then fails loudly on that size mismatch, rather
+than running with a randomly initialised linear.
+
 ``.to(dtype)`` moves devices but keeps the codes', scales' and bias's dtypes (as ``TardisFFN`` does:
 a checkpoint's config records them); an input in another dtype takes the dequantizing path.
 
 Why not torchao: it is not a dependency of this package, and its quantized weights are tensor
-subclasses: ``safetensors.torch.save_file`` of a torchao int8 weight-only state dict fails
-("Attempted to access the data pointer on an invalid python storage", torchao 0.18.0), and its int4
-weight-only CPU path needs a further package (``mslk``). Two torch ops and plain tensors are enough.
+subclasses: ``safetensors.torch.save_file`` of a torchao state dict fails ("Attempted to access the
+data pointer on an invalid python storage", torchao 0.18.0, for ``Int8WeightOnlyConfig``'s
+``Int8Tensor`` and the prototype CPU int4 ``Int4OpaqueTensor`` alike), and its stable
+``Int4WeightOnlyConfig`` needs a further package (``mslk``) here. Two torch ops (the ones torchao's
+CPU paths call) and plain tensors are enough.
 """
 from __future__ import annotations
 
@@ -87,6 +93,7 @@ class QuantizedLinear(torch.nn.Module):
                                                                 device=device))
         self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
                                        requires_grad=False) if bias else None
+        self.register_buffer("weight", torch.zeros(0, dtype=dtype, device=device))  # the empty mark
 
     @property
     def dtype(self) -> torch.dtype:
@@ -106,6 +113,7 @@ class QuantizedLinear(torch.nn.Module):
                 module.qweight, module.scales_and_zeros = quantize_int4(w, group)
             if linear.bias is not None:
                 module.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+            module.weight = torch.zeros(0, dtype=w.dtype, device=w.device)
         return module.prepare()
 
     @classmethod
@@ -121,7 +129,8 @@ class QuantizedLinear(torch.nn.Module):
                 "element_type": str(self.dtype).removeprefix("torch."), "sha256": self.digest()}
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint stores under this module: name -> tensor (int4 codes in the portable layout)."""
+        """What a checkpoint stores under this module, the empty ``weight`` mark aside: name -> tensor
+        (int4 codes in the portable layout)."""
         out = {"qweight": self.portable_qweight()}
         out.update({"scale": self.scale} if self.bits == 8 else {"scales_and_zeros": self.scales_and_zeros})
         if self.bias is not None:

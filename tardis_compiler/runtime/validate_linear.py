@@ -64,7 +64,7 @@ def expected_linear_tensors(target: str, spec: dict[str, Any]) -> dict[str, tupl
     Example:
         >>> spec = QuantizedLinear.from_linear(torch.nn.Linear(64, 16, bias=False), 8).spec()
         >>> expected_linear_tensors("lm_head", spec)
-        {'lm_head.qweight': ('I8', (16, 64)), 'lm_head.scale': ('F32', (16,))}
+        {'lm_head.qweight': ('I8', (16, 64)), 'lm_head.scale': ('F32', (16,)), 'lm_head.weight': ('F32', (0,))}
     """
     n, k, float_type = spec["out_features"], spec["in_features"], _STORED[ELEMENT_TYPES[spec["element_type"]]]
     if spec["bits"] == 8:
@@ -73,6 +73,7 @@ def expected_linear_tensors(target: str, spec: dict[str, Any]) -> dict[str, tupl
         out = {"qweight": ("U8", (n, k // 2)), "scales_and_zeros": (float_type, (k // spec["group"], n, 2))}
     if spec["bias"]:
         out["bias"] = (float_type, (n,))
+    out["weight"] = (float_type, (0,))  # the empty mark (runtime/quantized_linear.py)
     return {f"{target}.{name}": value for name, value in out.items()}
 
 
@@ -149,7 +150,7 @@ def validate_linear_values(module: QuantizedLinear, spec: dict[str, Any], where:
         ...
         tardis_compiler.runtime.validate.PackError: tardis linear head: tensor 'scale' holds a scale that is not finite and > 0 (at element 3)
     """
-    tensors = module.saved_tensors()
+    tensors = {**module.saved_tensors(), "weight": module.weight}
     for key, (dtype, shape) in expected_linear_tensors("", spec).items():
         t = tensors.get(key[1:])
         if t is None or _STORED.get(t.dtype) != dtype or tuple(t.shape) != shape:

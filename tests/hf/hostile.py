@@ -148,6 +148,91 @@ def cases(folder: Path, seed: int) -> list[tuple[str, Mutation]]:
     }
     for name, edit in config_edits.items():
         out.append((f"config {name}", _edit_config(edit)))
+    if config["quantization_config"].get("linears"):
+        out.extend(linear_cases(folder, seed))
+    return out
+
+
+def linear_cases(folder: Path, seed: int) -> list[tuple[str, Mutation]]:
+    """Every mutation of the first quantized linear (``compress_(other_linears=...)``) of the checkpoint
+    in ``folder``, and of the ``linears`` entries of its config, as (name, mutate)."""
+    rng = random.Random(seed)
+    config = json.loads((folder / "config.json").read_text())
+    quant = config["quantization_config"]
+    target = next(iter(quant["linears"]))
+    stored = _tensors(folder)
+    keys = sorted(k for k in stored if k.startswith(f"{target}."))
+    out: list[tuple[str, Mutation]] = []
+
+    def case(name: str, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+        out.append((f"linear {name}", _edit_tensors(edit)))
+
+    for key in keys:
+        part, original = key[len(target) + 1:], stored[key]
+        for dtype in DTYPES:
+            if dtype != original.dtype:
+                case(f"{part} as {dtype}", lambda t, k=key, d=dtype: t.__setitem__(k, t[k].to(d)))
+        case(f"{part} removed", lambda t, k=key: t.pop(k))
+        case(f"{part} one longer", lambda t, k=key: t.__setitem__(k, torch.cat([t[k].reshape(-1), t[k].reshape(-1)[:1]
+                                                                                 if t[k].numel() else t[k].new_zeros(1)])))
+        if original.numel():
+            case(f"{part} flattened", lambda t, k=key: t.__setitem__(k, t[k].reshape(-1).clone()))
+            case(f"{part} one row short", lambda t, k=key: t.__setitem__(k, t[k][:-1].clone()))
+            case(f"{part} random bytes",
+                 lambda t, k=key, r=random.Random(rng.random()): t.__setitem__(k, _random_bytes(t[k], r)))
+    scales = "scale" if f"{target}.scale" in stored else "scales_and_zeros"
+    count = stored[f"{target}.{scales}"].numel()
+    for i in sorted({0, rng.randrange(count) & ~1, count - 2}):  # scales (int4: even elements; zeros odd)
+        for bad in (float("nan"), float("inf"), 0.0, -1.0, -float("inf")):
+            case(f"{scales}[{i}] = {bad}", lambda t, i=i, v=bad: _set(t, f"{target}.{scales}", i, v))
+    if scales == "scales_and_zeros":
+        for bad in (float("nan"), float("inf")):
+            case(f"zero[1] = {bad}", lambda t, v=bad: _set(t, f"{target}.scales_and_zeros", 1, v))
+    else:
+        case("qweight[0] = -128", lambda t: _set(t, f"{target}.qweight", 0, -128))
+    if f"{target}.bias" in stored:
+        case("bias[0] = nan", lambda t: _set(t, f"{target}.bias", 0, float("nan")))
+    out_features, in_features = quant["linears"][target]["linear"]["out_features"], \
+        quant["linears"][target]["linear"]["in_features"]
+    case("dense weight stored", lambda t: t.__setitem__(f"{target}.weight", torch.zeros(out_features, in_features)))
+    case("extra tensor", lambda t: t.__setitem__(f"{target}.extra", torch.zeros(3)))
+
+    spec = lambda q: q["linears"][target]["linear"]  # noqa: E731
+    ffn = next(iter(quant["modules"]), None)
+    embedding = next(k for k in stored if k.endswith("embed_tokens.weight"))[:-len(".weight")]
+    layer = ffn.rsplit(".", 1)[0] if ffn else target.rsplit(".", 1)[0]
+    edits = {
+        "spec_version 2": lambda q: spec(q).__setitem__("spec_version", 2),
+        "unknown key": lambda q: spec(q).__setitem__("code", "import os"),
+        "bits removed": lambda q: spec(q).pop("bits"),
+        "bits 3": lambda q: spec(q).__setitem__("bits", 3),
+        "bits swapped": lambda q: spec(q).update(bits=12 - spec(q)["bits"], group=32 if spec(q)["bits"] == 8 else 0),
+        "bits true": lambda q: spec(q).__setitem__("bits", True),
+        "group 64": lambda q: spec(q).__setitem__("group", 64),
+        "group 7": lambda q: spec(q).__setitem__("group", 7),
+        "in_features + 32": lambda q: spec(q).__setitem__("in_features", spec(q)["in_features"] + 32),
+        "out_features + 16": lambda q: spec(q).__setitem__("out_features", spec(q)["out_features"] + 16),
+        "out_features huge": lambda q: spec(q).__setitem__("out_features", 2 ** 40),
+        "out_features '7'": lambda q: spec(q).__setitem__("out_features", "7"),
+        "bias flipped": lambda q: spec(q).__setitem__("bias", not spec(q)["bias"]),
+        "element_type float16": lambda q: spec(q).__setitem__("element_type", "float16"),
+        "element_type int8": lambda q: spec(q).__setitem__("element_type", "int8"),
+        "sha256 changed": lambda q: spec(q).__setitem__("sha256", "0" * 64),
+        "sha256 removed": lambda q: spec(q).pop("sha256"),
+        "target is attention": lambda q: q["linears"].__setitem__(f"{layer}.self_attn", q["linears"].pop(target)),
+        "target is the embedding": lambda q: q["linears"].__setitem__(embedding, q["linears"].pop(target)),
+        "target is missing": lambda q: q["linears"].__setitem__(f"{layer}.nothing", q["linears"].pop(target)),
+        "target is the model": lambda q: q["linears"].__setitem__("", q["linears"].pop(target)),
+        "target is an FFN swap": lambda q: q["linears"].__setitem__(ffn or target, q["linears"].pop(target)),
+        "target inside an FFN swap": lambda q: q["linears"].__setitem__(
+            f"{ffn}.down_proj" if ffn else target, q["linears"].pop(target)),
+        "target is an FFN identity": lambda q: q["linears"].__setitem__(
+            (q["modules"][ffn]["identities"] or [ffn])[-1] if ffn else target, q["linears"].pop(target)),
+        "linears is a list": lambda q: q.__setitem__("linears", list(q["linears"])),
+        "entry is a string": lambda q: q["linears"].__setitem__(target, "int8"),
+        "entry without spec": lambda q: q["linears"][target].pop("linear"),
+    }
+    out.extend((f"linear config {name}", _edit_config(edit)) for name, edit in edits.items())
     return out
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import tardis_compiler as tc
-from tests.hf.hostile import NO_DIGEST, cases, write_case
+from tests.hf.hostile import NO_DIGEST, cases, linear_cases, write_case
 from tests.tiny_models import build_tiny, token_batches
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,12 +27,13 @@ CI_SAMPLE = 40  # cases per checkpoint in the fast tier (of about 330)
 CLEAR_ERRORS = {"ValueError", "PackError", "FileNotFoundError"}
 
 
-def save_checkpoint(arch: str, dtype: str, folder: Path) -> Path:
-    """A tiny ``arch`` model in ``dtype``, calibrated and compressed (int8 guarded rows), saved."""
+def save_checkpoint(arch: str, dtype: str, folder: Path, other_linears: str | None = None) -> Path:
+    """A tiny ``arch`` model in ``dtype``, calibrated and compressed (int8 guarded rows; with
+    ``other_linears``, its other linears quantized), saved."""
     model = build_tiny(arch, dtype=getattr(torch, dtype))
     batches = token_batches(4)
     profile = tc.calibrate(model, batches, tc.CalibrationConfig(progress=False, group_size=32))
-    tc.compress_(model, profile, batches[0])
+    tc.compress_(model, profile, batches[0], other_linears=other_linears)
     model.save_pretrained(folder)
     return folder
 
@@ -94,6 +95,21 @@ def test_hostile_checkpoints_sample(arch, dtype, tmp_path):
 def test_hostile_checkpoints_all(arch, dtype, tmp_path):
     results = hostile_run(arch, dtype, tmp_path, None)
     assert not bad_outcomes(results), json.dumps(bad_outcomes(results), indent=1)[:6000]
+
+
+@pytest.mark.parametrize("arch,dtype,other", [("llama", "bfloat16", "int8"), ("opt", "float32", "int4")])
+def test_hostile_quantized_linears(arch, dtype, other, tmp_path):
+    """Every mutation of a quantized linear's tensors (wrong dtype or shape, missing, NaN / inf / zero /
+    negative scales, random bytes) and of its config entry: a clear error or the same logits."""
+    source = save_checkpoint(arch, dtype, tmp_path / "pristine", other_linears=other)
+    listed = []
+    for i, (name, mutate) in enumerate(linear_cases(source, seed=0)):
+        write_case(source, tmp_path / f"case{i}", mutate)
+        listed.append((name, str(tmp_path / f"case{i}")))
+    results = run_worker({"dtype": dtype, "pristine": str(source), "cases": listed}, tmp_path)
+    assert len(results) == len(listed)
+    assert not bad_outcomes(results), json.dumps(bad_outcomes(results), indent=1)[:6000]
+    assert sum(r["outcome"] == "error" for r in results) >= len(results) - 2
 
 
 def test_an_untouched_checkpoint_loads_with_the_same_logits(tmp_path):
