@@ -1,8 +1,8 @@
 """End-to-end greedy decode on SmolLM2-135M, batch 1: tokens/s with perplexity beside it, so the
 table reads as a speed / quality front. All variants in one process, interleaved, medians.
 
-Rows: dense fp32 and bf16, eager and inductor; dense bf16 with int8 weight-only linears (torch's
-packed int8 GEMV, per-channel scales: the quantization peer), eager and inductor; tardis fp32 and
+Rows: dense fp32 and bf16, eager and inductor; dense bf16 with int8 weight-only linears (the package's
+QuantizedLinear: torch's packed int8 GEMV, per-channel scales: the quantization peer), eager and inductor; tardis fp32 and
 bf16 at budgets 0.3 / 0.5 / 0.7 (inductor around the fused op); the activation-sparsity baseline
 (the same mix with no folded matrix, c = 0: flagged neurons exact, the rest contribute nothing) at
 the same budgets through the same kernel; and dense bf16 inductor with the FFNs removed, the ceiling
@@ -24,31 +24,18 @@ import time
 import torch
 
 import tardis_compiler as tc
+from tardis_compiler.runtime.quantized_linear import QuantizedLinear
 from common import ISAS, RESULTS, cached_profiles, machine, pin_isa, write_json
 
 
-class Int8WeightOnlyLinear(torch.nn.Module):
-    """A linear with int8 weights and per-output-channel scales (torch._weight_int8pack_mm)."""
-
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(1).clamp(min=1e-12) / 127
-        self.register_buffer("q", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous())
-        self.register_buffer("scale", scale.to(linear.weight.dtype))
-        self.bias = linear.bias
-
-    def forward(self, x):
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.q, self.scale).reshape(*x.shape[:-1], -1)
-        return y + self.bias if self.bias is not None else y
-
-
 def int8_model(model):
+    """A copy of ``model`` with every ``nn.Linear`` int8 weight-only: the package's ``QuantizedLinear``
+    (torch's packed int8 GEMV, per-output-channel scales; what ``compress_(..., other_linears="int8")``
+    installs), the LM head included (SmolLM2's is tied: the embedding keeps its dense weight)."""
     out = copy.deepcopy(model)
-    for name, mod in list(out.named_modules()):
-        for child, sub in list(mod.named_children()):
-            if isinstance(sub, torch.nn.Linear):
-                setattr(mod, child, Int8WeightOnlyLinear(sub))
+    for name, module in list(out.named_modules()):
+        if type(module) is torch.nn.Linear:
+            out.set_submodule(name, QuantizedLinear.from_linear(module, 8))
     return out
 
 
