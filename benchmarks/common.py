@@ -65,16 +65,131 @@ def machine() -> dict:
     from tardis_compiler.runtime.cpu.kernel import status
 
     flags = set()
+    model = None
     with open("/proc/cpuinfo") as f:
         for line in f:
+            if line.startswith("model name") and model is None:
+                model = line.split(":", 1)[1].strip()
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    isa = [name for name in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "avx2", "avx_vnni") if name in flags]
+    isa = [name for name in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_int8", "amx_bf16", "avx2",
+                             "avx_vnni") if name in flags]
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            "cpu_model": model, "l3_cache": _l3_size(),
             "cpu_isa": isa, "torch_isa": os.environ.get("ATEN_CPU_CAPABILITY", "native"),
             "load_average": os.getloadavg(), "threads": torch.get_num_threads(), "kernel": status()}
+
+
+def _l3_size() -> str | None:
+    """The last-level cache's size as the kernel reports it (e.g. "32768K"), or None."""
+    import glob
+
+    for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(f"{index}/level") as f:
+                if f.read().strip() != "3":
+                    continue
+            with open(f"{index}/size") as f:
+                return f.read().strip()
+        except OSError:
+            continue
+    return None
+
+
+class OutsideLoad:
+    """CPU time the rest of the machine (not this process or its children) used while a ``with``
+    block ran, as a share of all cores' wall time (0: quiet; 0.5 on 2 cores: one core busy), and
+    the load averages before and after. The load average counts this benchmark's own threads;
+    ``share`` does not.
+
+        >>> with OutsideLoad() as load:
+        ...     pass
+        >>> sorted(load.record())
+        ['load_after', 'load_before', 'outside_share', 'steal_share']
+    """
+
+    def __enter__(self) -> "OutsideLoad":
+        self.load_before = os.getloadavg()
+        self._start = (time.perf_counter(), *_busy_jiffies(), _own_jiffies())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall0, busy0, steal0, own0 = self._start
+        wall, busy, steal, own = time.perf_counter() - wall0, *_busy_jiffies(), _own_jiffies()
+        self.load_after = os.getloadavg()
+        total = max(wall * (os.cpu_count() or 1) * os.sysconf("SC_CLK_TCK"), 1e-9)
+        # Jiffies tick every 10 ms: a block that short reads 0 or 1 core at random; clamp to [0, 1].
+        self.share = min(1.0, max(0.0, (busy - busy0) - (own - own0)) / total)
+        self.steal = min(1.0, max(0.0, steal - steal0) / total)
+
+    def record(self) -> dict:
+        return {"load_before": self.load_before, "load_after": self.load_after,
+                "outside_share": round(self.share, 4), "steal_share": round(self.steal, 4)}
+
+
+def _busy_jiffies() -> tuple[int, int]:
+    """All cores' busy jiffies (user, nice, system, irq, softirq; not idle, iowait or steal) and steal."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return user + nice + system + irq + softirq, steal
+
+
+def _own_jiffies() -> int:
+    """This process's CPU jiffies (all threads) plus its waited-for children's and those of live
+    children (e.g. a worker process)."""
+    def stat(pid) -> list[str]:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+
+    fields = stat("self")
+    total = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    me = str(os.getpid())
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid == me:
+            continue
+        try:
+            child = stat(pid)
+        except OSError:
+            continue
+        if child[1] == me:  # ppid
+            total += int(child[11]) + int(child[12])
+    return total
+
+
+def compile_forward(model, **kwargs):
+    """``torch.compile(model.forward)`` in its own recompile region: a benchmark compiles one
+    forward a dozen times (one per variant), past dynamo's shared per-code limit of 8."""
+    return torch.compile(model.forward, dynamic=True, isolate_recompiles=True, **kwargs)
+
+
+def allow_many_compiles(limit: int = 256) -> None:
+    """Raise dynamo's per-code recompile limit (several models compile the same forward code) and
+    make hitting it an error rather than a silent fall back to eager (which would time eager)."""
+    torch._dynamo.config.recompile_limit = limit
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers ``model`` holds, tied ones once; tensor subclasses
+    (torchao's quantized weights) are counted by their inner tensors."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += _tensor_bytes(t)
+    return total
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    inner = getattr(t, "__tensor_flatten__", None)
+    if inner is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = inner()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
 
 
 def write_json(name: str, data: dict) -> str:

@@ -25,7 +25,7 @@ import torch
 
 import tardis_compiler as tc
 from tardis_compiler.runtime.quantized_linear import QuantizedLinear
-from common import ISAS, RESULTS, cached_profiles, machine, pin_isa, write_json
+from common import ISAS, RESULTS, cached_profiles, compile_forward, machine, pin_isa, write_json
 
 
 def int8_model(model):
@@ -49,12 +49,6 @@ def without_ffns(model):
     for layer in out.model.layers:
         layer.mlp = NoFFN()
     return out
-
-
-def compile_forward(model, **kwargs):
-    """``torch.compile(model.forward)`` in its own recompile region: this script compiles one
-    forward a dozen times (one per variant), past dynamo's shared per-code limit of 8."""
-    return torch.compile(model.forward, dynamic=True, isolate_recompiles=True, **kwargs)
 
 
 def main() -> None:
