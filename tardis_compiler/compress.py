@@ -143,8 +143,8 @@ class CompressReport:
         before, after = sum(q.dense_bytes for q in done), sum(q.resident_bytes for q in done)
         lines = [f"other linears: {len(done)}/{len(self.linears)} quantized to {self.other_linears} "
                  f"(attention, LM head, dense FFNs' linears): {before / mb:.3f} -> {after / mb:.3f} MB read per token"]
-        lines.extend(f"  {q.name}: tied to {q.tied_to}, which keeps the dense weight: held +{q.resident_bytes / mb:.3f} MB "
-                     "(skip=[name] keeps it dense and tied)" for q in done if q.tied_to)
+        lines.extend(f"  {q.name}: tied to {q.tied_to}, which keeps the dense weight: held "
+                     f"+{q.resident_bytes / mb:.3f} MB (skip=[name] keeps it dense and tied)" for q in done if q.tied_to)
         reasons: dict[str, list[str]] = {}
         for q in self.linears:
             if q.dtype == "dense":

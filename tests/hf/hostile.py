@@ -173,8 +173,7 @@ def linear_cases(folder: Path, seed: int) -> list[tuple[str, Mutation]]:
             if dtype != original.dtype:
                 case(f"{part} as {dtype}", lambda t, k=key, d=dtype: t.__setitem__(k, t[k].to(d)))
         case(f"{part} removed", lambda t, k=key: t.pop(k))
-        case(f"{part} one longer", lambda t, k=key: t.__setitem__(k, torch.cat([t[k].reshape(-1), t[k].reshape(-1)[:1]
-                                                                                 if t[k].numel() else t[k].new_zeros(1)])))
+        case(f"{part} one longer", lambda t, k=key: t.__setitem__(k, _one_longer(t[k])))
         if original.numel():
             case(f"{part} flattened", lambda t, k=key: t.__setitem__(k, t[k].reshape(-1).clone()))
             case(f"{part} one row short", lambda t, k=key: t.__setitem__(k, t[k][:-1].clone()))
@@ -234,6 +233,11 @@ def linear_cases(folder: Path, seed: int) -> list[tuple[str, Mutation]]:
     }
     out.extend((f"linear config {name}", _edit_config(edit)) for name, edit in edits.items())
     return out
+
+
+def _one_longer(t: torch.Tensor) -> torch.Tensor:
+    flat = t.reshape(-1)
+    return torch.cat([flat, flat[:1] if flat.numel() else flat.new_zeros(1)])
 
 
 def _set(t: dict[str, torch.Tensor], key: str, index: int, value: float) -> None:

@@ -53,6 +53,10 @@ def test_round_trip_gives_the_same_logits(arch, dtype, other, tmp_path):
     assert set(quant["linears"]) == quantized and quant["format_version"] == 3
     size = lambda d: sum(p.stat().st_size for p in d.glob("*.safetensors"))  # noqa: E731
     assert size(tmp_path / "tardis") < 0.8 * size(tmp_path / "dense")
+    reloaded.save_pretrained(tmp_path / "again")  # a loaded model saves the same checkpoint (portable codes)
+    again = T.AutoModelForCausalLM.from_pretrained(tmp_path / "again", dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(again(batches[1])), logits(model(batches[1])), atol=0, rtol=0)
 
 
 def test_a_tied_head_loads_untied_with_the_same_logits(tmp_path):
