@@ -60,13 +60,21 @@ def quantize_other_linears(model: torch.nn.Module, other_linears: str, skip: tup
         >>> entries = quantize_other_linears(model, "int8", skip=("2",), not_considered=[])
         >>> [(e.name, e.dtype) for e in entries], type(model[0]).__name__
         ([('0', 'int8'), ('2', 'dense')], 'QuantizedLinear')
+        >>> shared = torch.nn.Linear(8, 8)
+        >>> twice = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
+        >>> [e.name for e in quantize_other_linears(twice, "int8", (), [])], twice[0] is twice[2]
+        (['0'], True)
     """
     bits = OTHER_LINEARS[other_linears]
     shared = _shared_names(model)
     untie, keep_tied = _hf_ties(model)
-    entries, quantized = [], []
-    for name, module in list(model.named_modules()):
+    entries, quantized, done = [], [], {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if type(module) is not torch.nn.Linear:
+            continue
+        if id(module) in done:  # one module under several names: one replacement, reported once
+            if done[id(module)] is not None:
+                model.set_submodule(name, done[id(module)])
             continue
         weight = module.weight
         entry = QuantizedLinearEntry(name, "dense", _bytes(module))
@@ -79,6 +87,7 @@ def quantize_other_linears(model: torch.nn.Module, other_linears: str, skip: tup
             model.set_submodule(name, replacement)
             entry.dtype, entry.resident_bytes = other_linears, replacement.resident_bytes()
             quantized.append(f"{name}.weight")
+        done[id(module)] = None if entry.reason else model.get_submodule(name)
         entries.append(entry)
     _untie(model, untie, quantized)
     return entries
