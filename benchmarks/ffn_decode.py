@@ -233,12 +233,12 @@ def bench(setup: Setup, repeats: int) -> dict:
     for name, t in us.items():
         row = {"variant": name, "us_per_call": t, "speedup_vs_best_dense": best / t}
         bytes_read = None
-        if name.startswith("dense") and "int8" not in name:
+        if name in measured:  # first: "tardis over int8" rows name int8 too
+            bytes_read, row["flag_rate"] = measured[name]
+        elif name.startswith("dense") and "int8" not in name:
             bytes_read = setup.dense_bytes
         elif "int8" in name:
             bytes_read = sum(q.numel() + s.numel() * s.element_size() for q, s in q8[0])
-        elif name in measured:
-            bytes_read, row["flag_rate"] = measured[name]
         elif name.startswith("fixed"):
             bytes_read = fixed[0].layout.bytes_per_token(0)
         if bytes_read is not None:
