@@ -74,3 +74,26 @@ def test_minilm_guard_all_and_budget():
     with torch.no_grad():
         cosine = F.cosine_similarity(fast(ids).last_hidden_state.mean(1), dense.mean(1)).item()
     assert cosine > 0.98
+
+
+@pytest.mark.parametrize("other,ppl_bound,agree", [("int8", 1.01, 0.95), ("int4", 1.15, 0.75)])
+def test_smollm2_other_linears_keep_perplexity_close(smollm2, other, ppl_bound, agree):
+    """compress_(other_linears=...) with exact FFNs (guard="all"): what changes is the attention
+    projections and the (tied, so untied) LM head quantized; int8 is within 1% of dense perplexity."""
+    import copy
+
+    from tardis_compiler.eval.metrics import perplexity
+    from tardis_compiler.runtime.quantized_linear import quantize_int4
+
+    model, profile, windows, prefix = smollm2
+    quantized = copy.deepcopy(model)
+    report = tc.compress_(quantized, profile, windows[0][None, :16], guard="all", other_linears=other)
+    assert len(report.quantized) == 30 * 4 + 1 and report.quantized[-1].tied_to == "model.embed_tokens.weight"
+    ids = torch.cat([torch.tensor(prefix, dtype=torch.long), windows[1][:64]])[None]
+    with torch.no_grad():
+        want, got = model(ids).logits, quantized(ids).logits
+    assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= agree
+    dense, ppl = perplexity(model, windows, prefix).value, perplexity(quantized, windows, prefix).value
+    assert ppl < ppl_bound * dense, (ppl, dense)
+    if other == "int4":  # the head's codes read back from torch's CPU layout at its real size (49152 x 576)
+        assert torch.equal(quantized.lm_head.portable_qweight(), quantize_int4(model.lm_head.weight)[0])
