@@ -159,6 +159,9 @@ def add_compress_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--other-linears", choices=["int8", "int4"], help="also quantize, weight-only, every "
                         "linear outside the compressed FFNs: attention projections, the LM head (untied from the "
                         "embedding if tied), dense FFNs' linears (default: they stay as they are)")
+    parser.add_argument("--weights", choices=["int8"], help="quantized packs (tardis over int8): the folded "
+                        "matrix and every neuron's rows int8, calibrated against the int8 model; --budget is then "
+                        "a fraction of the int8 FFN's bytes (default: the model's weights)")
     parser.add_argument("--calibration-batches", type=_count, default=16, metavar="N")
     parser.add_argument("--context-length", type=_count, help="tokens per calibration window (default: "
                         "512 for causal LMs, 256 for encoders, at most the model's)")
@@ -182,7 +185,8 @@ def _run_compress(args: argparse.Namespace) -> int:
                                      calibration_batches=args.calibration_batches,
                                      context_length=args.context_length,
                                      dtype=getattr(torch, args.dtype) if args.dtype else None,
-                                     progress=args.progress, force=args.force, other_linears=args.other_linears)
+                                     progress=args.progress, force=args.force, other_linears=args.other_linears,
+                                     weights=args.weights)
     except (OSError, ValueError, ImportError) as error:
         print(f"tardis compress: error: {error}", file=sys.stderr)
         return 2

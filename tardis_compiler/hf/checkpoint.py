@@ -39,12 +39,15 @@ def compress_pretrained(model_ref: str, out: str | Path, budget: float, text: st
                         resident: float | None = None, guard: str | None = None, skip: tuple[str, ...] = (),
                         bundles: str = "int8", calibration_batches: int = 16, context_length: int | None = None,
                         dtype: torch.dtype | None = None, progress: bool = True,
-                        force: bool = False, other_linears: str | None = None) -> CompressReport:
+                        force: bool = False, other_linears: str | None = None,
+                        weights: str | None = None) -> CompressReport:
     """Load ``model_ref`` (a built-in name, a local HF folder or a .gguf file), calibrate it on the
     built-in Wikipedia calibration text (or the file ``text``) at ``budget``, ``compress_`` it
     (``bundles``: how the guarded neurons' rows are held and priced, ``CalibrationConfig.bundles``) and write the HF
     checkpoint (weights, config, tokenizer) to ``out``. ``other_linears`` ("int8", "int4"): also quantize
-    the linears outside the compressed FFNs (``compress_``'s keyword).
+    the linears outside the compressed FFNs (``compress_``'s keyword). ``weights="int8"``: quantized packs,
+    calibrated against the int8 model (``CalibrationConfig.weights``; ``budget`` is then a fraction of
+    the int8 FFN's bytes).
 
     ``out`` must not be (or lie inside) the model's folder, and must be new or empty unless ``force``:
     then only the files this run writes are replaced, every other file in ``out`` is kept. The checkpoint
@@ -53,7 +56,7 @@ def compress_pretrained(model_ref: str, out: str | Path, budget: float, text: st
 
     Example:
         >>> # compress_pretrained("smollm2", "smollm2-tardis", 0.5, resident=0.9)
-        >>> # compress_pretrained("smollm2", "smollm2-tardis-q8", 0.5, other_linears="int8")
+        >>> # compress_pretrained("smollm2", "smollm2-tardis-q8", 0.5, other_linears="int8", weights="int8")
         >>> # compress_pretrained("./my-llama", "./existing-folder", 0.5, force=True)
     """
     from ..eval.corpus import calibration_batches as wikipedia_batches
@@ -70,7 +73,8 @@ def compress_pretrained(model_ref: str, out: str | Path, budget: float, text: st
         batches = text_batches(loaded.tokenizer, text, context, calibration_batches)
     else:
         batches = wikipedia_batches(loaded.tokenizer, context_length=context, num_batches=calibration_batches)
-    config = CalibrationConfig(budget=budget, resident=resident, skip=skip, bundles=bundles, progress=progress)
+    config = CalibrationConfig(budget=budget, resident=resident, skip=skip, bundles=bundles, weights=weights,
+                               progress=progress)
     profile = calibrate(loaded.model, batches, config)
     report = compress_(loaded.model, profile, batches[0][:, :16], guard=guard,  # rows as calibration priced
                        other_linears=other_linears)

@@ -69,6 +69,27 @@ def test_guard_all_checkpoint_reproduces_the_dense_model(tmp_path):
         torch.testing.assert_close(logits(reloaded(batches[1])), logits(dense(batches[1])), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_quantized_packs_and_int8_linears_round_trip(arch, tmp_path):
+    """weights="int8" packs (an empty ``weights`` buffer) with other_linears="int8": the same logits
+    after from_pretrained, and the checkpoint holds less than the dense one."""
+    dense = build_tiny(arch)
+    dense.save_pretrained(tmp_path / "dense")
+    model = build_tiny(arch)
+    batches = token_batches(4)
+    profile = tc.calibrate(model, batches, tc.CalibrationConfig(**QUIET, weights="int8"))
+    tc.compress_(model, profile, batches[0], other_linears="int8")
+    model.save_pretrained(tmp_path / "tardis")
+    reloaded = _auto(arch).from_pretrained(tmp_path / "tardis")
+    layouts = [m.layout for m in reloaded.modules() if isinstance(m, TardisFFN)]
+    assert len(layouts) == 2 and all(lay.weights == "int8" for lay in layouts)
+    with torch.no_grad():
+        for x in batches[1:3]:
+            torch.testing.assert_close(logits(reloaded(x)), logits(model(x)), atol=0, rtol=0)
+    size = lambda d: sum(p.stat().st_size for p in d.glob("*.safetensors"))  # noqa: E731
+    assert size(tmp_path / "tardis") < 0.8 * size(tmp_path / "dense")  # tiny: the fp32 embeddings are a third
+
+
 def test_reloaded_model_generates_and_declares_itself_compileable(tmp_path):
     model, batches = _compressed("llama")
     model.save_pretrained(tmp_path)
