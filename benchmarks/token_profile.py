@@ -1,8 +1,9 @@
 """Where one decode step's time goes (issue 19, item 5): SmolLM2-135M, batch 1, eager, split by
 module into FFN, attention projections, attention core (rotary, cache update, SDPA, reshapes), LM
 head, norms, embedding, and the rest (generate's loop, sampling, the model's own glue). Variants:
-dense bf16, int8 weight-only on every linear (torch's packed int8 GEMV), and a tardis checkpoint
-(``compress_`` at ``--budget``) in bf16.
+dense bf16, int8 weight-only on every linear (torch's packed int8 GEMV), a tardis checkpoint
+(``compress_`` at ``--budget``) in bf16, and tardis over int8 (quantized packs at ``--budget`` of the
+int8 FFN's bytes, ``other_linears="int8"``).
 
 Method: forward pre/post hooks time each categorised module with ``time.perf_counter`` (the CPU is
 synchronous) during ``generate``; a module inside an already-timed one is not counted twice. The
@@ -104,8 +105,14 @@ def main() -> None:
                               tc.CalibrationConfig(progress=False))[args.budget]
     compressed = copy.deepcopy(dense)
     tc.compress_(compressed, profile, batches[0][:, :16])
+    # tardis over int8: quantized packs, calibrated against the int8 model, and int8 attention / head
+    profile8 = cached_profiles("smollm2-bfloat16", dense, batches, [args.budget],
+                               tc.CalibrationConfig(progress=False, weights="int8"))[args.budget]
+    over_int8 = copy.deepcopy(dense)
+    tc.compress_(over_int8, profile8, batches[0][:, :16], other_linears="int8")
     variants = {"dense bf16": dense, "int8 weight-only": int8_model(dense).eval(),
-                f"tardis {args.budget} checkpoint (compress_)": compressed}
+                f"tardis {args.budget} checkpoint (compress_)": compressed,
+                f"tardis over int8 {args.budget} + int8 linears": over_int8}
     generate = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                     pad_token_id=tok.eos_token_id)
 

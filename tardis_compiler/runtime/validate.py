@@ -197,19 +197,34 @@ def validate_stored_tensors(stored: dict[str, tuple[str, str, tuple[int, ...]]],
         ...
         tardis_compiler.runtime.validate.PackError: tardis module mlp: tensor 'mlp.guard' is missing from the checkpoint
     """
-    wanted = expected_tensors(target, layout, dense_key)
+    check_stored_headers(stored, expected_tensors(target, layout, dense_key), f"tardis module {target}",
+                         "layout", (target, *identities), "a compressed module")
+
+
+def check_stored_headers(stored: dict[str, tuple[str, str, tuple[int, ...]]],
+                         wanted: dict[str, tuple[str, tuple[int, ...]]], what: str, described_by: str,
+                         owners: Sequence[str], owner_kind: str) -> None:
+    """Every ``wanted`` key (-> (dtype, shape)) stored with that dtype and shape, and nothing else
+    stored under the modules ``owners``; PackError names ``what``, the file and the tensor.
+
+    Example:
+        >>> check_stored_headers({"m.w": ("f.safetensors", "F32", (2,))}, {"m.w": ("F32", (3,))}, "m", "spec",
+        ...                      ["m"], "a module")
+        Traceback (most recent call last):
+        ...
+        tardis_compiler.runtime.validate.PackError: m in f.safetensors: tensor 'm.w' is F32 [2], its config.json spec needs F32 [3]
+    """
     for key, (dtype, shape) in wanted.items():
         if key not in stored:
-            raise PackError(f"tardis module {target}: tensor {key!r} is missing from the checkpoint")
+            raise PackError(f"{what}: tensor {key!r} is missing from the checkpoint")
         file, got_dtype, got_shape = stored[key]
         if got_dtype != dtype or tuple(got_shape) != shape:
-            raise PackError(f"tardis module {target} in {file}: tensor {key!r} is {got_dtype} {list(got_shape)}, "
-                            f"its config.json layout needs {dtype} {list(shape)}")
-    prefixes = tuple(f"{p}." for p in (target, *identities) if p)
+            raise PackError(f"{what} in {file}: tensor {key!r} is {got_dtype} {list(got_shape)}, "
+                            f"its config.json {described_by} needs {dtype} {list(shape)}")
+    prefixes = tuple(f"{p}." for p in owners if p)
     extra = sorted(k for k in stored if k.startswith(prefixes) and k not in wanted)
     if extra:
-        raise PackError(f"tardis module {target} in {stored[extra[0]][0]}: unexpected tensors {extra[:4]} "
-                        "under a compressed module")
+        raise PackError(f"{what} in {stored[extra[0]][0]}: unexpected tensors {extra[:4]} under {owner_kind}")
 
 
 def validate_swap(model: torch.nn.Module, target: str, swap: object, layout: Layout) -> tuple[str, ...]:

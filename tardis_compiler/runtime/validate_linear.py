@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .quantized_linear import ELEMENT_TYPES, SPEC_VERSION, QuantizedLinear, check_shape
-from .validate import PackError
+from .validate import PackError, check_stored_headers
 
 _SPEC_KEYS = {"spec_version", "bits", "group", "in_features", "out_features", "bias", "element_type", "sha256"}
 _STORED = {torch.int8: "I8", torch.uint8: "U8", torch.float32: "F32", torch.bfloat16: "BF16",
@@ -92,18 +92,8 @@ def validate_stored_linear(stored: dict[str, tuple[str, str, tuple[int, ...]]], 
         ...
         tardis_compiler.runtime.validate.PackError: tardis linear head in model.safetensors: tensor 'head.scale' is F16 [16], its config.json spec needs F32 [16]
     """
-    wanted = expected_linear_tensors(target, spec)
-    for key, (dtype, shape) in wanted.items():
-        if key not in stored:
-            raise PackError(f"tardis linear {target}: tensor {key!r} is missing from the checkpoint")
-        file, got_dtype, got_shape = stored[key]
-        if got_dtype != dtype or tuple(got_shape) != shape:
-            raise PackError(f"tardis linear {target} in {file}: tensor {key!r} is {got_dtype} {list(got_shape)}, "
-                            f"its config.json spec needs {dtype} {list(shape)}")
-    extra = sorted(k for k in stored if k.startswith(f"{target}.") and k not in wanted)
-    if extra:
-        raise PackError(f"tardis linear {target} in {stored[extra[0]][0]}: unexpected tensors {extra[:4]} "
-                        "under a quantized linear")
+    check_stored_headers(stored, expected_linear_tensors(target, spec), f"tardis linear {target}", "spec",
+                         [target], "a quantized linear")
 
 
 def validate_linear_target(model: torch.nn.Module, target: str, spec: dict[str, Any]) -> None:
