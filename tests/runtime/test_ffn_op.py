@@ -3,6 +3,7 @@ dtypes and thread counts; ``guard="all"`` against the dense FFN; opcheck; run-ti
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -227,7 +228,10 @@ def test_one_openmp_runtime_is_mapped():
     _kernel_out(x, pack, 2)
     with open("/proc/self/maps") as f:
         gomp = {line.split()[-1] for line in f if "libgomp" in line.rsplit("/", 1)[-1]}
-    assert len(gomp) == 1, gomp
+    # Other wheels may vendor their own renamed copy (auditwheel: libgomp-<hash>.so, e.g. sentencepiece's,
+    # which transformers loads when it is installed); the kernel links torch's file by path, never one of those.
+    ours = {path for path in gomp if not re.search(r"libgomp-[0-9a-f]{8}\.so", path.rsplit("/", 1)[-1])}
+    assert len(ours) == 1, gomp
 
 
 @needs_kernel
