@@ -30,7 +30,7 @@ import inspect
 import logging
 import os
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -180,8 +180,6 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
         >>> type(mlp[0]).__name__, type(mlp[2]).__name__, report.ffns[0].mode
         ('TardisFFN', 'Identity', 'split')
     """
-    from .backend import capture_graphs  # the backend imports passes; compress sits beside it
-
     if isinstance(profile, (str, os.PathLike)):
         profile = Profile.load(profile)
     require(isinstance(profile, Profile), f"profile must be a Profile or a saved profile's path, got "
@@ -195,18 +193,9 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
         raise ValueError("compress_() needs the model in eval mode (folding is an inference transform): "
                          "call model.eval() first")
     skip = check_patterns(skip if isinstance(skip, (str, list)) else tuple(skip), "skip")
-    args, kwargs = _example_call(model, example_inputs)
-    tensors = dict(model.named_parameters(remove_duplicate=False))
-    tensors.update(model.named_buffers(remove_duplicate=False))
     done: dict[str, CompressedFFN] = {}
-    for gm, fqns in capture_graphs(model, *args, **kwargs):
-        matches, _ = find_ffns(gm, fqns)
-        placeholders = list(fqns)  # the graph's state inputs, as the model's tensors (ffn_slots' values)
-        graph_inputs = ({node: i for i, node in enumerate(placeholders)}, [tensors[fqns[n]] for n in placeholders])
-        for match in matches:
-            if match.name in done:
-                continue
-            done[match.name] = _compress_one(model, match, fqns, graph_inputs, profile, guard, skip, bundles)
+    for match, fqns, graph_inputs in model_ffns(model, example_inputs):
+        done[match.name] = _compress_one(model, match, fqns, graph_inputs, profile, guard, skip, bundles)
     not_considered = routed_experts(model, list(done))  # after matching: what no found FFN covers
     if not done:
         beside = f" (not considered: {not_considered[0][0]}, {not_considered[0][1]})" if not_considered else ""
@@ -218,6 +207,33 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
     _mark_compressed(model, report, profile)
     log.info("compress_:\n%s", report)
     return report
+
+
+def model_ffns(model: torch.nn.Module, example_inputs: Any) -> Iterator[tuple[Any, dict, tuple[dict, list]]]:
+    """Each FFN of ``model`` once, as found in the dynamo graphs of one call on ``example_inputs``
+    (as for ``compress_``): (match, the graph's placeholder -> FQN map, (placeholder -> input position,
+    the model's tensors in that order): what ``ffn_slots(match, positions).weights(values)`` views).
+    The one FFN discovery of ``compress_`` and ``quantized_reference``.
+
+    Example:
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval()
+        >>> [match.kind for match, _, _ in model_ffns(mlp, torch.randn(2, 16))]
+        ['plain']
+    """
+    from .backend import capture_graphs  # the backend imports passes; compress sits beside it
+
+    args, kwargs = _example_call(model, example_inputs)
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    seen: set[str] = set()
+    for gm, fqns in capture_graphs(model, *args, **kwargs):
+        matches, _ = find_ffns(gm, fqns)
+        placeholders = list(fqns)  # the graph's state inputs, as the model's tensors (ffn_slots' values)
+        graph_inputs = ({node: i for i, node in enumerate(placeholders)}, [tensors[fqns[n]] for n in placeholders])
+        for match in matches:
+            if match.name not in seen:
+                seen.add(match.name)
+                yield match, fqns, graph_inputs
 
 
 def _compress_one(model, match, fqns, graph_inputs, profile: Profile, guard: str | None, skip,

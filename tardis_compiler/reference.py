@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from .passes import find_ffns
 from .passes.context import ffn_slots
 from .runtime.quantize import reference_weights
 
@@ -31,28 +30,19 @@ def quantized_reference(model: torch.nn.Module, example_inputs: Any = None, weig
         >>> len(ref[0].weight.unique(dim=1)) <= 16 * 255, torch.equal(ref[0].bias, mlp[0].bias)
         (True, True)
     """
-    from .backend import capture_graphs  # as compress_ does (the backend imports passes)
-    from .compress import _example_call
+    from .compress import model_ffns  # compress imports the backend, which imports passes
 
     reference = copy.deepcopy(model)
-    args, kwargs = _example_call(reference, example_inputs)
-    tensors = dict(reference.named_parameters(remove_duplicate=False))
-    tensors.update(reference.named_buffers(remove_duplicate=False))
     done: set[str] = set()
     with torch.no_grad():
-        for gm, fqns in capture_graphs(reference, *args, **kwargs):
-            matches, _ = find_ffns(gm, fqns)
-            placeholders = list(fqns)
-            positions = {node: i for i, node in enumerate(placeholders)}
-            values = [tensors[fqns[n]] for n in placeholders]
-            for match in matches:
-                if match.name in done or "#" in match.name:  # shared weights: quantized once, by their first FFN
-                    continue
-                done.add(match.name)
-                views = ffn_slots(match, positions).weights(values)
-                for key, value in reference_weights(match.kind, views, weights).items():
-                    if value is not views[key]:
-                        views[key].copy_(value)
+        for match, _fqns, (positions, values) in model_ffns(reference, example_inputs):
+            if "#" in match.name:  # shared weights: quantized once, by their first FFN
+                continue
+            done.add(match.name)
+            views = ffn_slots(match, positions).weights(values)
+            for key, value in reference_weights(match.kind, views, weights).items():
+                if value is not views[key]:
+                    views[key].copy_(value)
     if not done:
         raise ValueError("quantized_reference() found no FFN in this model; tardis_compiler.explain(model, inputs) "
                          "lists what was matched and why")
