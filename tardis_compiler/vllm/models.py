@@ -1,0 +1,216 @@
+"""Model overrides: vLLM's model classes, with each compressed MLP swapped for a ``TardisMLP``.
+
+``register_models`` registers, under the stock architecture names, subclasses that behave exactly
+as the stock classes unless the checkpoint's ``quantization_config`` is tardis. Then:
+
+1. tensor or pipeline parallel sizes above 1 are refused (splitting packs by neurons is not built yet);
+2. each MLP that config.json lists is built as vLLM builds it and at once replaced by a parameter-
+   shape view on the meta device (``_DenseShapes``: no memory). Llama, Mistral and Phi-3 do it per
+   layer, through their ``layer_type=`` decoder-layer hook; the others after the model is built
+   (their dense MLPs are allocated for a moment);
+3. ``plan_modules`` checks every entry against that dense model and the stored tensor headers: the
+   transformers door's checks, not a copy;
+4. every planned target must be a ``model.layers.N.mlp`` swapped whole (mode "module"), and becomes
+   an empty ``TardisMLP`` (meta device);
+5. ``load_weights`` runs the stock loader, then ``finish_module`` on every pack (sha256, values,
+   alignment).
+
+A tardis checkpoint of any other model class is refused by ``TardisVllmConfig.get_quant_method``.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import re
+from typing import Any, Iterable
+
+import torch
+from vllm import ModelRegistry
+from vllm.model_executor.models import gemma, gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
+
+from ..runtime.checkpoint_modules import ModulePlan, finish_module, plan_modules, stored_tensor_headers, \
+    warn_if_undigested
+from .config import TardisVllmConfig
+from .mlp import TardisMLP
+
+#: Targets the plugin can serve: a decoder layer's whole MLP.
+MLP_PATH = re.compile(r"model\.layers\.[0-9]+\.mlp")
+
+
+class _DenseShapes(torch.nn.Module):
+    """A stock MLP's parameter shapes on the meta device, what ``validate_swap`` checks a swap against."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        for name, p in module.named_parameters():
+            empty = torch.empty(p.shape, dtype=p.dtype, device="meta")
+            self.register_parameter(name.replace(".", "__"), torch.nn.Parameter(empty, requires_grad=False))
+
+
+def _tardis_config(vllm_config: Any) -> TardisVllmConfig | None:
+    quant = getattr(vllm_config, "quant_config", None)
+    return quant if isinstance(quant, TardisVllmConfig) else None
+
+
+def refuse_parallel(vllm_config: Any) -> None:
+    """ValueError for a tardis checkpoint at tensor or pipeline parallel size above 1.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> refuse_parallel(NS(parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1)))
+        >>> refuse_parallel(NS(parallel_config=NS(tensor_parallel_size=2, pipeline_parallel_size=1)))
+        Traceback (most recent call last):
+        ...
+        ValueError: tardis checkpoints in vLLM run at tensor_parallel_size=1 and pipeline_parallel_size=1 only (got 2 and 1): splitting packs across ranks is not built yet; serve with one rank
+    """
+    parallel = vllm_config.parallel_config
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    if tp > 1 or pp > 1:
+        raise ValueError(f"tardis checkpoints in vLLM run at tensor_parallel_size=1 and pipeline_parallel_size=1 "
+                         f"only (got {tp} and {pp}): splitting packs across ranks is not built yet; serve with "
+                         "one rank")
+
+
+def _checkpoint_files(model: str) -> list[str] | None:
+    files = sorted(glob.glob(os.path.join(model, "*.safetensors"))) if os.path.isdir(model) else []
+    return files or None
+
+
+class _TardisModel:
+    """Mixin of the overrides (see the module docstring); ``_tardis_swap`` runs after the stock
+    ``__init__``."""
+
+    _tardis_plans: dict[str, ModulePlan] = {}
+    _tardis_format = 0
+
+    def _tardis_begin(self, vllm_config: Any) -> TardisVllmConfig | None:
+        quant = _tardis_config(vllm_config)
+        if quant is not None:
+            refuse_parallel(vllm_config)
+            quant.served_by = type(self).__name__
+        return quant
+
+    def _tardis_swap(self, vllm_config: Any) -> None:
+        quant = _tardis_config(vllm_config)
+        if quant is None:
+            return
+        model: torch.nn.Module = self  # type: ignore[assignment]
+        for target in quant.modules:  # models without a layer hook: the dense MLPs go now
+            if MLP_PATH.fullmatch(target) and not isinstance(_get(model, target), (_DenseShapes, type(None))):
+                model.set_submodule(target, _DenseShapes(model.get_submodule(target)))
+        stored = stored_tensor_headers(_checkpoint_files(vllm_config.model_config.model))
+        plans = plan_modules(model, quant.modules, stored, vllm_config.model_config.dtype)
+        for target, plan in plans.items():
+            if not MLP_PATH.fullmatch(target) or plan.identities:
+                raise ValueError(f"tardis module {target}: the vLLM plugin serves whole decoder-layer MLPs "
+                                 "(model.layers.N.mlp, mode 'module'), not this swap: serve this checkpoint with "
+                                 "transformers (AutoModelForCausalLM.from_pretrained)")
+            model.set_submodule(target, TardisMLP.from_plan(plan))
+        self._tardis_plans, self._tardis_format = plans, quant.format_version
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = super().load_weights(weights)  # type: ignore[misc]
+        if self._tardis_plans:
+            warn_if_undigested(self._tardis_format)
+            model: torch.nn.Module = self  # type: ignore[assignment]
+            for target, plan in self._tardis_plans.items():
+                finish_module(target, model.get_submodule(target), plan.spec, self._tardis_format)
+        return loaded
+
+
+def _get(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+@functools.cache
+def _shrinking(layer_type: type) -> type:
+    """``layer_type`` whose MLP, when config.json lists it, becomes a ``_DenseShapes`` once built."""
+
+    class Layer(layer_type):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            quant = _tardis_config(kwargs.get("vllm_config"))
+            if quant is not None and f"{kwargs.get('prefix', '')}.mlp" in quant.modules:
+                self.mlp = _DenseShapes(self.mlp)
+
+    Layer.__name__ = Layer.__qualname__ = f"Tardis{layer_type.__name__}"
+    return Layer
+
+
+def _with_layer_hook(stock: type, default_layer: type) -> type:
+    """An override of ``stock`` (``__init__(*, vllm_config, prefix, layer_type)``)."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "", layer_type: type = default_layer) -> None:
+        if self._tardis_begin(vllm_config) is not None:
+            layer_type = _shrinking(layer_type)
+        stock.__init__(self, vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+        self._tardis_swap(vllm_config)
+
+    return type(f"Tardis{stock.__name__}", (_TardisModel, stock), {"__init__": __init__, "__module__": __name__})
+
+
+def _after_init(stock: type) -> type:
+    """An override of ``stock`` (``__init__(*, vllm_config, prefix)``), swapping after the stock build."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        self._tardis_begin(vllm_config)
+        stock.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        self._tardis_swap(vllm_config)
+
+    return type(f"Tardis{stock.__name__}", (_TardisModel, stock), {"__init__": __init__, "__module__": __name__})
+
+
+TardisLlamaForCausalLM = _with_layer_hook(llama.LlamaForCausalLM, llama.LlamaDecoderLayer)
+TardisMistralForCausalLM = _with_layer_hook(mistral.MistralForCausalLM, mistral.MistralDecoderLayer)
+TardisPhi3ForCausalLM = _with_layer_hook(phi3.Phi3ForCausalLM, llama.LlamaDecoderLayer)
+TardisQwen2ForCausalLM = _after_init(qwen2.Qwen2ForCausalLM)
+TardisQwen3ForCausalLM = _after_init(qwen3.Qwen3ForCausalLM)
+TardisGemmaForCausalLM = _after_init(gemma.GemmaForCausalLM)
+TardisGemma2ForCausalLM = _after_init(gemma2.Gemma2ForCausalLM)
+TardisGemma3ForCausalLM = _after_init(gemma3.Gemma3ForCausalLM)
+
+#: HF architecture name -> the override class served for it.
+ARCHITECTURES: dict[str, type] = {cls.__name__.removeprefix("Tardis"): cls for cls in (
+    TardisLlamaForCausalLM, TardisMistralForCausalLM, TardisPhi3ForCausalLM, TardisQwen2ForCausalLM,
+    TardisQwen3ForCausalLM, TardisGemmaForCausalLM, TardisGemma2ForCausalLM, TardisGemma3ForCausalLM)}
+
+
+def check_architecture(quant: TardisVllmConfig) -> None:
+    """ValueError unless one of this plugin's overrides is building the model (a stock vLLM class
+    would build dense MLPs, with no weights, for the compressed ones).
+
+    Example:
+        >>> quant = TardisVllmConfig({"modules": {}})
+        >>> check_architecture(quant)
+        Traceback (most recent call last):
+        ...
+        ValueError: tardis: vLLM is building this tardis checkpoint with a model class the tardis plugin does not override (architectures ['?']); the plugin serves ['Gemma2ForCausalLM', 'Gemma3ForCausalLM', 'GemmaForCausalLM', 'LlamaForCausalLM', 'MistralForCausalLM', 'Phi3ForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'] (model_impl 'auto' or 'vllm'): serve this checkpoint with transformers (AutoModelForCausalLM.from_pretrained)
+    """
+    if getattr(quant, "served_by", None) in {cls.__name__ for cls in ARCHITECTURES.values()}:
+        return
+    try:
+        from vllm.config import get_current_vllm_config
+
+        architectures = list(get_current_vllm_config().model_config.architectures or [])
+    except Exception:  # noqa: BLE001 - only for the message
+        architectures = ["?"]
+    raise ValueError(f"tardis: vLLM is building this tardis checkpoint with a model class the tardis plugin does "
+                     f"not override (architectures {architectures}); the plugin serves {sorted(ARCHITECTURES)} "
+                     "(model_impl 'auto' or 'vllm'): serve this checkpoint with transformers "
+                     "(AutoModelForCausalLM.from_pretrained)")
+
+
+def register_models() -> None:
+    """Register the overrides under the stock architecture names (vLLM then builds them for every
+    checkpoint of these architectures; dense ones run exactly as the stock classes).
+
+    Example:
+        >>> register_models(); "LlamaForCausalLM" in ModelRegistry.get_supported_archs()
+        True
+    """
+    for name, cls in ARCHITECTURES.items():
+        ModelRegistry.register_model(name, f"{__name__}:{cls.__name__}")

@@ -1,0 +1,23 @@
+"""The vLLM door's tier (marker ``vllm``): run in the vLLM venv (``.ci/install-vllm``)::
+
+    .venv-vllm/bin/python -m pytest -m vllm tests/vllm
+
+The main suite deselects the marker (pyproject's addopts). Every engine runs in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, executor "uni"), so a refused checkpoint raises its own
+exception here, and an engine starts in seconds. Checkpoints are built once per session.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/vllm/" in item.nodeid.replace("\\", "/"):
+            item.add_marker(pytest.mark.vllm)
