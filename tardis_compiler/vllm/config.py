@@ -18,6 +18,11 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from ..runtime.checkpoint_modules import QUANT_METHOD, check_config
 
 
+#: The HF architectures whose vLLM model classes the plugin overrides (``models.py``).
+SERVED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
+                        "Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+
+
 class TardisVllmConfig(QuantizationConfig):
     """The ``quantization_config`` of a tardis checkpoint, for vLLM.
 
@@ -57,13 +62,35 @@ class TardisVllmConfig(QuantizationConfig):
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if not self._architecture_checked:
-            from .models import check_architecture
-
             check_architecture(self)  # a stock class would build dense MLPs for the compressed ones
             self._architecture_checked = True
         if isinstance(layer, LinearBase):
             return UnquantizedLinearMethod()
         return None
+
+
+def check_architecture(quant: TardisVllmConfig) -> None:
+    """ValueError unless one of the plugin's overrides is building the model (``served_by``): a stock
+    vLLM class would build dense MLPs, with no weights, for the compressed ones.
+
+    Example:
+        >>> check_architecture(TardisVllmConfig({"modules": {}}))
+        Traceback (most recent call last):
+        ...
+        ValueError: tardis: vLLM is building this tardis checkpoint with a model class the tardis plugin does not override (architectures ['?']); the plugin serves ['Gemma2ForCausalLM', 'Gemma3ForCausalLM', 'GemmaForCausalLM', 'LlamaForCausalLM', 'MistralForCausalLM', 'Phi3ForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'] (model_impl 'auto' or 'vllm'): serve this checkpoint with transformers (AutoModelForCausalLM.from_pretrained)
+    """
+    if quant.served_by in {f"Tardis{name}" for name in SERVED_ARCHITECTURES}:
+        return
+    try:
+        from vllm.config import get_current_vllm_config
+
+        architectures = list(get_current_vllm_config().model_config.architectures or [])
+    except Exception:  # noqa: BLE001 - only for the message (no vLLM config outside an engine)
+        architectures = ["?"]
+    raise ValueError(f"tardis: vLLM is building this tardis checkpoint with a model class the tardis plugin does "
+                     f"not override (architectures {architectures}); the plugin serves {sorted(SERVED_ARCHITECTURES)} "
+                     "(model_impl 'auto' or 'vllm'): serve this checkpoint with transformers "
+                     "(AutoModelForCausalLM.from_pretrained)")
 
 
 def register_config() -> None:

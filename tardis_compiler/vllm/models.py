@@ -15,7 +15,8 @@ as the stock classes unless the checkpoint's ``quantization_config`` is tardis. 
 5. ``load_weights`` runs the stock loader, then ``finish_module`` on every pack (sha256, values,
    alignment).
 
-A tardis checkpoint of any other model class is refused by ``TardisVllmConfig.get_quant_method``.
+A tardis checkpoint of any other model class is refused by ``TardisVllmConfig.get_quant_method``
+(``config.check_architecture``).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from vllm.model_executor.models import gemma, gemma2, gemma3, llama, mistral, ph
 
 from ..runtime.checkpoint_modules import ModulePlan, finish_module, plan_modules, stored_tensor_headers, \
     warn_if_undigested
-from .config import TardisVllmConfig
+from .config import SERVED_ARCHITECTURES, TardisVllmConfig
 from .mlp import TardisMLP
 
 #: Targets the plugin can serve: a decoder layer's whole MLP.
@@ -173,35 +174,11 @@ TardisGemmaForCausalLM = _after_init(gemma.GemmaForCausalLM)
 TardisGemma2ForCausalLM = _after_init(gemma2.Gemma2ForCausalLM)
 TardisGemma3ForCausalLM = _after_init(gemma3.Gemma3ForCausalLM)
 
-#: HF architecture name -> the override class served for it.
+#: HF architecture name -> the override class served for it (``config.SERVED_ARCHITECTURES``).
 ARCHITECTURES: dict[str, type] = {cls.__name__.removeprefix("Tardis"): cls for cls in (
     TardisLlamaForCausalLM, TardisMistralForCausalLM, TardisPhi3ForCausalLM, TardisQwen2ForCausalLM,
     TardisQwen3ForCausalLM, TardisGemmaForCausalLM, TardisGemma2ForCausalLM, TardisGemma3ForCausalLM)}
-
-
-def check_architecture(quant: TardisVllmConfig) -> None:
-    """ValueError unless one of this plugin's overrides is building the model (a stock vLLM class
-    would build dense MLPs, with no weights, for the compressed ones).
-
-    Example:
-        >>> quant = TardisVllmConfig({"modules": {}})
-        >>> check_architecture(quant)
-        Traceback (most recent call last):
-        ...
-        ValueError: tardis: vLLM is building this tardis checkpoint with a model class the tardis plugin does not override (architectures ['?']); the plugin serves ['Gemma2ForCausalLM', 'Gemma3ForCausalLM', 'GemmaForCausalLM', 'LlamaForCausalLM', 'MistralForCausalLM', 'Phi3ForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'] (model_impl 'auto' or 'vllm'): serve this checkpoint with transformers (AutoModelForCausalLM.from_pretrained)
-    """
-    if getattr(quant, "served_by", None) in {cls.__name__ for cls in ARCHITECTURES.values()}:
-        return
-    try:
-        from vllm.config import get_current_vllm_config
-
-        architectures = list(get_current_vllm_config().model_config.architectures or [])
-    except Exception:  # noqa: BLE001 - only for the message
-        architectures = ["?"]
-    raise ValueError(f"tardis: vLLM is building this tardis checkpoint with a model class the tardis plugin does "
-                     f"not override (architectures {architectures}); the plugin serves {sorted(ARCHITECTURES)} "
-                     "(model_impl 'auto' or 'vllm'): serve this checkpoint with transformers "
-                     "(AutoModelForCausalLM.from_pretrained)")
+assert set(ARCHITECTURES) == set(SERVED_ARCHITECTURES)
 
 
 def register_models() -> None:

@@ -21,3 +21,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/vllm/" in item.nodeid.replace("\\", "/"):
             item.add_marker(pytest.mark.vllm)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tardis(tmp_path_factory):
+    """dtype -> real SmolLM2 compressed at budget 0.5 in that dtype (``tardis compress``), built once."""
+    from tests.vllm.smollm2 import build
+
+    folders = {}
+
+    def get(dtype, budget: float | None = 0.5, guard: str | None = None):
+        key = (dtype, budget, guard)
+        if key not in folders:
+            folders[key] = build(tmp_path_factory.mktemp(f"smollm2-{budget}-{guard}") / "ckpt", dtype, budget, guard)
+        return folders[key]
+    return get
