@@ -4,7 +4,8 @@ Everything that prices an FFN imports its formulas from here: calibration (the o
 may take), the profile (bytes per token at the measured flag rate), the backend and ``explain``
 (the dense FFN's bytes), and the evaluation harness (the pruning baselines' bitmask format).
 
-- dense FFNs: ``ffn_bytes_per_token(..., guard="dense")`` (plain), ``gated_dense_bytes`` (gated);
+- dense FFNs: ``dense_ffn_bytes`` (any kind), ``ffn_bytes_per_token(..., guard="dense")`` (plain),
+  ``gated_dense_bytes`` (gated);
 - folded FFNs, as the pack lays them out (``runtime/layout.py``, re-exported here):
   ``folded_matrix_bytes`` (Wf, read once per token), ``always_read_bytes`` (the float32 bf),
   ``exact_neuron_bytes`` (one neuron on the exact path), ``guard_neuron_bytes`` and ``guard_bytes``
@@ -25,13 +26,14 @@ from typing import TYPE_CHECKING
 from .runtime.layout import (ALIGN_BYTES, META_FIELDS, NEURON_FLOATS, QSCALES, always_read_bytes, bundle_row,
                              bundle_stride, exact_neuron_bytes, folded_matrix_bytes, guard_neuron_bytes,
                              guard_row_bytes, mix_bytes, round_up)
+from .runtime.ffn_kind import FFNKind, ffn_kind
 from .runtime.svd_predictor import SVDPredictor
 
 if TYPE_CHECKING:
     from .runtime.guard import LowBitGuard
 
 __all__ = [
-    "InvalidBudget", "always_read_bytes", "bitmask_bytes", "check_budget", "density_for_budget",
+    "InvalidBudget", "always_read_bytes", "bitmask_bytes", "check_budget", "dense_ffn_bytes", "density_for_budget",
     "exact_neuron_bytes", "ffn_bytes_per_token", "folded_matrix_bytes", "gated_dense_bytes", "guard_bytes",
     "guard_neuron_bytes", "held_bytes", "held_fixed_bytes", "held_neuron_bytes", "mix_bytes_per_token",
     "NEURON_INDEX_BYTES",
@@ -96,10 +98,26 @@ def gated_dense_bytes(d_in: int, m: int, d_out: int, elem_bytes: int, gate_up_bi
         >>> gated_dense_bytes(576, 1536, 576, 2, False, False, "int8")
         2672640
     """
-    biases = (2 * m * gate_up_bias + d_out * down_bias) * elem_bytes
+    return dense_ffn_bytes("gated", d_in, m, d_out, elem_bytes, gate_up_bias, down_bias, weights)
+
+
+def dense_ffn_bytes(kind: str | FFNKind, d_in: int, m: int, d_out: int, elem_bytes: int, input_bias: bool,
+                    output_bias: bool, weights: str = "dense") -> int:
+    """Weight bytes a dense FFN of ``kind`` reads per token: its input linears' (m, d_in) weights, its
+    output linear's (d_out, m), and their biases; ``weights="int8"``: int8 codes and a float32 scale
+    per neuron row / output column (biases in the model's dtype).
+
+    Example:
+        >>> dense_ffn_bytes("gated", 576, 1536, 576, 2, False, False)   # SmolLM2-135M, bf16
+        5308416
+        >>> dense_ffn_bytes("plain", 384, 1536, 384, 4, True, True) == ffn_bytes_per_token(384, 1536, 384, 4, True)
+        True
+    """
+    n_inputs = ffn_kind(kind).n_inputs
+    biases = (n_inputs * m * input_bias + d_out * output_bias) * elem_bytes
     if weights == "int8":
-        return 3 * m * d_in + 12 * m + biases
-    return 2 * m * d_in * elem_bytes + m * d_out * elem_bytes + biases
+        return n_inputs * m * d_in + m * d_out + 4 * (n_inputs + 1) * m + biases
+    return n_inputs * m * d_in * elem_bytes + m * d_out * elem_bytes + biases
 
 
 def guard_bytes(predictor: LowBitGuard | SVDPredictor | None, d_in: int, elem: int) -> tuple[float, float]:

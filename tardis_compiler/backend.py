@@ -22,8 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.fx import GraphModule
 
-from .accounting import ffn_bytes_per_token, gated_dense_bytes
-from .calibrate.drive import Recorder
+from .calibrate.record import Recorder
 from .calibrate.record import recording, recording_graph
 from .options import TardisOptions
 from .passes import FFNMatch, PassContext, copy_graph_module, find_ffns, fold_ffns, placeholder_fqns
@@ -31,7 +30,8 @@ from .passes.context import ffn_slots, refuse_training_graph
 from .passes.fold_ffns import folded_in_order
 # Raised by refuse_training_graph; re-exported, as tc.TrainingModeError is imported from here.
 from .passes.context import TrainingModeError  # noqa: F401
-from .profile import FFNProfile, Profile
+from .plan import FFNPlan, PlanRequest, plan_ffn
+from .profile import Profile
 from .report import FFNReport, GraphReport
 from .runtime.cpu.kernel import status as kernel_status
 from .runtime.graph_packs import GraphPacks, dummy_pack_inputs
@@ -80,59 +80,63 @@ class TardisCompiler:
             self.reports.append(report)
         refuse_training_graph(gm)
         positions = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
-        selected = self._select(gm, example_inputs, positions, report)
-        if not selected:
+        matches, plans = self._select(gm, example_inputs, positions, report)
+        if plans and opts.profile is not None:  # before any compile work: a mismatch must fail fast
+            opts.profile.check({p.name: p.signature() for p in plans.values()})
+            plans = {name: p.calibrated(opts.profile.ffns[name]) for name, p in plans.items()}
+            for row in report.ffns:
+                if row.name in plans and not plans[row.name].rewritten:
+                    row.status, row.reason = "dense", plans[row.name].reason
+            plans = {name: p for name, p in plans.items() if p.rewritten}
+        if not plans:
             report.code = gm.code
             return self._inner(gm, example_inputs)
-        if opts.profile is not None:  # before any compile work: a mismatch must fail fast
-            opts.profile.check({m.name: (m.d_in, m.d_hidden, m.d_out, m.activation.name, m.kind)
-                                for m in selected})
 
-        ctx = PassContext(opts, {m.name for m in selected})
+        ctx = PassContext(opts, set(plans))
         folded = fold_ffns(copy_graph_module(gm), ctx)
         report.code = folded.code
         for line in ctx.log:
             log.info("tardis graph %d: %s", report.index, line)
-        ordered = folded_in_order(selected, folded)
-        slots = [ffn_slots(m, positions) for m in ordered]
-        dtype = example_inputs[slots[0].slots["wg" if slots[0].kind == "gated" else "w1"]].dtype
+        ordered = [plans[name] for name in folded.meta["tardis_folded"]]
+        slots = [ffn_slots(m, positions) for m in folded_in_order(matches, folded)]
+        dtype = example_inputs[slots[0].first_position].dtype
         compiled = self._inner(folded, [*example_inputs, *dummy_pack_inputs(slots, _device_of(example_inputs), dtype)],
                                pack_inputs=True)
-        packs = GraphPacks(slots, [opts.guard_for(m.kind) for m in ordered], opts.calibration.group_size)
+        packs = GraphPacks(slots, ordered)
         self._packs.append(packs)
         rows = {row.name: row for row in report.ffns}
         report.notes.append(f"FFN runtime: {kernel_status()}")
 
         if opts.profile is not None:
             profile: Profile = opts.profile
-            for m in ordered:
-                _fill_from_profile(rows[m.name], profile.ffns[m.name], opts.guard_for(m.kind), opts.calibration.group_size)
+            for plan in ordered:
+                plan.fill(rows[plan.name])
             report.notes.append(f"profile: {profile.source} ({profile.tokens} tokens)")
             return PackedGraph(compiled, packs, profile)
 
         recording_gm = recording_graph(gm, PassContext(opts, ctx.names))
-        for m in ordered:
-            rows[m.name].status = "calibrating"
+        for plan in ordered:
+            rows[plan.name].status = "calibrating"
         return AutoCalibratingGraph(recording_gm, compiled, packs, opts, report,
                                     self.states if self.states is not None else STATES)
 
-    def _select(self, gm: GraphModule, example_inputs, positions, report: GraphReport) -> list[FFNMatch]:
-        """Find the FFNs, report each, and return those to rewrite (none when autograd is on)."""
+    def _select(self, gm: GraphModule, example_inputs, positions,
+                report: GraphReport) -> tuple[list[FFNMatch], dict[str, FFNPlan]]:
+        """Find the FFNs, report each, and return them with the plans of those to rewrite (none
+        when autograd is on)."""
+        opts = self.options
+        request = PlanRequest(guard=opts.guard, skip=opts.skip, door="graph",
+                              calibration=opts.profile.config if opts.profile is not None else opts.calibration)
         matches, skipped = find_ffns(gm, placeholder_fqns(gm))
         for s in skipped:
             report.ffns.append(FFNReport(s.name, s.pattern, "-", "skipped", s.reason))
-        selected = []
+        plans = {}
         for m in matches:
-            row = _row(m, example_inputs, positions)
-            report.ffns.append(row)
-            skipped_because = self.options.skips(m.name)
-            if skipped_because:
-                row.status, row.reason = "dense", skipped_because
-            elif m.kind == "gated" and any(lin.layout != "out_in" for lin in (m.gate, m.up, m.down)):
-                row.status, row.reason = "dense", "gated FFN with a transposed (x @ W) weight: only nn.Linear layouts"
-            else:
-                selected.append(m)
-        if selected and torch.is_grad_enabled() and any(
+            plan = plan_ffn(m, request)
+            report.ffns.append(plan.row(ffn_slots(m, positions).weights(example_inputs)))
+            if plan.rewritten:
+                plans[plan.name] = plan
+        if plans and torch.is_grad_enabled() and any(
                 isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
             note = ("left dense: autograd is on and weights require grad; folding is inference-only, "
                     "call the model under torch.no_grad() or torch.inference_mode()")
@@ -141,8 +145,8 @@ class TardisCompiler:
             for row in report.ffns:
                 if row.status == "rewritten":
                     row.status, row.reason = "dense", "autograd on"
-            return []
-        return selected
+            return matches, {}
+        return matches, plans
 
     def _inner(self, gm: GraphModule, example_inputs: Sequence[Any], pack_inputs: bool = False) -> Callable:
         if self.options.inner == "eager":
@@ -230,7 +234,7 @@ class AutoCalibratingGraph:
 
     def __call__(self, *args):
         ffns = self.packs.ffns
-        state = self.states.get([args[f.slots["wg" if f.kind == "gated" else "w1"]] for f in ffns], self.options)
+        state = self.states.get([args[f.first_position] for f in ffns], self.options)
         if state.profile is not None:
             return self.compiled(*args, *self.packs.flat(args, state.profile))
         with state.lock:
@@ -256,69 +260,10 @@ class AutoCalibratingGraph:
             log.info("tardis graph %d: %s", self.report.index, note)
             self.report.notes.append(note)
             for row in self.report.ffns:
-                if row.name in state.profile.ffns:
-                    ffn = state.profile.ffns[row.name]
-                    _fill_from_profile(row, ffn, self.options.guard_for(ffn.kind), self.options.calibration.group_size)
+                for plan in self.packs.plans:
+                    if plan.name == row.name and row.name in state.profile.ffns:
+                        plan.calibrated(state.profile.ffns[row.name]).fill(row)
         return out
-
-
-def capture_graphs(model: torch.nn.Module, *inputs: Any, **kwargs: Any) -> list[tuple[GraphModule, dict]]:
-    """Capture ``model``'s dynamo graphs on ``inputs`` (for tests and inspection), with their
-    parameter-placeholder FQNs. Runs the model eagerly; nothing is rewritten.
-
-    Example:
-        >>> lin = torch.nn.Linear(4, 4)
-        >>> (gm, fqns), = capture_graphs(lin, torch.randn(2, 4))
-        >>> sorted(fqns.values())
-        ['bias', 'weight']
-    """
-    graphs = []
-
-    def backend(gm, example_inputs, **_):
-        # Copy now: dynamo drops the placeholders' source info (our FQNs) once compilation ends.
-        copy = copy_graph_module(gm)
-        graphs.append((copy, placeholder_fqns(copy)))
-        return gm.forward
-
-    # Its own recompile region: a fresh backend per capture must not exhaust dynamo's recompile limit.
-    with torch.no_grad():
-        torch.compile(model, backend=backend, isolate_recompiles=True)(*inputs, **kwargs)
-    return graphs
-
-
-def _row(m, example_inputs, positions) -> FFNReport:
-    linears = [m.gate, m.up, m.down] if m.kind == "gated" else [m.first, m.second]
-    w1 = example_inputs[positions[linears[0].weight]]
-    has_bias = any(lin.bias is not None for lin in linears)
-    row = FFNReport(m.name, m.pattern, m.activation.name, "rewritten", d_in=m.d_in, d_hidden=m.d_hidden,
-                    d_out=m.d_out, kind=m.kind)
-    row.elem_bytes, row.has_bias, row.dtype = w1.element_size(), has_bias, str(w1.dtype).removeprefix("torch.")
-    if m.kind == "gated":
-        row.bytes_dense = gated_dense_bytes(m.d_in, m.d_hidden, m.d_out, row.elem_bytes,
-                                            m.gate.bias is not None or m.up.bias is not None, m.down.bias is not None)
-    else:
-        row.bytes_dense = ffn_bytes_per_token(m.d_in, m.d_hidden, m.d_out, row.elem_bytes, has_bias)
-    row.resident_dense = row.bytes_dense
-    return row
-
-
-def _fill_from_profile(row: FFNReport, ffn: FFNProfile, guard: str, group_size: int) -> None:
-    """Copy calibration measurements for ``guard`` into the row and price the folded FFN."""
-    row.status = "rewritten"
-    row.coverage = ffn.stats["coverage"]
-    row.error_bound = ffn.stats["error_bound"]
-    if ffn.has_policy:
-        row.policy = ffn.stats["policy"]["counts"]
-    measured = ffn.stats["guards"].get(guard)
-    if measured is not None:
-        row.flag_rate, row.recall, row.rel_error = measured["flag_rate"], measured["recall"], measured["rel_error"]
-        row.guard_kernel = measured.get("kernel", guard)
-    elif guard == "all":
-        row.flag_rate, row.recall, row.rel_error = 1.0, 1.0, 0.0
-    layout = ffn.layout(guard, getattr(torch, row.dtype), group_size)
-    # The model keeps its own weights (the backend never changes them); the pack comes on top.
-    row.resident_tardis = row.resident_dense + layout.resident_bytes()
-    row.bytes_tardis = ffn.bytes_per_token(guard, row.elem_bytes, row.has_bias)  # live dtype, not calibration's
 
 
 def _device_of(inputs: Sequence[Any]) -> torch.device:

@@ -162,6 +162,9 @@ def add_compress_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weights", choices=["int8"], help="quantized packs (tardis over int8): the folded "
                         "matrix and every neuron's rows int8, calibrated against the int8 model; --budget is then "
                         "a fraction of the int8 FFN's bytes (default: the model's weights)")
+    parser.add_argument("--keep-dense", action="store_true", help="also keep each FFN's own weights: calls of more "
+                        "than a few tokens (batches, prefill) run them, at dense speed; the checkpoint then holds "
+                        "the dense FFN weights and the packs (more than dense)")
     parser.add_argument("--calibration-batches", type=_count, default=16, metavar="N")
     parser.add_argument("--context-length", type=_count, help="tokens per calibration window (default: "
                         "512 for causal LMs, 256 for encoders, at most the model's)")
@@ -186,7 +189,7 @@ def _run_compress(args: argparse.Namespace) -> int:
                                      context_length=args.context_length,
                                      dtype=getattr(torch, args.dtype) if args.dtype else None,
                                      progress=args.progress, force=args.force, other_linears=args.other_linears,
-                                     weights=args.weights)
+                                     weights=args.weights, keep_dense=args.keep_dense)
     except (OSError, ValueError, ImportError) as error:
         print(f"tardis compress: error: {error}", file=sys.stderr)
         return 2

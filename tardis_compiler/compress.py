@@ -36,15 +36,18 @@ import torch
 
 from .activations import get_activation_rule
 from .compress_linears import QuantizedLinearEntry, quantize_other_linears
-from .config import DEFAULT_GUARDS, GUARDS, check_patterns, name_matches, require
+from .config import GUARDS, check_patterns, require
 from .moe import routed_experts
-from .passes import find_ffns
+from .passes import capture_graphs, find_ffns
 from .passes.context import ffn_slots
 from .passes.ffn_graph import module_of
+from .plan import PlanRequest, plan_ffn
 from .profile import Profile
+from .runtime.ffn_kind import ffn_kind
+from .runtime.ffn_op import dense_above_for
 from .runtime.layout import BUNDLE_ENCODINGS
 from .runtime.module import TardisFFN
-from .runtime.pack import build_pack, dense_reference
+from .runtime.pack import dense_reference
 from .runtime.quantized_linear import OTHER_LINEARS
 
 log = logging.getLogger("tardis_compiler")
@@ -158,7 +161,8 @@ class CompressReport:
 
 def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, example_inputs: Any = None,
               guard: str | None = None, skip: Iterable[str] = (), bundles: str | None = None,
-              other_linears: str | None = None) -> CompressReport:
+              other_linears: str | None = None, keep_dense: bool = False,
+              dense_above: int | str = "auto") -> CompressReport:
     """Replace, in place, each FFN of ``model`` that ``profile`` calibrated by a ``TardisFFN``
     holding only its pack (see the module docstring). Returns a ``CompressReport``.
 
@@ -171,6 +175,10 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
     ``other_linears``: "int8" or "int4" also quantizes, weight-only, every ``nn.Linear`` outside the
     compressed FFNs (attention, the LM head, FFNs left dense; ``skip`` patterns keep a linear, or the
     modules under a name, dense; see ``compress_linears.py`` for tied heads); None (default): they stay.
+    ``keep_dense``: each ``TardisFFN`` also keeps its FFN's own linears and runs calls of more than
+    ``dense_above`` tokens through them ("auto": where dense measured faster, ``ffn_op.DENSE_ABOVE``;
+    an int; -1 never): batches and prefill then cost what dense costs, and the model holds the dense
+    FFN weights *and* the packs (more than dense). Off by default: memory is the point.
 
     Example:
         >>> import torch, tardis_compiler as tc
@@ -189,13 +197,19 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
             f"bundles must be one of {sorted(BUNDLE_ENCODINGS)} or None, got {bundles!r}")
     require(other_linears is None or other_linears in OTHER_LINEARS,
             f"other_linears must be one of {sorted(OTHER_LINEARS)} or None, got {other_linears!r}")
+    require(isinstance(keep_dense, bool), f"keep_dense must be True or False, got {keep_dense!r}")
+    require(dense_above == "auto" or (isinstance(dense_above, int) and not isinstance(dense_above, bool)
+                                      and dense_above >= -1),
+            f"dense_above must be 'auto' or an integer >= -1 (-1: never), got {dense_above!r}")
     if model.training:
         raise ValueError("compress_() needs the model in eval mode (folding is an inference transform): "
                          "call model.eval() first")
     skip = check_patterns(skip if isinstance(skip, (str, list)) else tuple(skip), "skip")
+    request = PlanRequest(guard=guard, skip=skip, calibration=profile.config, bundles=bundles, door="module")
     done: dict[str, CompressedFFN] = {}
     for match, fqns, graph_inputs in model_ffns(model, example_inputs):
-        done[match.name] = _compress_one(model, match, fqns, graph_inputs, profile, guard, skip, bundles)
+        done[match.name] = _compress_one(model, match, fqns, graph_inputs, profile, request,
+                                         dense_above if keep_dense else None)
     not_considered = routed_experts(model, list(done))  # after matching: what no found FFN covers
     if not done:
         beside = f" (not considered: {not_considered[0][0]}, {not_considered[0][1]})" if not_considered else ""
@@ -220,8 +234,6 @@ def model_ffns(model: torch.nn.Module, example_inputs: Any) -> Iterator[tuple[An
         >>> [match.kind for match, _, _ in model_ffns(mlp, torch.randn(2, 16))]
         ['plain']
     """
-    from .backend import capture_graphs  # the backend imports passes; compress sits beside it
-
     args, kwargs = _example_call(model, example_inputs)
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
@@ -236,53 +248,37 @@ def model_ffns(model: torch.nn.Module, example_inputs: Any) -> Iterator[tuple[An
                 yield match, fqns, graph_inputs
 
 
-def _compress_one(model, match, fqns, graph_inputs, profile: Profile, guard: str | None, skip,
-                  bundles: str) -> CompressedFFN:
-    name = match.name
-    entry = CompressedFFN(name, "dense")
-    if name_matches(name, skip):
-        entry.reason = "skipped (skip=)"
-        return entry
-    if profile.config.skips(name):
-        entry.reason = "skipped by the calibration's skip"
-        return entry
-    ffn = profile.ffns.get(name)
-    signature = (match.d_in, match.d_hidden, match.d_out, match.activation.name, match.kind)
-    if ffn is None or ffn.signature() != signature:
-        entry.reason = "not in the profile" if ffn is None else f"profile has {ffn.signature()}, model {signature}"
-        return entry
+def _compress_one(model, match, fqns, graph_inputs, profile: Profile, request: PlanRequest,
+                  dense_above: int | str | None) -> CompressedFFN:
+    plan = plan_ffn(match, request).calibrated(profile.ffns.get(match.name))
+    entry = CompressedFFN(match.name, "dense", reason=plan.reason)
     positions, values = graph_inputs
     slots = ffn_slots(match, positions)
     weights = slots.weights(values)
     entry.dense_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in slots.tensors(values)
                                                                    if t is not None}.values())
-    if "#" in name:
-        entry.reason = "weights shared with another FFN: left dense"
+    if not plan.rewritten:
         return entry
-    plan = _plan_swap(model, match, fqns, weights)
-    if isinstance(plan, str):
-        entry.reason = plan
+    swap = _plan_swap(model, match, fqns, weights)
+    if isinstance(swap, str):
+        entry.reason = swap
         return entry
-    run_guard = guard or DEFAULT_GUARDS[match.kind]
-    if run_guard == "svd" and ffn.predictor is None:
-        entry.reason = "guard 'svd' needs a profile calibrated for it"
-        return entry
-    with torch.no_grad():
-        pack = build_pack(match.kind, weights, ffn.params(run_guard), run_guard, match.activation.name,
-                          profile.config.group_size, ffn.fold_term, bundles=bundles or ffn.bundles,
-                          weights_encoding=ffn.weights)
-    entry.mode, entry.target, entry.identities = plan
-    first_linear = module_of(fqns[(match.gate if match.kind == "gated" else match.first).weight])
-    module = TardisFFN.from_pack(name, pack, dense_key=first_linear[len(entry.target):].lstrip("."))
+    pack = plan.build(weights)
+    entry.mode, entry.target, entry.identities = swap
+    first_linear = module_of(fqns[match.linears[0].weight])
+    dense = None
+    if dense_above is not None:  # keep_dense: the FFN's linears in nn.Linear layout, the kind's order
+        spec = ffn_kind(match.kind)
+        dense = [t for row, bias in zip(spec.rows, spec.biases)
+                 for t in ((weights[row].t() if row == spec.out_row else weights[row]), weights[bias])]
+        dense_above = dense_above_for(pack.layout.dtype) if dense_above == "auto" else dense_above
+    module = TardisFFN.from_pack(match.name, pack, dense_key=first_linear[len(entry.target):].lstrip("."),
+                                 dense=dense, dense_above=-1 if dense is None else dense_above)
     entry.resident_bytes = module.resident_bytes()
-    entry.guard, entry.bundles = run_guard, pack.layout.bundles
-    held_out = ffn.stats.get("guards", {}).get(run_guard, {})
-    entry.measured = {key: held_out[key] for key in ("flag_rate", "recall", "rel_error") if key in held_out}
-    entry.measured["coverage"] = ffn.stats.get("coverage")
-    entry.measured["policy"] = ffn.stats.get("policy", {}).get("counts")
-    entry.read_bytes = ffn.bytes_per_token(run_guard, weights[next(iter(weights))].element_size(),
-                                           bundles=pack.layout.bundles) \
-        if run_guard != "all" else float(entry.dense_bytes)
+    entry.guard, entry.bundles = plan.guard, pack.layout.bundles
+    entry.measured = plan.measured()
+    row = plan.row(weights)
+    entry.read_bytes = plan.read_bytes(row.elem_bytes, row.has_bias, entry.dense_bytes)
     model.set_submodule(entry.target, module)
     for fqn in entry.identities:
         model.set_submodule(fqn, torch.nn.Identity())
@@ -291,13 +287,12 @@ def _compress_one(model, match, fqns, graph_inputs, profile: Profile, guard: str
 
 def _plan_swap(model, match, fqns, weights) -> tuple[str, str, tuple[str, ...]] | str:
     """("module" | "split", target, identities), or the reason neither swap fits."""
-    linears = [match.gate, match.up, match.down] if match.kind == "gated" else [match.first, match.second]
-    owners = [module_of(fqns[spec.weight]) for spec in linears]
+    owners = [module_of(fqns[spec.weight]) for spec in match.linears]
     parent = match.name
     if parent and _computes_ffn(model.get_submodule(parent), match, weights):
         return "module", parent, ()
-    if match.kind == "gated":
-        return f"no module computes exactly this gated FFN (its linears: {owners}): left dense"
+    if not ffn_kind(match.kind).splittable:
+        return f"no module computes exactly this {match.kind} FFN (its linears: {owners}): left dense"
     act = _activation_module(match)
     if act is None or act in owners:
         return "the activation is not a module of its own, so the FFN cannot be split across modules: left dense"
@@ -307,7 +302,7 @@ def _plan_swap(model, match, fqns, weights) -> tuple[str, str, tuple[str, ...]] 
         return f"activation module {act!r} not found in the model: left dense"
     if any(True for _ in act_module.parameters()):
         return f"activation module {act!r} has parameters: left dense"
-    return "split", owners[0], (act, owners[1])
+    return "split", owners[0], (act, owners[-1])
 
 
 def _computes_ffn(module: torch.nn.Module, match, weights) -> bool:
@@ -319,7 +314,7 @@ def _computes_ffn(module: torch.nn.Module, match, weights) -> bool:
         return False
     if len(required) != 1:
         return False
-    first = weights["wg_rows" if match.kind == "gated" else "w1_rows"]
+    first = weights[ffn_kind(match.kind).first_row]
     x = torch.randn(2, 3, match.d_in, generator=torch.Generator().manual_seed(0)).to(first.dtype)
     try:
         with torch.no_grad():

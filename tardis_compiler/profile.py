@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .accounting import exact_neuron_bytes, ffn_bytes_per_token
+from .accounting import dense_ffn_bytes, exact_neuron_bytes, ffn_bytes_per_token
 from .config import DEFAULT_GUARDS, PREDICTOR_GUARDS, CalibrationConfig
 
 if TYPE_CHECKING:
@@ -127,10 +127,12 @@ class FFNProfile:
         return rate * guarded.numel() * per_neuron
 
     def _bytes_per_token(self, guard: str, elem_bytes: int | None, has_bias: bool | None) -> float:
-        if self.kind == "gated" and guard == "all":  # fold + every neuron: W_g, W_u rows and W_d columns
-            scale = 1.0 if elem_bytes is None else elem_bytes / self.stats["elem_bytes"]
-            return self.stats["dense_bytes"] * scale * (1 + self.d_out / (3 * self.d_hidden))
-        if self.has_policy and guard != "all":
+        if guard == "all":  # every neuron exact, nothing folded: the dense FFN's rows, read as bundles
+            elem = self.stats.get("elem_bytes", 4) if elem_bytes is None else elem_bytes
+            bias = self.stats.get("has_bias", True) if has_bias is None else has_bias
+            return float(dense_ffn_bytes(self.kind, self.d_in, self.d_hidden, self.d_out, elem, bias, bias,
+                                         self.weights))
+        if self.has_policy:
             return self._policy_bytes_per_token(guard, elem_bytes)
         elem_bytes = self.stats.get("elem_bytes", 4) if elem_bytes is None else elem_bytes
         has_bias = self.stats.get("has_bias", True) if has_bias is None else has_bias
@@ -145,8 +147,9 @@ class FFNProfile:
         return "policy" in self.stats
 
     def _policy_bytes_per_token(self, guard: str, elem_bytes: int | None) -> float:
-        # Measured by calibration for its guard (calibrate/gated.py, plain.py); scaled to another weight dtype.
-        scale = 1.0 if elem_bytes is None else elem_bytes / self.stats["elem_bytes"]
+        # Measured by calibration for its guard (calibrate/gated.py, plain.py); scaled to another weight
+        # dtype, except a quantized pack's: its codes are int8 whatever the model's dtype.
+        scale = 1.0 if elem_bytes is None or self.weights == "int8" else elem_bytes / self.stats["elem_bytes"]
         if guard == "dense":
             return self.stats["dense_bytes"] * scale
         measured = self.stats["guards"].get(guard)

@@ -9,7 +9,7 @@ import torch
 
 import tardis_compiler as tc
 from tardis_compiler.backend import STATES, TardisCompiler
-from tardis_compiler.calibrate.drive import Recorder
+from tardis_compiler.calibrate.record import Recorder
 from tardis_compiler.calibrate.record import FFNRecord, record_ffn_input, recording
 from tardis_compiler.runtime.pack_cache import PACK_CACHE
 from tardis_compiler.runtime.stats import active_stats, collect_stats

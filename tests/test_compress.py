@@ -254,3 +254,31 @@ def test_other_linears_read_the_dense_weights_without_changing_them():
     tc.compress_(model, profile, batches[0], other_linears="int4")
     for name, (tensor, before) in originals.items():
         torch.testing.assert_close(tensor, before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_keep_dense_runs_batches_through_the_ffns_own_weights(arch):
+    """keep_dense: calls of more than dense_above tokens are the dense model's, exactly; one-token
+    calls still run the pack (the same output as without keep_dense); the module holds more."""
+    model, batches, profile = _calibrated(arch)
+    lean, kept = copy.deepcopy(model), copy.deepcopy(model)
+    tc.compress_(lean, profile, batches[0])
+    report = tc.compress_(kept, profile, batches[0], keep_dense=True, dense_above=4)
+    assert all(f.mode != "dense" for f in report.ffns)
+    modules = [m for m in kept.modules() if isinstance(m, TardisFFN)]
+    assert all(m.dense_above == 4 and m.dense_weights() for m in modules)
+    held = lambda mdl: sum(m.resident_bytes() for m in mdl.modules() if isinstance(m, TardisFFN))  # noqa: E731
+    assert held(kept) > held(lean)
+    with torch.no_grad():
+        x = batches[1]  # 2 x 16 tokens: above dense_above
+        torch.testing.assert_close(logits(kept(x)), logits(model(x)), atol=1e-5, rtol=1e-5)
+        one = x[:1, :1]
+        torch.testing.assert_close(logits(kept(one)), logits(lean(one)), atol=0, rtol=0)
+
+
+def test_keep_dense_arguments_are_checked():
+    model, batches, profile = _calibrated("llama")
+    with pytest.raises(ValueError, match="dense_above must be"):
+        tc.compress_(model, profile, batches[0], keep_dense=True, dense_above="often")
+    with pytest.raises(ValueError, match="keep_dense must be"):
+        tc.compress_(model, profile, batches[0], keep_dense="yes")

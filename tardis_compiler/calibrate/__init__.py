@@ -20,8 +20,8 @@ The package re-exports the public API; the step modules import each other direct
 package's attribute ``record`` is the function ``drive.record``, which shadows the step module
 of that name: import from the module with ``from tardis_compiler.calibrate.record import ...``.
 """
-from .drive import Recorder, calibrate, calibrate_for_budget, record
-from .record import FFNRecord, active_recorder, record_ffn_input, recording
+from .drive import calibrate, calibrate_for_budget, record
+from .record import FFNRecord, Recorder, active_recorder, record_ffn_input, recording
 # Fitting helpers that scripts imported from the single calibrate module this package replaced.
 from .margins import recall_margins
 from .ranges import fit_lines, max_line_error, shortest_intervals, split_tokens

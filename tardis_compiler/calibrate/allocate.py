@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 from ..config import DEFAULT_BUDGET, CalibrationConfig
 from ..profile import FFNProfile
@@ -18,7 +18,13 @@ from .gated import GatedCandidates, finish_gated_ffn, prepare_gated_ffn
 from .plain import PlainCandidates, finish_plain_ffn, prepare_plain_ffn
 from .loss_weights import OutputGradients
 from .policy import Choice, NeuronOptions, choose, choose_across
-from .record import FFNRecord
+
+if TYPE_CHECKING:  # the recorder's module imports the fitting steps
+    from .record import FFNRecord
+
+#: Each FFN kind's two steps of a per-neuron mix (``runtime/ffn_kind.py``): prepare the options of
+#: every neuron (independent of the budget), then finish the profile from the chosen mix.
+FIT_STEPS = {"plain": (prepare_plain_ffn, finish_plain_ffn), "gated": (prepare_gated_ffn, finish_gated_ffn)}
 
 
 def budget_of(config: CalibrationConfig, ffn_name: str = "") -> float:
@@ -87,7 +93,7 @@ def _loss_weighted(options: NeuronOptions, cand: PlainCandidates | GatedCandidat
     if name not in loss_weights.sums:
         raise ValueError(f"no loss gradient reached FFN {name!r}: its output does not affect the loss on the "
                          'calibration batches; use allocation="layer"')
-    out_rows = cand.weights["wd_rows" if cand.record.gated else "w2_rows"]
+    out_rows = cand.weights[cand.record.kind.out_row]
     ratio = loss_weights.neuron_weights(name, out_rows) / out_rows.double().pow(2).sum(1).clamp(min=1e-30)
     return options.scaled(ratio[:, None])
 
@@ -108,11 +114,10 @@ def fit_policy_ffns(records: Iterable[FFNRecord], config: CalibrationConfig, gua
     key_config = json.dumps(dataclasses.asdict(base), sort_keys=True)
     cands = []
     for record in records:
-        kind = "gated" if record.gated else "plain"
+        kind = record.kind.name
         key = (record.name, guards[kind], key_config)
         if prepared is None or key not in prepared:
-            prepare = prepare_gated_ffn if record.gated else prepare_plain_ffn
-            cand = prepare(record, config, guards[kind])
+            cand = FIT_STEPS[kind][0](record, config, guards[kind])
             if prepared is None:
                 cands.append(cand)
                 continue
@@ -145,7 +150,7 @@ def _fit_within(cands: list[PlainCandidates | GatedCandidates], budgets: list[fl
                                             config.resident)))
         for i in redo:
             c, (variant, choice) = cands[i], picks[i]
-            ffns[i] = (finish_gated_ffn if c.record.gated else finish_plain_ffn)(c, variant, choice, budgets[i])
+            ffns[i] = FIT_STEPS[c.record.kind.name][1](c, variant, choice, budgets[i])
             ffns[i].stats["policy"]["target_fraction"] = targets[i]
         if round_ == BUDGET_ROUNDS:
             break

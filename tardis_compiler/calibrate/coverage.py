@@ -15,7 +15,7 @@ With a budget (or the "svd" guard), plain FFNs get a per-neuron mix instead (``p
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,9 @@ from ..profile import FFNProfile
 from ..runtime.guard import LowBitGuard
 from .margins import recall_margins
 from .ranges import fit_lines, max_line_error, shortest_intervals, split_tokens
-from .record import FFNRecord
+
+if TYPE_CHECKING:  # the recorder's module imports the fitting steps
+    from .record import FFNRecord
 
 
 def fit_ffn(record: FFNRecord, config: CalibrationConfig) -> FFNProfile:
@@ -34,6 +36,7 @@ def fit_ffn(record: FFNRecord, config: CalibrationConfig) -> FFNProfile:
 
     Example:
         >>> w = {"w1_rows": torch.randn(64, 16), "b1": None, "w2_rows": torch.randn(64, 16), "b2": None}
+        >>> from tardis_compiler.calibrate.record import FFNRecord
         >>> rec = FFNRecord("mlp", "linear-act-linear", "gelu", w, max_tokens=512, seed=0)
         >>> rec.add(torch.randn(512, 16))
         >>> ffn = fit_ffn(rec, CalibrationConfig(coverage=0.9, group_size=16, progress=False))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,9 @@ from .lstsq_fold import fit_fold_term, fold_term_output
 from .margins import guard_margins, guard_prediction, packed_predictor, predictor_for
 from .policy import COVERAGES, Choice, NeuronOptions, encode_choice, policy_measurements
 from .ranges import max_line_error, prefix_sums, split_tokens
-from .record import FFNRecord
+
+if TYPE_CHECKING:  # the recorder's module imports the fitting steps
+    from .record import FFNRecord
 
 _INF = math.inf
 

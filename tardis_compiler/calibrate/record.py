@@ -10,22 +10,30 @@ We record FFN *inputs* x (d per token), not z (m = 4d per token), and recompute 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+import warnings
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.fx import GraphModule
 
+from ..config import DEFAULT_GUARDS, CalibrationConfig
 from ..options import TardisOptions
+from ..plan import PlanRequest, plan_ffn
 from ..passes.context import PassContext, copy_graph_module, ffn_slots, placeholder_fqns, refuse_training_graph
 from ..passes.find_ffns import find_ffns
 from ..passes.fold_ffns import fold_ffns, folded_in_order
 from ..passes.record_ffn_inputs import record_ffn_inputs
 from ..runtime.graph_packs import GraphPacks
+from ..runtime.ffn_kind import KINDS, FFNKind
+from ..profile import Profile
 from ..runtime.quantize import reference_weights
+from .allocate import fit_policy_ffns
+from .coverage import fit_ffn
+from .loss_weights import OutputGradients
 
-if TYPE_CHECKING:
-    from .drive import Recorder
+_FEW_TOKENS = 64  # below this, calibration warns that its fit will not generalise
 
 
 class FFNRecord:
@@ -83,16 +91,112 @@ class FFNRecord:
         """float32 CPU copies of the weights, as the fitting steps compute with them: with
         ``weights="int8"`` those of the quantized reference (``runtime/quantize.reference_weights``)."""
         floats = {k: (v.detach().float().cpu() if v is not None else None) for k, v in self.weights.items()}
-        return reference_weights("gated" if self.gated else "plain", floats, weights)
+        return reference_weights(self.kind.name, floats, weights)
 
     @property
-    def gated(self) -> bool:
-        """True for a gated FFN (weights wg_rows, wu_rows, wd_rows and biases)."""
-        return "wg_rows" in self.weights
+    def kind(self) -> FFNKind:
+        """The FFN's kind, from the names of its neuron-major weights (``runtime/ffn_kind.py``)."""
+        return next(k for k in KINDS.values() if k.first_row in self.weights)
 
     def tokens(self) -> torch.Tensor:
         """The kept input rows, (n, d_in) float32."""
         return self.samples[:self.filled] if self.samples is not None else torch.empty(0, 0)
+
+
+class Recorder:
+    """Collects ``FFNRecord``s while a recording graph runs (see ``recording``)."""
+
+    def __init__(self, config: CalibrationConfig, only: set[str] | None = None, prefix: Profile | None = None,
+                 guards: dict[str, str] | None = None, stop_after: str | None = None) -> None:
+        self.config = config
+        self.ffns: dict[str, FFNRecord] = {}
+        # Gated FFNs' per-neuron options do not depend on the budget: computed once per guard and
+        # config, and reused by every budget or allocation fitted from this recorder.
+        self.prepared: dict = {}
+        # Sequential calibration (sequential.py): record only the FFNs ``only``, with the FFNs of
+        # ``prefix`` folded (priced for ``guards`` per kind), stopping after ``stop_after``.
+        self.only, self.prefix, self.stop_after = only, prefix, stop_after
+        self.guards = guards or dict(DEFAULT_GUARDS)
+        self.loss_weights: OutputGradients | None = None  # allocation="loss" (measured by ``calibrate*``)
+
+    def register(self, name: str, pattern: str, activation: str, weights: dict) -> None:
+        """Declare an FFN, or hand it its weights again (each call of a recording graph does)."""
+        if (self.only is not None and name not in self.only) or self.config.skips(name):
+            return
+        if name not in self.ffns:
+            seed = self.config.seed + len(self.ffns)
+            self.ffns[name] = FFNRecord(name, pattern, activation, weights, self.config.max_tokens, seed)
+        else:
+            self.ffns[name].weights = weights
+
+    def spawn(self, only: set[str], prefix: Profile, guards: dict[str, str], stop_after: str) -> "Recorder":
+        """A new recorder with this one's config, for one pass of sequential calibration."""
+        spawned = Recorder(self.config, only=only, prefix=prefix, guards=guards, stop_after=stop_after)
+        spawned.loss_weights = self.loss_weights
+        return spawned
+
+    def subset(self, names: list[str]) -> "Recorder":
+        """A recorder over some of this one's records (shared, not copied) and its prepared options."""
+        part = Recorder(self.config)
+        part.ffns = {n: self.ffns[n] for n in names}
+        part.prepared = self.prepared
+        part.batches = getattr(self, "batches", 0)
+        part.loss_weights = self.loss_weights
+        return part
+
+    def release_weights(self) -> None:
+        """Let go of the FFNs' weights until the next ``register`` (an auto-calibration waiting for
+        its next call must not keep a deleted model alive)."""
+        for record in self.ffns.values():
+            record.weights = None
+
+    def fit(self, source: str, config: CalibrationConfig | None = None, guard: str | None = None) -> Profile:
+        """Fit every recorded FFN (``coverage.py``, ``allocate.py``) into a ``Profile``; ``config``
+        overrides the recorder's (e.g. another coverage or budget over the same recorded tokens).
+
+        With ``config.budget`` set, every FFN gets a per-neuron mix within it (``allocate.py``),
+        priced for ``guard`` (None: each kind's default, ``DEFAULT_GUARDS``). Without one, gated
+        FFNs (and every FFN with ``guard="svd"``) get that mix at 0.5 of dense, and plain FFNs the
+        coverage fit of ``coverage.fit_ffn``, for every low-bit guard at once."""
+        config = config or self.config
+        empty = [n for n, r in self.ffns.items() if r.filled == 0]
+        poisoned = {n: r.dropped for n, r in self.ffns.items() if r.dropped}
+        if empty and all(n in poisoned for n in empty):
+            raise ValueError(f"every calibration token of FFNs {empty[:3]} has a NaN or Inf in its input: the "
+                             "calibration inputs (or the model's weights) are not finite; check them")
+        if not self.ffns or empty:
+            raise ValueError(
+                "calibration saw no tokens" + (f" for FFNs {empty[:3]}" if empty else "")
+                + ": pass a non-empty iterable of model inputs (tensors or dicts of keyword arguments)")
+        fewest = min(r.filled for r in self.ffns.values())
+        if fewest < _FEW_TOKENS:
+            warnings.warn(f"tardis: calibration saw only {fewest} token(s) per FFN: ranges, constants and guard "
+                          f"margins fitted on so few generalise poorly; calibrate on a few hundred tokens or more "
+                          "of real text (a few paragraphs)", stacklevel=2)
+        if poisoned:
+            worst = max(poisoned.values())
+            warnings.warn(f"tardis: calibration dropped up to {worst} token(s) per FFN whose input had a NaN or Inf "
+                          f"({len(poisoned)} FFNs, e.g. {next(iter(poisoned))!r}); the profile is fitted on the rest",
+                          stacklevel=2)
+        mix_all = config.budget is not None or bool(config.budgets) or guard == "svd"  # the svd guard's factors come with a mix
+        by_policy = [r for r in self.ffns.values() if r.kind.always_mixed or mix_all]
+        by_coverage = [r for r in self.ffns.values() if r not in by_policy]
+        ffns = {r.name: fit_ffn(r, config) for r in _progress(by_coverage, config, "tardis: fitting FFN ranges")}
+        if by_policy:  # fitted together: with allocation="model" they share one budget
+            guards = {kind: guard or default for kind, default in DEFAULT_GUARDS.items()}
+            ffns.update(fit_policy_ffns(_progress(by_policy, config, "tardis: fitting per-neuron mixes"), config,
+                                        guards, self.prepared, self.loss_weights))
+        ffns = {name: ffns[name] for name in self.ffns}  # graph order
+        tokens = max(r.seen for r in self.ffns.values())
+        return Profile(ffns=ffns, config=config, tokens=tokens, source=source)
+
+
+def _progress(records: list, config: CalibrationConfig, desc: str):
+    if config.progress and len(records) > 1:
+        from tqdm.auto import tqdm
+
+        return tqdm(records, desc=desc, leave=False)
+    return records
 
 
 class _ActiveRecorders(threading.local):
@@ -189,12 +293,15 @@ class _FoldedRecording:
             # Hooks first: folding replaces the FFNs, after which no pass could find their inputs.
             gm = record_ffn_inputs(self.gm, PassContext(options, names), record_ffn_input)
             gm = fold_ffns(gm, PassContext(options, names))
-            self.order = [ffn_slots(m, self.positions) for m in folded_in_order(self.matches, gm)]
+            self.order = folded_in_order(self.matches, gm)
             self.forward = gm.forward
-        guards = tuple(recorder.guards[f.kind] for f in self.order)
+        guards = tuple(recorder.guards[m.kind] for m in self.order)
         key = (guards, recorder.config.group_size)
         if key not in self.packs:
-            self.packs[key] = GraphPacks(self.order, list(guards), recorder.config.group_size)
+            # Every FFN runs folded here, the skipped ones too (the prefix holds exact stand-ins).
+            request = dataclasses.replace(recorder.config, skip=())
+            plans = [plan_ffn(m, PlanRequest(guard=guard, calibration=request)) for m, guard in zip(self.order, guards)]
+            self.packs[key] = GraphPacks([ffn_slots(m, self.positions) for m in self.order], plans)
         return self.forward(*args, *self.packs[key].flat(args, recorder.prefix))
 
 

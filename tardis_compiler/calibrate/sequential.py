@@ -25,7 +25,7 @@ from ..profile import FFNProfile, Profile
 from .record import FFNRecord, run_recording
 
 if TYPE_CHECKING:
-    from .drive import Recorder
+    from .record import Recorder
 
 
 def fit_sequentially(model: torch.nn.Module, batches: Sequence[Any], first: "Recorder", config: CalibrationConfig,
@@ -76,12 +76,12 @@ def exact_stand_in(record: FFNRecord) -> FFNProfile:
     """A calibration of ``record``'s FFN that keeps every neuron exact (the op then computes the
     dense FFN): what the FFNs not yet fitted run with during a sequential pass."""
     w = record.weights
-    first = w["wg_rows" if record.gated else "w1_rows"]
+    first = w[record.kind.first_row]
     m, d_in = first.shape
-    d_out = w["wd_rows" if record.gated else "w2_rows"].shape[1]
+    d_out = w[record.kind.out_row].shape[1]
     zeros, inf = torch.zeros(m), torch.full((m,), math.inf)
     return FFNProfile(
         name=record.name, pattern=record.pattern, activation=record.activation, d_in=d_in, d_hidden=m, d_out=d_out,
         slope=zeros, intercept=zeros, lower=inf, upper=-inf, line_error=zeros,
         margins={g: zeros for g in PREDICTOR_GUARDS}, stats={"stand_in": True},
-        kind="gated" if record.gated else "plain", predictor=torch.zeros(1, m + d_in))
+        kind=record.kind.name, predictor=torch.zeros(1, m + d_in))

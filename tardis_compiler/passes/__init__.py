@@ -2,6 +2,7 @@
 record pass takes its hook too) and logs what it rewrote into ``ctx.log``; ``find_ffns`` is the
 shared matcher they all start from (``find_gated_ffns``, then ``find_plain_ffns``, on the graph
 vocabulary of ``ffn_graph``)."""
+from .capture import capture_graphs
 from .context import (PassContext, TrainingModeError, copy_graph_module, ffn_slots, placeholder_fqns,
                       refuse_training_graph)
 from .ffn_graph import LinearSpec, SkippedFFN
@@ -12,6 +13,7 @@ from .fold_ffns import fold_ffns
 from .record_ffn_inputs import record_ffn_inputs
 
 __all__ = [
-    "FFNMatch", "GatedFFNMatch", "LinearSpec", "PassContext", "SkippedFFN", "TrainingModeError", "copy_graph_module",
+    "FFNMatch", "GatedFFNMatch", "LinearSpec", "PassContext", "SkippedFFN", "TrainingModeError", "capture_graphs",
+    "copy_graph_module",
     "ffn_slots", "find_ffns", "fold_ffns", "placeholder_fqns", "record_ffn_inputs", "refuse_training_graph",
 ]

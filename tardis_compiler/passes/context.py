@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from ..options import TardisOptions
+from ..runtime.ffn_kind import ffn_kind
 from ..runtime.graph_packs import FFNSlots
 from .ffn_graph import placeholder_fqn as _fqn_of
 from .find_ffns import find_ffns
@@ -63,17 +64,12 @@ def ffn_slots(match: FFNMatch | GatedFFNMatch, positions: dict[Node, int]) -> FF
     Example:
         >>> # slots = [ffn_slots(m, positions) for m in find_ffns(gm, placeholder_fqns(gm))[0]]
     """
-    m = match
-    if m.kind == "gated":
-        slots = {"wg": positions[m.gate.weight], "bg": positions.get(m.gate.bias),
-                 "wu": positions[m.up.weight], "bu": positions.get(m.up.bias),
-                 "wd": positions[m.down.weight], "bd": positions.get(m.down.bias)}
-        return FFNSlots(m.name, "gated", m.activation.name, slots, m.d_hidden, pattern=m.pattern,
-                        offsets=(m.gate_offset, m.up_offset))
-    slots = {"w1": positions[m.first.weight], "b1": positions.get(m.first.bias),
-             "w2": positions[m.second.weight], "b2": positions.get(m.second.bias)}
-    return FFNSlots(m.name, "plain", m.activation.name, slots, m.d_hidden, pattern=m.pattern,
-                    layouts=(m.first.layout, m.second.layout))
+    spec = ffn_kind(match.kind)
+    slots = {}
+    for name, linear in zip(spec.letters, match.linears):
+        slots[f"w{name}"], slots[f"b{name}"] = positions[linear.weight], positions.get(linear.bias)
+    return FFNSlots(match.name, spec.name, match.activation.name, slots, match.d_hidden, pattern=match.pattern,
+                    layouts=tuple(linear.layout for linear in match.linears), offsets=match.offsets)
 
 
 def refuse_training_graph(gm: GraphModule) -> None:

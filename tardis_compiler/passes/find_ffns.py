@@ -22,7 +22,7 @@ def find_ffns(gm: GraphModule, fqns: dict[Node, str]) -> tuple[list[FFNMatch | G
 
     Example:
         >>> import torch
-        >>> from tardis_compiler.backend import capture_graphs
+        >>> from tardis_compiler.passes import capture_graphs
         >>> mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
         >>> (gm, fqns), = capture_graphs(mlp, torch.randn(2, 8))
         >>> [m.name for m in find_ffns(gm, fqns)[0]]
@@ -40,14 +40,12 @@ def find_ffns(gm: GraphModule, fqns: dict[Node, str]) -> tuple[list[FFNMatch | G
 
 def linear_nodes(match) -> list[Node]:
     """The result nodes of an FFN match's linears, the output linear last."""
-    if match.kind == "gated":
-        return [match.gate.node, match.up.node, match.down.node]
-    return [match.first.node, match.second.node]
+    return [spec.node for spec in match.linears]
 
 
 def ffn_input(match) -> Node:
     """The node an FFN match reads its tokens from."""
-    return match.gate.x if match.kind == "gated" else match.first.x
+    return match.linears[0].x
 
 
 def _dedupe_names(matches: list[FFNMatch], fqns: dict[Node, str]) -> None:
@@ -59,7 +57,7 @@ def _dedupe_names(matches: list[FFNMatch], fqns: dict[Node, str]) -> None:
         counts[m.name] = counts.get(m.name, 0) + 1
     for m in matches:
         if counts[m.name] > 1:
-            m.name = module_of(fqns[(m.gate if m.kind == "gated" else m.first).weight])
+            m.name = module_of(fqns[m.linears[0].weight])
     seen: dict[str, int] = {}
     for m in matches:
         k = seen.get(m.name, 0)

@@ -56,6 +56,16 @@ class GatedFFNMatch:
     kind: str = "gated"
 
     @property
+    def linears(self) -> tuple[LinearSpec, ...]:
+        """The FFN's linears in its kind's order (``runtime/ffn_kind.py``), the output linear last."""
+        return (self.gate, self.up, self.down)
+
+    @property
+    def offsets(self) -> tuple[int | None, ...]:
+        """Row offsets of the input linears' neurons in their (possibly fused) weights."""
+        return (self.gate_offset, self.up_offset)
+
+    @property
     def fused(self) -> bool:
         """True when gate and up are halves of one linear."""
         return self.gate is self.up
@@ -81,7 +91,7 @@ def find_gated_ffns(gm: GraphModule, fqns: dict[Node, str]) -> tuple[list[GatedF
 
     Example:
         >>> import torch
-        >>> from tardis_compiler.backend import capture_graphs
+        >>> from tardis_compiler.passes import capture_graphs
         >>> gate, up, down = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
         >>> swiglu = lambda x: down(torch.nn.functional.silu(gate(x)) * up(x))
         >>> (gm, fqns), = capture_graphs(swiglu, torch.randn(2, 8))

@@ -39,6 +39,16 @@ class FFNMatch:
     kind: str = "plain"
 
     @property
+    def linears(self) -> tuple[LinearSpec, ...]:
+        """The FFN's linears in its kind's order (``runtime/ffn_kind.py``), the output linear last."""
+        return (self.first, self.second)
+
+    @property
+    def offsets(self) -> tuple[int | None, ...]:
+        """Row offsets of the input linears' neurons in fused weights: none for a plain FFN."""
+        return (None,)
+
+    @property
     def d_in(self) -> int:
         return self.first.in_features
 
@@ -58,7 +68,7 @@ def find_plain_ffns(gm: GraphModule, fqns: dict[Node, str],
 
     Example:
         >>> import torch
-        >>> from tardis_compiler.backend import capture_graphs
+        >>> from tardis_compiler.passes import capture_graphs
         >>> mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
         >>> (gm, fqns), = capture_graphs(mlp, torch.randn(2, 8))
         >>> (match,), skipped = find_plain_ffns(gm, fqns)

@@ -61,16 +61,13 @@ def folded_in_order(matches: list, folded: GraphModule) -> list:
 
 
 def _replace(graph: torch.fx.Graph, match, pack: list[Node], dense_above: str | int | None) -> None:
-    if match.kind == "gated":
-        x, last = match.gate.x, match.down.node
-    else:
-        x, last = match.first.x, match.second.node
+    x, last = match.linears[0].x, match.linears[-1].node
     with graph.inserting_before(last):
         dense = _dense_weights(graph, match)
         out = graph.call_function(torch.ops.tardis.ffn.default,
                                   (x, *pack, match.d_out, match.activation.name, match.name,
                                    _dense_above(dense_above, x), dense))
-        if match.kind == "plain" and _rank(last) != _rank(x):  # Conv1D flattens tokens to 2-D around addmm
+        if _rank(last) != _rank(x):  # Conv1D flattens tokens to 2-D around addmm
             out = graph.call_method("reshape", (out, -1, match.d_out))
     last.replace_all_uses_with(out)
     _erase_dead_upstream(graph, last)
@@ -91,9 +88,8 @@ def _dense_weights(graph: torch.fx.Graph, match) -> list[Node | None]:
                 bias = graph.call_function(torch.narrow, (bias, 0, offset, match.d_hidden))
         return [weight, bias]
 
-    if match.kind == "gated":
-        return [*linear(match.gate, match.gate_offset), *linear(match.up, match.up_offset), *linear(match.down)]
-    return [*linear(match.first), *linear(match.second)]
+    offsets = (*match.offsets, None)  # the output linear is never a fused block
+    return [node for spec, offset in zip(match.linears, offsets) for node in linear(spec, offset)]
 
 
 def _dense_above(option: str | int | None, x: Node) -> int:

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .layout import Layout
-from .module import TardisFFN, layout_of_spec
+from .module import TardisFFN, check_dense_weights, dense_of_spec, layout_of_spec
 from .validate import PACK_TENSORS, PackError, validate_pack, validate_stored_tensors, validate_swap
 
 log = logging.getLogger("tardis_compiler")
@@ -106,6 +106,7 @@ def plan_modules(model: torch.nn.Module, modules: Mapping[str, Any], stored: Hea
             raise ValueError(f"tardis module {target}: its config.json entry has no 'ffn' spec")
         try:
             layout = layout_of_spec(swap["ffn"])
+            dense = dense_of_spec(swap["ffn"], layout)  # keep_dense: the FFN's own linears are stored too
         except ValueError as exc:
             raise ValueError(f"tardis module {target}: config.json: {exc}") from None
         saved = str(layout.dtype).removeprefix("torch.")
@@ -114,7 +115,8 @@ def plan_modules(model: torch.nn.Module, modules: Mapping[str, Any], stored: Hea
                              f"load it with dtype=torch.{saved}, or compress the dense model in {wanted}")
         identities = validate_swap(model, target, swap, layout)
         if stored is not None:
-            validate_stored_tensors(stored, target, layout, swap["ffn"].get("dense_key"), identities)
+            validate_stored_tensors(stored, target, layout, swap["ffn"].get("dense_key"), identities,
+                                    dense["biases"] if dense else None)
         plans[target] = ModulePlan(target, swap["ffn"], layout, tuple(identities))
     check_disjoint({**{t: (t, *p.identities) for t, p in plans.items()}, **{t: (t,) for t in others}})
     return plans
@@ -177,6 +179,9 @@ def finish_module(name: str, module: TardisFFN, spec: Mapping[str, Any] | None, 
     if format_version >= 3 and digest is None:
         raise PackError(f"{where}: config.json records no sha256 of its pack (format {FORMAT_VERSION} requires "
                         "one): the checkpoint was edited; compress the model again")
+    if any(t is not None and t.device.type == "meta" for t in module.dense_weights()):
+        raise PackError(f"{where}: its kept dense weights were not loaded from the checkpoint")
+    check_dense_weights(module, dict(spec or {}), where)
     for key in ("weights", "guard", "floats", "neurons"):
         tensor = getattr(module, key)
         if tensor.data_ptr() % ALIGN:

@@ -10,24 +10,25 @@ from __future__ import annotations
 import dataclasses
 import threading
 import weakref
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .pack import FFNPack, build_pack
+from .ffn_kind import ffn_kind
+from .pack import FFNPack
 from .pack_cache import PACK_CACHE, tensor_version
 
-_PLAIN_SLOTS = ("w1", "b1", "w2", "b2")
-_GATED_SLOTS = ("wg", "bg", "wu", "bu", "wd", "bd")
-
+if TYPE_CHECKING:
+    from ..plan import FFNPlan
 
 @dataclasses.dataclass(frozen=True)
 class FFNSlots:
     """Where one FFN's weights sit among a graph's inputs, and how to view them neuron-major.
 
-    ``slots`` maps weight names (plain: w1, b1, w2, b2; gated: wg, bg, wu, bu, wd, bd) to input
-    positions (None: no such bias). Plain layouts are ``"out_in"`` (nn.Linear) or ``"in_out"``
-    (GPT-2's Conv1D); gated FFNs are nn.Linear, with row ``offsets`` into fused gate/up weights.
+    ``slots`` maps the kind's weight names (``FFNKind.slots``: plain w1, b1, w2, b2; gated wg, bg,
+    wu, bu, wd, bd) to input positions (None: no such bias). ``layouts``, one per linear, are
+    ``"out_in"`` (nn.Linear) or ``"in_out"`` (GPT-2's Conv1D); ``offsets``, one per input linear,
+    where its neurons' rows start in a fused weight (None: the whole weight).
     """
 
     name: str
@@ -36,26 +37,36 @@ class FFNSlots:
     slots: dict[str, int | None]
     m: int
     pattern: str = ""
-    layouts: tuple[str, str] = ("out_in", "out_in")
-    offsets: tuple[int, int] = (0, 0)
+    layouts: tuple[str, ...] = ()  # () : every linear "out_in"
+    offsets: tuple[int | None, ...] = ()  # () : no offsets
+
+    @property
+    def first_position(self) -> int:
+        """The input position of the first linear's weight (what identifies the FFN's weights)."""
+        return self.slots[ffn_kind(self.kind).first_slot]
 
     def tensors(self, values: Sequence[Any]) -> list[torch.Tensor | None]:
         """The FFN's weight tensors among ``values``, in slot order (the pack cache's key)."""
-        names = _GATED_SLOTS if self.kind == "gated" else _PLAIN_SLOTS
-        return [values[self.slots[n]] if self.slots[n] is not None else None for n in names]
+        return [values[self.slots[n]] if self.slots[n] is not None else None for n in ffn_kind(self.kind).slots]
 
     def weights(self, values: Sequence[Any]) -> dict[str, torch.Tensor | None]:
         """Neuron-major views of the weights (what calibration and ``build_pack`` take); no copy."""
-        get = lambda k: values[self.slots[k]] if self.slots[k] is not None else None  # noqa: E731
-        if self.kind == "gated":
-            (go, uo), m = self.offsets, self.m
-            cut = lambda t, off: t.narrow(0, off, m) if t is not None else None  # noqa: E731
-            return {"wg_rows": cut(get("wg"), go), "bg": cut(get("bg"), go), "wu_rows": cut(get("wu"), uo),
-                    "bu": cut(get("bu"), uo), "wd_rows": get("wd").t(), "bd": get("bd")}
-        l1, l2 = self.layouts
-        w1, w2 = get("w1"), get("w2")
-        return {"w1_rows": w1 if l1 == "out_in" else w1.t(), "b1": get("b1"),
-                "w2_rows": w2.t() if l2 == "out_in" else w2, "b2": get("b2")}
+        spec = ffn_kind(self.kind)
+        out: dict[str, torch.Tensor | None] = {}
+        for i, (row, bias) in enumerate(zip(spec.rows, spec.biases)):
+            w = values[self.slots[f"w{spec.letters[i]}"]]
+            b_slot = self.slots[f"b{spec.letters[i]}"]
+            b = values[b_slot] if b_slot is not None else None
+            layout = self.layouts[i] if i < len(self.layouts) else "out_in"
+            if i < spec.n_inputs:  # a neuron is a row of an input linear's (out, in) weight
+                w = w if layout == "out_in" else w.t()
+                offset = self.offsets[i] if i < len(self.offsets) else None
+                if offset is not None:
+                    w, b = w.narrow(0, offset, self.m), (b.narrow(0, offset, self.m) if b is not None else None)
+            else:  # and a column of the output linear's
+                w = w.t() if layout == "out_in" else w
+            out[row], out[bias] = w, b
+        return out
 
 
 def dummy_pack_inputs(ffns: Sequence[FFNSlots], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -73,11 +84,12 @@ class GraphPacks:
 
     Args:
         ffns: the folded FFNs, in the order of the graph's extra inputs.
-        guards: the guard of each FFN; group_size: the guard's quantization group.
+        plans: their plans (``plan.FFNPlan``, before calibration: the profile comes with each call),
+            which build the packs.
     """
 
-    def __init__(self, ffns: Sequence[FFNSlots], guards: Sequence[str], group_size: int) -> None:
-        self.ffns, self.guards, self.group_size = list(ffns), list(guards), group_size
+    def __init__(self, ffns: Sequence[FFNSlots], plans: Sequence["FFNPlan"]) -> None:
+        self.ffns, self.plans = list(ffns), list(plans)
         self._positions = [p for f in self.ffns for p in f.slots.values() if p is not None]
         self._last: tuple | None = None  # (weak refs, versions, profile ref, flat packs)
         self._lock = threading.Lock()
@@ -98,16 +110,12 @@ class GraphPacks:
 
     def pack(self, i: int, args: Sequence[Any], profile: Any) -> FFNPack:
         """The pack of FFN ``i``: cached per (weights, calibration, guard), built on first use."""
-        ffn, guard = self.ffns[i], self.guards[i]
-        calibration = profile.ffns[ffn.name]
-
-        def build() -> FFNPack:
-            params = calibration.params(guard)
-            return build_pack(ffn.kind, ffn.weights(args), params, guard, ffn.activation, self.group_size,
-                              calibration.fold_term, bundles=bundles, weights_encoding=quantized)
-
-        bundles, quantized = calibration.bundles, calibration.weights  # as calibration priced them
-        return PACK_CACHE.get(ffn.tensors(args), calibration, (guard, self.group_size, bundles, quantized), build)
+        ffn = self.ffns[i]
+        plan = self.plans[i].calibrated(profile.ffns.get(ffn.name))
+        if not plan.rewritten:
+            raise ValueError(f"tardis: FFN {ffn.name!r} cannot run folded with this calibration: {plan.reason}")
+        key = (plan.guard, plan.group_size, plan.bundles, plan.calibration.weights)
+        return PACK_CACHE.get(ffn.tensors(args), plan.calibration, key, lambda: plan.build(ffn.weights(args)))
 
     def forget(self) -> None:
         """Drop the fast path's references (``clear_caches``)."""

@@ -28,6 +28,8 @@ import dataclasses
 
 import torch
 
+from .ffn_kind import KINDS as FFN_KINDS, ffn_kind
+
 META_FIELDS = ("MAGIC", "VERSION", "KIND", "ACT", "DTYPE", "D_IN", "D_OUT", "M", "K_GUARD", "K_ALWAYS", "GUARD",
                "GROUP", "RANK", "STRIDE", "HAS_WF", "OFF_BUNDLES", "OFF_GSCALES", "OFF_BF", "OFF_BANDS",
                "OFF_NEURON", "OFF_P", "N_WEIGHTS", "N_GUARD", "N_FLOATS", "BUNDLES", "QSTRIDE", "OFF_QBUNDLES",
@@ -44,7 +46,7 @@ BUNDLE_ENCODINGS = {"dense": 0, "int8": 1}
 WEIGHT_ENCODINGS = ("dense", "int8")
 _BUNDLES_CODES = {("dense", "dense"): 0, ("int8", "dense"): 1, ("int8", "int8"): 2}
 QSCALES = 3  # scales per int8 bundle
-KINDS = {"plain": 0, "gated": 1}
+KINDS = {name: kind.code for name, kind in FFN_KINDS.items()}  # the meta's KIND field
 #: Activations the kernel evaluates itself (others run the torch path).
 KERNEL_ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "quick_gelu": 4}
 #: Guard encodings: a low-bit copy of the guarded first rows (int8: per-row scale; int4/int2:
@@ -73,7 +75,7 @@ def bundle_row(kind: str, d_in: int, d_out: int) -> int:
         >>> bundle_row("gated", 576, 576), bundle_row("plain", 384, 384)
         (1728, 768)
     """
-    return (2 if kind == "gated" else 1) * d_in + d_out
+    return ffn_kind(kind).bundle_row(d_in, d_out)
 
 
 def bundle_stride(kind: str, d_in: int, d_out: int, elem_bytes: int) -> int:
@@ -312,6 +314,15 @@ class Layout:
                 raise ValueError(f"tardis pack meta field {name} is {got}, but its shapes and codes give {want}"
                                  + (f" (the {activation!r} activation, {dtype})" if name in ("ACT", "DTYPE") else ""))
         return layout
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """``nn.Linear`` weight shapes of the FFN's own linears, in its kind's order (the output one last).
+
+        Example:
+            >>> Layout("gated", "silu", torch.float32, 8, 6, 16, 0, 16, "none", 64, 0, False).linear_shapes()
+            [(16, 8), (16, 8), (6, 16)]
+        """
+        return [(self.m, self.d_in)] * ffn_kind(self.kind).n_inputs + [(self.d_out, self.m)]
 
     # --- bytes: what the kernel reads per token and what the pack holds -----------------------
     def bundle_bytes(self) -> int:

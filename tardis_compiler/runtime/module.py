@@ -11,6 +11,12 @@ neurons are gone, so a compressed model holds less than the dense one.
 architecture without tardis_compiler then fails loudly on that size mismatch, rather than running
 with randomly initialised FFNs.
 
+``keep_dense`` (``compress_(..., keep_dense=True)``): the module also keeps the FFN's own linears
+(``dense_ffn.w0, b0, w1, ...`` in ``nn.Linear`` layout, the kind's order) and runs calls of more than
+``dense_above`` tokens through them, as the backend's graphs do: batches and prefill then cost what
+dense costs, at the price of holding the dense weights beside the pack (off by default: memory is
+the point).
+
 A pack is laid out for one dtype (its bundle stride depends on the element size), so ``.to(dtype)``
 leaves the buffers' dtypes alone (devices still move): call the model in the dtype it was
 compressed in, or compress it again from the dense model in the new dtype.
@@ -26,17 +32,23 @@ import torch
 from .ffn_op import ffn as run_ffn  # also registers torch.ops.tardis.ffn
 from .layout import PACK_DTYPES, Layout
 from .pack import FFNPack
-from .validate import PACK_TENSORS, compute_dtype, pack_digest, validate_pack
+from .validate import PACK_TENSORS, PackError, compute_dtype, pack_digest, validate_pack
 
 #: Version of ``TardisFFN.spec()``; a checkpoint written with another is refused with a clear error.
 SPEC_VERSION = 2  # 2: the layout's ``bundles`` (int8 bundles)
-_BUFFER_NAMES = set(PACK_TENSORS)
-_SPEC_KEYS = {"spec_version", "name", "layout", "dense_key", "sha256"}
+DENSE_MODULE = "dense_ffn"  # the child holding the FFN's own linears (keep_dense)
+_BUFFER_NAMES = {*PACK_TENSORS, DENSE_MODULE}
+_SPEC_KEYS = {"spec_version", "name", "layout", "dense_key", "sha256", "dense"}
+_DENSE_SPEC_KEYS = {"biases", "dense_above", "sha256"}
 _DENSE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,7}")
 
 
 class _Tombstone(torch.nn.Module):
     """Holds a ``dense_key`` mark (see the module docstring)."""
+
+
+class _DenseLinears(torch.nn.Module):
+    """Holds the FFN's own linears for ``keep_dense`` (buffers w0, b0, w1, ...)."""
 
 
 class TardisFFN(torch.nn.Module):
@@ -54,9 +66,12 @@ class TardisFFN(torch.nn.Module):
     """
 
     def __init__(self, name: str, layout: Layout, device: torch.device | str | None = None,
-                 dense_key: str | None = None) -> None:
+                 dense_key: str | None = None, dense_biases: tuple[bool, ...] | None = None,
+                 dense_above: int = -1) -> None:
         super().__init__()
         self.name, self.layout, self.dense_key = name, layout, dense_key
+        # keep_dense: which of the FFN's linears have a bias (None: no dense weights kept)
+        self.dense_biases, self.dense_above = dense_biases, dense_above if dense_biases is not None else -1
         compute = compute_dtype(layout.dtype)
         self.register_buffer("weights", torch.zeros(layout.n_weights, dtype=layout.dtype, device=device))
         self.register_buffer("guard", torch.zeros(layout.n_guard, dtype=torch.uint8, device=device))
@@ -70,13 +85,36 @@ class TardisFFN(torch.nn.Module):
                 owner.add_module(part, child)
                 owner = child
             owner.register_buffer("weight", torch.zeros(0, dtype=layout.dtype, device=device))
+        if dense_biases is not None:
+            holder = _DenseLinears()
+            for i, shape in enumerate(layout.linear_shapes()):
+                holder.register_buffer(f"w{i}", torch.zeros(shape, dtype=layout.dtype, device=device))
+                if dense_biases[i]:
+                    holder.register_buffer(f"b{i}", torch.zeros(shape[0], dtype=layout.dtype, device=device))
+            self.add_module(DENSE_MODULE, holder)
 
     @classmethod
-    def from_pack(cls, name: str, pack: FFNPack, dense_key: str | None = None) -> "TardisFFN":
-        """The module holding ``pack`` (its tensors, not copies), once ``validate_pack`` passes it."""
+    def from_pack(cls, name: str, pack: FFNPack, dense_key: str | None = None,
+                  dense: list[torch.Tensor | None] | None = None, dense_above: int = -1) -> "TardisFFN":
+        """The module holding ``pack`` (its tensors, not copies), once ``validate_pack`` passes it;
+        with ``dense`` (the FFN's linears, weight then bias each, ``nn.Linear`` layout, the kind's
+        order) it also keeps them and runs calls of more than ``dense_above`` tokens through them."""
         validate_pack(*pack.tensors(), pack.neurons, pack.activation, pack.layout.dtype, expected=pack.layout,
                       where=f"tardis module {name}")
-        module = cls(name, pack.layout, device="meta", dense_key=dense_key)  # placeholders, replaced below
+        biases = None
+        if dense is not None:
+            shapes = pack.layout.linear_shapes()
+            if len(dense) != 2 * len(shapes) or any(tuple(w.shape) != s for w, s in zip(dense[::2], shapes)):
+                raise ValueError(f"tardis module {name}: dense weights must be {len(shapes)} linears of shapes "
+                                 f"{shapes}, got {[None if w is None else tuple(w.shape) for w in dense[::2]]}")
+            biases = tuple(b is not None for b in dense[1::2])
+        module = cls(name, pack.layout, device="meta", dense_key=dense_key, dense_biases=biases,
+                     dense_above=dense_above)  # placeholders, replaced below
+        if dense is not None:
+            holder = module.get_submodule(DENSE_MODULE)
+            for i, t in enumerate(dense):
+                if t is not None:
+                    holder._buffers[f"{'wb'[i % 2]}{i // 2}"] = t.detach().to(pack.layout.dtype).contiguous()
         for key, tensor in zip(("weights", "guard", "floats", "meta", "neurons"), (*pack.tensors(), pack.neurons)):
             setattr(module, key, tensor)
         for mark in module.modules():  # the empty dense_key marks
@@ -88,7 +126,10 @@ class TardisFFN(torch.nn.Module):
     def empty(cls, spec: dict[str, Any], device: torch.device | str | None = None) -> "TardisFFN":
         """A module of the shapes ``spec`` (from ``spec()``) describes, with zero buffers: what a
         checkpoint's weights load into."""
-        return cls(spec["name"], layout_of_spec(spec), device=device, dense_key=spec.get("dense_key"))
+        layout = layout_of_spec(spec)
+        dense = dense_of_spec(spec, layout)
+        return cls(spec["name"], layout, device=device, dense_key=spec.get("dense_key"),
+                   dense_biases=dense["biases"] if dense else None, dense_above=dense["dense_above"] if dense else -1)
 
     def spec(self) -> dict[str, Any]:
         """JSON-able description of this module's shapes (no weights), for checkpoints' configs,
@@ -96,11 +137,24 @@ class TardisFFN(torch.nn.Module):
         layout = dataclasses.asdict(self.layout)
         # Not "dtype": transformers rewrites keys of that name anywhere in a config it saves.
         layout["element_type"] = str(layout.pop("dtype")).removeprefix("torch.")
-        return {"spec_version": SPEC_VERSION, "name": self.name, "layout": layout, "dense_key": self.dense_key,
+        spec = {"spec_version": SPEC_VERSION, "name": self.name, "layout": layout, "dense_key": self.dense_key,
                 "sha256": pack_digest([getattr(self, key) for key in PACK_TENSORS])}
+        if self.dense_biases is not None:
+            spec["dense"] = {"biases": list(self.dense_biases), "dense_above": self.dense_above,
+                             "sha256": pack_digest([t for t in self.dense_weights() if t is not None])}
+        return spec
+
+    def dense_weights(self) -> list[torch.Tensor | None]:
+        """The FFN's own linears this module keeps (weight, bias per linear), or [] (keep_dense off)."""
+        if self.dense_biases is None:
+            return []
+        held = self._modules[DENSE_MODULE]._buffers
+        return [held.get(f"{kind}{i}") for i in range(len(self.dense_biases)) for kind in "wb"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_ffn(x, self, self.name)
+        if self.dense_biases is None:
+            return run_ffn(x, self, self.name)
+        return run_ffn(x, self, self.name, self.dense_above, self.dense_weights())
 
     # ``ffn_op.ffn`` takes anything with ``tensors()`` and ``layout``: the module is its own pack.
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,8 +181,34 @@ class TardisFFN(torch.nn.Module):
 
     def extra_repr(self) -> str:
         lay = self.layout
+        kept = f", dense kept (above {self.dense_above} tokens)" if self.dense_biases is not None else ""
         return (f"{self.name!r}, {lay.kind}, {lay.activation}, d_in={lay.d_in}, d_out={lay.d_out}, m={lay.m}, "
-                f"guarded={lay.k_guard}, exact={lay.k_always}, guard={lay.guard}, {lay.dtype}")
+                f"guarded={lay.k_guard}, exact={lay.k_always}, guard={lay.guard}, {lay.dtype}{kept}")
+
+
+def dense_of_spec(spec: dict[str, Any], layout: Layout) -> dict[str, Any] | None:
+    """The checked ``dense`` entry of a module spec (keep_dense: biases, dense_above, sha256), or
+    None; ValueError naming what is wrong (the spec comes from an untrusted config.json).
+
+    Example:
+        >>> lay = Layout("plain", "relu", torch.float32, 8, 8, 16, 0, 16, "none", 64, 0, False)
+        >>> dense_of_spec({"dense": {"biases": [True, False], "dense_above": 4, "sha256": "0" * 64}}, lay)["biases"]
+        (True, False)
+    """
+    dense = spec.get("dense")
+    if dense is None:
+        return None
+    n = len(layout.linear_shapes())
+    if not isinstance(dense, dict) or set(dense) != _DENSE_SPEC_KEYS:
+        raise ValueError(f"tardis FFN spec 'dense' must be an object with keys {sorted(_DENSE_SPEC_KEYS)}")
+    biases, above = dense["biases"], dense["dense_above"]
+    if not isinstance(biases, list) or len(biases) != n or not all(isinstance(b, bool) for b in biases):
+        raise ValueError(f"tardis FFN spec 'dense.biases' must be {n} booleans, got {biases!r}")
+    if isinstance(above, bool) or not isinstance(above, int) or above < -1:
+        raise ValueError(f"tardis FFN spec 'dense.dense_above' must be an integer >= -1, got {above!r}")
+    if not (isinstance(dense["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", dense["sha256"])):
+        raise ValueError("tardis FFN spec 'dense.sha256' must be 64 hex digits")
+    return {"biases": tuple(biases), "dense_above": above, "sha256": dense["sha256"]}
 
 
 def layout_of_spec(spec: Any) -> Layout:
@@ -171,3 +251,22 @@ def layout_of_spec(spec: Any) -> Layout:
     kwargs = {k: v for k, v in values.items() if k != "element_type"}
     return Layout(dtype=PACK_DTYPES[values["element_type"]], **kwargs)
 
+
+
+def check_dense_weights(module: TardisFFN, spec: dict[str, Any], where: str) -> None:
+    """After a checkpoint loads: the dense linears a ``keep_dense`` module holds are finite and are
+    the bytes whose sha256 its spec records; PackError otherwise (nothing to check without them).
+
+    Example:
+        >>> # check_dense_weights(module, swap["ffn"], "tardis module model.layers.0.mlp")
+    """
+    dense = dense_of_spec(spec, module.layout)
+    if dense is None:
+        return
+    held = [t for t in module.dense_weights() if t is not None]
+    for t in held:
+        if not bool(torch.isfinite(t).all()):
+            raise PackError(f"{where}: its kept dense weights hold NaN or Inf: the checkpoint is corrupt")
+    if pack_digest(held) != dense["sha256"]:
+        raise PackError(f"{where}: its kept dense weights differ from the sha256 recorded when it was saved: the "
+                        "file is corrupt or was changed; download or compress it again")

@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
+from .ffn_kind import ffn_kind
 from .guard import LOW_BIT_ENCODINGS, quantize
 from .layout import BUNDLE_ENCODINGS, NEURON_FLOATS, WEIGHT_ENCODINGS, Layout, bundle_row
 from .quantize import dequantize_bundles, int8_bundles, quantize_rows, reference_weights  # noqa: F401 (re-exported)
@@ -160,7 +160,7 @@ def pack_layout(kind: str, activation: str, dtype: torch.dtype, d_in: int, d_out
     rows, predictor = split_params(params, m)
     guarded, always = neuron_classes(params, guard, m)
     slope, intercept = folded_lines(rows, always)
-    has_wf = bool((intercept != 0).any() or (kind == "plain" and (slope != 0).any()))
+    has_wf = bool((intercept != 0).any() or (ffn_kind(kind).folds_slope and (slope != 0).any()))
     has_wf = has_wf or (fold_term is not None and guard != "all")
     encoding = guard if guarded.numel() else "none"
     rank = predictor.shape[0] if encoding == "svd" and predictor is not None else 0
@@ -200,8 +200,8 @@ def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch
     """
     if guard not in PACK_GUARDS:
         raise ValueError(f"guard must be one of {PACK_GUARDS}, got {guard!r}")
-    first = weights["wg_rows" if kind == "gated" else "w1_rows"]
-    out = weights["wd_rows" if kind == "gated" else "w2_rows"]
+    spec = ffn_kind(kind)
+    first, out = weights[spec.first_row], weights[spec.out_row]
     m, d_in = first.shape
     d_out = out.shape[1]
     dtype = first.dtype
@@ -218,7 +218,7 @@ def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch
         if fold_term is not None and guard != "all":
             term = fold_term.to(first.device, compute)
             wf = term[:, :-1] if wf is None else wf.to(compute) + term[:, :-1]
-            wf, bf = wf.to(reference[kind_first(kind)].dtype), bf + term[:, -1]
+            wf, bf = wf.to(reference[spec.first_row].dtype), bf + term[:, -1]
     encoding = "none" if not guarded.numel() else guard
     if guard == "svd" and guarded.numel() and predictor is None:
         raise ValueError("guard 'svd' needs the factors calibration stores in the profile: "
@@ -236,14 +236,14 @@ def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch
 
     floats = torch.zeros(layout.n_floats, dtype=compute, device=first.device)
     floats[:d_out] = bf
-    first_bias = weights["bg" if kind == "gated" else "b1"]
+    first_bias = weights[spec.first_bias]
     b_first = first_bias.to(compute) if first_bias is not None else torch.zeros(m, dtype=compute, device=first.device)
     bands = torch.stack([rows[4][guarded] - b_first[guarded], rows[5][guarded] - b_first[guarded]], dim=1)
     floats[layout.off_bands:layout.off_neuron] = bands.reshape(-1)
     floats[layout.off_neuron:layout.off_p] = _neuron_floats(kind, weights, slope, intercept, b_first, bundled).reshape(-1)
     guard_bytes = torch.zeros(layout.n_guard, dtype=torch.uint8)
     if encoding in LOW_BIT_ENCODINGS:
-        codes, scales = quantize(reference[kind_first(kind)].index_select(0, guarded), encoding, group_size)
+        codes, scales = quantize(reference[spec.first_row].index_select(0, guarded), encoding, group_size)
         guard_bytes[:codes.numel()] = codes.reshape(-1)
         guard_bytes[layout.off_gscales:layout.end_gscales] = scales.reshape(-1)
     elif encoding == "svd":
@@ -264,18 +264,9 @@ def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch
     return pack
 
 
-def kind_first(kind: str) -> str:
-    """The key of an FFN kind's first (guarded) matrix in its neuron-major weights."""
-    return "wg_rows" if kind == "gated" else "w1_rows"
-
-
 def _fold(kind: str, w: dict, slope: torch.Tensor, intercept: torch.Tensor):
     """(Wf or None, bf): every neuron's line folded; Wf is None when every line is zero."""
-    if kind == "gated":
-        # W_d (c * (W_u x + b_u)) + b_d is W2 (a * (W1 x + b1) + 0) + b2 with a = c.
-        lines = (w["wu_rows"], w["bu"], w["wd_rows"], w["bd"], intercept, torch.zeros_like(intercept))
-    else:
-        lines = (w["w1_rows"], w["b1"], w["w2_rows"], w["b2"], slope, intercept)
+    lines = ffn_kind(kind).fold_lines(w, slope, intercept)
     if bool((lines[4] != 0).any() or (lines[5] != 0).any()):
         return fold_ffn(*lines)
     b_out = lines[3]
@@ -287,15 +278,15 @@ def _fold(kind: str, w: dict, slope: torch.Tensor, intercept: torch.Tensor):
 
 def _bundles(kind: str, w: dict, idx: torch.Tensor) -> torch.Tensor:
     """(k, row) rows ``[first | up | out]`` of the neurons ``idx``."""
-    names = ("wg_rows", "wu_rows", "wd_rows") if kind == "gated" else ("w1_rows", "w2_rows")
-    return torch.cat([w[n].detach().index_select(0, idx) for n in names], dim=1)
+    return torch.cat([w[n].detach().index_select(0, idx) for n in ffn_kind(kind).rows], dim=1)
 
 
 def _neuron_floats(kind: str, w: dict, slope, intercept, b_first, idx) -> torch.Tensor:
     """(k, 4): first bias, up bias, slope, intercept of the bundled neurons."""
-    zeros = torch.zeros_like(slope)
-    b_up = w["bu"].to(slope.dtype) if kind == "gated" and w["bu"] is not None else zeros
-    cols = [b_first, b_up, slope if kind == "plain" else zeros, intercept]
+    spec, zeros = ffn_kind(kind), torch.zeros_like(slope)
+    up_bias = w[spec.up_bias] if spec.up_bias is not None else None
+    b_up = up_bias.to(slope.dtype) if up_bias is not None else zeros
+    cols = [b_first, b_up, slope if spec.folds_slope else zeros, intercept]
     assert len(cols) == NEURON_FLOATS
     return torch.stack([c.index_select(0, idx) for c in cols], dim=1)
 
@@ -320,8 +311,4 @@ def dense_reference(kind: str, weights: dict, activation_fn, x: torch.Tensor) ->
         >>> dense_reference("plain", w, torch.relu, torch.randn(2, 8)).shape
         torch.Size([2, 8])
     """
-    if kind == "gated":
-        h = activation_fn(F.linear(x, weights["wg_rows"], weights["bg"])) * F.linear(x, weights["wu_rows"], weights["bu"])
-        return F.linear(h, weights["wd_rows"].t(), weights["bd"])
-    h = activation_fn(F.linear(x, weights["w1_rows"], weights["b1"]))
-    return F.linear(h, weights["w2_rows"].t(), weights["b2"])
+    return ffn_kind(kind).dense(weights, activation_fn, x)

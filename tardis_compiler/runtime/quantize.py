@@ -15,8 +15,14 @@ from __future__ import annotations
 
 import torch
 
-#: Neuron-major weights of each kind, in bundle order (first row, up row, output column).
-BUNDLE_ROWS = {"gated": ("wg_rows", "wu_rows", "wd_rows"), "plain": ("w1_rows", None, "w2_rows")}
+from .ffn_kind import ffn_kind
+
+
+def _scale_rows(kind: str) -> tuple[str | None, str | None, str]:
+    """A kind's neuron-major weights in the order of a bundle's three scales (first row, up row,
+    output column); None where the kind has no up row (its scale slot is unused)."""
+    k = ffn_kind(kind)
+    return k.first_row, k.up_row, k.out_row
 
 
 def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +51,7 @@ def int8_bundles(kind: str, w: dict, idx: torch.Tensor) -> tuple[torch.Tensor, t
         (torch.Size([4, 14]), torch.Size([4, 3]), 127)
     """
     codes, scales = [], []
-    for name in BUNDLE_ROWS[kind]:
+    for name in _scale_rows(kind):
         if name is None:  # plain: no up row; its scale slot is unused
             scales.append(torch.ones(idx.numel(), device=idx.device))
             continue
@@ -66,11 +72,10 @@ def dequantize_bundles(kind: str, codes: torch.Tensor, scales: torch.Tensor, d_i
         >>> bool((b[:, :8] - w["w1_rows"]).abs().max() <= scales[:, :1].max() / 2 + 1e-6)
         True
     """
-    first = 2 * d_in if kind == "gated" else d_in
+    first = ffn_kind(kind).n_inputs * d_in
     per_column = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
     per_column[:, :d_in] = scales[:, :1]
-    if kind == "gated":
-        per_column[:, d_in:first] = scales[:, 1:2]
+    per_column[:, d_in:first] = scales[:, 1:2]  # the up rows' (none for a one-input kind)
     per_column[:, first:] = scales[:, 2:3]
     return (codes.float() * per_column).to(dtype)
 
@@ -92,7 +97,7 @@ def reference_weights(kind: str, w: dict, weights: str | None) -> dict:
     if weights != "int8":
         raise ValueError(f"weights must be None, 'dense' or 'int8', got {weights!r}")
     ref = dict(w)
-    for name in BUNDLE_ROWS[kind]:
+    for name in _scale_rows(kind):
         if name is not None:
             codes, scale = quantize_rows(w[name])
             ref[name] = codes.float() * scale[:, None]

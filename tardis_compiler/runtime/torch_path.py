@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..activations import get_activation_rule
 from .cpu.kernel import kernel
+from .ffn_kind import ffn_kind
 from .guard import LOW_BIT_ENCODINGS, predict
 from .layout import DTYPES, NEURON_FLOATS, QSCALES, Layout, bundle_row, guard_codes_bytes
 from .quantize import dequantize_bundles
@@ -96,17 +97,15 @@ def ffn_torch(x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floa
     nf = floats[layout.off_neuron:layout.off_p].view(kb, NEURON_FLOATS)
     z = F.linear(xw, b[:, :d]).to(compute) + nf[:, 0]
     act = get_activation_rule(layout.activation).fn
-    if layout.kind == "gated":
-        u = F.linear(xw, b[:, d:2 * d]).to(compute) + nf[:, 1]
-        delta = (act(z) - nf[:, 3]) * u
-    else:
-        delta = act(z) - nf[:, 2] * z - nf[:, 3]
+    spec = ffn_kind(layout.kind)
+    u = F.linear(xw, b[:, d:2 * d]).to(compute) + nf[:, 1] if spec.up_row is not None else None
+    delta = spec.exact_delta(act, z, u, nf[:, 2], nf[:, 3])
     flags = torch.ones(x2.shape[0], kb, dtype=torch.bool, device=x2.device)
     if kg:
         z_hat = guard_predictions(layout, x2, weights, guard, floats, meta)
         bands = floats[layout.off_bands:layout.off_neuron].view(kg, 2).float()
         flags[:, :kg] = (z_hat < bands[:, 0]) | (z_hat > bands[:, 1]) | z_hat.isnan()
     delta = torch.where(flags, delta, torch.zeros((), dtype=compute, device=x2.device))
-    out = b[:, d * (2 if layout.kind == "gated" else 1):]
+    out = b[:, d * spec.n_inputs:]
     y += (delta.to(out.dtype) @ out).to(compute)
     return y.to(x2.dtype), flags

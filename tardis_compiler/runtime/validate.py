@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from ..activations import get_activation_rule
+from .ffn_kind import ffn_kind
 from .layout import META_FIELDS, Layout, guard_codes_bytes
 
 #: The tensors of a pack, in the order ``validate_pack`` and ``pack_digest`` take them.
@@ -164,8 +165,10 @@ _STORED_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "
                   torch.uint8: "U8", torch.int64: "I64"}
 
 
-def expected_tensors(target: str, layout: Layout, dense_key: str | None) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Every tensor a checkpoint stores for the module at ``target``: key -> (safetensors dtype, shape).
+def expected_tensors(target: str, layout: Layout, dense_key: str | None,
+                     dense_biases: Sequence[bool] | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every tensor a checkpoint stores for the module at ``target``: key -> (safetensors dtype, shape);
+    with ``dense_biases`` (``keep_dense``: which linears have a bias) also the FFN's kept linears.
 
     Example:
         >>> lay = Layout("plain", "relu", torch.float32, 8, 8, 16, 0, 16, "none", 64, 0, False)
@@ -178,11 +181,17 @@ def expected_tensors(target: str, layout: Layout, dense_key: str | None) -> dict
     out = {f"{target}.{name}": (_STORED_DTYPES[dtype], (numel,)) for name, (dtype, numel) in sizes.items()}
     if dense_key is not None:  # the empty mark under the dense FFN's first weight (runtime/module.py)
         out[".".join(filter(None, (target, dense_key, "weight")))] = (_STORED_DTYPES[layout.dtype], (0,))
+    if dense_biases is not None:  # runtime/module.py: ``dense_ffn.w<i>``, ``b<i>``, nn.Linear layout
+        for i, (shape, bias) in enumerate(zip(layout.linear_shapes(), dense_biases)):
+            out[f"{target}.dense_ffn.w{i}"] = (_STORED_DTYPES[layout.dtype], shape)
+            if bias:
+                out[f"{target}.dense_ffn.b{i}"] = (_STORED_DTYPES[layout.dtype], (shape[0],))
     return out
 
 
 def validate_stored_tensors(stored: dict[str, tuple[str, str, tuple[int, ...]]], target: str, layout: Layout,
-                            dense_key: str | None, identities: Sequence[str] = ()) -> None:
+                            dense_key: str | None, identities: Sequence[str] = (),
+                            dense_biases: Sequence[bool] | None = None) -> None:
     """Check a checkpoint's tensor headers (key -> (file, dtype, shape), read before any tensor is
     allocated) for the module at ``target``: each tensor there with its dtype and shape, nothing
     else stored under the module or the modules it replaces. PackError names the file and tensor.
@@ -197,7 +206,7 @@ def validate_stored_tensors(stored: dict[str, tuple[str, str, tuple[int, ...]]],
         ...
         tardis_compiler.runtime.validate.PackError: tardis module mlp: tensor 'mlp.guard' is missing from the checkpoint
     """
-    check_stored_headers(stored, expected_tensors(target, layout, dense_key), f"tardis module {target}",
+    check_stored_headers(stored, expected_tensors(target, layout, dense_key, dense_biases), f"tardis module {target}",
                          "layout", (target, *identities), "a compressed module")
 
 
@@ -249,15 +258,16 @@ def validate_swap(model: torch.nn.Module, target: str, swap: object, layout: Lay
         raise PackError(f"tardis module {target}: 'identities' must be a list of module paths")
     module = _submodule(model, target, target)
     d_in, d_out, m = layout.d_in, layout.d_out, layout.m
-    first = [(m, d_in)] if layout.kind == "plain" else [(m, d_in), (m, d_in)]
+    spec = ffn_kind(layout.kind)
+    first = [(m, d_in)] * spec.n_inputs
     if swap["mode"] == "module":
         if identities:
             raise PackError(f"tardis module {target}: a 'module' swap replaces no other module, got {identities}")
-        fused = [(2 * m, d_in)] if layout.kind == "gated" else None
+        fused = [(spec.n_inputs * m, d_in)] if spec.n_inputs > 1 else None  # the input linears as one
         _check_weights(module, target, [first + [(d_out, m)]] + ([fused + [(d_out, m)]] if fused else []),
-                       {m, 2 * m, d_out})
+                       {m, spec.n_inputs * m, d_out})
         return ()
-    if layout.kind != "plain" or len(identities) != 2 or len(set(identities) | {target}) != 3:
+    if not spec.splittable or len(identities) != 2 or len(set(identities) | {target}) != 3:
         raise PackError(f"tardis module {target}: a 'split' swap is a plain FFN's first linear with two "
                         f"identities (its activation and its second linear), got {layout.kind}, {identities}")
     activation, second = (_submodule(model, target, path) for path in identities)

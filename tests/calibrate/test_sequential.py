@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tardis_compiler as tc
-from tardis_compiler.calibrate.drive import Recorder
+from tardis_compiler.calibrate.record import Recorder
 from tardis_compiler.config import DEFAULT_GUARDS
 from tardis_compiler.calibrate.sequential import exact_stand_in, split_groups
 from tardis_compiler.profile import Profile

@@ -152,3 +152,28 @@ def test_real_minilm_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**encoded).last_hidden_state, model(**encoded).last_hidden_state,
                                    atol=0, rtol=0)
+
+
+def test_keep_dense_round_trips_and_its_weights_are_checked(tmp_path):
+    model = build_tiny("llama")
+    batches = token_batches(4)
+    profile = tc.calibrate(model, batches, tc.CalibrationConfig(**QUIET))
+    dense = build_tiny("llama")
+    tc.compress_(model, profile, batches[0], keep_dense=True)
+    model.save_pretrained(tmp_path)
+    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert all(m.dense_weights() for m in reloaded.modules() if isinstance(m, TardisFFN))
+    with torch.no_grad():
+        torch.testing.assert_close(logits(reloaded(batches[1])), logits(dense(batches[1])), atol=1e-5, rtol=1e-5)
+        # one token runs the pack (each TardisFFN's output is bit-identical; attention's last bits may differ)
+        torch.testing.assert_close(logits(reloaded(batches[1][:1, :1])), logits(model(batches[1][:1, :1])),
+                                   atol=1e-5, rtol=1e-5)
+    # a kept dense weight edited on disk: refused by its recorded sha256
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.layers.0.mlp.dense_ffn.w0"][0, 0] += 1.0
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(Exception, match="kept dense weights differ"):
+        T.AutoModelForCausalLM.from_pretrained(tmp_path)

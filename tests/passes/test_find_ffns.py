@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tardis_compiler.backend import capture_graphs
+from tardis_compiler.passes import capture_graphs
 from tardis_compiler.passes import find_ffns
 from tests.tiny_models import LAYERS, build_tiny, token_batches
 

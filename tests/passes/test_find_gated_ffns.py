@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tardis_compiler.backend import capture_graphs
+from tardis_compiler.passes import capture_graphs
 from tardis_compiler.passes import copy_graph_module, placeholder_fqns
 from tardis_compiler.passes.find_gated_ffns import GatedFFNMatch, find_gated_ffns
 from tests.tiny_models import (GATED_ARCHITECTURES, HIDDEN, LAYERS, FusedGatedBlock, ReGLUBlock, build_tiny,

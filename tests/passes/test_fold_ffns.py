@@ -4,7 +4,7 @@ import torch
 from tardis_compiler.calibrate.record import record_ffn_input
 from tardis_compiler.options import TardisOptions
 from tardis_compiler.passes import PassContext, copy_graph_module, find_ffns, fold_ffns, placeholder_fqns, record_ffn_inputs
-from tardis_compiler.backend import capture_graphs
+from tardis_compiler.passes import capture_graphs
 from tests.tiny_models import LAYERS, build_tiny, token_batches
 
 FUSED = torch.ops.tardis.ffn.default
