@@ -13,9 +13,12 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 
 from ..runtime.checkpoint_modules import ModulePlan
-from ..runtime.module import TardisFFN
+from ..runtime.module import DENSE_MODULE, TardisFFN
+from ..runtime.pack import FFNPack
+from ..runtime.shard import shard_pack
 from ..runtime.validate import PACK_TENSORS, PackError
 
 
@@ -44,10 +47,56 @@ class TardisMLP(TardisFFN):
         """Take this module's checkpoint tensors (module-relative names); the names taken."""
         where = f"tardis module {getattr(self, 'tardis_target', self.name)}"
         loaded = set()
+        kept = self._modules.get(DENSE_MODULE)
         for name, tensor in weights:
             if name in PACK_TENSORS:
                 self._buffers[name] = tensor.detach()
+            elif kept is not None and name.startswith(f"{DENSE_MODULE}.") and name[len(DENSE_MODULE) + 1:] in kept._buffers:
+                kept._buffers[name[len(DENSE_MODULE) + 1:]] = tensor.detach()  # keep_dense: the FFN's own linears
             elif tensor.numel() != 0:  # only the empty dense_key mark may sit beside the pack
                 raise PackError(f"{where}: unexpected tensor {name!r} {list(tensor.shape)} in the checkpoint")
             loaded.add(name)
         return loaded
+
+    def shard(self, rank: int, world: int) -> None:
+        """Keep only this tensor-parallel rank's part (``runtime/shard.py``), once the whole pack is
+        loaded and checked: its neurons, its columns of Wf (the bias on rank 0), and with
+        ``keep_dense`` its share of the FFN's own neurons; ``forward`` then all-reduces."""
+        self.tp_rank, self.tp_world = rank, world
+        if world == 1:
+            return
+        pack = FFNPack(self.weights, self.guard, self.floats, self.meta, self.layout.activation, self.neurons,
+                       self.layout)
+        part = shard_pack(pack, rank, world)
+        for key, tensor in zip(PACK_TENSORS, (*part.pack.tensors(), part.pack.neurons)):
+            self._buffers[key] = tensor
+        self.layout, self.tp_cols = part.pack.layout, part.cols
+        self.register_buffer("tp_wf", part.wf)  # None without a Wf
+        self.register_buffer("tp_wf_scales", part.wf_scales)
+        kept = self._modules.get(DENSE_MODULE)
+        if kept is not None:  # the dense path splits the same way: input linears by rows, the output one by columns
+            m = self.layout.m
+            rows = slice(m * rank // world, m * (rank + 1) // world)
+            last = len(self.dense_biases) - 1
+            for i in range(last + 1):
+                w = kept._buffers[f"w{i}"]
+                kept._buffers[f"w{i}"] = (w[rows] if i < last else w[:, rows]).contiguous()
+                if self.dense_biases[i] and i < last:
+                    kept._buffers[f"b{i}"] = kept._buffers[f"b{i}"][rows].contiguous()
+                elif self.dense_biases[i] and rank:
+                    kept._buffers[f"b{i}"] = torch.zeros_like(kept._buffers[f"b{i}"])  # the output bias once
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if getattr(self, "tp_world", 1) == 1:
+            return y
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        if self.tp_wf is not None and (self.dense_biases is None or x.numel() // x.shape[-1] <= self.dense_above
+                                       or self.dense_above < 0):
+            part = x[..., self.tp_cols]
+            if self.tp_wf_scales is None:
+                y = y + F.linear(part, self.tp_wf)
+            else:  # a quantized pack's Wf: int8 codes times per-row scales, in float32 as the kernel
+                y = y + (F.linear(part.float(), self.tp_wf.float()) * self.tp_wf_scales).to(y.dtype)
+        return tensor_model_parallel_all_reduce(y)

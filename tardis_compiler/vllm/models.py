@@ -3,7 +3,9 @@
 ``register_models`` registers, under the stock architecture names, subclasses that behave exactly
 as the stock classes unless the checkpoint's ``quantization_config`` is tardis. Then:
 
-1. tensor or pipeline parallel sizes above 1 are refused (splitting packs by neurons is not built yet);
+1. pipeline parallel sizes above 1 are refused; under tensor parallelism every rank checks and
+   loads the whole pack, then keeps its part (``TardisMLP.shard``: neurons split across ranks, the
+   all-reduce the only communication, as the stock down projection's);
 2. each MLP that config.json lists is built as vLLM builds it and at once replaced by a parameter-
    shape view on the meta device (``_DenseShapes``: no memory). Llama, Mistral and Phi-3 do it per
    layer, through their ``layer_type=`` decoder-layer hook; the others after the model is built
@@ -13,7 +15,7 @@ as the stock classes unless the checkpoint's ``quantization_config`` is tardis. 
 4. every planned target must be a ``model.layers.N.mlp`` swapped whole (mode "module"), and becomes
    an empty ``TardisMLP`` (meta device);
 5. ``load_weights`` runs the stock loader, then ``finish_module`` on every pack (sha256, values,
-   alignment).
+   alignment), then ``TardisMLP.shard`` for this rank.
 
 A tardis checkpoint of any other model class is refused by ``TardisVllmConfig.get_quant_method``
 (``config.check_architecture``).
@@ -40,12 +42,22 @@ MLP_PATH = re.compile(r"model\.layers\.[0-9]+\.mlp")
 
 
 class _DenseShapes(torch.nn.Module):
-    """A stock MLP's parameter shapes on the meta device, what ``validate_swap`` checks a swap against."""
+    """A stock MLP's parameter shapes on the meta device, what ``validate_swap`` checks a swap against;
+    under tensor parallelism the whole (unsplit) shapes: a column-parallel linear's outputs and a
+    row-parallel linear's inputs are split across ranks."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         super().__init__()
+        from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+
         for name, p in module.named_parameters():
-            empty = torch.empty(p.shape, dtype=p.dtype, device="meta")
+            owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+            shape, tp = list(p.shape), getattr(owner, "tp_size", 1)
+            if isinstance(owner, ColumnParallelLinear):
+                shape[0] *= tp
+            elif isinstance(owner, RowParallelLinear) and name.endswith("weight"):
+                shape[1] *= tp
+            empty = torch.empty(shape, dtype=p.dtype, device="meta")
             self.register_parameter(name.replace(".", "__"), torch.nn.Parameter(empty, requires_grad=False))
 
 
@@ -55,22 +67,21 @@ def _tardis_config(vllm_config: Any) -> TardisVllmConfig | None:
 
 
 def refuse_parallel(vllm_config: Any) -> None:
-    """ValueError for a tardis checkpoint at tensor or pipeline parallel size above 1.
+    """ValueError for a tardis checkpoint at pipeline parallel size above 1 (tensor parallel is
+    served: each rank keeps its neurons of every pack).
 
     Example:
         >>> from types import SimpleNamespace as NS
-        >>> refuse_parallel(NS(parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1)))
         >>> refuse_parallel(NS(parallel_config=NS(tensor_parallel_size=2, pipeline_parallel_size=1)))
+        >>> refuse_parallel(NS(parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=2)))
         Traceback (most recent call last):
         ...
-        ValueError: tardis checkpoints in vLLM run at tensor_parallel_size=1 and pipeline_parallel_size=1 only (got 2 and 1): splitting packs across ranks is not built yet; serve with one rank
+        ValueError: tardis checkpoints in vLLM run at pipeline_parallel_size=1 only (got 2): serve with tensor parallelism instead
     """
-    parallel = vllm_config.parallel_config
-    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
-    if tp > 1 or pp > 1:
-        raise ValueError(f"tardis checkpoints in vLLM run at tensor_parallel_size=1 and pipeline_parallel_size=1 "
-                         f"only (got {tp} and {pp}): splitting packs across ranks is not built yet; serve with "
-                         "one rank")
+    pp = vllm_config.parallel_config.pipeline_parallel_size
+    if pp > 1:
+        raise ValueError(f"tardis checkpoints in vLLM run at pipeline_parallel_size=1 only (got {pp}): serve with "
+                         "tensor parallelism instead")
 
 
 def _checkpoint_files(model: str) -> list[str] | None:
@@ -84,12 +95,14 @@ class _TardisModel:
 
     _tardis_plans: dict[str, ModulePlan] = {}
     _tardis_format = 0
+    _tardis_tp = 1
 
     def _tardis_begin(self, vllm_config: Any) -> TardisVllmConfig | None:
         quant = _tardis_config(vllm_config)
         if quant is not None:
             refuse_parallel(vllm_config)
             quant.served_by = type(self).__name__
+            self._tardis_tp = vllm_config.parallel_config.tensor_parallel_size
         return quant
 
     def _tardis_swap(self, vllm_config: Any) -> None:
@@ -115,8 +128,13 @@ class _TardisModel:
         if self._tardis_plans:
             warn_if_undigested(self._tardis_format)
             model: torch.nn.Module = self  # type: ignore[assignment]
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            rank = get_tensor_model_parallel_rank() if self._tardis_tp > 1 else 0
             for target, plan in self._tardis_plans.items():
-                finish_module(target, model.get_submodule(target), plan.spec, self._tardis_format)
+                module = model.get_submodule(target)
+                finish_module(target, module, plan.spec, self._tardis_format)
+                module.shard(rank, self._tardis_tp)
         return loaded
 
 

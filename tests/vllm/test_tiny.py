@@ -81,10 +81,68 @@ def test_wrong_dtype_says_which_to_load_with(tiny):
             pass
 
 
-def test_tensor_parallel_is_refused_before_anything_starts():
+def test_pipeline_parallel_is_refused_before_anything_starts():
     from types import SimpleNamespace as NS
 
     from tardis_compiler.vllm.models import refuse_parallel
 
-    with pytest.raises(ValueError, match="not built yet"):
-        refuse_parallel(NS(parallel_config=NS(tensor_parallel_size=2, pipeline_parallel_size=1)))
+    refuse_parallel(NS(parallel_config=NS(tensor_parallel_size=2, pipeline_parallel_size=1)))  # served
+    with pytest.raises(ValueError, match="pipeline_parallel_size=1 only"):
+        refuse_parallel(NS(parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=2)))
+
+
+def _tp_run(folder: Path, tp: int) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # apply_model
+           "VLLM_CPU_OMP_THREADS_BIND": "|".join(str(i) for i in range(tp)) if tp > 1 else "0"}
+    done = subprocess.run([sys.executable, "-m", "tests.vllm.tp_worker", str(folder), str(tp)], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[2])
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    return json.loads(lines[-1])
+
+
+def test_tensor_parallel_two_ranks_give_the_one_rank_text(tmp_path):
+    """Each rank keeps half of every pack's neurons and Wf's columns; the all-reduce sums them.
+    A tiny 4-head Llama (SmolLM2's 9 heads do not split in two), eager, one core per rank."""
+    import tardis_compiler as tc
+    from tests.tiny_models import build_tiny, token_batches
+
+    model = build_tiny("llama", hidden_size=128, head_dim=32, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=512)
+    batches = token_batches(4)
+    profile = tc.calibrate(model, batches, tc.CalibrationConfig(progress=False, group_size=32, budget=0.5))
+    tc.compress_(model, profile, batches[0])
+    folder = tmp_path / "tp"
+    model.save_pretrained(folder)
+    one, two = _tp_run(folder, 1), _tp_run(folder, 2)
+    assert one["tokens"] == hf_tokens(folder, PROMPTS, NEW_TOKENS, torch.float32)
+    assert two["tokens"] == one["tokens"]
+    (whole,), ranks = one["held"], two["held"]
+    assert len(ranks) == 2
+    for layer, (k, nbytes) in enumerate(whole):  # the neurons split between the ranks, each holding about half
+        assert ranks[0][layer][0] + ranks[1][layer][0] == k
+        assert all(rank[layer][1] < 0.6 * nbytes for rank in ranks), (ranks, whole)
+
+
+def test_keep_dense_checkpoint_runs_calls_above_dense_above_dense(tmp_path):
+    """compress_(keep_dense=True): the FFN's own linears load beside the pack; with dense_above=0 every
+    call runs them, so the served text is the dense model's."""
+    import tardis_compiler as tc
+    from tests.tiny_models import token_batches
+    from tests.vllm.helpers import tiny_model
+
+    dense = tiny_model("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    model = tiny_model("llama")
+    batches = token_batches(4)
+    profile = tc.calibrate(model, batches, tc.CalibrationConfig(progress=False, group_size=32))
+    tc.compress_(model, profile, batches[0], keep_dense=True, dense_above=0)
+    model.save_pretrained(tmp_path / "kept")
+    with engine(tmp_path / "kept") as llm:
+        assert mlp_kinds(llm) == {"TardisMLP": 2}
+        assert vllm_tokens(llm, PROMPTS, NEW_TOKENS) == hf_tokens(tmp_path / "dense", PROMPTS, NEW_TOKENS,
+                                                                  torch.float32)
