@@ -12,6 +12,8 @@ import math
 import re
 from typing import Any, Mapping
 
+from .runtime.ffn_kind import KINDS
+
 #: Guards: a low-bit copy of W1 predicts z (int2/int4/int8); "svd" a whitened rank-r factorisation
 #: of W1 fitted to the calibration inputs (SVDP; only with a per-neuron mix, i.e. a budget); "exact"
 #: computes z in full (slow, for testing); "all" flags every neuron, which must reproduce the dense
@@ -19,10 +21,8 @@ from typing import Any, Mapping
 LOW_BIT_GUARDS = {"int2": 2, "int4": 4, "int8": 8}
 PREDICTOR_GUARDS = (*LOW_BIT_GUARDS, "svd")  # guards that predict z and carry calibrated margins
 GUARDS = (*PREDICTOR_GUARDS, "exact", "all")
-#: The guard each FFN kind gets when none is given: the one that measured best (docs/RESULTS.md):
-#: int8 on MiniLM's plain FFNs (fewest bytes for its recall), int4 on SmolLM2's gated FFNs (its
-#: cheaper rows leave more of the budget to exact neurons: lower perplexity at every budget).
-DEFAULT_GUARDS = {"plain": "int8", "gated": "int4"}
+#: The guard each FFN kind gets when none is given (``FFNKind.default_guard``, runtime/ffn_kind.py).
+DEFAULT_GUARDS = {name: kind.default_guard for name, kind in KINDS.items()}
 #: The budget calibration fits when none is given (``torch.compile(model, backend="tardis")`` with no
 #: options, ``calibrate(model, batches)``): half the dense FFN bytes read per token, where the measured
 #: trade-off turns (docs/RESULTS.md): MiniLM keeps cosine 0.995 at 0.5 (0.93 at 0.3), SmolLM2 +8% PPL

@@ -44,6 +44,10 @@ class FFNKind:
     # Whether calibration always fits a per-neuron mix (a constant fold is rarely good for a whole
     # FFN), or only when asked for a budget.
     always_mixed: bool
+    # The guard when none is given: the one that measured best (docs/RESULTS.md): int8 on MiniLM's
+    # plain FFNs (fewest bytes for its recall), int4 on SmolLM2's gated FFNs (its cheaper rows leave
+    # more of the budget to exact neurons: lower perplexity at every budget).
+    default_guard: str
 
     @property
     def rows(self) -> tuple[str, ...]:
@@ -128,8 +132,8 @@ class FFNKind:
         return F.linear(h, weights[self.out_row].t(), weights[self.biases[-1]])
 
 
-PLAIN = FFNKind("plain", 0, ("1", "2"), fold="line", always_mixed=False)
-GATED = FFNKind("gated", 1, ("g", "u", "d"), fold="constant", always_mixed=True)
+PLAIN = FFNKind("plain", 0, ("1", "2"), fold="line", always_mixed=False, default_guard="int8")
+GATED = FFNKind("gated", 1, ("g", "u", "d"), fold="constant", always_mixed=True, default_guard="int4")
 KINDS: dict[str, FFNKind] = {k.name: k for k in (PLAIN, GATED)}
 
 

@@ -101,10 +101,11 @@ def _dense_ffn(x: torch.Tensor, dense: list[torch.Tensor | None], activation: st
                m: int) -> torch.Tensor:
     """The FFN itself, from its own weights (``dense``, see the module docstring)."""
     act = get_activation_rule(activation).fn
-    if len(dense) == 6:  # gated: gate, up, down
-        h = act(F.linear(x, dense[0], dense[1])) * F.linear(x, dense[2], dense[3])
-    else:
-        h = act(F.linear(x, dense[0], dense[1]))
+    # Weight and bias per linear in its kind's order (runtime/ffn_kind.py): the first input linear
+    # is activated, the others (a gated FFN's up) multiply it, the last is the output linear.
+    h = act(F.linear(x, dense[0], dense[1]))
+    for i in range(2, len(dense) - 2, 2):
+        h = h * F.linear(x, dense[i], dense[i + 1])
     y = F.linear(h, dense[-2], dense[-1])
     stats = active_stats()
     if stats is not None:
