@@ -24,15 +24,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def smollm2_tardis(tmp_path_factory):
-    """dtype -> real SmolLM2 compressed at budget 0.5 in that dtype (``tardis compress``), built once."""
+def smollm2(tmp_path_factory):
+    """Real SmolLM2-135M in float32: {"dense", "tardis" (budget 0.5), "exact" (guard="all")} checkpoint
+    folders (tests/vllm/smollm2.py), built once per session."""
+    import torch
+
     from tests.vllm.smollm2 import build
 
-    folders = {}
-
-    def get(dtype, budget: float | None = 0.5, guard: str | None = None):
-        key = (dtype, budget, guard)
-        if key not in folders:
-            folders[key] = build(tmp_path_factory.mktemp(f"smollm2-{budget}-{guard}") / "ckpt", dtype, budget, guard)
-        return folders[key]
-    return get
+    return build(tmp_path_factory.mktemp("smollm2"), torch.float32)

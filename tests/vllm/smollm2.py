@@ -26,21 +26,28 @@ PROMPTS = [
 NEW_TOKENS = 64
 
 
-def build(out: Path, dtype: torch.dtype, budget: float | None = 0.5, guard: str | None = None,
-          windows: int = 2, context: int = 256) -> Path:
-    """SmolLM2 compressed at ``budget`` (``tardis compress smollm2 OUT``, on ``windows`` calibration windows
-    of ``context`` tokens: few, so that a test builds it in minutes), or dense (``budget=None``), saved
-    with its tokenizer in ``out``."""
-    from tardis_compiler.eval.models import load_model
-    from tardis_compiler.hf.checkpoint import compress_pretrained
+def build(root: Path, dtype: torch.dtype, budget: float = 0.5, windows: int = 2, context: int = 256) -> dict[str, Path]:
+    """Three SmolLM2 checkpoints in ``root``, with their tokenizer: "dense", "tardis" (compressed at
+    ``budget``, as ``tardis compress smollm2 OUT --budget 0.5``) and "exact" (the same profile with
+    ``guard="all"``), calibrated once on ``windows`` Wikipedia windows of ``context`` tokens (few: a test
+    builds them in minutes)."""
+    import copy
 
-    if budget is None:
-        loaded = load_model("smollm2", dtype=dtype)
-        loaded.model.save_pretrained(out)
-        loaded.tokenizer.save_pretrained(out)
-        return out
-    compress_pretrained("smollm2", out, budget, guard=guard, calibration_batches=windows, context_length=context,
-                        dtype=dtype, progress=False)
+    import tardis_compiler as tc
+    from tardis_compiler.eval.corpus import calibration_batches
+    from tardis_compiler.eval.models import load_model
+
+    loaded = load_model("smollm2", dtype=dtype)
+    batches = calibration_batches(loaded.tokenizer, context_length=context, num_batches=windows)
+    profile = tc.calibrate(loaded.model, batches, tc.CalibrationConfig(budget=budget, progress=False))
+    out = {}
+    for name, guard in (("dense", None), ("tardis", None), ("exact", "all")):
+        model = copy.deepcopy(loaded.model)
+        if name != "dense":
+            tc.compress_(model, profile, batches[0][:, :16], guard=guard)
+        out[name] = root / name
+        model.save_pretrained(out[name])
+        loaded.tokenizer.save_pretrained(out[name])
     return out
 
 
@@ -84,17 +91,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--compiled", action="store_true", help="vLLM's default compiled mode (not enforce_eager)")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--dense", action="store_true", help="also the dense checkpoint")
     parser.add_argument("--keep", default=None, help="folder to build the checkpoints in (reused when present)")
+    parser.add_argument("--only", nargs="*", default=["dense", "tardis", "exact"])
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    root = Path(args.keep or tempfile.mkdtemp())
-    kinds = {"tardis-0.5": 0.5, **({"dense": None} if args.dense else {})}
-    report = {}
-    for name, budget in kinds.items():
-        folder = root / f"{name}-{args.dtype}"
-        if not (folder / "config.json").exists():
-            build(folder, dtype, budget)
-        result = agreement(folder, dtype, enforce_eager=not args.compiled)
-        report[name] = {k: result[k] for k in ("batched", "one_at_a_time")}
-        print(name, json.dumps(report[name]), flush=True)
+    root = Path(args.keep or tempfile.mkdtemp()) / args.dtype
+    folders = {name: root / name for name in ("dense", "tardis", "exact")}
+    if not all((f / "config.json").exists() for f in folders.values()):
+        folders = build(root, dtype)
+    for name in args.only:
+        result = agreement(folders[name], dtype, enforce_eager=not args.compiled)
+        print(name, json.dumps({k: result[k] for k in ("batched", "one_at_a_time")}), flush=True)
