@@ -27,8 +27,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def smollm2(tmp_path_factory):
     """Real SmolLM2-135M in float32: {"dense", "tardis" (budget 0.5), "exact" (guard="all")} checkpoint
     folders (tests/vllm/smollm2.py), built once per session."""
-    import torch
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    from tests.vllm.smollm2 import build
-
-    return build(tmp_path_factory.mktemp("smollm2"), torch.float32)
+    # In a process of its own: loading the GGUF model in this one left vLLM's in-process engines without
+    # their pipeline-parallel group ("pipeline model parallel group is not initialized" at the first step).
+    root = tmp_path_factory.mktemp("smollm2")
+    subprocess.run([sys.executable, "-c", "import sys, torch; from pathlib import Path; from tests.vllm.smollm2 "
+                    "import build; build(Path(sys.argv[1]), torch.float32)", str(root)],
+                   cwd=Path(__file__).resolve().parents[2], check=True, timeout=1800)
+    return {name: root / name for name in ("dense", "tardis", "exact")}
