@@ -105,6 +105,7 @@ def _tp_run(folder: Path, tp: int) -> dict:
     return json.loads(lines[-1])
 
 
+@pytest.mark.slow  # two multi-process engines: minutes on 2 cores (run: -m "vllm and slow" -k tensor_parallel)
 def test_tensor_parallel_two_ranks_give_the_one_rank_text(tmp_path):
     """Each rank keeps half of every pack's neurons and Wf's columns; the all-reduce sums them.
     A tiny 4-head Llama (SmolLM2's 9 heads do not split in two), eager, one core per rank."""
