@@ -44,13 +44,7 @@ class PackShard:
 
     def __call__(self, x: torch.Tensor, name: str = "") -> torch.Tensor:
         y = run_ffn(x, self.pack, name)
-        if self.wf is None:
-            return y
-        part = x[..., self.cols]
-        if self.wf_scales is None:
-            return y + F.linear(part, self.wf)
-        # int8 codes times per-row scales, in float32 as the fused kernel computes a quantized Wf
-        return y + (F.linear(part.float(), self.wf.float()) * self.wf_scales).to(y.dtype)
+        return y if self.wf is None else y + wf_columns_output(x, self.cols, self.wf, self.wf_scales)
 
     def resident_bytes(self) -> int:
         """Bytes this shard holds: its pack's buffers (as ``Layout.resident_bytes``) and its Wf columns."""
@@ -58,6 +52,15 @@ class PackShard:
         for t in (self.wf, self.wf_scales):
             held += t.numel() * t.element_size() if t is not None else 0
         return held
+
+
+def wf_columns_output(x: torch.Tensor, cols: slice, wf: torch.Tensor, wf_scales: torch.Tensor | None) -> torch.Tensor:
+    """A rank's share of ``Wf x``: ``Wf[:, cols] @ x[cols]`` (int8 codes times per-row scales, in
+    float32 as the fused kernel computes a quantized Wf), in x's dtype."""
+    part = x[..., cols]
+    if wf_scales is None:
+        return F.linear(part, wf)
+    return (F.linear(part.float(), wf.float()) * wf_scales).to(x.dtype)
 
 
 def shard_pack(pack: FFNPack, rank: int, world: int) -> PackShard:

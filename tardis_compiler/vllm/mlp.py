@@ -13,12 +13,11 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 
 from ..runtime.checkpoint_modules import ModulePlan
 from ..runtime.module import DENSE_MODULE, TardisFFN
 from ..runtime.pack import FFNPack
-from ..runtime.shard import shard_pack
+from ..runtime.shard import shard_pack, wf_columns_output
 from ..runtime.validate import PACK_TENSORS, PackError
 
 
@@ -94,9 +93,5 @@ class TardisMLP(TardisFFN):
 
         if self.tp_wf is not None and (self.dense_biases is None or x.numel() // x.shape[-1] <= self.dense_above
                                        or self.dense_above < 0):
-            part = x[..., self.tp_cols]
-            if self.tp_wf_scales is None:
-                y = y + F.linear(part, self.tp_wf)
-            else:  # a quantized pack's Wf: int8 codes times per-row scales, in float32 as the kernel
-                y = y + (F.linear(part.float(), self.tp_wf.float()) * self.tp_wf_scales).to(y.dtype)
+            y = y + wf_columns_output(x, self.tp_cols, self.tp_wf, self.tp_wf_scales)
         return tensor_model_parallel_all_reduce(y)
