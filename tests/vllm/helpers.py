@@ -78,6 +78,13 @@ def engine(folder: Path, dtype: str = "float32", **kwargs: Any) -> Iterator[Any]
         llm = LLM(model=str(folder), **options)
         yield llm
     finally:
+        # Shut the engine down now, not when the caller's last reference goes: a ``with engine(a) as llm``
+        # followed by ``with engine(b) as llm`` frees engine a only after b started, and a's shutdown
+        # then destroyed b's parallel groups ("pipeline model parallel group is not initialized").
+        client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        finalizer = getattr(client, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()  # runs once; a later collection of ``llm`` finds it dead
         del llm
         gc.collect()
         cleanup_dist_env_and_memory()
