@@ -44,7 +44,6 @@ from .passes.ffn_graph import module_of
 from .plan import PlanRequest, plan_ffn
 from .profile import Profile
 from .runtime.ffn_kind import ffn_kind
-from .runtime.ffn_op import dense_above_for
 from .runtime.layout import BUNDLE_ENCODINGS
 from .runtime.module import TardisFFN
 from .runtime.pack import dense_reference
@@ -176,8 +175,8 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
     compressed FFNs (attention, the LM head, FFNs left dense; ``skip`` patterns keep a linear, or the
     modules under a name, dense; see ``compress_linears.py`` for tied heads); None (default): they stay.
     ``keep_dense``: each ``TardisFFN`` also keeps its FFN's own linears and runs calls of more than
-    ``dense_above`` tokens through them ("auto": where dense measured faster, ``ffn_op.DENSE_ABOVE``;
-    an int; -1 never): batches and prefill then cost what dense costs, and the model holds the dense
+    ``dense_above`` tokens through them ("auto", kept as such in the checkpoint: where dense measured
+    faster for the dtype and the threads of the process running it, ``ffn_op.DENSE_ABOVE``; an int; -1 never): batches and prefill then cost what dense costs, and the model holds the dense
     FFN weights *and* the packs (more than dense). Off by default: memory is the point.
 
     Example:
@@ -271,7 +270,6 @@ def _compress_one(model, match, fqns, graph_inputs, profile: Profile, request: P
         spec = ffn_kind(match.kind)
         dense = [t for row, bias in zip(spec.rows, spec.biases)
                  for t in ((weights[row].t() if row == spec.out_row else weights[row]), weights[bias])]
-        dense_above = dense_above_for(pack.layout.dtype) if dense_above == "auto" else dense_above
     module = TardisFFN.from_pack(match.name, pack, dense_key=first_linear[len(entry.target):].lstrip("."),
                                  dense=dense, dense_above=-1 if dense is None else dense_above)
     entry.resident_bytes = module.resident_bytes()

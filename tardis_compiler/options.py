@@ -37,7 +37,8 @@ class TardisOptions:
         skip: FFN names or regexes to leave dense.
         dense_above: calls with more than this many tokens (prefill, batches) run the dense FFN
             instead of the pack: "auto" (default) where it measured faster on CPU (``DENSE_ABOVE``
-            in runtime/ffn_op.py: 4 tokens in bfloat16, 16 otherwise); an int; or None, never
+            in runtime/ffn_op.py, per dtype and compute threads: with 2 threads 4 tokens in bfloat16,
+            16 otherwise; with 1 thread 1 and 4); an int; or None, never
             (every token takes the approximation, e.g. to measure its perplexity).
 
     Example:

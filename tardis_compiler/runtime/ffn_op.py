@@ -36,24 +36,28 @@ from .torch_path import ffn_torch
 FUSED_MAX_TOKENS = 64
 assert FUSED_MAX_TOKENS <= MAX_TOKENS
 
-#: Above this many tokens per call the dense FFN is faster than the pack on this CPU, per dtype
-#: (``benchmarks/ffn_decode.py --prefill``: SmolLM2 at budget 0.5, 2 threads; other dtypes take
-#: the float32 figure). The backend's default ``dense_above``.
-DENSE_ABOVE = {torch.bfloat16: 4, torch.float32: 16}
+#: Above this many tokens per call the dense FFN is faster than the pack, per dtype and compute threads
+#: (SmolLM2 at budget 0.5: 2 threads from ``benchmarks/ffn_decode.py --prefill``, 1 thread from
+#: ``benchmarks/vllm_crossover.py`` in vLLM's engine process, which computes on one thread of 2 cores).
+#: More threads than measured take the largest count measured, other dtypes the float32 figures.
+DENSE_ABOVE = {torch.bfloat16: {1: 1, 2: 4}, torch.float32: {1: 4, 2: 16}}
 
 _LIB = torch.library.Library("tardis", "DEF")
 _LIB.define("ffn(Tensor x, Tensor weights, Tensor guard, Tensor floats, Tensor meta, int d_out, str activation, "
             "str name, int dense_above, Tensor?[] dense) -> Tensor")
 
 
-def dense_above_for(dtype: torch.dtype) -> int:
-    """The measured token count above which the dense FFN is faster (``DENSE_ABOVE``).
+def dense_above_for(dtype: torch.dtype, threads: int | None = None) -> int:
+    """The measured token count above which the dense FFN is faster (``DENSE_ABOVE``), for ``threads``
+    compute threads (None: ``torch.get_num_threads()``, the threads this call would run on).
 
     Example:
-        >>> dense_above_for(torch.bfloat16), dense_above_for(torch.float64)
-        (4, 16)
+        >>> dense_above_for(torch.bfloat16, 2), dense_above_for(torch.bfloat16, 1), dense_above_for(torch.float64, 8)
+        (4, 1, 16)
     """
-    return DENSE_ABOVE.get(dtype, DENSE_ABOVE[torch.float32])
+    table = DENSE_ABOVE.get(dtype, DENSE_ABOVE[torch.float32])
+    threads = torch.get_num_threads() if threads is None else threads
+    return table[max((t for t in table if t <= threads), default=min(table))]
 
 
 def _ffn_cpu(x: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor,

@@ -15,7 +15,9 @@ with randomly initialised FFNs.
 (``dense_ffn.w0, b0, w1, ...`` in ``nn.Linear`` layout, the kind's order) and runs calls of more than
 ``dense_above`` tokens through them, as the backend's graphs do: batches and prefill then cost what
 dense costs, at the price of holding the dense weights beside the pack (off by default: memory is
-the point).
+the point). ``dense_above="auto"`` stays "auto" in the module and its checkpoint and is resolved at
+each call (``ffn_op.dense_above_for``: the measured crossover for the dtype and the threads the call
+runs on), so one checkpoint serves a 2-thread transformers process and vLLM's one-thread worker.
 
 A pack is laid out for one dtype (its bundle stride depends on the element size), so ``.to(dtype)``
 leaves the buffers' dtypes alone (devices still move): call the model in the dtype it was
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .ffn_op import dense_above_for
 from .ffn_op import ffn as run_ffn  # also registers torch.ops.tardis.ffn
 from .layout import PACK_DTYPES, Layout
 from .pack import FFNPack
@@ -67,7 +70,7 @@ class TardisFFN(torch.nn.Module):
 
     def __init__(self, name: str, layout: Layout, device: torch.device | str | None = None,
                  dense_key: str | None = None, dense_biases: tuple[bool, ...] | None = None,
-                 dense_above: int = -1) -> None:
+                 dense_above: int | str = -1) -> None:
         super().__init__()
         self.name, self.layout, self.dense_key = name, layout, dense_key
         # keep_dense: which of the FFN's linears have a bias (None: no dense weights kept)
@@ -95,10 +98,11 @@ class TardisFFN(torch.nn.Module):
 
     @classmethod
     def from_pack(cls, name: str, pack: FFNPack, dense_key: str | None = None,
-                  dense: list[torch.Tensor | None] | None = None, dense_above: int = -1) -> "TardisFFN":
+                  dense: list[torch.Tensor | None] | None = None, dense_above: int | str = -1) -> "TardisFFN":
         """The module holding ``pack`` (its tensors, not copies), once ``validate_pack`` passes it;
         with ``dense`` (the FFN's linears, weight then bias each, ``nn.Linear`` layout, the kind's
-        order) it also keeps them and runs calls of more than ``dense_above`` tokens through them."""
+        order) it also keeps them and runs calls of more than ``dense_above`` tokens through them (an int,
+        or "auto": ``dense_threshold``)."""
         validate_pack(*pack.tensors(), pack.neurons, pack.activation, pack.layout.dtype, expected=pack.layout,
                       where=f"tardis module {name}")
         biases = None
@@ -151,10 +155,17 @@ class TardisFFN(torch.nn.Module):
         held = self._modules[DENSE_MODULE]._buffers
         return [held.get(f"{kind}{i}") for i in range(len(self.dense_biases)) for kind in "wb"]
 
+    def dense_threshold(self) -> int:
+        """Calls of more than this many tokens run the kept dense linears (-1: never): ``dense_above``,
+        with "auto" resolved for the pack's dtype and this process's compute threads."""
+        if self.dense_above == "auto":
+            return dense_above_for(self.layout.dtype)
+        return self.dense_above
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense_biases is None:
             return run_ffn(x, self, self.name)
-        return run_ffn(x, self, self.name, self.dense_above, self.dense_weights())
+        return run_ffn(x, self, self.name, self.dense_threshold(), self.dense_weights())
 
     # ``ffn_op.ffn`` takes anything with ``tensors()`` and ``layout``: the module is its own pack.
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -181,7 +192,7 @@ class TardisFFN(torch.nn.Module):
 
     def extra_repr(self) -> str:
         lay = self.layout
-        kept = f", dense kept (above {self.dense_above} tokens)" if self.dense_biases is not None else ""
+        kept = f", dense kept (dense_above={self.dense_above})" if self.dense_biases is not None else ""
         return (f"{self.name!r}, {lay.kind}, {lay.activation}, d_in={lay.d_in}, d_out={lay.d_out}, m={lay.m}, "
                 f"guarded={lay.k_guard}, exact={lay.k_always}, guard={lay.guard}, {lay.dtype}{kept}")
 
@@ -204,8 +215,8 @@ def dense_of_spec(spec: dict[str, Any], layout: Layout) -> dict[str, Any] | None
     biases, above = dense["biases"], dense["dense_above"]
     if not isinstance(biases, list) or len(biases) != n or not all(isinstance(b, bool) for b in biases):
         raise ValueError(f"tardis FFN spec 'dense.biases' must be {n} booleans, got {biases!r}")
-    if isinstance(above, bool) or not isinstance(above, int) or above < -1:
-        raise ValueError(f"tardis FFN spec 'dense.dense_above' must be an integer >= -1, got {above!r}")
+    if above != "auto" and (isinstance(above, bool) or not isinstance(above, int) or above < -1):
+        raise ValueError(f"tardis FFN spec 'dense.dense_above' must be \"auto\" or an integer >= -1, got {above!r}")
     if not (isinstance(dense["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", dense["sha256"])):
         raise ValueError("tardis FFN spec 'dense.sha256' must be 64 hex digits")
     return {"biases": tuple(biases), "dense_above": above, "sha256": dense["sha256"]}

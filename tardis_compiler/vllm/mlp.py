@@ -91,7 +91,7 @@ class TardisMLP(TardisFFN):
             return y
         from vllm.distributed import tensor_model_parallel_all_reduce
 
-        if self.tp_wf is not None and (self.dense_biases is None or x.numel() // x.shape[-1] <= self.dense_above
-                                       or self.dense_above < 0):
+        above = self.dense_threshold() if self.dense_biases is not None else -1
+        if self.tp_wf is not None and (above < 0 or x.numel() // x.shape[-1] <= above):  # the pack ran
             y = y + wf_columns_output(x, self.tp_cols, self.tp_wf, self.tp_wf_scales)
         return tensor_model_parallel_all_reduce(y)

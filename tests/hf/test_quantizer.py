@@ -10,6 +10,7 @@ import torch
 import transformers as T
 
 import tardis_compiler as tc
+from tardis_compiler.runtime.ffn_op import dense_above_for
 from tardis_compiler.runtime.module import TardisFFN
 from tests.tiny_models import ARCHITECTURES, GATED_ARCHITECTURES, build_tiny, logits, token_batches
 
@@ -161,8 +162,12 @@ def test_keep_dense_round_trips_and_its_weights_are_checked(tmp_path):
     dense = build_tiny("llama")
     tc.compress_(model, profile, batches[0], keep_dense=True)
     model.save_pretrained(tmp_path)
+    # "auto" is kept as such: resolved where the checkpoint runs (its dtype, that process's threads)
+    specs = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["modules"].values()
+    assert {spec["ffn"]["dense"]["dense_above"] for spec in specs} == {"auto"}
     reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert all(m.dense_weights() for m in reloaded.modules() if isinstance(m, TardisFFN))
+    kept = [m for m in reloaded.modules() if isinstance(m, TardisFFN)]
+    assert kept and all(m.dense_weights() and m.dense_threshold() == dense_above_for(torch.float32) for m in kept)
     with torch.no_grad():
         torch.testing.assert_close(logits(reloaded(batches[1])), logits(dense(batches[1])), atol=1e-5, rtol=1e-5)
         # one token runs the pack (each TardisFFN's output is bit-identical; attention's last bits may differ)

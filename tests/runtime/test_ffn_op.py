@@ -309,3 +309,18 @@ def test_op_matches_the_torch_path_on_any_input_layout(kind, d_in, d_out, m, gua
     expected, _ = ffn_torch(x.contiguous(), *pack.tensors(), pack.layout)
     got = ffn_op.ffn(x, pack)
     torch.testing.assert_close(got.float() / _scale(expected), expected.float() / _scale(expected), **TOL[dtype])
+
+
+def test_dense_above_auto_follows_the_threads_the_call_runs_on():
+    """The measured crossover depends on the compute threads (vLLM's worker computes on one): "auto"
+    is resolved per call, for the threads torch runs on then."""
+    table = ffn_op.DENSE_ABOVE[torch.bfloat16]
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 64):
+            torch.set_num_threads(count)
+            expected = table[max((t for t in table if t <= count), default=min(table))]
+            assert ffn_op.dense_above_for(torch.bfloat16) == expected == ffn_op.dense_above_for(torch.bfloat16, count)
+    finally:
+        torch.set_num_threads(threads)
+    assert ffn_op.dense_above_for(torch.float16, 1) == ffn_op.DENSE_ABOVE[torch.float32][1]
