@@ -21,6 +21,12 @@ greedy generation of ``--new-tokens`` tokens (``ignore_eos``) for batch 1 (one p
 prompts included. vLLM's default compiled mode unless ``--eager``. The HF row of a checkpoint is the
 transformers model of the same folder, batch 1, eager, same prompts; PPL is the HF model's on
 held-out Wikipedia windows (every token through the packs).
+
+The physical limit: a batch-1 decode step reads every weight once, except that a compressed FFN reads
+its pack's measured ``read_bytes`` (the checkpoint's report: Wf, the guard, the flagged neurons'
+rows at calibration's flag rate) instead of its stored tensors. ``MB/token`` is that sum, and the
+ideal batch-1 tokens/s is the single-thread read bandwidth (measured here, vLLM's engine computes on
+one thread) divided by it.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import argparse
 import json
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -68,6 +75,34 @@ def build(name: str, dtype: str) -> Path:
         compress_pretrained("smollm2", folder, spec["budget"], dtype=getattr(torch, dtype), progress=False,
                             weights=spec["weights"], keep_dense=spec["keep_dense"])
     return folder
+
+
+def bytes_per_token(folder: Path) -> float:
+    """Bytes a batch-1 decode step reads from the checkpoint in ``folder`` (tied tensors once)."""
+    stored: dict[str, int] = {}
+    for file in folder.glob("*.safetensors"):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        stored.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"})
+    total = float(sum(stored.values()))
+    modules = json.loads((folder / "config.json").read_text()).get("quantization_config", {}).get("modules", {})
+    for spec in modules.values():
+        report = spec["compressed"]
+        prefix = report["target"] + "."
+        total += report["read_bytes"] - sum(size for name, size in stored.items() if name.startswith(prefix))
+    return total
+
+
+def read_bandwidth_gbps(threads: int = 1) -> float:
+    """GB/s of a large read on ``threads`` threads, measured now (benchmarks/bandwidth.py)."""
+    import torch
+    from bandwidth import measure
+
+    before = torch.get_num_threads()
+    try:
+        return measure(threads, 256, 7)["read_GBps"]
+    finally:
+        torch.set_num_threads(before)
 
 
 def prompts(folder: Path, count: int) -> list[list[int]]:
@@ -169,6 +204,7 @@ def main() -> None:
     from common import OutsideLoad, machine, write_json
 
     folders = {name: build(name, args.dtype) for name in args.rows}
+    gbps = read_bandwidth_gbps(1)
     runs: dict[str, list[dict]] = {name: [] for name in args.rows}
     loads = []
     for round_ in range(args.rounds):
@@ -183,18 +219,23 @@ def main() -> None:
     for name, results in runs.items():
         table[name] = {key: _summary([r[key] for r in results]) for key in results[0]}
         table[name].update(hf.get(name, {}))
+        table[name]["MB_per_token"] = bytes_per_token(folders[name]) / 1e6
+        table[name]["ideal_batch1_tok_s"] = gbps * 1e3 / table[name]["MB_per_token"]
     dense = table.get("dense")
     lines = [f"vLLM {args.dtype}, {'eager' if args.eager else 'compiled'}, {args.new_tokens} new tokens, "
-             f"{args.rounds} rounds (median [min, max])",
-             "| row | load s | " + " | ".join(f"batch {b} tok/s" for b in args.batches) + " | HF batch 1 tok/s | PPL |",
-             "|---|---|" + "---|" * len(args.batches) + "---|---|"]
+             f"{args.rounds} rounds (median [min, max]); read bandwidth {gbps:.1f} GB/s (1 thread)",
+             "| row | load s | " + " | ".join(f"batch {b} tok/s" for b in args.batches)
+             + " | MB/token | ideal batch 1 tok/s | HF batch 1 tok/s | PPL |",
+             "|---|---|" + "---|" * len(args.batches) + "---|---|---|---|"]
     for name, row in table.items():
-        cells = [f"{row['load_s']['median']:.1f}"]
+        load_ratio = f" ({row['load_s']['median'] / dense['load_s']['median']:.2f}x)" if dense else ""
+        cells = [f"{row['load_s']['median']:.1f}{load_ratio}"]
         for b in args.batches:
             s = row[f"batch{b}_tok_s"]
             ratio = f" ({s['median'] / dense[f'batch{b}_tok_s']['median']:.2f}x)" if dense else ""
             cells.append(f"{s['median']:.1f} [{s['min']:.1f}, {s['max']:.1f}]{ratio}")
-        cells += [f"{row['hf_batch1_tok_s']:.1f}" if "hf_batch1_tok_s" in row else "-",
+        cells += [f"{row['MB_per_token']:.0f}", f"{row['ideal_batch1_tok_s']:.0f}",
+                  f"{row['hf_batch1_tok_s']:.1f}" if "hf_batch1_tok_s" in row else "-",
                   f"{row['ppl']:.2f}" if "ppl" in row else "-"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
