@@ -136,10 +136,18 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         >>> [row["method"] for row in results["rows"]][:2]  # doctest: +SKIP
         ['dense', 'wanda']
     """
-    from .report import environment
-
+    threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    try:
+        return _run_eval(config)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting: dense_above="auto" depends on it
+
+
+def _run_eval(config: EvalConfig) -> dict[str, Any]:
+    from .report import environment
+
     torch.manual_seed(config.seed)
     started = time.time()
     methods = [get_method(name) for name in (config.methods or method_names())]

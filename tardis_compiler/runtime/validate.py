@@ -301,8 +301,9 @@ def _check_weights(module: torch.nn.Module, name: str, spellings: list[list[tupl
     others = [s for s in params if len(s) != 2]
     fits = any(matrices == sorted(tuple(sorted(s)) for s in spelling) for spelling in spellings)
     if not fits or any(len(s) != 1 or s[0] not in bias_sizes for s in others):
-        raise PackError(f"tardis module {name}: its parameters {params} are not the FFN weights config.json "
-                        f"describes ({spellings[0]})")
+        # the claim first, the door's own parameter list last (vLLM merges gate and up into one matrix)
+        raise PackError(f"tardis module {name}: the model's FFN weights are not the ones config.json describes "
+                        f"({spellings[0]}); this model's parameters: {params}")
 
 
 def _layer(path: str) -> str:

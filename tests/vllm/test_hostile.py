@@ -44,6 +44,11 @@ def run(tmp: Path, sample: int | None) -> tuple[list[dict], list[str]]:
     return results, [name for name, _ in listed]
 
 
+def _claim(message: str) -> str:
+    """A refusal's message without the door's own parameter list (vLLM's MLP merges gate and up)."""
+    return message.split("; this model's parameters:")[0]
+
+
 def disagreements(results: list[dict]) -> list[dict]:
     """Cases whose verdicts differ: a crash, a refusal at one door only, refusals with different messages,
     or a served checkpoint whose text is not the pristine one's (unless transformers' logits changed too)."""
@@ -56,7 +61,7 @@ def disagreements(results: list[dict]) -> list[dict]:
             continue
         hf, vl = r["hf"], r["vllm"]
         if hf["outcome"] == "error":
-            if vl["outcome"] != "error" or hf["message"] not in vl["message"]:
+            if vl["outcome"] != "error" or _claim(hf["message"]) not in vl["message"]:
                 bad.append(r)
         elif vl["outcome"] != "ran":
             bad.append(r)
