@@ -176,8 +176,9 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
     modules under a name, dense; see ``compress_linears.py`` for tied heads); None (default): they stay.
     ``keep_dense``: each ``TardisFFN`` also keeps its FFN's own linears and runs calls of more than
     ``dense_above`` tokens through them ("auto", kept as such in the checkpoint: where dense measured
-    faster for the dtype and the threads of the process running it, ``ffn_op.DENSE_ABOVE``; an int; -1 never): batches and prefill then cost what dense costs, and the model holds the dense
-    FFN weights *and* the packs (more than dense). Off by default: memory is the point.
+    faster for the dtype and the threads of the process running it, ``ffn_op.DENSE_ABOVE``; an int;
+    -1 never): batches and prefill then cost what dense costs, and the model holds the dense FFN
+    weights *and* the packs (more than dense). Off by default: memory is the point.
 
     Example:
         >>> import torch, tardis_compiler as tc
