@@ -70,7 +70,7 @@ def case_params(case: Case, weights: dict, x: torch.Tensor) -> torch.Tensor:
     cols = guarded.nonzero().squeeze(1)
     probe[2:4, cols] = 0.0  # guarded, bands to be placed
     probe[4, cols], probe[5, cols] = -1.0, 1.0
-    z_hat = _predictions(case, weights, probe, x)  # (T, m) with the bias
+    z_hat = guard_predictions_with_bias(case, weights, probe, x)  # (T, m) with the bias
     for i in guarded.nonzero().squeeze(1).tolist():
         values = z_hat[:, i].sort().values
         lo_rank, hi_rank = sorted(torch.randint(0, len(values) + 1, (2,), generator=g).tolist())
@@ -96,7 +96,7 @@ def _between(sorted_values: torch.Tensor, rank: int) -> float:
     return float(sorted_values[rank - 1] + sorted_values[rank]) / 2
 
 
-def _predictions(case: Case, weights: dict, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def guard_predictions_with_bias(case: Case, weights: dict, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The guard's predictions of every neuron's first pre-activation, bias included."""
     guard = case.guard if case.guard != "all" else "exact"  # "all" needs no bands: any prediction will do
     quantized = case.weights_encoding if guard != "exact" else "dense"  # the guard codes the pack will hold

@@ -13,11 +13,11 @@ from tardis_compiler.activations import get_activation_rule
 from tardis_compiler.runtime import ffn_op
 from tardis_compiler.runtime.cpu.kernel import kernel
 from tardis_compiler.runtime.layout import FIELD, KERNEL_ACTIVATIONS
-from tardis_compiler.runtime.pack import build_pack, dense_reference, guard_all_params
+from tardis_compiler.runtime.pack import build_pack, dense_reference, guard_all_params, neuron_classes
 from tardis_compiler.runtime.quantize import reference_weights
 from tardis_compiler.runtime.stats import collect_stats
 from tardis_compiler.runtime.torch_path import ffn_torch
-from tests.runtime.pack_cases import Case, make
+from tests.runtime.pack_cases import Case, case_params, guard_predictions_with_bias, make
 
 needs_kernel = pytest.mark.skipif(kernel() is None, reason="the fused CPU kernel cannot be built here")
 GUARDS = ("int8", "int4", "int2", "exact", "svd", "all")
@@ -68,6 +68,41 @@ def test_kernel_matches_torch_path(case, tokens, threads):
     got = _kernel_out(x, pack, threads)
     tol = TOL[case.dtype]
     torch.testing.assert_close(got.float() / _scale(expected), expected.float() / _scale(expected), **tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("guard", ["int4", "int2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_subbyte_guard_over_more_groups_than_one_scale_block(guard, dtype):
+    check_one_token_guard(kernel(), guard, dtype)
+
+
+def check_one_token_guard(fused, guard: str, dtype: torch.dtype) -> None:
+    """With 18 groups of 64 (the last partial: more than the kernel prepares in one vector step of
+    group scales, 16 with AVX-512 and 8 with AVX2), each guarded neuron's band sits within 0.1% of
+    the torch guard's prediction, half of them just around it and half just above it: ``fused``
+    flags exactly the second half only if its one-token prediction is the torch guard's to 0.1%."""
+    case = Case("gated", 64 * 17 + 6, 24, 60, guard=guard, dtype=dtype, group=64, frac_guarded=0.8,
+                frac_always=0.0)
+    weights, x = case.weights(), case.inputs(1)
+    params = case_params(case, weights, x)
+    guarded = torch.zeros(case.m, dtype=torch.bool)
+    guarded[neuron_classes(params, guard, case.m)[0]] = True
+    z = guard_predictions_with_bias(case, weights, params, x)[0]
+    eps = 1e-3 * z.abs() + 1e-5
+    outside = torch.arange(case.m) % 2 == 1
+    lo, hi = torch.where(outside, z + eps, z - eps), torch.where(outside, z + 2 * eps, z + eps)
+    for row, band in ((2, lo), (4, lo), (3, hi), (5, hi)):
+        params[row, guarded] = band[guarded]
+    pack = build_pack(case.kind, weights, params, guard, case.activation, case.group)
+    expected, flags = ffn_torch(x, *pack.tensors(), pack.layout)
+    got = torch.empty_like(expected)
+    counters = torch.zeros(3, dtype=torch.int64)
+    fused.ffn(x, got, *pack.tensors(), KERNEL_ACTIVATIONS[pack.activation], counters)
+    want = int((guarded & outside).sum())
+    assert 0 < want < case.m and int(flags.sum()) == want
+    assert int(counters[0]) == want
+    torch.testing.assert_close(got.float() / _scale(expected), expected.float() / _scale(expected), **TOL[dtype])
 
 
 @needs_kernel
