@@ -16,6 +16,7 @@ measured from the flags on the timed inputs.
     python benchmarks/ffn_decode.py                        # writes benchmarks/results/ffn_decode.json
     python benchmarks/ffn_decode.py --shapes smollm2 --dtypes bfloat16
     python benchmarks/ffn_decode.py --prefill              # tokens per call: fused kernel vs torch path
+    python benchmarks/ffn_decode.py --shapes llama-1b llama-8b --dtypes bfloat16  # larger shapes (llama_shapes.py)
 """
 from __future__ import annotations
 
@@ -354,6 +355,10 @@ def main() -> None:
                     setup = smollm2(dtype, args.budgets, [None if w == "dense" else w for w in args.weights])
                 elif shape == "minilm":
                     setup = minilm(dtype, args.budgets)
+                elif shape.startswith("llama-"):
+                    from llama_shapes import llama  # imports this module: loaded only when asked for
+
+                    setup = llama(shape, dtype, args.budgets, [None if w == "dense" else w for w in args.weights])
                 else:
                     d, m = map(int, shape.split("x"))
                     setup = synthetic(d, m, dtype)

@@ -188,6 +188,7 @@ def main() -> None:
     parser.add_argument("--ppl-windows", type=int, default=16)
     parser.add_argument("--eager", action="store_true", help="enforce_eager (no compile)")
     parser.add_argument("--quick", action="store_true", help="1 round, 8 tokens, 2 PPL windows, eager")
+    parser.add_argument("--out", help="name of the JSON written under results/ (default: vllm_serve[-quick])")
     parser.add_argument("--worker", choices=["vllm", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -239,7 +240,8 @@ def main() -> None:
                   f"{row['ppl']:.2f}" if "ppl" in row else "-"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
-    path = write_json("vllm_serve.json" if not args.quick else "vllm_serve-quick.json",
+    out = args.out or ("vllm_serve" if not args.quick else "vllm_serve-quick")
+    path = write_json(f"{out}.json",
                       {"machine": machine(), "args": vars(args), "outside_load": loads, "rows": table, "table": lines})
     print(f"wrote {path}")
 
