@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", help="name of the JSON written under results/ (default: checkpoint-DTYPE)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -156,7 +157,8 @@ def main() -> None:
               f"  read {info[name]['read']:.3f}  PPL {row['ppl'] if row['ppl'] else float('nan'):.3f}")
     result = {**machine(), "args": vars(args), "dtype": args.dtype, "record_s": record_s,
               "dense_checkpoint_bytes": dense_size, "rows": rows}
-    print(f"wrote {write_json(f'checkpoint-{args.dtype}.json', result)}")
+    out = args.out or f"checkpoint-{args.dtype}"
+    print(f"wrote {write_json(f'{out}.json', result)}")
 
 
 if __name__ == "__main__":
