@@ -15,7 +15,8 @@ measured from the flags on the timed inputs.
 
     python benchmarks/ffn_decode.py                        # writes benchmarks/results/ffn_decode.json
     python benchmarks/ffn_decode.py --shapes smollm2 --dtypes bfloat16
-    python benchmarks/ffn_decode.py --prefill              # tokens per call: fused kernel vs torch path
+    python benchmarks/ffn_decode.py --prefill              # tokens per call: guarded, every-bundle-exact, dense
+    python benchmarks/ffn_decode.py --prefill --threads 1 --dtypes bfloat16 --tokens 1 2 4 8 32 64
     python benchmarks/ffn_decode.py --shapes llama-1b llama-8b --dtypes bfloat16  # larger shapes (llama_shapes.py)
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tardis_compiler.runtime import ffn_op
 from tardis_compiler.runtime.cpu.kernel import kernel
 from tardis_compiler.runtime.layout import KERNEL_ACTIVATIONS
 from tardis_compiler.runtime.pack import build_pack, guard_all_params
-from tardis_compiler.runtime.torch_path import ffn_torch
+from tardis_compiler.runtime.torch_path import ffn_exact, ffn_torch
 
 ROWS = 16  # timed input rows per layer, cycled
 
@@ -269,35 +270,49 @@ def _measured_bytes(setup: Setup, packs) -> tuple[float, float]:
     return total / len(packs), flags / len(packs)
 
 
-def prefill(repeats: int) -> dict:
-    """Time per call by tokens: the fused kernel, the torch path and the dense FFN (SmolLM2, 0.5)."""
+PREFILL_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
+
+
+def prefill(repeats: int, dtypes=(torch.bfloat16, torch.float32), token_counts=PREFILL_TOKENS) -> dict:
+    """Time per call by tokens (SmolLM2, 0.5): the guarded paths (fused kernel, torch path), the paths
+    of calls above ``dense_above`` without dense weights (every bundle exact: torch's GEMMs over
+    model-dtype rows, the kernel's exact_all mode over int8 rows), and the dense FFN."""
     out = {}
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in dtypes:
         setup = smollm2(dtype, [0.5])
         prof, names = setup.profiles["tardis 0.5"]
-        packs = [build_pack("gated", setup.weights[i], prof.ffns[names[i]].params("int4"), "int4", "silu", 64)
-                 for i in range(len(names))]
+        packs = {rows: [build_pack("gated", setup.weights[i], prof.ffns[names[i]].params("int4"), "int4", "silu", 64,
+                                   bundles=rows) for i in range(len(names))] for rows in ("dense", "int8")}
         rows = []
-        for tokens in (1, 2, 4, 8, 16, 32, 64, 128, 512):
+        for tokens in token_counts:
             xs = [x[:1].expand(tokens, -1).contiguous() + 0.01 * torch.randn(tokens, x.shape[1]).to(dtype)
                   for x in setup.inputs]
             ys = [torch.empty(tokens, 576, dtype=dtype) for _ in xs]
             k = kernel()
             chunks = [(s_, min(s_ + 64, tokens)) for s_ in range(0, tokens, 64)]  # the kernel takes <= 64
 
-            def fused():
-                for i in range(len(packs)):
-                    for a, b in chunks:
-                        k.ffn(xs[i][a:b], ys[i][a:b], *packs[i].tensors(), KERNEL_ACTIVATIONS[packs[i].activation])
+            def fused(rows: str, exact_all: bool = False):
+                def run():
+                    for i, pack in enumerate(packs[rows]):
+                        for a, b in chunks:
+                            k.ffn(xs[i][a:b], ys[i][a:b], *pack.tensors(), KERNEL_ACTIVATIONS["silu"],
+                                  exact_all=exact_all)
+                return run
 
+            dense_rows = packs["dense"]
             variants = {
-                "fused kernel": fused,
-                "torch path": lambda: [ffn_torch(xs[i], *packs[i].tensors(), packs[i].layout) for i in range(len(packs))],
-                "dense eager": lambda: [setup.modules[i](xs[i]) for i in range(len(packs))],
+                "fused kernel": fused("dense"),
+                "torch path": lambda: [ffn_torch(xs[i], *p.tensors(), p.layout) for i, p in enumerate(dense_rows)],
+                "exact, bf16 rows (torch)": lambda: [ffn_exact(xs[i], *p.tensors()[:3], p.layout)
+                                                     for i, p in enumerate(dense_rows)],
+                "fused kernel, int8 rows": fused("int8"),
+                "exact, int8 rows (kernel)": fused("int8", exact_all=True),
+                "dense eager": lambda: [setup.modules[i](xs[i]) for i in range(len(dense_rows))],
             }
             with torch.no_grad():
                 s = interleaved_medians(variants, repeats)
-            rows.append({"tokens": tokens, **{k_: v / len(packs) * 1e6 for k_, v in s.items()}})
+            rows.append({"tokens": tokens, **{k_: v / len(dense_rows) * 1e6 for k_, v in s.items()}})
+            print(rows[-1], flush=True)
         out[str(dtype)] = rows
     return out
 
@@ -317,11 +332,13 @@ def markdown(results: dict) -> str:
                          if "bytes_per_call" in r else
                          f"| {r['variant']} | {r['us_per_call']:.1f} | {r['speedup_vs_best_dense']:.2f}x | - | - | - | - | - | - |")
     for dtype, rows in results.get("prefill", {}).items():
-        lines.append(f"\n**Tokens per call, SmolLM2 FFN, budget 0.5, {dtype[6:]}** (us per call)\n")
-        lines.append("| tokens | fused kernel | torch path | dense eager |")
-        lines.append("|---|---|---|---|")
+        lines.append(f"\n**Tokens per call, SmolLM2 FFN, budget 0.5, {dtype[6:]}, {results.get('threads')} threads** "
+                     "(us per call)\n")
+        names = [k for k in rows[0] if k != "tokens"]
+        lines.append("| tokens | " + " | ".join(names) + " |")
+        lines.append("|---" * (len(names) + 1) + "|")
         for r in rows:
-            lines.append(f"| {r['tokens']} | {r['fused kernel']:.0f} | {r['torch path']:.0f} | {r['dense eager']:.0f} |")
+            lines.append(f"| {r['tokens']} | " + " | ".join(f"{r[k]:.0f}" for k in names) + " |")
     return "\n".join(lines)
 
 
@@ -335,6 +352,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prefill", action="store_true", help="time tokens per call instead")
+    parser.add_argument("--tokens", nargs="+", type=int, default=list(PREFILL_TOKENS), help="with --prefill: "
+                        "the token counts per call")
     parser.add_argument("--isa", choices=sorted(ISAS), help="run as on a CPU with only this instruction set")
     parser.add_argument("--kernel-march", help="with --isa: build the tardis kernel for this -march instead "
                         "(x86-64-v2: its portable loops)")
@@ -344,8 +363,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results = machine()
+    results["threads"] = args.threads
     if args.prefill:
-        results["prefill"] = prefill(args.repeats)
+        results["prefill"] = prefill(args.repeats, [getattr(torch, d) for d in args.dtypes], args.tokens)
         path = write_json(f"{args.out or 'ffn_prefill'}.json", results)
     else:
         results["shapes"] = []

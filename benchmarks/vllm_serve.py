@@ -10,7 +10,9 @@ Run it in the vLLM venv (``.ci/install-vllm``)::
 
 Rows: ``dense`` (the bf16 model as saved by transformers), ``tardis-<budget>`` (``tardis compress
 smollm2 --budget b``, int8 guarded rows), ``tardis-<budget>-q8`` (quantized packs, ``--weights int8``),
-``tardis-<budget>-keep`` (``--keep-dense``: batches above a few tokens run the dense FFN). Each
+``tardis-<budget>-keep`` (``--keep-dense``: batches above a few tokens run the dense FFN),
+``tardis-<budget>-rows`` (``--bundles dense``: bf16 guarded rows, so batches above a few tokens run every
+bundled neuron exact from the pack, no dense weights kept). Each
 checkpoint is built once (cached under ``~/.cache/tardis_compiler/vllm_bench``).
 
 Each measurement runs in a fresh process (one vLLM engine per process, as a server would), the rows
@@ -46,14 +48,16 @@ PROMPT_TOKENS = 32
 
 
 def _row_spec(name: str) -> dict:
-    """``dense`` / ``tardis-<budget>[-q8|-keep]`` -> how to build that checkpoint."""
+    """``dense`` / ``tardis-<budget>[-q8|-keep|-rows]`` -> how to build that checkpoint (``rows``: the
+    guarded neurons' bundles in bf16, ``bundles="dense"``, so batches run every bundle exact)."""
     if name == "dense":
         return {"budget": None}
     parts = name.split("-")
-    if parts[0] != "tardis" or len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("q8", "keep")):
-        raise SystemExit(f"unknown row {name!r}: dense, tardis-<budget>, tardis-<budget>-q8 or tardis-<budget>-keep")
+    if parts[0] != "tardis" or len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("q8", "keep", "rows")):
+        raise SystemExit(f"unknown row {name!r}: dense, tardis-<budget>, tardis-<budget>-q8, tardis-<budget>-keep "
+                         "or tardis-<budget>-rows")
     return {"budget": float(parts[1]), "weights": "int8" if parts[2:] == ["q8"] else None,
-            "keep_dense": parts[2:] == ["keep"]}
+            "keep_dense": parts[2:] == ["keep"], "bundles": "dense" if parts[2:] == ["rows"] else "int8"}
 
 
 def build(name: str, dtype: str) -> Path:
@@ -73,7 +77,7 @@ def build(name: str, dtype: str) -> Path:
         loaded.tokenizer.save_pretrained(folder)
     else:
         compress_pretrained("smollm2", folder, spec["budget"], dtype=getattr(torch, dtype), progress=False,
-                            weights=spec["weights"], keep_dense=spec["keep_dense"])
+                            weights=spec["weights"], keep_dense=spec["keep_dense"], bundles=spec["bundles"])
     return folder
 
 

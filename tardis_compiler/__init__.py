@@ -18,6 +18,7 @@ from .profile import FFNProfile, Profile, ProfileError, ProfileMismatchError
 from .caches import clear_caches
 from .compress import CompressReport, compress_
 from .reference import quantized_reference
+from .runtime.ffn_op import every_token_through_packs
 from .runtime.stats import collect_stats
 
 try:  # transformers' quantizer registry: checkpoints with quant_method "tardis" load (hf/quantizer.py)
@@ -32,6 +33,6 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_BUDGET", "GUARDS", "ActivationRule", "CalibrationConfig", "CompressReport", "ExplainReport", "FFNProfile", "Profile",
     "ProfileError", "ProfileMismatchError", "TardisConfig", "TardisOptions", "TrainingModeError", "activation_rules", "calibrate",
-    "calibrate_for_budget", "clear_caches", "compress_", "collect_stats", "explain", "get_activation_rule", "quantized_reference", "register_activation_rule",
+    "calibrate_for_budget", "clear_caches", "compress_", "collect_stats", "every_token_through_packs", "explain", "get_activation_rule", "quantized_reference", "register_activation_rule",
     "tardis_backend", "unregister_activation_rule",
 ]

@@ -165,6 +165,11 @@ def add_compress_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--keep-dense", action="store_true", help="also keep each FFN's own weights: calls of more "
                         "than a few tokens (batches, prefill) run them, at dense speed; the checkpoint then holds "
                         "the dense FFN weights and the packs (more than dense)")
+    parser.add_argument("--dense-above", type=_dense_above, default="auto", metavar="auto|N",
+                        help="calls of more than N tokens (batches, prefill) skip the guard: the kept dense "
+                        "weights (--keep-dense), else every neuron with rows runs exactly; 'auto': the measured "
+                        "crossover where the checkpoint runs; -1: never, every call the approximation "
+                        "(default: auto)")
     parser.add_argument("--calibration-batches", type=_count, default=16, metavar="N")
     parser.add_argument("--context-length", type=_count, help="tokens per calibration window (default: "
                         "512 for causal LMs, 256 for encoders, at most the model's)")
@@ -173,6 +178,19 @@ def add_compress_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.set_defaults(run=_run_compress)
+
+
+def _dense_above(text: str) -> int | str:
+    """``--dense-above``: "auto" or an integer >= -1."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -2
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer >= -1 (-1: never), got {text!r}")
+    return value
 
 
 def _run_compress(args: argparse.Namespace) -> int:
@@ -189,7 +207,8 @@ def _run_compress(args: argparse.Namespace) -> int:
                                      context_length=args.context_length,
                                      dtype=getattr(torch, args.dtype) if args.dtype else None,
                                      progress=args.progress, force=args.force, other_linears=args.other_linears,
-                                     weights=args.weights, keep_dense=args.keep_dense)
+                                     weights=args.weights, keep_dense=args.keep_dense,
+                                     dense_above=args.dense_above)
     except (OSError, ValueError, ImportError) as error:
         print(f"tardis compress: error: {error}", file=sys.stderr)
         return 2

@@ -174,11 +174,15 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
     ``other_linears``: "int8" or "int4" also quantizes, weight-only, every ``nn.Linear`` outside the
     compressed FFNs (attention, the LM head, FFNs left dense; ``skip`` patterns keep a linear, or the
     modules under a name, dense; see ``compress_linears.py`` for tied heads); None (default): they stay.
-    ``keep_dense``: each ``TardisFFN`` also keeps its FFN's own linears and runs calls of more than
-    ``dense_above`` tokens through them ("auto", kept as such in the checkpoint: where dense measured
-    faster for the dtype and the threads of the process running it, ``ffn_op.DENSE_ABOVE``; an int;
-    -1 never): batches and prefill then cost what dense costs, and the model holds the dense FFN
-    weights *and* the packs (more than dense). Off by default: memory is the point.
+    ``dense_above``: calls of more than this many tokens (prefill, batches) leave the guarded paths
+    ("auto", the default, kept as such in the checkpoint: where dense measured faster for the dtype and
+    the threads of the process running it, ``ffn_op.DENSE_ABOVE``; an int; -1 never): a pack whose
+    bundles are in the model's dtype (``bundles="dense"``) then runs every bundled neuron exactly, at
+    about the dense FFN's cost; int8 bundles keep the guarded paths. ``keep_dense``: each ``TardisFFN``
+    also keeps its FFN's own linears and runs those calls through them, whatever its bundles: batches
+    and prefill then cost what dense costs, and the model holds the dense FFN weights *and* the packs
+    (more than dense). Off by default: memory is the point. Perplexity through ``tardis_compiler.eval``
+    measures the guarded paths on every token either way (``ffn_op.every_token_through_packs``).
 
     Example:
         >>> import torch, tardis_compiler as tc
@@ -208,8 +212,8 @@ def compress_(model: torch.nn.Module, profile: Profile | str | os.PathLike, exam
     request = PlanRequest(guard=guard, skip=skip, calibration=profile.config, bundles=bundles, door="module")
     done: dict[str, CompressedFFN] = {}
     for match, fqns, graph_inputs in model_ffns(model, example_inputs):
-        done[match.name] = _compress_one(model, match, fqns, graph_inputs, profile, request,
-                                         dense_above if keep_dense else None)
+        done[match.name] = _compress_one(model, match, fqns, graph_inputs, profile, request, keep_dense,
+                                         dense_above)
     not_considered = routed_experts(model, list(done))  # after matching: what no found FFN covers
     if not done:
         beside = f" (not considered: {not_considered[0][0]}, {not_considered[0][1]})" if not_considered else ""
@@ -248,8 +252,8 @@ def model_ffns(model: torch.nn.Module, example_inputs: Any) -> Iterator[tuple[An
                 yield match, fqns, graph_inputs
 
 
-def _compress_one(model, match, fqns, graph_inputs, profile: Profile, request: PlanRequest,
-                  dense_above: int | str | None) -> CompressedFFN:
+def _compress_one(model, match, fqns, graph_inputs, profile: Profile, request: PlanRequest, keep_dense: bool,
+                  dense_above: int | str) -> CompressedFFN:
     plan = plan_ffn(match, request).calibrated(profile.ffns.get(match.name))
     entry = CompressedFFN(match.name, "dense", reason=plan.reason)
     positions, values = graph_inputs
@@ -267,12 +271,12 @@ def _compress_one(model, match, fqns, graph_inputs, profile: Profile, request: P
     entry.mode, entry.target, entry.identities = swap
     first_linear = module_of(fqns[match.linears[0].weight])
     dense = None
-    if dense_above is not None:  # keep_dense: the FFN's linears in nn.Linear layout, the kind's order
+    if keep_dense:  # the FFN's linears in nn.Linear layout, the kind's order
         spec = ffn_kind(match.kind)
         dense = [t for row, bias in zip(spec.rows, spec.biases)
                  for t in ((weights[row].t() if row == spec.out_row else weights[row]), weights[bias])]
     module = TardisFFN.from_pack(match.name, pack, dense_key=first_linear[len(entry.target):].lstrip("."),
-                                 dense=dense, dense_above=-1 if dense is None else dense_above)
+                                 dense=dense, dense_above=dense_above)
     entry.resident_bytes = module.resident_bytes()
     entry.guard, entry.bundles = plan.guard, pack.layout.bundles
     entry.measured = plan.measured()

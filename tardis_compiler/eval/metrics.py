@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..runtime.ffn_op import every_token_through_packs
 from .tasks import Task
 
 
@@ -28,6 +29,7 @@ class Perplexity:
 
 
 @torch.no_grad()
+@every_token_through_packs()  # the approximation on every token: what decode runs
 def perplexity(model: torch.nn.Module, windows: Sequence[torch.Tensor],
                prefix: Sequence[int] = (), *, progress: bool = False) -> Perplexity:
     """Perplexity over non-overlapping windows of text tokens (1-D LongTensors).
@@ -71,6 +73,7 @@ class Continuation:
 
 
 @torch.no_grad()
+@every_token_through_packs()  # the approximation on every token: what decode runs
 def score_continuations(model: torch.nn.Module, requests: Sequence[tuple[list[int], list[int]]],
                         *, max_length: int, max_batch_tokens: int = 4096,
                         progress: bool = False, desc: str = "scoring") -> list[Continuation]:
@@ -273,6 +276,7 @@ def paired_difference(metrics: dict[str, Any], reference: dict[str, Any]) -> tup
 
 
 @torch.no_grad()
+@every_token_through_packs()  # the approximation on every token: what decode runs
 def sentence_embeddings(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *,
                         max_length: int = 256, progress: bool = False) -> torch.Tensor:
     """MiniLM-style sentence embeddings: mean of the last hidden states over real tokens,

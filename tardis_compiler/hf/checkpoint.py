@@ -40,7 +40,8 @@ def compress_pretrained(model_ref: str, out: str | Path, budget: float, text: st
                         bundles: str = "int8", calibration_batches: int = 16, context_length: int | None = None,
                         dtype: torch.dtype | None = None, progress: bool = True,
                         force: bool = False, other_linears: str | None = None,
-                        weights: str | None = None, keep_dense: bool = False) -> CompressReport:
+                        weights: str | None = None, keep_dense: bool = False,
+                        dense_above: int | str = "auto") -> CompressReport:
     """Load ``model_ref`` (a built-in name, a local HF folder or a .gguf file), calibrate it on the
     built-in Wikipedia calibration text (or the file ``text``) at ``budget``, ``compress_`` it
     (``bundles``: how the guarded neurons' rows are held and priced, ``CalibrationConfig.bundles``) and write the HF
@@ -48,7 +49,8 @@ def compress_pretrained(model_ref: str, out: str | Path, budget: float, text: st
     the linears outside the compressed FFNs (``compress_``'s keyword). ``weights="int8"``: quantized packs,
     calibrated against the int8 model (``CalibrationConfig.weights``; ``budget`` is then a fraction of
     the int8 FFN's bytes). ``keep_dense``: the checkpoint also keeps each FFN's own linears, which
-    batches and prefill run through (``compress_``'s keyword: more memory than dense).
+    batches and prefill run through (``compress_``'s keyword: more memory than dense). ``dense_above``:
+    ``compress_``'s (calls of more tokens skip the guard; -1 never).
 
     ``out`` must not be (or lie inside) the model's folder, and must be new or empty unless ``force``:
     then only the files this run writes are replaced, every other file in ``out`` is kept. The checkpoint
@@ -78,7 +80,7 @@ def compress_pretrained(model_ref: str, out: str | Path, budget: float, text: st
                                progress=progress)
     profile = calibrate(loaded.model, batches, config)
     report = compress_(loaded.model, profile, batches[0][:, :16], guard=guard,  # rows as calibration priced
-                       other_linears=other_linears, keep_dense=keep_dense)
+                       other_linears=other_linears, keep_dense=keep_dense, dense_above=dense_above)
     if not report.compressed:
         raise ValueError(f"no FFN of {model_ref!r} could be compressed:\n{report}")
     _write_checkpoint(loaded.model, loaded.tokenizer, model_ref, out, force)

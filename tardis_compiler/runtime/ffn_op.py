@@ -9,17 +9,27 @@ compiled code, no intermediate tensor but the output. Longer calls (prefill, bat
 dtypes other than float32/bfloat16, activations the kernel does not know, and machines where the
 kernel cannot be built run ``torch_path.ffn_torch``: the same function in batched torch ops.
 
-``dense`` optionally holds the FFN's own weights in ``nn.Linear`` layout (plain: first weight and
-bias, second weight and bias; gated: gate, up, down, each weight and bias; a missing bias is None).
-Calls of more than ``dense_above`` tokens then run the dense FFN instead, where it is measured
-faster (prefill: ``DENSE_ABOVE``); ``dense_above=-1`` never does. The backend's graphs pass them
-(the weights are graph inputs anyway); a pack alone (compressed modules) has none.
+Calls of more than ``dense_above`` tokens (prefill, batches: where the dense FFN is measured faster
+than the pack's guarded paths, ``DENSE_ABOVE``) run the FFN as densely as the caller holds it;
+``dense_above=-1`` never does. ``dense`` optionally holds the FFN's own weights in ``nn.Linear``
+layout (plain: first weight and bias, second weight and bias; gated: gate, up, down, each weight
+and bias; a missing bias is None): those calls then run the dense FFN. The backend's graphs pass
+them (the weights are graph inputs anyway); a pack alone (compressed modules) has none, and those
+calls run every bundled neuron exactly, with no guard: bundles in the model's dtype through torch's
+GEMMs over them (``torch_path.ffn_exact``, about the dense FFN's cost), int8 bundles through the
+fused kernel's exact_all mode (each bundle widened once for all tokens), or, where the kernel
+cannot take the call, the guarded paths. Inside ``every_token_through_packs()`` every call takes
+the guarded paths: what measuring the approximation (perplexity of full windows) needs.
 
 Defined with ``torch.library.Library`` rather than the ``custom_op`` decorator: it dispatches in
 about half the time (research/cpu_kernels.md), and this op's whole budget is a few microseconds.
 Inductor keeps it opaque (an extern call); the fake kernel gives the output's shape.
 """
 from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
 
 import torch
 
@@ -29,7 +39,7 @@ from ..activations import get_activation_rule, is_builtin
 from .cpu.kernel import MAX_TOKENS, kernel
 from .layout import DTYPES, FIELD, KERNEL_ACTIVATIONS, Layout
 from .stats import active_stats
-from .torch_path import ffn_torch
+from .torch_path import ffn_exact, ffn_torch
 
 #: Calls of at most this many tokens run the fused kernel on CPU (measured by
 #: ``benchmarks/ffn_decode.py --prefill``: above it the batched GEMMs of the torch path win).
@@ -47,6 +57,11 @@ _LIB.define("ffn(Tensor x, Tensor weights, Tensor guard, Tensor floats, Tensor m
             "str name, int dense_above, Tensor?[] dense) -> Tensor")
 
 
+@torch.compiler.assume_constant_result  # traced modules (dynamo) take the count at trace time
+def _compute_threads() -> int:
+    return torch.get_num_threads()
+
+
 def dense_above_for(dtype: torch.dtype, threads: int | None = None) -> int:
     """The measured token count above which the dense FFN is faster (``DENSE_ABOVE``), for ``threads``
     compute threads (None: ``torch.get_num_threads()``, the threads this call would run on).
@@ -56,8 +71,80 @@ def dense_above_for(dtype: torch.dtype, threads: int | None = None) -> int:
         (4, 1, 16)
     """
     table = DENSE_ABOVE.get(dtype, DENSE_ABOVE[torch.float32])
-    threads = torch.get_num_threads() if threads is None else threads
-    return table[max((t for t in table if t <= threads), default=min(table))]
+    threads = _compute_threads() if threads is None else threads
+    measured = min(table)  # the largest count measured that is at most `threads` (a loop: dynamo traces it)
+    for count in table:
+        if measured < count <= threads:
+            measured = count
+    return table[measured]
+
+
+class _Approximate(threading.local):
+    """How many ``every_token_through_packs`` blocks this thread is in."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+
+
+_APPROXIMATE = _Approximate()
+
+
+@contextlib.contextmanager
+def every_token_through_packs() -> Iterator[None]:
+    """Within this block (this thread), every call of the op takes the pack's guarded paths, however
+    many tokens it has: ``dense_above`` is ignored. The approximation is what decode runs; measuring
+    it on full windows (perplexity, zero-shot scores) needs this, or a model built with
+    ``dense_above=-1``. ``tardis_compiler.eval`` metrics use it.
+
+    Example:
+        >>> with every_token_through_packs():
+        ...     runs_dense(512, 4)
+        False
+        >>> runs_dense(512, 4), runs_dense(4, 4), runs_dense(512, -1)
+        (True, False, False)
+    """
+    _APPROXIMATE.depth += 1
+    try:
+        yield
+    finally:
+        _APPROXIMATE.depth -= 1
+
+
+def runs_dense(tokens: int, dense_above: int) -> bool:
+    """Whether a call of ``tokens`` tokens leaves the guarded paths (see the module docstring)."""
+    return 0 <= dense_above < tokens and not _APPROXIMATE.depth
+
+
+def _dense_or_exact(x: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor,
+                    meta: torch.Tensor, activation: str, name: str,
+                    dense: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """A call above ``dense_above``: the dense FFN from ``dense``, else every bundled neuron exact
+    (bundles in the model's dtype: torch's GEMMs over them; int8 bundles: the fused kernel's exact_all
+    mode); None: the guarded paths run it (int8 bundles where the kernel cannot)."""
+    layout = Layout.from_meta(meta.cpu(), activation, weights.dtype)
+    if dense:
+        return _dense_ffn(x, dense, activation, name, layout.m)
+    if x.dtype != weights.dtype:
+        return None
+    tokens = x.shape[:-1].numel()
+    if not layout.k_int8_bundles:
+        y = ffn_exact(x.reshape(-1, x.shape[-1]), weights, guard, floats, layout).view(*x.shape[:-1], layout.d_out)
+    elif x.device.type == "cpu" and _kernel_runs(kernel(), x, activation, tokens):
+        y = x.new_empty((*x.shape[:-1], layout.d_out))
+        kernel().ffn(x.contiguous(), y, weights, guard, floats, meta, KERNEL_ACTIVATIONS[activation], exact_all=True)
+    else:
+        return None
+    stats = active_stats()
+    if stats is not None:
+        stats.record(name, tokens, layout.m, 0, 0, dense=True)
+    return y
+
+
+def _kernel_runs(fused, x: torch.Tensor, activation: str, tokens: int) -> bool:
+    """Whether the fused kernel (``fused``: None where it cannot be built) takes this call: a dtype,
+    activation and size it knows."""
+    return (fused is not None and 0 < tokens <= FUSED_MAX_TOKENS and x.dtype in DTYPES and is_builtin(activation)
+            and activation in KERNEL_ACTIVATIONS)
 
 
 def _ffn_cpu(x: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor,
@@ -66,10 +153,11 @@ def _ffn_cpu(x: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats
     # The decode path: every line here is paid per FFN per token (benchmarks/ffn_decode.py times it).
     fused = kernel()
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if dense and 0 <= dense_above < tokens:
-        return _dense_ffn(x, dense, activation, name, int(meta[FIELD["M"]]))
-    if (fused is None or not 0 < tokens <= FUSED_MAX_TOKENS or x.dtype not in DTYPES or x.dtype != weights.dtype
-            or not is_builtin(activation) or activation not in KERNEL_ACTIVATIONS):
+    if runs_dense(tokens, dense_above):
+        y = _dense_or_exact(x, weights, guard, floats, meta, activation, name, dense)
+        if y is not None:
+            return y
+    if x.dtype != weights.dtype or not _kernel_runs(fused, x, activation, tokens):
         return _ffn_any(x, weights, guard, floats, meta, d_out, activation, name, -1, [])
     if not x.is_contiguous():
         x = x.contiguous()
@@ -85,10 +173,12 @@ def _ffn_cpu(x: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats
 def _ffn_any(x: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor,
              meta: torch.Tensor, d_out: int, activation: str, name: str, dense_above: int,
              dense: list[torch.Tensor | None]) -> torch.Tensor:
-    layout = Layout.from_meta(meta.cpu(), activation, weights.dtype)
     x2 = x.reshape(-1, x.shape[-1])
-    if dense and 0 <= dense_above < x2.shape[0]:
-        return _dense_ffn(x, dense, activation, name, layout.m)
+    if runs_dense(x2.shape[0], dense_above):
+        y = _dense_or_exact(x, weights, guard, floats, meta, activation, name, dense)
+        if y is not None:
+            return y
+    layout = Layout.from_meta(meta.cpu(), activation, weights.dtype)
     if x.dtype != weights.dtype:
         raise ValueError(f"tardis.ffn: x is {x.dtype} but the pack is {weights.dtype}; "
                          "call the model in the dtype it was compressed in")

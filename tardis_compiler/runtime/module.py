@@ -11,13 +11,17 @@ neurons are gone, so a compressed model holds less than the dense one.
 architecture without tardis_compiler then fails loudly on that size mismatch, rather than running
 with randomly initialised FFNs.
 
-``keep_dense`` (``compress_(..., keep_dense=True)``): the module also keeps the FFN's own linears
-(``dense_ffn.w0, b0, w1, ...`` in ``nn.Linear`` layout, the kind's order) and runs calls of more than
-``dense_above`` tokens through them, as the backend's graphs do: batches and prefill then cost what
-dense costs, at the price of holding the dense weights beside the pack (off by default: memory is
-the point). ``dense_above="auto"`` stays "auto" in the module and its checkpoint and is resolved at
-each call (``ffn_op.dense_above_for``: the measured crossover for the dtype and the threads the call
-runs on), so one checkpoint serves a 2-thread transformers process and vLLM's one-thread worker.
+Calls of more than ``dense_above`` tokens (prefill, batches) leave the guarded paths, as the
+backend's graphs do (``ffn_op``): with ``keep_dense`` (``compress_(..., keep_dense=True)``) the
+module also keeps the FFN's own linears (``dense_ffn.w0, b0, w1, ...`` in ``nn.Linear`` layout, the
+kind's order) and runs those calls through them, at the price of holding the dense weights beside
+the pack (off by default: memory is the point); without them, a pack whose bundles are in the
+model's dtype runs every bundled neuron exactly (the dense FFN's cost, no extra memory).
+``dense_above="auto"`` (``compress_``'s default) stays "auto" in the module and its checkpoint and
+is resolved at each call (``ffn_op.dense_above_for``: the measured crossover for the dtype and the
+threads the call runs on), so one checkpoint serves a 2-thread transformers process and vLLM's
+one-thread worker. A checkpoint written before the threshold was recorded for modules without
+dense weights loads with -1 (every call through the guarded paths), as it ran then.
 
 A pack is laid out for one dtype (its bundle stride depends on the element size), so ``.to(dtype)``
 leaves the buffers' dtypes alone (devices still move): call the model in the dtype it was
@@ -41,7 +45,7 @@ from .validate import PACK_TENSORS, PackError, compute_dtype, pack_digest, valid
 SPEC_VERSION = 2  # 2: the layout's ``bundles`` (int8 bundles)
 DENSE_MODULE = "dense_ffn"  # the child holding the FFN's own linears (keep_dense)
 _BUFFER_NAMES = {*PACK_TENSORS, DENSE_MODULE}
-_SPEC_KEYS = {"spec_version", "name", "layout", "dense_key", "sha256", "dense"}
+_SPEC_KEYS = {"spec_version", "name", "layout", "dense_key", "sha256", "dense", "dense_above"}
 _DENSE_SPEC_KEYS = {"biases", "dense_above", "sha256"}
 _DENSE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,7}")
 
@@ -74,7 +78,7 @@ class TardisFFN(torch.nn.Module):
         super().__init__()
         self.name, self.layout, self.dense_key = name, layout, dense_key
         # keep_dense: which of the FFN's linears have a bias (None: no dense weights kept)
-        self.dense_biases, self.dense_above = dense_biases, dense_above if dense_biases is not None else -1
+        self.dense_biases, self.dense_above = dense_biases, dense_above
         compute = compute_dtype(layout.dtype)
         self.register_buffer("weights", torch.zeros(layout.n_weights, dtype=layout.dtype, device=device))
         self.register_buffer("guard", torch.zeros(layout.n_guard, dtype=torch.uint8, device=device))
@@ -133,7 +137,8 @@ class TardisFFN(torch.nn.Module):
         layout = layout_of_spec(spec)
         dense = dense_of_spec(spec, layout)
         return cls(spec["name"], layout, device=device, dense_key=spec.get("dense_key"),
-                   dense_biases=dense["biases"] if dense else None, dense_above=dense["dense_above"] if dense else -1)
+                   dense_biases=dense["biases"] if dense else None,
+                   dense_above=dense["dense_above"] if dense else spec.get("dense_above", -1))
 
     def spec(self) -> dict[str, Any]:
         """JSON-able description of this module's shapes (no weights), for checkpoints' configs,
@@ -146,6 +151,8 @@ class TardisFFN(torch.nn.Module):
         if self.dense_biases is not None:
             spec["dense"] = {"biases": list(self.dense_biases), "dense_above": self.dense_above,
                              "sha256": pack_digest([t for t in self.dense_weights() if t is not None])}
+        else:
+            spec["dense_above"] = self.dense_above
         return spec
 
     def dense_weights(self) -> list[torch.Tensor | None]:
@@ -156,15 +163,14 @@ class TardisFFN(torch.nn.Module):
         return [held.get(f"{kind}{i}") for i in range(len(self.dense_biases)) for kind in "wb"]
 
     def dense_threshold(self) -> int:
-        """Calls of more than this many tokens run the kept dense linears (-1: never): ``dense_above``,
-        with "auto" resolved for the pack's dtype and this process's compute threads."""
+        """Calls of more than this many tokens run the kept dense linears, or without them every bundled
+        neuron exactly (``ffn_op``; -1: never): ``dense_above``, with "auto" resolved for the pack's
+        dtype and this process's compute threads."""
         if self.dense_above == "auto":
             return dense_above_for(self.layout.dtype)
         return self.dense_above
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense_biases is None:
-            return run_ffn(x, self, self.name)
         return run_ffn(x, self, self.name, self.dense_threshold(), self.dense_weights())
 
     # ``ffn_op.ffn`` takes anything with ``tensors()`` and ``layout``: the module is its own pack.
@@ -215,11 +221,21 @@ def dense_of_spec(spec: dict[str, Any], layout: Layout) -> dict[str, Any] | None
     biases, above = dense["biases"], dense["dense_above"]
     if not isinstance(biases, list) or len(biases) != n or not all(isinstance(b, bool) for b in biases):
         raise ValueError(f"tardis FFN spec 'dense.biases' must be {n} booleans, got {biases!r}")
-    if above != "auto" and (isinstance(above, bool) or not isinstance(above, int) or above < -1):
-        raise ValueError(f"tardis FFN spec 'dense.dense_above' must be \"auto\" or an integer >= -1, got {above!r}")
+    check_dense_above(above, "dense.dense_above")
     if not (isinstance(dense["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", dense["sha256"])):
         raise ValueError("tardis FFN spec 'dense.sha256' must be 64 hex digits")
     return {"biases": tuple(biases), "dense_above": above, "sha256": dense["sha256"]}
+
+
+def check_dense_above(value: Any, field: str = "dense_above") -> None:
+    """ValueError unless ``value`` is a ``dense_above``: "auto" or an integer >= -1.
+
+    Example:
+        >>> check_dense_above("auto"), check_dense_above(-1)
+        (None, None)
+    """
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < -1):
+        raise ValueError(f"tardis FFN spec {field!r} must be \"auto\" or an integer >= -1, got {value!r}")
 
 
 def layout_of_spec(spec: Any) -> Layout:
@@ -247,6 +263,11 @@ def layout_of_spec(spec: Any) -> Layout:
     if dense_key not in (None, "") and (not isinstance(dense_key, str) or not _DENSE_KEY.fullmatch(dense_key)
                                         or dense_key.split(".")[0] in _BUFFER_NAMES):
         raise ValueError(f"tardis FFN spec 'dense_key' {dense_key!r} is not a module path below the FFN")
+    if "dense_above" in spec:
+        if "dense" in spec:
+            raise ValueError("tardis FFN spec has both 'dense' and 'dense_above': a module keeping dense weights "
+                             "records its threshold in 'dense.dense_above' only")
+        check_dense_above(spec["dense_above"])
     if "sha256" in spec and not (isinstance(spec["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", spec["sha256"])):
         raise ValueError("tardis FFN spec 'sha256' must be 64 hex digits")
     values = spec.get("layout")

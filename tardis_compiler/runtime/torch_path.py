@@ -77,6 +77,37 @@ def folded_matrix(layout: Layout, weights: torch.Tensor, guard: torch.Tensor, fl
     return codes.float() * floats[layout.off_wfscales:layout.n_floats].float()[:, None]
 
 
+def ffn_exact(x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor,
+              layout: Layout) -> torch.Tensor:
+    """The pack's FFN of ``x2`` (tokens, d_in) with every bundled neuron on its exact path and no guard:
+    ``Wf x + bf + sum_j delta_j(x) out_j`` over all bundles, in the model's dtype as the dense FFN
+    computes (the pack's biases and constants rounded to it). What calls above ``dense_above``
+    run when the module keeps no dense weights: three GEMMs over the bundles read in place, about
+    the dense FFN's cost, and at least as close to the dense FFN as the guarded result. Packs of
+    int8 bundles dequantize them first (a copy: slow; ``ffn_op`` does not send them here).
+
+    Example:
+        >>> # y = ffn_exact(x, weights, guard, floats, pack.layout)
+    """
+    d, n, kb = layout.d_in, layout.d_out, layout.k_bundles
+    dtype = torch.float32 if layout.weights == "int8" else x2.dtype  # int8 weights: float32, as ffn_torch
+    xw = x2.to(dtype)
+    y = floats[:n].to(dtype).expand(x2.shape[0], n)
+    if layout.has_wf:
+        y = torch.addmm(y, xw, folded_matrix(layout, weights, guard, floats).to(dtype).t())
+    if kb:
+        b = all_bundles(layout, weights, guard, floats).to(dtype)
+        nf = floats[layout.off_neuron:layout.off_p].view(kb, NEURON_FLOATS).to(dtype)
+        spec = ffn_kind(layout.kind)
+        z = F.linear(xw, b[:, :d], nf[:, 0])
+        u = F.linear(xw, b[:, d:2 * d], nf[:, 1]) if spec.up_row is not None else None
+        delta = spec.exact_delta(get_activation_rule(layout.activation).fn, z, u, nf[:, 2], nf[:, 3])
+        y = torch.addmm(y, delta, b[:, d * spec.n_inputs:])
+    elif not layout.has_wf:
+        y = y.clone()
+    return y.to(x2.dtype)
+
+
 def ffn_torch(x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor,
               meta: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(y, flags): the FFN of ``x2`` (tokens, d_in) and the (tokens, k_bundles) flags it used.

@@ -15,6 +15,7 @@ from typing import Iterable
 import torch
 
 from ..runtime.checkpoint_modules import ModulePlan
+from ..runtime.ffn_op import runs_dense
 from ..runtime.module import DENSE_MODULE, TardisFFN
 from ..runtime.pack import FFNPack
 from ..runtime.shard import shard_pack, wf_columns_output
@@ -91,7 +92,7 @@ class TardisMLP(TardisFFN):
             return y
         from vllm.distributed import tensor_model_parallel_all_reduce
 
-        above = self.dense_threshold() if self.dense_biases is not None else -1
-        if self.tp_wf is not None and (above < 0 or x.numel() // x.shape[-1] <= above):  # the pack ran
+        ran_dense = self.dense_biases is not None and runs_dense(x.numel() // x.shape[-1], self.dense_threshold())
+        if self.tp_wf is not None and not ran_dense:  # the pack ran (guarded, or every bundle exact)
             y = y + wf_columns_output(x, self.tp_cols, self.tp_wf, self.tp_wf_scales)
         return tensor_model_parallel_all_reduce(y)

@@ -28,11 +28,12 @@ def test_compress_writes_a_checkpoint_that_explain_and_eval_read(tiny_folder, tm
     out = tmp_path / "tiny-tardis"
     code = main(["compress", str(tiny_folder), "--budget", "0.5", "--resident", "0.9", "--out", str(out),
                  "--calibration-batches", "4", "--context-length", "64", "--skip", r"model\.layers\.1\.mlp",
-                 "--no-progress"])
+                 "--dense-above", "-1", "--no-progress"])
     printed = capsys.readouterr().out
     assert code == 0 and "compressed 1/2 FFNs" in printed
     quant = json.loads((out / "config.json").read_text())["quantization_config"]
     assert quant["quant_method"] == "tardis" and list(quant["modules"]) == ["model.layers.0.mlp"]
+    assert quant["modules"]["model.layers.0.mlp"]["ffn"]["dense_above"] == -1  # --dense-above, kept
     reloaded = T.AutoModelForCausalLM.from_pretrained(out)
     assert type(reloaded.model.layers[0].mlp).__name__ == "TardisFFN"
     assert type(reloaded.model.layers[1].mlp).__name__ == "LlamaMLP"  # skipped: dense
@@ -54,6 +55,9 @@ def test_compress_writes_a_checkpoint_that_explain_and_eval_read(tiny_folder, tm
 
 def test_errors_say_what_to_do(tiny_folder, tmp_path, capsys):
     assert main(["compress", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    with pytest.raises(SystemExit):  # argparse: exit 2 with the message
+        main(["compress", str(tiny_folder), "--out", str(tmp_path / "o"), "--dense-above", "-5"])
+    assert "must be 'auto' or an integer >= -1" in capsys.readouterr().err
     assert "not found" in capsys.readouterr().err
     assert main(["explain", str(tiny_folder)]) == 2
     assert "not a tardis checkpoint" in capsys.readouterr().err

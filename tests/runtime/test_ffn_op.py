@@ -16,7 +16,7 @@ from tardis_compiler.runtime.layout import FIELD, KERNEL_ACTIVATIONS
 from tardis_compiler.runtime.pack import build_pack, dense_reference, guard_all_params, neuron_classes
 from tardis_compiler.runtime.quantize import reference_weights
 from tardis_compiler.runtime.stats import collect_stats
-from tardis_compiler.runtime.torch_path import ffn_torch
+from tardis_compiler.runtime.torch_path import ffn_exact, ffn_torch
 from tests.runtime.pack_cases import Case, case_params, guard_predictions_with_bias, make
 
 needs_kernel = pytest.mark.skipif(kernel() is None, reason="the fused CPU kernel cannot be built here")
@@ -68,6 +68,42 @@ def test_kernel_matches_torch_path(case, tokens, threads):
     got = _kernel_out(x, pack, threads)
     tol = TOL[case.dtype]
     torch.testing.assert_close(got.float() / _scale(expected), expected.float() / _scale(expected), **tol)
+
+
+def check_exact_all(fused, case: Case, tokens: int, threads: int = 1) -> None:
+    """The kernel's exact_all mode (no guard, every bundle exact) computes ``ffn_exact``'s function."""
+    _, _, _, pack = make(case, 4)
+    x = case.inputs(tokens)
+    expected = ffn_exact(x, pack.weights, pack.guard, pack.floats, pack.layout)
+    got = torch.empty_like(expected)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused.ffn(x, got, *pack.tensors(), KERNEL_ACTIVATIONS[pack.activation], exact_all=True)
+    finally:
+        torch.set_num_threads(before)
+    scale = _scale(expected)
+    torch.testing.assert_close(got.float() / scale, expected.float() / scale, **TOL[case.dtype],
+                               msg=lambda m: f"{case}, {tokens} tokens: {m}")
+
+
+#: Wide outputs (the 64-column passes of the down projection and their tails) and more neurons than a block.
+WIDE_CASES = [Case("gated", 70, 131, 90, guard="int4", bundles="int8", dtype=torch.bfloat16),
+              Case("plain", 33, 64, 41, guard="int8", activation="gelu"),
+              Case("gated", 64, 200, 23, guard="int4", weights_encoding="int8"),
+              Case("plain", 17, 257, 9, guard="all", dtype=torch.bfloat16, activation="relu")]
+
+
+@needs_kernel
+@pytest.mark.parametrize("case,tokens,threads", [(c, t, th) for (c, _, th), t in
+                                                 zip(_random_cases(60, seed=5), [1, 3, 4, 8, 13, 64] * 10)]
+                         + [(c, t, 1 + i % 2) for i, c in enumerate(WIDE_CASES) for t in (5, 64)],
+                         ids=lambda v: (v.kind + v.guard + v.bundles + ("-q8" if v.weights_encoding == "int8" else "")
+                                        + str(v.dtype)[-4:]) if isinstance(v, Case) else str(v))
+def test_kernel_exact_all_matches_ffn_exact(case, tokens, threads):
+    """Seeded fuzz of the calls above dense_above: token counts across the kernel's 8- and 4-token
+    blocks and their tails, bundle blocks cut short, int8 and model-dtype bundles, quantized packs."""
+    check_exact_all(kernel(), case, tokens, threads)
 
 
 @needs_kernel
@@ -202,7 +238,7 @@ def test_opcheck(guard, quantized, dtype):
     case = Case("gated", 16, 8, 24, guard=guard, dtype=dtype, weights_encoding=quantized)
     w, _, x, pack = make(case, 2)
     for tokens in (1, ffn_op.FUSED_MAX_TOKENS + 1):
-        for dense_above, dense in ((-1, []), (0, _linear_layout("gated", w))):
+        for dense_above, dense in ((-1, []), (0, _linear_layout("gated", w)), (0, [])):  # (0, []): every bundle exact
             args = (case.inputs(tokens), *pack.tensors(), 8, case.activation, "opcheck", dense_above, dense)
             torch.library.opcheck(torch.ops.tardis.ffn.default, args)
 

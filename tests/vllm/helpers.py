@@ -37,12 +37,14 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
 
 
 def save_tiny(arch: str, folder: Path, guard: str | None = None, compress: bool = True) -> Path:
-    """A tiny ``arch`` checkpoint in ``folder``: compressed (``guard``: compress_'s) or dense."""
+    """A tiny ``arch`` checkpoint in ``folder``: compressed (``guard``: compress_'s) or dense. Every
+    call takes the guarded paths (``dense_above=-1``): vLLM batches prompts that transformers runs one
+    at a time, and with a threshold a batch would run every bundle exact where a single token does not."""
     model = tiny_model(arch)
     if compress:
         batches = token_batches(4)
         profile = tc.calibrate(model, batches, tc.CalibrationConfig(progress=False, group_size=32))
-        tc.compress_(model, profile, batches[0], guard=guard)
+        tc.compress_(model, profile, batches[0], guard=guard, dense_above=-1)
     model.save_pretrained(folder)
     return folder
 

@@ -116,7 +116,7 @@ def test_tensor_parallel_two_ranks_give_the_one_rank_text(tmp_path):
                        intermediate_size=512)
     batches = token_batches(4)
     profile = tc.calibrate(model, batches, tc.CalibrationConfig(progress=False, group_size=32, budget=0.5))
-    tc.compress_(model, profile, batches[0])
+    tc.compress_(model, profile, batches[0], dense_above=-1)  # the guarded paths at every batch size
     folder = tmp_path / "tp"
     model.save_pretrained(folder)
     one, two = _tp_run(folder, 1), _tp_run(folder, 2)
@@ -147,3 +147,25 @@ def test_keep_dense_checkpoint_runs_calls_above_dense_above_dense(tmp_path):
         assert mlp_kinds(llm) == {"TardisMLP": 2}
         assert vllm_tokens(llm, PROMPTS, NEW_TOKENS) == hf_tokens(tmp_path / "dense", PROMPTS, NEW_TOKENS,
                                                                   torch.float32)
+
+
+def test_a_pack_alone_runs_calls_above_dense_above_with_every_bundle_exact(tmp_path):
+    """Without kept weights, dense_above=0 sends every call (prefill, each decode step) through the
+    kernel's exact_all mode (int8 bundles), in vLLM's batches as in transformers' single prompts: the
+    same text at both doors. The guarded checkpoint of the same profile beside it, likewise."""
+    import tardis_compiler as tc
+    from tests.tiny_models import token_batches
+    from tests.vllm.helpers import tiny_model
+
+    batches = token_batches(4)
+    for name, above in (("exact-above", 0), ("guarded", -1)):
+        model = tiny_model("llama")
+        profile = tc.calibrate(model, batches, tc.CalibrationConfig(progress=False, group_size=32, budget=0.5))
+        tc.compress_(model, profile, batches[0], dense_above=above)
+        model.save_pretrained(tmp_path / name)
+    served = {}
+    for name in ("exact-above", "guarded"):
+        with engine(tmp_path / name) as llm:
+            served[name] = vllm_tokens(llm, PROMPTS, NEW_TOKENS)
+    assert served["exact-above"] == hf_tokens(tmp_path / "exact-above", PROMPTS, NEW_TOKENS, torch.float32)
+    assert served["guarded"] == hf_tokens(tmp_path / "guarded", PROMPTS, NEW_TOKENS, torch.float32)

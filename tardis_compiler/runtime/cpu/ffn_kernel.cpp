@@ -395,7 +395,59 @@ int64_t correct_bundle(const Call<W>& c, const B* b, const float* nf, const floa
   return pairs;
 }
 
+
 const float UNIT_SCALES[QSCALES] = {1.f, 1.f, 1.f};
+
+// Bundles per block of the exact_all path: their output columns are added to a token's
+// accumulator row in one pass (axpy_rows).
+const int EXACT_BLOCK = 8;
+const int64_t TOKEN_BLOCK = 8;  // tokens whose x one pass over a block's rows reads (8 * d floats)
+
+// One bundle's rows widened to fp32 (scales applied) into `first`, `up` (d each) and `out` (n).
+template <class W, class B>
+void widen_bundle(const Call<W>& c, const B* b, const float* s, float* first, float* up, float* out) {
+  widen(b, s[0], c.d, first);
+  if (c.kind == GATED) widen(b + c.d, s[1], c.d, up);
+  widen(b + c.out_offset, s[2], c.n, out);
+}
+
+// The exact path of bundles [j0, j0 + count) for every token of the call (exact_all): each
+// bundle widened to fp32 once into `wide` (EXACT_BLOCK * (2 * d + n) floats), its pre-activations
+// for four tokens per pass over its rows, then each token's accumulator row updated once for the
+// whole block.
+template <class W>
+void correct_block_all(const Call<W>& c, int64_t j0, int count, float* acc, float* wide) {
+  const int64_t d = c.d, n = c.n;
+  float* outs = wide + EXACT_BLOCK * 2 * d;  // the block's output columns, n apart
+  float z[EXACT_BLOCK][TOKEN_BLOCK], u[EXACT_BLOCK][TOKEN_BLOCK], delta[TOKEN_BLOCK * EXACT_BLOCK];
+  for (int k = 0; k < count; ++k) {
+    const int64_t j = j0 + k;
+    float* first = wide + k * 2 * d;
+    if (j < c.dense_from)
+      widen_bundle(c, c.qbundles + j * c.qstride, c.qscales + j * QSCALES, first, first + d, outs + k * n);
+    else
+      widen_bundle(c, c.bundles + (j - c.dense_from) * c.stride, UNIT_SCALES, first, first + d, outs + k * n);
+  }
+  // A block of tokens at a time (their x stays in L1), every bundle of the block against it.
+  for (int64_t t0 = 0; t0 < c.tokens; t0 += TOKEN_BLOCK) {
+    const int64_t tb = c.tokens - t0 < TOKEN_BLOCK ? c.tokens - t0 : TOKEN_BLOCK;
+    const float* xb = c.xs + t0 * d;
+    for (int k = 0; k < count; ++k) {
+      const float* first = wide + k * 2 * d;
+      if (c.kind == GATED)
+        dot2_tokens(first, first + d, xb, tb, d, z[k], u[k]);
+      else
+        dot_tokens(first, xb, tb, d, z[k], 1);
+      const float* nf = c.neuron + (j0 + k) * NEURON_FLOATS;
+      for (int64_t t = 0; t < tb; ++t) {
+        const float zt = z[k][t] + nf[0];
+        delta[t * EXACT_BLOCK + k] = c.kind == GATED ? (activation(c.act, zt) - nf[3]) * (u[k][t] + nf[1])
+                                                     : activation(c.act, zt) - nf[2] * zt - nf[3];
+      }
+    }
+    for (int64_t t = 0; t < tb; ++t) axpy_rows(acc + (t0 + t) * n, delta + t * EXACT_BLOCK, count, outs, n, n);
+  }
+}
 
 // The exact path of bundle j (guarded neurons first, then the always-exact ones).
 template <class W>
@@ -417,7 +469,7 @@ __attribute__((always_inline)) inline void prefetch_neuron(const Call<W>& c, int
 
 template <class W>
 int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* floats, const int64_t* m,
-        int64_t tokens, int threads, int64_t* counters) {
+        int64_t tokens, bool exact_all, int threads, int64_t* counters) {
   Call<W> c{};
   c.m = m;
   c.tokens = tokens, c.d = m[D_IN], c.n = m[D_OUT], c.kg = m[K_GUARD], c.kb = m[K_GUARD] + m[K_ALWAYS];
@@ -445,8 +497,9 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
   // Scratch (grown once, then reused): the per-call inputs of `c`, Wf's output, per-thread
   // corrections, and per thread one decoded guard row with its group minimums.
   const int64_t t_dim = c.enc == G_SVD ? c.rank : 0, q_dim = c.subbyte ? d : 0, g_dim = c.subbyte ? groups : 0;
+  const int64_t wide_dim = exact_all ? EXACT_BLOCK * (2 * d + n) : 0;
   float* buf = scratch(tokens * (d + 2 * q_dim + 2 * g_dim + t_dim + n) +
-                       static_cast<size_t>(threads) * (tokens * n + d + groups));
+                       static_cast<size_t>(threads) * (tokens * n + d + groups + wide_dim));
   float* xs = buf;
   float* xqf = xs + tokens * d;
   float* xdeq = xqf + tokens * q_dim;
@@ -476,6 +529,7 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
     if (tid == 0) team = nth;
     float* acc = local + static_cast<int64_t>(tid) * tokens * n;
     std::memset(acc, 0, sizeof(float) * tokens * n);
+    float* wide = rows_scratch + static_cast<int64_t>(threads) * (d + groups) + static_cast<int64_t>(tid) * wide_dim;
     // 1. This thread's rows of Wf x + bf, into the shared buffer.
     for (int64_t r = tid * n / nth; r < (tid + 1) * n / nth; ++r)
       for (int64_t t = 0; t < tokens; ++t) {
@@ -493,6 +547,13 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
     float* row = rows_scratch + static_cast<int64_t>(tid) * (d + groups);
     for (int64_t c0 = static_cast<int64_t>(tid) * CHUNK; c0 < kb; c0 += static_cast<int64_t>(nth) * CHUNK) {
       const int64_t c1 = c0 + CHUNK < kb ? c0 + CHUNK : kb;
+      if (exact_all) {  // no guard: every bundle, every token, a block of bundles at a time
+        for (int64_t j = c0; j < c1; j += EXACT_BLOCK)
+          correct_block_all(c, j, static_cast<int>(c1 - j < EXACT_BLOCK ? c1 - j : EXACT_BLOCK), acc, wide);
+        my_flagged += (c1 - c0) * tokens;
+        my_corrected += c1 - c0;
+        continue;
+      }
       int hits = 0;
       for (int64_t j = c0; j < c1; ++j) {
         const uint64_t mask = j < c.kg ? flag_tokens(c, j, row, row + d, zt) : all_tokens;
@@ -581,24 +642,28 @@ int check_call(const Buffer& x, const Buffer& weights, const Buffer& guard, cons
 
 // y (tokens, d_out) = the FFN of x (tokens, d_in), both contiguous; each buffer with its element
 // type and count (BufferType), `act` the activation the caller means (the pack's must be the same).
+// exact_all (0 or 1): no guard, every bundled neuron on its exact path for every token (the calls
+// above dense_above of a pack alone; runtime/ffn_op.py).
 // counters (nullable): [flagged (token, neuron) pairs, neurons corrected] are added to, and
 // counters[2] is set to the number of threads the call ran on.
 // Returns 0, or a negative error code (nothing is read or written then).
 int tardis_ffn(const void* x, int64_t x_type, int64_t x_numel, void* y, int64_t y_type, int64_t y_numel,
                const void* weights, int64_t weights_type, int64_t n_weights, const uint8_t* guard, int64_t guard_type,
                int64_t n_guard, const float* floats, int64_t floats_type, int64_t n_floats, const int64_t* meta,
-               int64_t meta_type, int64_t meta_numel, int64_t tokens, int64_t act, int threads, int64_t* counters) {
+               int64_t meta_type, int64_t meta_numel, int64_t tokens, int64_t act, int64_t exact_all, int threads,
+               int64_t* counters) {
   const int status = check_call({x, x_type, x_numel}, {weights, weights_type, n_weights}, {guard, guard_type, n_guard},
                                 {floats, floats_type, n_floats}, {meta, meta_type, meta_numel}, tokens);
   if (status) return status;
   if (y_type != meta[DTYPE] || y_numel != tokens * meta[D_OUT]) return -12;
   if (act != meta[ACT]) return -13;
+  if (exact_all != 0 && exact_all != 1) return -14;
   if (threads < 1) threads = 1;
   if (meta[DTYPE] == T_F32)
     return run(static_cast<const float*>(x), static_cast<float*>(y), static_cast<const float*>(weights), guard,
-               floats, meta, tokens, threads, counters);
+               floats, meta, tokens, exact_all == 1, threads, counters);
   return run(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y), static_cast<const uint16_t*>(weights),
-             guard, floats, meta, tokens, threads, counters);
+             guard, floats, meta, tokens, exact_all == 1, threads, counters);
 }
 
 // The low-bit guard's predictions for many tokens (the batched path's flags, with the fused

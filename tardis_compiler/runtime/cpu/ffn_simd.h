@@ -351,4 +351,152 @@ void dot_tokens(const float* row, const float* x, int64_t tokens, int64_t n, flo
   for (; t < tokens; ++t) out[t * out_stride] = dot(row, x + t * n, n);
 }
 
+// dst[i] = scale * w[i] as fp32: a bundle row widened once, then read by every token.
+template <class W>
+inline void widen(const W* w, float scale, int64_t n, float* dst) {
+  int64_t i = 0;
+#ifdef TARDIS_AVX512
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_mul_ps(sv, load16(w + i)));
+  if (i < n) {
+    __mmask16 k = tail_mask(n - i);
+    _mm512_mask_storeu_ps(dst + i, k, _mm512_mul_ps(sv, load16(w + i, k)));
+  }
+  return;
+#elif defined(TARDIS_AVX2)
+  const __m256 sv = _mm256_set1_ps(scale);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_mul_ps(sv, load8(w + i)));
+#endif
+  for (; i < n; ++i) dst[i] = scale * to_f32(w[i]);
+}
+
+// acc[i] += sum_k a[k] * w[k * stride + i] for k < count (<= 8): several fp32 rows into one
+// accumulator row, which is then read and written once instead of once per row.
+inline void axpy_rows(float* acc, const float* a, int count, const float* w, int64_t stride, int64_t n) {
+  int64_t i = 0;
+#ifdef TARDIS_AVX512
+  for (; i + 64 <= n; i += 64) {  // four independent chains: FMA latency, not throughput, bounds one
+    __m512 v0 = _mm512_loadu_ps(acc + i), v1 = _mm512_loadu_ps(acc + i + 16);
+    __m512 v2 = _mm512_loadu_ps(acc + i + 32), v3 = _mm512_loadu_ps(acc + i + 48);
+    for (int k = 0; k < count; ++k) {
+      const __m512 ak = _mm512_set1_ps(a[k]);
+      const float* wk = w + k * stride + i;
+      v0 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(wk), v0);
+      v1 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(wk + 16), v1);
+      v2 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(wk + 32), v2);
+      v3 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(wk + 48), v3);
+    }
+    _mm512_storeu_ps(acc + i, v0);
+    _mm512_storeu_ps(acc + i + 16, v1);
+    _mm512_storeu_ps(acc + i + 32, v2);
+    _mm512_storeu_ps(acc + i + 48, v3);
+  }
+  for (; i < n; i += 16) {
+    __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
+    __m512 v = _mm512_maskz_loadu_ps(m, acc + i);
+    for (int k = 0; k < count; ++k)
+      v = _mm512_fmadd_ps(_mm512_set1_ps(a[k]), _mm512_maskz_loadu_ps(m, w + k * stride + i), v);
+    _mm512_mask_storeu_ps(acc + i, m, v);
+  }
+  return;
+#elif defined(TARDIS_AVX2)
+  for (; i + 32 <= n; i += 32) {
+    __m256 v0 = _mm256_loadu_ps(acc + i), v1 = _mm256_loadu_ps(acc + i + 8);
+    __m256 v2 = _mm256_loadu_ps(acc + i + 16), v3 = _mm256_loadu_ps(acc + i + 24);
+    for (int k = 0; k < count; ++k) {
+      const __m256 ak = _mm256_set1_ps(a[k]);
+      const float* wk = w + k * stride + i;
+      v0 = _mm256_fmadd_ps(ak, _mm256_loadu_ps(wk), v0);
+      v1 = _mm256_fmadd_ps(ak, _mm256_loadu_ps(wk + 8), v1);
+      v2 = _mm256_fmadd_ps(ak, _mm256_loadu_ps(wk + 16), v2);
+      v3 = _mm256_fmadd_ps(ak, _mm256_loadu_ps(wk + 24), v3);
+    }
+    _mm256_storeu_ps(acc + i, v0);
+    _mm256_storeu_ps(acc + i + 8, v1);
+    _mm256_storeu_ps(acc + i + 16, v2);
+    _mm256_storeu_ps(acc + i + 24, v3);
+  }
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_loadu_ps(acc + i);
+    for (int k = 0; k < count; ++k) v = _mm256_fmadd_ps(_mm256_set1_ps(a[k]), _mm256_loadu_ps(w + k * stride + i), v);
+    _mm256_storeu_ps(acc + i, v);
+  }
+#endif
+  for (; i < n; ++i) {
+    float v = acc[i];
+    for (int k = 0; k < count; ++k) v += a[k] * w[k * stride + i];
+    acc[i] = v;
+  }
+}
+
+// out0[t] = r0 . x_t and out1[t] = r1 . x_t for `tokens` tokens of x (tokens, n): a gated neuron's
+// gate and up rows (fp32) against a block of tokens, four tokens sharing each load of the rows.
+void dot2_tokens(const float* r0, const float* r1, const float* x, int64_t tokens, int64_t n, float* out0,
+                 float* out1) {
+  int64_t t = 0;
+#ifdef TARDIS_AVX512
+  for (; t + 8 <= tokens; t += 8) {  // 16 accumulators, two rows, one x: 19 of 32 registers
+    const float* x0 = x + t * n;
+    __m512 a[8], b[8];
+    for (int k = 0; k < 8; ++k) a[k] = b[k] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
+      const __m512 w0 = _mm512_maskz_loadu_ps(m, r0 + i), w1 = _mm512_maskz_loadu_ps(m, r1 + i);
+      for (int k = 0; k < 8; ++k) {
+        const __m512 xv = _mm512_maskz_loadu_ps(m, x0 + k * n + i);
+        a[k] = _mm512_fmadd_ps(w0, xv, a[k]);
+        b[k] = _mm512_fmadd_ps(w1, xv, b[k]);
+      }
+    }
+    for (int k = 0; k < 8; ++k) {
+      out0[t + k] = _mm512_reduce_add_ps(a[k]);
+      out1[t + k] = _mm512_reduce_add_ps(b[k]);
+    }
+  }
+  for (; t + 4 <= tokens; t += 4) {
+    const float* x0 = x + t * n;
+    __m512 a[4], b[4];
+    for (int k = 0; k < 4; ++k) a[k] = b[k] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
+      const __m512 w0 = _mm512_maskz_loadu_ps(m, r0 + i), w1 = _mm512_maskz_loadu_ps(m, r1 + i);
+      for (int k = 0; k < 4; ++k) {
+        const __m512 xv = _mm512_maskz_loadu_ps(m, x0 + k * n + i);
+        a[k] = _mm512_fmadd_ps(w0, xv, a[k]);
+        b[k] = _mm512_fmadd_ps(w1, xv, b[k]);
+      }
+    }
+    for (int k = 0; k < 4; ++k) {
+      out0[t + k] = _mm512_reduce_add_ps(a[k]);
+      out1[t + k] = _mm512_reduce_add_ps(b[k]);
+    }
+  }
+#elif defined(TARDIS_AVX2)
+  for (; t + 4 <= tokens; t += 4) {
+    const float* x0 = x + t * n;
+    __m256 a[4], b[4];
+    for (int k = 0; k < 4; ++k) a[k] = b[k] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 w0 = _mm256_loadu_ps(r0 + i), w1 = _mm256_loadu_ps(r1 + i);
+      for (int k = 0; k < 4; ++k) {
+        const __m256 xv = _mm256_loadu_ps(x0 + k * n + i);
+        a[k] = _mm256_fmadd_ps(w0, xv, a[k]);
+        b[k] = _mm256_fmadd_ps(w1, xv, b[k]);
+      }
+    }
+    for (int k = 0; k < 4; ++k) {
+      float s0 = hsum8(a[k]), s1 = hsum8(b[k]);
+      for (int64_t j = i; j < n; ++j) {
+        s0 += r0[j] * x0[k * n + j];
+        s1 += r1[j] * x0[k * n + j];
+      }
+      out0[t + k] = s0;
+      out1[t + k] = s1;
+    }
+  }
+#endif
+  for (; t < tokens; ++t) dot2(r0, r1, x + t * n, n, out0 + t, out1 + t);
+}
+
 }  // namespace tardis

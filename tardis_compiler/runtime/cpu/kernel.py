@@ -35,7 +35,8 @@ _ERRORS = {-1: "bad magic number", -2: "layout version", -3: "buffer sizes diffe
            -4: "shapes or codes out of range", -5: "meta offsets or sizes differ from its shapes",
            -6: "guard fields inconsistent", -8: "x has the wrong number of features", -9: "tokens out of range",
            -10: "int8 bundle fields inconsistent", -11: "a buffer's element type is not the pack's",
-           -12: "the output buffer has the wrong size or type", -13: "the activation is not the pack's"}
+           -12: "the output buffer has the wrong size or type", -13: "the activation is not the pack's",
+           -14: "exact_all must be 0 or 1"}
 
 
 def buffer_type_names() -> str:
@@ -61,7 +62,7 @@ class FusedKernel:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         buffer = [ptr, i64, i64]  # address, element type, element count
         f = lib.tardis_ffn
-        f.argtypes = buffer * 6 + [i64, i64, ctypes.c_int, ptr]
+        f.argtypes = buffer * 6 + [i64, i64, i64, ctypes.c_int, ptr]
         f.restype = ctypes.c_int
         self._ffn = f
         lib.tardis_simd_width.restype = ctypes.c_int
@@ -80,16 +81,18 @@ class FusedKernel:
 
     def ffn(self, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor,
             floats: torch.Tensor, meta: torch.Tensor, activation_code: int,
-            counters: torch.Tensor | None = None) -> None:
+            counters: torch.Tensor | None = None, exact_all: bool = False) -> None:
         """y = the FFN of x: (..., features) CPU tensors, contiguous, in the pack's dtype;
         ``activation_code``: the ``KERNEL_ACTIVATIONS`` code of the activation the caller means.
+        ``exact_all``: no guard, every bundled neuron exact for every token (``torch_path.ffn_exact``'s
+        function, with the bundles widened to float32 as they are read).
         Raises ValueError if the buffers do not form a valid pack of that activation (the kernel
         checks before it reads anything)."""
         tokens = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
         if counters is not None and (counters.dtype != torch.int64 or counters.numel() < 3):
             raise ValueError("tardis kernel: counters must hold 3 int64")
         status = self._ffn(*_buffer(x), *_buffer(y), *_buffer(weights), *_buffer(guard), *_buffer(floats),
-                           *_buffer(meta), tokens, activation_code, torch.get_num_threads(),
+                           *_buffer(meta), tokens, activation_code, int(exact_all), torch.get_num_threads(),
                            _buffer(counters)[0] if counters is not None else None)
         if status:
             raise ValueError(f"tardis kernel refused the call: {_ERRORS.get(status, status)}")

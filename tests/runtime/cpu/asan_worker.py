@@ -21,7 +21,7 @@ kernel_module.reset()
 from tardis_compiler.runtime.layout import FIELD, KERNEL_ACTIVATIONS, META_FIELDS  # noqa: E402
 from tardis_compiler.runtime.torch_path import ffn_torch  # noqa: E402
 from tests.runtime.pack_cases import Case, make  # noqa: E402
-from tests.runtime.test_ffn_op import _random_cases  # noqa: E402
+from tests.runtime.test_ffn_op import WIDE_CASES, _random_cases, check_exact_all  # noqa: E402
 
 BAD_VALUES = (0, -1, 1, 63, 64, 65, 2 ** 20 + 1, 2 ** 31, 2 ** 62, -(2 ** 62))
 
@@ -36,6 +36,8 @@ def fuzz(k, n: int) -> None:
         scale = max(1.0, expected.float().abs().max().item())
         tol = 1e-4 if case.dtype == torch.float32 else 3e-2
         torch.testing.assert_close(y.float() / scale, expected.float() / scale, atol=tol, rtol=tol)
+    for i, case in enumerate(WIDE_CASES + [c for c, _, _ in _random_cases(n, seed=5)][:20]):  # exact_all mode
+        check_exact_all(k, case, 13 if i % 2 else 64, threads=1 + i % 2)
     torch.set_num_threads(2)
 
 

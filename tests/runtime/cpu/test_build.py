@@ -114,7 +114,7 @@ def test_each_isa_build_computes_the_same(fresh_kernel, monkeypatch, march, widt
     """Built for a CPU without AVX-512 (x86-64-v3: AVX2 + FMA; x86-64-v2: neither), the kernel takes
     its AVX2 or portable loops: the op's fuzz cases give the torch path's results."""
     from tardis_compiler.runtime.torch_path import ffn_torch
-    from tests.runtime.test_ffn_op import _random_cases, check_one_token_guard
+    from tests.runtime.test_ffn_op import WIDE_CASES, _random_cases, check_exact_all, check_one_token_guard
 
     if kernel.kernel() is None:
         pytest.skip("the fused CPU kernel cannot be built here")
@@ -137,6 +137,8 @@ def test_each_isa_build_computes_the_same(fresh_kernel, monkeypatch, march, widt
         torch.testing.assert_close(y.float() / scale, expected.float() / scale, **tol, msg=lambda m: f"{case}: {m}")
     for guard in ("int4", "int2"):  # one token's sub-byte guard over more groups than one vector of scales
         check_one_token_guard(built, guard, torch.float32)
+    for i, case in enumerate(WIDE_CASES + [c for c, _ in cases[::3]]):  # exact_all: 8- and 4-token blocks, a tail
+        check_exact_all(built, case, 13, threads=1 + i % 2)
 
 
 # --- Loading only what this user built ------------------------------------------------------------
