@@ -52,6 +52,12 @@ assert FUSED_MAX_TOKENS <= MAX_TOKENS
 #: More threads than measured take the largest count measured, other dtypes the float32 figures.
 DENSE_ABOVE = {torch.bfloat16: {1: 1, 2: 4}, torch.float32: {1: 4, 2: 16}}
 
+#: The same for a pack alone (no dense weights): above this many tokens every-bundle-exact (torch's
+#: GEMMs over model-dtype rows, the kernel's exact_all over int8 rows) beats the guarded kernel for
+#: both kinds of rows (``benchmarks/ffn_decode.py --prefill --threads 1|2``, SmolLM2 at budget 0.5,
+#: 2026-12-07: docs/RESULTS.md "Calls above dense_above without dense weights").
+EXACT_ABOVE = {torch.bfloat16: {1: 4, 2: 4}, torch.float32: {1: 2, 2: 8}}
+
 _LIB = torch.library.Library("tardis", "DEF")
 _LIB.define("ffn(Tensor x, Tensor weights, Tensor guard, Tensor floats, Tensor meta, int d_out, str activation, "
             "str name, int dense_above, Tensor?[] dense) -> Tensor")
@@ -62,15 +68,19 @@ def _compute_threads() -> int:
     return torch.get_num_threads()
 
 
-def dense_above_for(dtype: torch.dtype, threads: int | None = None) -> int:
-    """The measured token count above which the dense FFN is faster (``DENSE_ABOVE``), for ``threads``
-    compute threads (None: ``torch.get_num_threads()``, the threads this call would run on).
+def dense_above_for(dtype: torch.dtype, threads: int | None = None, kept_dense: bool = True) -> int:
+    """The measured token count above which the dense FFN (``kept_dense``: ``DENSE_ABOVE``), or
+    without dense weights every bundle exact (``EXACT_ABOVE``), is faster than the guarded paths, for
+    ``threads`` compute threads (None: ``torch.get_num_threads()``, the threads this call would run on).
 
     Example:
         >>> dense_above_for(torch.bfloat16, 2), dense_above_for(torch.bfloat16, 1), dense_above_for(torch.float64, 8)
         (4, 1, 16)
+        >>> dense_above_for(torch.bfloat16, 1, kept_dense=False), dense_above_for(torch.float32, 2, kept_dense=False)
+        (4, 8)
     """
-    table = DENSE_ABOVE.get(dtype, DENSE_ABOVE[torch.float32])
+    tables = DENSE_ABOVE if kept_dense else EXACT_ABOVE
+    table = tables.get(dtype, tables[torch.float32])
     threads = _compute_threads() if threads is None else threads
     measured = min(table)  # the largest count measured that is at most `threads` (a loop: dynamo traces it)
     for count in table:

@@ -167,7 +167,7 @@ class TardisFFN(torch.nn.Module):
         neuron exactly (``ffn_op``; -1: never): ``dense_above``, with "auto" resolved for the pack's
         dtype and this process's compute threads."""
         if self.dense_above == "auto":
-            return dense_above_for(self.layout.dtype)
+            return dense_above_for(self.layout.dtype, kept_dense=self.dense_biases is not None)
         return self.dense_above
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -54,10 +54,10 @@ def test_compress_writes_a_checkpoint_that_explain_and_eval_read(tiny_folder, tm
 
 
 def test_errors_say_what_to_do(tiny_folder, tmp_path, capsys):
-    assert main(["compress", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     with pytest.raises(SystemExit):  # argparse: exit 2 with the message
         main(["compress", str(tiny_folder), "--out", str(tmp_path / "o"), "--dense-above", "-5"])
     assert "must be 'auto' or an integer >= -1" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["explain", str(tiny_folder)]) == 2
     assert "not a tardis checkpoint" in capsys.readouterr().err

@@ -108,7 +108,10 @@ def test_a_modules_threshold_round_trips_through_its_spec_and_old_specs_keep_min
     spec = json.loads(json.dumps(module.spec()))
     assert spec["dense_above"] == "auto" and "dense" not in spec
     reloaded = TardisFFN.empty(spec)
-    assert reloaded.dense_above == "auto" and reloaded.dense_threshold() == ffn_op.dense_above_for(torch.float32)
+    assert reloaded.dense_above == "auto" and reloaded.dense_threshold() == ffn_op.dense_above_for(torch.float32,
+                                                                                                    kept_dense=False)
+    torch.set_num_threads(1)  # "auto" follows the threads (tests/conftest.py restores them)
+    assert reloaded.dense_threshold() == ffn_op.EXACT_ABOVE[torch.float32][1] != ffn_op.DENSE_ABOVE[torch.float32][1]
     del spec["dense_above"]  # written before modules without dense weights recorded it: as it ran then
     assert TardisFFN.empty(spec).dense_threshold() == -1
     with torch.no_grad():
