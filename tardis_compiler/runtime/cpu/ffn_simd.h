@@ -429,48 +429,36 @@ inline void axpy_rows(float* acc, const float* a, int count, const float* w, int
   }
 }
 
+#ifdef TARDIS_AVX512
+// r0 . x_k and r1 . x_k for the TB tokens of x0 (TB, n): 2 * TB accumulators, two rows, one x.
+template <int TB>
+inline void dot2_block(const float* r0, const float* r1, const float* x0, int64_t n, float* out0, float* out1) {
+  __m512 a[TB], b[TB];
+  for (int k = 0; k < TB; ++k) a[k] = b[k] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
+    const __m512 w0 = _mm512_maskz_loadu_ps(m, r0 + i), w1 = _mm512_maskz_loadu_ps(m, r1 + i);
+    for (int k = 0; k < TB; ++k) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x0 + k * n + i);
+      a[k] = _mm512_fmadd_ps(w0, xv, a[k]);
+      b[k] = _mm512_fmadd_ps(w1, xv, b[k]);
+    }
+  }
+  for (int k = 0; k < TB; ++k) {
+    out0[k] = _mm512_reduce_add_ps(a[k]);
+    out1[k] = _mm512_reduce_add_ps(b[k]);
+  }
+}
+#endif
+
 // out0[t] = r0 . x_t and out1[t] = r1 . x_t for `tokens` tokens of x (tokens, n): a gated neuron's
-// gate and up rows (fp32) against a block of tokens, four tokens sharing each load of the rows.
+// gate and up rows (fp32) against a block of tokens, eight (AVX2: four) sharing each load of the rows.
 void dot2_tokens(const float* r0, const float* r1, const float* x, int64_t tokens, int64_t n, float* out0,
                  float* out1) {
   int64_t t = 0;
 #ifdef TARDIS_AVX512
-  for (; t + 8 <= tokens; t += 8) {  // 16 accumulators, two rows, one x: 19 of 32 registers
-    const float* x0 = x + t * n;
-    __m512 a[8], b[8];
-    for (int k = 0; k < 8; ++k) a[k] = b[k] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) {
-      __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
-      const __m512 w0 = _mm512_maskz_loadu_ps(m, r0 + i), w1 = _mm512_maskz_loadu_ps(m, r1 + i);
-      for (int k = 0; k < 8; ++k) {
-        const __m512 xv = _mm512_maskz_loadu_ps(m, x0 + k * n + i);
-        a[k] = _mm512_fmadd_ps(w0, xv, a[k]);
-        b[k] = _mm512_fmadd_ps(w1, xv, b[k]);
-      }
-    }
-    for (int k = 0; k < 8; ++k) {
-      out0[t + k] = _mm512_reduce_add_ps(a[k]);
-      out1[t + k] = _mm512_reduce_add_ps(b[k]);
-    }
-  }
-  for (; t + 4 <= tokens; t += 4) {
-    const float* x0 = x + t * n;
-    __m512 a[4], b[4];
-    for (int k = 0; k < 4; ++k) a[k] = b[k] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) {
-      __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
-      const __m512 w0 = _mm512_maskz_loadu_ps(m, r0 + i), w1 = _mm512_maskz_loadu_ps(m, r1 + i);
-      for (int k = 0; k < 4; ++k) {
-        const __m512 xv = _mm512_maskz_loadu_ps(m, x0 + k * n + i);
-        a[k] = _mm512_fmadd_ps(w0, xv, a[k]);
-        b[k] = _mm512_fmadd_ps(w1, xv, b[k]);
-      }
-    }
-    for (int k = 0; k < 4; ++k) {
-      out0[t + k] = _mm512_reduce_add_ps(a[k]);
-      out1[t + k] = _mm512_reduce_add_ps(b[k]);
-    }
-  }
+  for (; t + 8 <= tokens; t += 8) dot2_block<8>(r0, r1, x + t * n, n, out0 + t, out1 + t);  // 19 of 32 registers
+  for (; t + 4 <= tokens; t += 4) dot2_block<4>(r0, r1, x + t * n, n, out0 + t, out1 + t);
 #elif defined(TARDIS_AVX2)
   for (; t + 4 <= tokens; t += 4) {
     const float* x0 = x + t * n;
