@@ -131,17 +131,18 @@ def _dense_or_exact(x: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor,
     """A call above ``dense_above``: the dense FFN from ``dense``, else every bundled neuron exact
     (bundles in the model's dtype: torch's GEMMs over them; int8 bundles: the fused kernel's exact_all
     mode); None: the guarded paths run it (int8 bundles where the kernel cannot)."""
-    layout = Layout.from_meta(meta.cpu(), activation, weights.dtype)
-    if dense:
-        return _dense_ffn(x, dense, activation, name, layout.m)
+    if dense:  # the backend's prefill: no layout to parse
+        return _dense_ffn(x, dense, activation, name, int(meta[FIELD["M"]]))
     if x.dtype != weights.dtype:
         return None
+    layout = Layout.from_meta(meta.cpu(), activation, weights.dtype)
     tokens = x.shape[:-1].numel()
+    fused = kernel()
     if not layout.k_int8_bundles:
         y = ffn_exact(x.reshape(-1, x.shape[-1]), weights, guard, floats, layout).view(*x.shape[:-1], layout.d_out)
-    elif x.device.type == "cpu" and _kernel_runs(kernel(), x, activation, tokens):
+    elif x.device.type == "cpu" and _kernel_runs(fused, x, activation, tokens):
         y = x.new_empty((*x.shape[:-1], layout.d_out))
-        kernel().ffn(x.contiguous(), y, weights, guard, floats, meta, KERNEL_ACTIVATIONS[activation], exact_all=True)
+        fused.ffn(x.contiguous(), y, weights, guard, floats, meta, KERNEL_ACTIVATIONS[activation], exact_all=True)
     else:
         return None
     stats = active_stats()
