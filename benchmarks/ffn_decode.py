@@ -6,7 +6,8 @@ a synthetic plain 2048 -> 8192 GELU FFN (2 copies, x ~ N(0, 1), W ~ N(0, 1/d)). 
 each layer in turn over distinct weights, so weights come from DRAM, not cache, as in a model.
 
 Rows: dense eager and dense inductor; dense int8 weight-only (torch's packed int8 GEMV with
-per-channel scales, what torchao's int8 weight-only quantization runs); tardis at budgets 0.3 /
+per-channel scales, what torchao's int8 weight-only quantization runs; with ``--weights int4`` also
+torch's CPU int4 GEMV, groups of 32); tardis at budgets 0.3 /
 0.5 / 0.7 (SmolLM2, MiniLM) or the uniform coverage p = 0.85 (2048 x 8192); the fixed cost (the
 guard and Wf with nothing flagged); and the op's bare overhead on a tiny FFN. Interleaved, medians.
 
@@ -96,10 +97,10 @@ def smollm2(dtype: torch.dtype, budgets, weights=(None,)) -> Setup:
     batches = calibration_batches(tok, context_length=512, num_batches=16)
     names = [f"model.layers.{i}.mlp" for i in range(len(mlps))]
     by_label = {}
-    for quant in weights:  # None: packs of the bf16 weights; "int8": quantized packs (tardis over int8)
+    for quant in weights:  # None: packs of the bf16 weights; "int8" / "int4": quantized packs (tardis over int8)
         profiles = cached_profiles(f"smollm2-{str(dtype)[6:]}", model, batches, budgets,
                                    tc.CalibrationConfig(progress=False, weights=quant))
-        by_label.update({f"tardis{' over int8' if quant else ''} {b}": (p, names) for b, p in profiles.items()})
+        by_label.update({f"tardis{f' over {quant}' if quant else ''} {b}": (p, names) for b, p in profiles.items()})
     weights = [{"wg_rows": m.gate_proj.weight, "bg": None, "wu_rows": m.up_proj.weight, "bu": None,
                 "wd_rows": m.down_proj.weight.t(), "bd": None} for m in mlps]
     return Setup("SmolLM2-135M (576 -> 1536 gated, 30 layers)", "gated", "silu", mlps, weights, inputs,
@@ -163,6 +164,34 @@ def int8_weight_only(setup: Setup) -> list:
     return out
 
 
+def int4_weight_only(setup: Setup) -> list:
+    """Per layer, per linear: a ``QuantizedLinear`` of 4 bits (groups of 32, torch's CPU int4 GEMV
+    ``_weight_int4pack_mm_for_cpu``: what ``compress_(other_linears="int4")`` and torchao's CPU int4
+    weight-only run)."""
+    from tardis_compiler.runtime.quantized_linear import QuantizedLinear
+
+    out = []
+    for w in setup.weights:
+        names = ("wg_rows", "wu_rows") if setup.kind == "gated" else ("w1_rows",)
+        linears = [w[n] for n in names] + [(w["wd_rows"] if setup.kind == "gated" else w["w2_rows"]).t()]
+        q = []
+        for lin in linears:
+            module = torch.nn.Linear(lin.shape[1], lin.shape[0], bias=False, device="meta")
+            module.weight = torch.nn.Parameter(lin.detach().contiguous(), requires_grad=False)
+            q.append(QuantizedLinear.from_linear(module, 4))
+        out.append(q)
+    return out
+
+
+def _int4_call(setup: Setup, q, i: int, x: torch.Tensor) -> torch.Tensor:
+    w = setup.weights[i]
+    if setup.kind == "gated":
+        g, u, d = q[i]
+        return d(F.silu(g(x)) * u(x))
+    l1, l2 = q[i]
+    return l2(F.gelu(l1(x) + w["b1"])) + w["b2"]
+
+
 def _int8_call(setup: Setup, q, i: int, x: torch.Tensor) -> torch.Tensor:
     w = setup.weights[i]
     if setup.kind == "gated":
@@ -219,6 +248,9 @@ def bench(setup: Setup, repeats: int) -> dict:
     variants = {"dense eager": over_layers(lambda i, x: setup.modules[i](x)),
                 "dense inductor": over_layers(lambda i, x: inductor[i](x)),
                 "dense int8 weight-only": over_layers(lambda i, x: _int8_call(setup, q8, i, x))}
+    q4 = int4_weight_only(setup) if any("over int4" in label for label in packs) else None
+    if q4 is not None:
+        variants["dense int4 weight-only"] = over_layers(lambda i, x: _int4_call(setup, q4, i, x))
     for label, ps in packs.items():
         variants[label] = over_layers(lambda i, x, ps=ps: ffn_op.ffn(x, ps[i]))
     variants[f"fixed cost ({first_label}: guard + Wf, nothing flagged)"] = over_layers(
@@ -237,6 +269,8 @@ def bench(setup: Setup, repeats: int) -> dict:
         bytes_read = None
         if name in measured:  # first: "tardis over int8" rows name int8 too
             bytes_read, row["flag_rate"] = measured[name]
+        elif name == "dense int4 weight-only":
+            bytes_read = sum(q.resident_bytes() for q in q4[0])
         elif name.startswith("dense") and "int8" not in name:
             bytes_read = setup.dense_bytes
         elif "int8" in name:
@@ -347,8 +381,9 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["smollm2", "minilm", "2048x8192"])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.3, 0.5, 0.7])
-    parser.add_argument("--weights", nargs="+", choices=["dense", "int8"], default=["dense"],
-                        help="SmolLM2 tardis rows: packs of the model's weights and/or quantized packs (tardis over int8)")
+    parser.add_argument("--weights", nargs="+", choices=["dense", "int8", "int4"], default=["dense"],
+                        help="SmolLM2 tardis rows: packs of the model's weights and/or quantized packs (tardis over "
+                        "int8 / int4; int4 adds torch's int4 weight-only row)")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prefill", action="store_true", help="time tokens per call instead")

@@ -9,7 +9,8 @@ Run it in the vLLM venv (``.ci/install-vllm``)::
     .venv-vllm/bin/python benchmarks/vllm_serve.py --rows dense tardis-0.5 tardis-0.5-keep
 
 Rows: ``dense`` (the bf16 model as saved by transformers), ``tardis-<budget>`` (``tardis compress
-smollm2 --budget b``, int8 guarded rows), ``tardis-<budget>-q8`` (quantized packs, ``--weights int8``),
+smollm2 --budget b``, int8 guarded rows), ``tardis-<budget>-q8`` / ``-q4`` (quantized packs, ``--weights
+int8`` / ``int4``),
 ``tardis-<budget>-keep`` (``--keep-dense``: batches above a few tokens run the dense FFN),
 ``tardis-<budget>-rows`` (``--bundles dense``: bf16 guarded rows, so batches above a few tokens run every
 bundled neuron exact from the pack, no dense weights kept). Each
@@ -48,15 +49,17 @@ PROMPT_TOKENS = 32
 
 
 def _row_spec(name: str) -> dict:
-    """``dense`` / ``tardis-<budget>[-q8|-keep|-rows]`` -> how to build that checkpoint (``rows``: the
+    """``dense`` / ``tardis-<budget>[-q8|-q4|-keep|-rows]`` -> how to build that checkpoint (``rows``: the
     guarded neurons' bundles in bf16, ``bundles="dense"``, so batches run every bundle exact)."""
     if name == "dense":
         return {"budget": None}
     parts = name.split("-")
-    if parts[0] != "tardis" or len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("q8", "keep", "rows")):
-        raise SystemExit(f"unknown row {name!r}: dense, tardis-<budget>, tardis-<budget>-q8, tardis-<budget>-keep "
-                         "or tardis-<budget>-rows")
-    return {"budget": float(parts[1]), "weights": "int8" if parts[2:] == ["q8"] else None,
+    quantized = {"q8": "int8", "q4": "int4"}
+    if parts[0] != "tardis" or len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in (*quantized, "keep",
+                                                                                                  "rows")):
+        raise SystemExit(f"unknown row {name!r}: dense, tardis-<budget>, tardis-<budget>-q8, tardis-<budget>-q4, "
+                         "tardis-<budget>-keep or tardis-<budget>-rows")
+    return {"budget": float(parts[1]), "weights": quantized.get(parts[2]) if len(parts) == 3 else None,
             "keep_dense": parts[2:] == ["keep"], "bundles": "dense" if parts[2:] == ["rows"] else "int8"}
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from .runtime.layout import (ALIGN_BYTES, META_FIELDS, NEURON_FLOATS, QSCALES, always_read_bytes, bundle_row,
                              bundle_stride, exact_neuron_bytes, folded_matrix_bytes, guard_neuron_bytes,
-                             guard_row_bytes, mix_bytes, round_up)
+                             guard_row_bytes, int4_row_bytes, mix_bytes, quantized_bundle_bytes, round_up)
 from .runtime.ffn_kind import FFNKind, ffn_kind
 from .runtime.svd_predictor import SVDPredictor
 
@@ -66,7 +66,8 @@ def ffn_bytes_per_token(d_in: int, d_hidden: int, d_out: int, elem_bytes: int, h
     bundle [W1 row | W2 column] and four floats.
 
     ``weights="int8"``: the dense FFN of int8 weights (a quantized pack's reference), its codes and a
-    float32 scale per W1 row and W2 column (``runtime/quantize.py``); biases in the model's dtype.
+    float32 scale per W1 row and W2 column (``runtime/quantize.py``); ``"int4"``: its int4 rows with
+    their group scales; biases in the model's dtype.
 
     Example:
         >>> ffn_bytes_per_token(384, 1536, 384, 4, True)   # MiniLM FFN, fp32
@@ -76,9 +77,7 @@ def ffn_bytes_per_token(d_in: int, d_hidden: int, d_out: int, elem_bytes: int, h
     """
     m = d_hidden
     if guard == "dense":
-        if weights == "int8":
-            return m * d_in + m * d_out + 8 * m + (m + d_out) * has_bias * elem_bytes
-        return (m * d_in + m * d_out + (m + d_out) * has_bias) * elem_bytes
+        return dense_ffn_bytes("plain", d_in, m, d_out, elem_bytes, has_bias, has_bias, weights)
     folded = folded_matrix_bytes(d_in, d_out, elem_bytes) + always_read_bytes(d_out)
     if guard == "exact":
         guard_bytes = m * d_in * elem_bytes
@@ -105,16 +104,21 @@ def dense_ffn_bytes(kind: str | FFNKind, d_in: int, m: int, d_out: int, elem_byt
                     output_bias: bool, weights: str = "dense") -> int:
     """Weight bytes a dense FFN of ``kind`` reads per token: its input linears' (m, d_in) weights, its
     output linear's (d_out, m), and their biases; ``weights="int8"``: int8 codes and a float32 scale
-    per neuron row / output column (biases in the model's dtype).
+    per neuron row / output column; ``"int4"``: each such row in int4 with its group scales
+    (``layout.int4_row_bytes``); biases in the model's dtype.
 
     Example:
         >>> dense_ffn_bytes("gated", 576, 1536, 576, 2, False, False)   # SmolLM2-135M, bf16
         5308416
         >>> dense_ffn_bytes("plain", 384, 1536, 384, 4, True, True) == ffn_bytes_per_token(384, 1536, 384, 4, True)
         True
+        >>> dense_ffn_bytes("gated", 576, 1536, 576, 2, False, False, "int4")   # 3 x 1536 rows of 360 bytes
+        1658880
     """
     n_inputs = ffn_kind(kind).n_inputs
     biases = (n_inputs * m * input_bias + d_out * output_bias) * elem_bytes
+    if weights == "int4":
+        return n_inputs * m * int4_row_bytes(d_in) + m * int4_row_bytes(d_out) + biases
     if weights == "int8":
         return n_inputs * m * d_in + m * d_out + 4 * (n_inputs + 1) * m + biases
     return n_inputs * m * d_in * elem_bytes + m * d_out * elem_bytes + biases
@@ -154,7 +158,8 @@ def held_neuron_bytes(kind: str, d_in: int, d_out: int, elem_bytes: int, guard: 
     (``guard`` not "none") also its guard codes and scales (none for "exact", which reads the
     bundle's first row) and its band, and with ``bundles="int8"`` its bundle as int8 codes (padded
     to 64 bytes) and three scales. An always-exact neuron's bundle stays dense whatever ``bundles``,
-    unless ``weights="int8"`` (every bundle int8).
+    unless ``weights`` is "int8" (every bundle int8) or "int4" (every bundle int4 with its group
+    scales, padded to 64 bytes).
 
     Example:
         >>> held_neuron_bytes("gated", 32, 32, 4)                    # always exact, fp32: 384 + 16 + 8
@@ -163,7 +168,9 @@ def held_neuron_bytes(kind: str, d_in: int, d_out: int, elem_bytes: int, guard: 
         192
     """
     floats = _float_bytes(elem_bytes)
-    if (guard != "none" and bundles == "int8") or weights == "int8":
+    if weights == "int4":
+        bundle = round_up(quantized_bundle_bytes(kind, d_in, d_out, "int4"), ALIGN_BYTES)
+    elif (guard != "none" and bundles == "int8") or weights == "int8":
         bundle = round_up(bundle_row(kind, d_in, d_out), ALIGN_BYTES) + floats * QSCALES
     else:
         bundle = bundle_stride(kind, d_in, d_out, elem_bytes) * elem_bytes
@@ -189,6 +196,9 @@ def held_fixed_bytes(d_in: int, d_out: int, elem_bytes: int, has_wf: bool, guard
     if weights == "int8":  # Wf's codes and row scales; the int8 region starts 64-byte aligned
         held = d_out * d_in + floats * d_out if has_wf else 0
         held += ALIGN_BYTES - 1
+    elif weights == "int4":  # Wf's int4 rows with their group scales, after the aligned bundles
+        held = d_out * int4_row_bytes(d_in) if has_wf else 0
+        held += ALIGN_BYTES - 1
     else:
         held = round_up(d_out * d_in * elem_bytes, ALIGN_BYTES) if has_wf else 0
     held += floats * d_out + len(META_FIELDS) * 8
@@ -196,7 +206,7 @@ def held_fixed_bytes(d_in: int, d_out: int, elem_bytes: int, has_wf: bool, guard
         held += floats * rank * d_in
     if guard not in ("none", "exact"):  # the scales follow the codes at a 16-byte boundary
         held += _SCALES_ALIGN - 1
-    if guard != "none" and bundles == "int8" and weights != "int8":
+    if guard != "none" and bundles == "int8" and weights == "dense":
         held += ALIGN_BYTES - 1
     return held
 

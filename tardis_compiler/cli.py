@@ -159,9 +159,9 @@ def add_compress_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--other-linears", choices=["int8", "int4"], help="also quantize, weight-only, every "
                         "linear outside the compressed FFNs: attention projections, the LM head (untied from the "
                         "embedding if tied), dense FFNs' linears (default: they stay as they are)")
-    parser.add_argument("--weights", choices=["int8"], help="quantized packs (tardis over int8): the folded "
-                        "matrix and every neuron's rows int8, calibrated against the int8 model; --budget is then "
-                        "a fraction of the int8 FFN's bytes (default: the model's weights)")
+    parser.add_argument("--weights", choices=["int8", "int4"], help="quantized packs (tardis over int8 / int4): the "
+                        "folded matrix and every neuron's rows quantized, calibrated against the quantized model; "
+                        "--budget is then a fraction of its FFN bytes (default: the model's weights)")
     parser.add_argument("--keep-dense", action="store_true", help="also keep each FFN's own weights: calls of more "
                         "than a few tokens (batches, prefill) run them, at dense speed; the checkpoint then holds "
                         "the dense FFN weights and the packs (more than dense)")

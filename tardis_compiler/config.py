@@ -65,10 +65,12 @@ class CalibrationConfig:
             keeps every row as it is (the exactness check).
         weights: None (default): packs hold the model's weights (int8 bundles as ``bundles`` says);
             "int8": quantized packs, every weight int8 (Wf, the always-exact and the guarded
-            neurons' bundles; ``runtime/quantize.py``). The model a quantized pack is exact against,
-            and that calibration fits and prices against, is then the dense model with the same
-            int8 FFN weights, and ``budget`` is a fraction of *its* FFN bytes (about half of
-            bfloat16's): tardis over int8. Needs ``bundles="int8"`` and a low-bit or svd guard.
+            neurons' bundles; ``runtime/quantize.py``); "int4": every weight int4, in groups of 32
+            along each row with a bf16 scale and minimum per group (about 0.31 of bfloat16's
+            bytes). The model a quantized pack is exact against, and that calibration fits and
+            prices against, is then the dense model with the same quantized FFN weights, and
+            ``budget`` is a fraction of *its* FFN bytes: tardis over int8 / int4. Needs
+            ``bundles="int8"`` (the request for quantized bundles) and a low-bit or svd guard.
         fold: with a budget, whether the mix may fold neurons into the matrix ``Wf``: None (default)
             takes whichever of the two variants has less error per FFN, False never folds (neurons
             off the exact path contribute nothing: contextual activation sparsity, c = 0), True always.
@@ -120,11 +122,9 @@ class CalibrationConfig:
         require(self.allocation in ("layer", "model", "loss"),
                 f"allocation must be 'layer', 'model' or 'loss', got {self.allocation!r}")
         require(self.bundles in ("int8", "dense"), f"bundles must be 'int8' or 'dense', got {self.bundles!r}")
-        require(self.weights in (None, "int8"),
-                f"weights must be None or 'int8', got {self.weights!r}"
-                + (" (int4 packs are not built yet: use 'int8')" if self.weights == "int4" else ""))
+        require(self.weights in (None, "int8", "int4"), f"weights must be None, 'int8' or 'int4', got {self.weights!r}")
         require(self.weights is None or self.bundles == "int8",
-                f"weights={self.weights!r} holds every bundle as int8: bundles must be 'int8', got {self.bundles!r}")
+                f"weights={self.weights!r} holds every bundle quantized: bundles must be 'int8', got {self.bundles!r}")
         require(self.fold is None or isinstance(self.fold, bool),
                 f"fold must be None, True or False, got {self.fold!r}")
         require(self.fold_fit in ("lstsq", "lines"), f"fold_fit must be 'lstsq' or 'lines', got {self.fold_fit!r}")

@@ -110,8 +110,8 @@ class FFNProfile:
 
     @property
     def weights(self) -> str:
-        """How calibration priced Wf and the always-exact bundles, so how packs hold them: "int8"
-        (a quantized pack, ``CalibrationConfig.weights``) or "dense"."""
+        """How calibration priced Wf and the always-exact bundles, so how packs hold them: "int8" or
+        "int4" (a quantized pack, ``CalibrationConfig.weights``) or "dense"."""
         return self.stats.get("weights", "dense")
 
     def _int8_bundle_saving(self, guard: str, elem_bytes: int | None) -> float:
@@ -148,8 +148,8 @@ class FFNProfile:
 
     def _policy_bytes_per_token(self, guard: str, elem_bytes: int | None) -> float:
         # Measured by calibration for its guard (calibrate/gated.py, plain.py); scaled to another weight
-        # dtype, except a quantized pack's: its codes are int8 whatever the model's dtype.
-        scale = 1.0 if elem_bytes is None or self.weights == "int8" else elem_bytes / self.stats["elem_bytes"]
+        # dtype, except a quantized pack's: its codes are the same whatever the model's dtype.
+        scale = 1.0 if elem_bytes is None or self.weights != "dense" else elem_bytes / self.stats["elem_bytes"]
         if guard == "dense":
             return self.stats["dense_bytes"] * scale
         measured = self.stats["guards"].get(guard)

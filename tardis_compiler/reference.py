@@ -1,7 +1,8 @@
 """The model a quantized pack is exact against: ``quantized_reference(model, inputs)``.
 
 With ``CalibrationConfig(weights="int8")`` the exactness invariant is stated against the dense
-model whose FFN weights are their int8 codes times their scales (``runtime/quantize.py``): a
+model whose FFN weights are their int8 codes times their scales (``"int4"``: their int4 groups'
+values; ``runtime/quantize.py``): a
 ``guard="all"`` compression reproduces it up to float32 rounding, and calibration fits and prices
 against it. This builds that model, as a copy: the FFNs are found the way ``compress_`` finds
 them (the dynamo graph of one example call), and each one's neuron-major weight views are

@@ -32,24 +32,29 @@ def test_guard_all_compressed_model_is_the_dense_model(arch):
             torch.testing.assert_close(logits(compressed(x)), logits(model(x)), atol=1e-5, rtol=1e-5)
 
 
+#: A quantized FFN's bytes as a fraction of the fp32 one's (int4: half a byte and a 4-byte pair per 32).
+QUANTIZED_FRACTION = {"int8": 0.25, "int4": 0.16}
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES + GATED_ARCHITECTURES)
-def test_guard_all_quantized_model_is_the_int8_reference(arch):
-    """weights="int8": the exactness invariant against the dense model of the same int8 FFN weights
-    (``quantized_reference``), within float32 rounding; a budget then reads about half the int8
-    FFN's bytes, a quarter of fp32's."""
-    model, batches, profile = _calibrated(arch, weights="int8")
-    reference = tc.quantized_reference(model, batches[0])
+@pytest.mark.parametrize("encoding", ["int8", "int4"])
+def test_guard_all_quantized_model_is_the_quantized_reference(arch, encoding):
+    """weights="int8" / "int4": the exactness invariant against the dense model of the same
+    quantized FFN weights (``quantized_reference``), within float32 rounding; a budget then reads
+    about half the quantized FFN's bytes."""
+    model, batches, profile = _calibrated(arch, weights=encoding)
+    reference = tc.quantized_reference(model, batches[0], weights=encoding)
     exact, fitted = copy.deepcopy(model), copy.deepcopy(model)
     tc.compress_(exact, profile, batches[0], guard="all")
     report = tc.compress_(fitted, profile, batches[0])
     assert all(f.mode != "dense" for f in report.ffns)
-    assert all(m.layout.weights == "int8" for m in fitted.modules() if isinstance(m, TardisFFN))
+    assert all(m.layout.weights == encoding for m in fitted.modules() if isinstance(m, TardisFFN))
     with torch.no_grad():
         for x in batches[:2]:
             want = logits(reference(x))
             torch.testing.assert_close(logits(exact(x)), want, atol=1e-5, rtol=1e-5)
             assert not torch.allclose(want, logits(model(x)), atol=1e-5)  # the reference is quantized
-    assert report.read_fraction() < 0.5 * 0.25 + 0.03  # of the fp32 FFN: half the int8 one's bytes
+    assert report.read_fraction() < 0.5 * QUANTIZED_FRACTION[encoding] + 0.03  # of the fp32 FFN
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])

@@ -37,10 +37,11 @@ def test_wrong_types_are_value_errors_that_name_the_option(bad):
         tc.TardisOptions.from_mapping(bad)
 
 
-@pytest.mark.parametrize("bad,says", [({"weights": "int3"}, "weights must be None or 'int8'"),
-                                      ({"weights": "int4"}, "int4 packs are not built yet"),
+@pytest.mark.parametrize("bad,says", [({"weights": "int3"}, "weights must be None, 'int8' or 'int4'"),
+                                      ({"weights": "int4", "bundles": "dense"}, "bundles must be 'int8'"),
                                       ({"weights": "int8", "bundles": "dense"}, "bundles must be 'int8'")])
 def test_quantized_pack_options_are_checked(bad, says):
     with pytest.raises(ValueError, match=says):
         tc.CalibrationConfig(**bad)
     assert tc.CalibrationConfig(weights="int8").weights == "int8"
+    assert tc.CalibrationConfig(weights="int4").weights == "int4"

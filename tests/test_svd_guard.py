@@ -43,7 +43,7 @@ def test_profile_carries_the_factors_and_the_ops_take_them(calibrated):
     packs = [e.pack for e in PACK_CACHE._entries.values() if e.pack.layout.guard == "svd"]
     # Q: the guarded rows only (then, with int8 rows, their int8 bundles)
     assert packs and all(p.layout.end_gscales == p.layout.k_guard * 8 * 4 for p in packs)
-    assert all(p.guard.numel() == p.layout.off_qbundles + p.layout.k_int8_bundles * p.layout.qstride for p in packs)
+    assert all(p.guard.numel() == p.layout.off_qbundles + p.layout.k_quant_bundles * p.layout.qstride for p in packs)
 
 
 def test_save_and_load_keep_the_predictor(calibrated, tmp_path):

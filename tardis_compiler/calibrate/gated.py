@@ -63,7 +63,7 @@ class GatedCandidates:
 
 def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> GatedCandidates:
     """Every option of every neuron of one gated FFN, with its error and bytes (module docstring)."""
-    w = record.float_weights(config.weights)  # the reference: int8 weights' values for a quantized pack
+    w = record.float_weights(config.weights)  # the reference: the quantized weights' values for a quantized pack
     quant = config.weights or "dense"
     act = get_activation_rule(record.activation).fn
     m, d_in = w["wg_rows"].shape
@@ -82,7 +82,8 @@ def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     energy = ((a * u) @ w["wd_rows"]).pow(2).sum(1).mean().item()
 
     exact_cost = float(exact_neuron_bytes("gated", d_in, d_out, elem, quant))
-    guarded_cost = float(exact_neuron_bytes("gated", d_in, d_out, elem, config.bundles))  # a flagged guarded neuron
+    guarded_rows = config.bundles if quant == "dense" else quant  # quantized weights: every bundle in their encoding
+    guarded_cost = float(exact_neuron_bytes("gated", d_in, d_out, elem, guarded_rows))  # a flagged guarded neuron
     guard_row, guard_fixed = guard_bytes(predictor, d_in, elem)
     fold_bytes = float(folded_matrix_bytes(d_in, d_out, elem, quant))
     sorted_stats = _sorted_stats(g, u, a)

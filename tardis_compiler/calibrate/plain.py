@@ -60,7 +60,7 @@ class PlainCandidates:
 
 def prepare_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) -> PlainCandidates:
     """Every option of every neuron of one plain FFN, with its error and bytes (module docstring)."""
-    w = record.float_weights(config.weights)  # the reference: int8 weights' values for a quantized pack
+    w = record.float_weights(config.weights)  # the reference: the quantized weights' values for a quantized pack
     quant = config.weights or "dense"
     act = get_activation_rule(record.activation).fn
     m, d_in = w["w1_rows"].shape
@@ -79,7 +79,8 @@ def prepare_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
 
     # As the pack lays them out (runtime/layout.py): a bundle [W1 row | W2 column] and four floats.
     exact_cost = float(exact_neuron_bytes("plain", d_in, d_out, elem, quant))
-    guarded_cost = float(exact_neuron_bytes("plain", d_in, d_out, elem, config.bundles))  # a flagged guarded neuron
+    guarded_rows = config.bundles if quant == "dense" else quant  # quantized weights: every bundle in their encoding
+    guarded_cost = float(exact_neuron_bytes("plain", d_in, d_out, elem, guarded_rows))  # a flagged guarded neuron
     guard_row, guard_fixed = guard_bytes(predictor, d_in, elem)
     fold_bytes = float(folded_matrix_bytes(d_in, d_out, elem, quant))
     order = z.argsort(dim=0)

@@ -138,7 +138,7 @@ def _dense_or_exact(x: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor,
     layout = Layout.from_meta(meta.cpu(), activation, weights.dtype)
     tokens = x.shape[:-1].numel()
     fused = kernel()
-    if not layout.k_int8_bundles:
+    if not layout.k_quant_bundles:
         y = ffn_exact(x.reshape(-1, x.shape[-1]), weights, guard, floats, layout).view(*x.shape[:-1], layout.d_out)
     elif x.device.type == "cpu" and _kernel_runs(fused, x, activation, tokens):
         y = x.new_empty((*x.shape[:-1], layout.d_out))

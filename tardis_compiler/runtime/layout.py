@@ -9,14 +9,17 @@ One FFN's pack is four buffers (see ``runtime/pack.py``, which fills them):
   always-exact ones. Neurons that are never computed exactly (folded unguarded, dropped) have none.
 * ``guard`` (uint8): the guard's codes of the guarded neurons' first rows, then their scales; with
   int8 bundles (``bundles="int8"``), then the guarded neurons' bundles as int8 codes, each padded to
-  64 bytes (``weights`` then holds only the always-exact bundles). With int8 weights
-  (``weights="int8"``: a quantized pack) every bundle is there, guarded then always-exact, and
-  ``Wf``'s int8 codes (d_out, d_in) follow them: ``weights`` is then empty.
+  64 bytes (``weights`` then holds only the always-exact bundles). With quantized weights
+  (``weights="int8"`` or ``"int4"``: a quantized pack) every bundle is there, guarded then
+  always-exact, and ``Wf``'s codes (d_out rows) follow them: ``weights`` is then empty. An int4 row
+  (``int4_row_bytes``) is its codes, two per byte in groups of ``WEIGHT_GROUP`` as the sub-byte
+  guards pack them (unsigned, padded to 4 bytes), then a bfloat16 (scale, minimum) pair per group:
+  a bundle is its first, up and output rows in that form, back to back.
 * ``floats`` (float32): the folded bias ``bf`` (d_out), each guarded neuron's flag band with the
   bias taken out (lo, hi), four floats per bundle (first bias, up bias, slope, intercept), the
   svd guard's projection ``P`` (rank, d_in), and with int8 bundles three scales per int8 bundle
   (first row, up row, output column; a plain FFN's second is unused), then with int8 weights one
-  scale per row of ``Wf``.
+  scale per row of ``Wf`` (int4 rows carry their scales in ``guard``).
 * ``meta`` (int64): the fields of ``META_FIELDS``: shapes, codes and offsets.
 
 This module is the one home of those sizes: the pack builder, the kernel's checks
@@ -38,14 +41,19 @@ FIELD = {name: i for i, name in enumerate(META_FIELDS)}
 MAGIC = 0x7A4D5446
 LAYOUT_VERSION = 2
 #: How the guarded neurons' bundles are stored: in the model's dtype (exact), or int8 with a scale per
-#: row and column (a quarter of float32's bytes, half of bfloat16's; always-exact bundles stay dense).
-BUNDLE_ENCODINGS = {"dense": 0, "int8": 1}
-#: How Wf and the always-exact bundles are stored: in the model's dtype, or int8 (a quantized pack:
-#: every weight int8, one scale per row of Wf and per row / column of a bundle). The meta's BUNDLES
-#: field holds both choices (``_BUNDLES_CODES``): int8 weights imply int8 bundles.
-WEIGHT_ENCODINGS = ("dense", "int8")
-_BUNDLES_CODES = {("dense", "dense"): 0, ("int8", "dense"): 1, ("int8", "int8"): 2}
-QSCALES = 3  # scales per int8 bundle
+#: row and column (a quarter of float32's bytes, half of bfloat16's; always-exact bundles stay dense);
+#: int4 only in an int4 quantized pack.
+BUNDLE_ENCODINGS = {"dense": 0, "int8": 1, "int4": 2}
+#: How Wf and the always-exact bundles are stored: in the model's dtype, or quantized (a quantized
+#: pack: every weight int8, one scale per row of Wf and per row / column of a bundle; or every weight
+#: int4 in groups of ``WEIGHT_GROUP``). The meta's BUNDLES field holds both choices
+#: (``_BUNDLES_CODES``): quantized weights imply bundles of the same encoding.
+WEIGHT_ENCODINGS = ("dense", "int8", "int4")
+QUANTIZED_WEIGHTS = ("int8", "int4")
+_BUNDLES_CODES = {("dense", "dense"): 0, ("int8", "dense"): 1, ("int8", "int8"): 2, ("int4", "int4"): 3}
+QSCALES = 3  # float scales per int8 bundle (int4 rows hold theirs in the guard buffer)
+#: Elements per (scale, minimum) group of an int4 weight row: Q4_0's and torchao's smallest group.
+WEIGHT_GROUP = 32
 KINDS = {name: kind.code for name, kind in FFN_KINDS.items()}  # the meta's KIND field
 #: Activations the kernel evaluates itself (others run the torch path).
 KERNEL_ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "quick_gelu": 4}
@@ -125,6 +133,34 @@ def guard_row_bytes(encoding: str, d_in: int, group: int = 64, rank: int = 0) ->
     return guard_codes_bytes(encoding, d_in, group, rank) + guard_scale_bytes(encoding, d_in, group)
 
 
+def int4_codes_bytes(n: int) -> int:
+    """Bytes of an int4 weight row's codes: two per byte per group, padded to 4 bytes."""
+    return round_up(guard_codes_bytes("int4", n, WEIGHT_GROUP), 4)
+
+
+def int4_row_bytes(n: int) -> int:
+    """Bytes of an int4 weight row of ``n`` elements: its codes, then a bf16 (scale, minimum) pair
+    per group of ``WEIGHT_GROUP``.
+
+    Example:
+        >>> int4_row_bytes(576), int4_row_bytes(40)    # 18 groups: 288 + 72; 2 groups: 20 + 8
+        (360, 28)
+    """
+    return int4_codes_bytes(n) + guard_scale_bytes("int4", n, WEIGHT_GROUP)
+
+
+def quantized_bundle_bytes(kind: str, d_in: int, d_out: int, encoding: str) -> int:
+    """Bytes of one quantized bundle's codes (int4: and its group scales), unpadded.
+
+    Example:
+        >>> quantized_bundle_bytes("gated", 576, 576, "int8"), quantized_bundle_bytes("gated", 576, 576, "int4")
+        (1728, 1080)
+    """
+    if encoding == "int4":
+        return ffn_kind(kind).n_inputs * int4_row_bytes(d_in) + int4_row_bytes(d_out)
+    return bundle_row(kind, d_in, d_out)
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Shapes, counts and offsets of one pack: the ``meta`` tensor in readable form."""
@@ -164,11 +200,13 @@ class Layout:
         if (self.guard == "none") != (self.k_guard == 0):
             raise ValueError(f"guard {self.guard!r} with {self.k_guard} guarded neurons: a pack has guard 'none' "
                              "exactly when no neuron is guarded")
-        if self.weights == "int8" and (self.bundles != "int8" or self.guard == "exact"):
-            raise ValueError(f"int8 weights need int8 bundles and a low-bit or svd guard, got bundles "
-                             f"{self.bundles!r} and guard {self.guard!r}")
-        quantized_pack = self.weights == "int8" and self.guard == "none"  # no guarded neuron: any guard
-        if self.bundles == "int8" and self.guard not in ("int8", "int4", "int2", "svd") and not quantized_pack:
+        if self.weights in QUANTIZED_WEIGHTS and (self.bundles != self.weights or self.guard == "exact"):
+            raise ValueError(f"{self.weights} weights need {self.weights} bundles and a low-bit or svd guard, got "
+                             f"bundles {self.bundles!r} and guard {self.guard!r}")
+        if self.bundles == "int4" and self.weights != "int4":
+            raise ValueError("int4 bundles exist only in an int4 quantized pack (weights 'int4')")
+        quantized_pack = self.weights in QUANTIZED_WEIGHTS and self.guard == "none"  # no guarded neuron: any guard
+        if self.bundles in QUANTIZED_WEIGHTS and self.guard not in ("int8", "int4", "int2", "svd") and not quantized_pack:
             raise ValueError(f"int8 bundles need a low-bit or svd guard (the {self.guard!r} guard reads the "
                              "bundles' own first rows): use bundles='dense'")
 
@@ -179,27 +217,40 @@ class Layout:
 
     @property
     def k_dense_bundles(self) -> int:
-        """Bundles in ``weights``: all of them, with int8 bundles the always-exact ones, with int8
-        weights none."""
-        return self.k_bundles - self.k_int8_bundles
+        """Bundles in ``weights``: all of them, with int8 bundles the always-exact ones, with
+        quantized weights none."""
+        return self.k_bundles - self.k_quant_bundles
 
     @property
-    def k_int8_bundles(self) -> int:
-        """Bundles stored as int8 in ``guard`` (bundles ``[0, k_int8_bundles)``): every one with int8
-        weights, the guarded neurons' with int8 bundles, else none."""
-        if self.weights == "int8":
+    def k_quant_bundles(self) -> int:
+        """Bundles stored quantized in ``guard`` (bundles ``[0, k_quant_bundles)``): every one with
+        quantized weights, the guarded neurons' with int8 bundles, else none."""
+        if self.weights in QUANTIZED_WEIGHTS:
             return self.k_bundles
         return self.k_guard if self.bundles == "int8" else 0
 
     @property
-    def int8_wf(self) -> bool:
-        """Whether Wf is held as int8 codes in ``guard`` (int8 weights), not in ``weights``."""
-        return self.has_wf and self.weights == "int8"
+    def quant_wf(self) -> bool:
+        """Whether Wf is held as quantized codes in ``guard`` (quantized weights), not in ``weights``."""
+        return self.has_wf and self.weights in QUANTIZED_WEIGHTS
+
+    @property
+    def qscales(self) -> int:
+        """Float scales per quantized bundle in ``floats``: three for int8, none for int4 (its rows
+        carry their group scales)."""
+        return QSCALES if self.bundles == "int8" else 0
+
+    @property
+    def qwf_row_bytes(self) -> int:
+        """Bytes of one row of a quantized Wf in ``guard`` (int4: with its group scales)."""
+        return int4_row_bytes(self.d_in) if self.weights == "int4" else self.d_in
 
     @property
     def qstride(self) -> int:
-        """Bytes between int8 bundles: the row padded to 64 bytes (0 without int8 bundles)."""
-        return round_up(bundle_row(self.kind, self.d_in, self.d_out), ALIGN_BYTES) if self.k_int8_bundles else 0
+        """Bytes between quantized bundles: one padded to 64 bytes (0 without quantized bundles)."""
+        if not self.k_quant_bundles:
+            return 0
+        return round_up(quantized_bundle_bytes(self.kind, self.d_in, self.d_out, self.bundles), ALIGN_BYTES)
 
     @property
     def elem_bytes(self) -> int:
@@ -211,7 +262,7 @@ class Layout:
 
     @property
     def off_bundles(self) -> int:
-        dense_wf = self.has_wf and not self.int8_wf
+        dense_wf = self.has_wf and not self.quant_wf
         return round_up(self.d_out * self.d_in if dense_wf else 0, ALIGN_BYTES // self.elem_bytes)
 
     @property
@@ -229,17 +280,17 @@ class Layout:
 
     @property
     def off_qbundles(self) -> int:
-        quantized = self.k_int8_bundles or self.int8_wf
+        quantized = self.k_quant_bundles or self.quant_wf
         return round_up(self.end_gscales, ALIGN_BYTES) if quantized else self.end_gscales
 
     @property
     def off_qwf(self) -> int:
-        """Start of Wf's int8 codes in ``guard`` (int8 weights): right after the int8 bundles."""
-        return self.off_qbundles + self.k_int8_bundles * self.qstride
+        """Start of Wf's codes in ``guard`` (quantized weights): right after the quantized bundles."""
+        return self.off_qbundles + self.k_quant_bundles * self.qstride
 
     @property
     def n_guard(self) -> int:
-        return self.off_qwf + (self.d_out * self.d_in if self.int8_wf else 0)
+        return self.off_qwf + (self.d_out * self.qwf_row_bytes if self.quant_wf else 0)
 
     @property
     def off_bands(self) -> int:
@@ -260,11 +311,11 @@ class Layout:
     @property
     def off_wfscales(self) -> int:
         """Start of Wf's per-row scales in ``floats`` (int8 weights): after the bundles' scales."""
-        return self.off_qscales + QSCALES * self.k_int8_bundles
+        return self.off_qscales + self.qscales * self.k_quant_bundles
 
     @property
     def n_floats(self) -> int:
-        return self.off_wfscales + (self.d_out if self.int8_wf else 0)
+        return self.off_wfscales + (self.d_out if self.quant_wf and self.weights == "int8" else 0)
 
     def meta(self) -> torch.Tensor:
         """The int64 ``meta`` tensor the kernel reads."""
@@ -390,12 +441,16 @@ def mix_bytes(fixed: float, exact_cost: float, guarded_cost: float, always_neuro
 
 def exact_neuron_bytes(kind: str, d_in: int, d_out: int, elem_bytes: int, bundles: str = "dense") -> int:
     """Bytes one neuron on the exact path reads: its bundle (int8 bundles: codes and three float32
-    scales) and its four floats.
+    scales; int4: codes and group scales) and its four floats.
 
     Example:
         >>> exact_neuron_bytes("gated", 576, 576, 2), exact_neuron_bytes("gated", 576, 576, 2, "int8")
         (3472, 1756)
+        >>> exact_neuron_bytes("gated", 576, 576, 2, "int4")
+        1096
     """
+    if bundles == "int4":
+        return quantized_bundle_bytes(kind, d_in, d_out, "int4") + 4 * NEURON_FLOATS
     if bundles == "int8":
         return bundle_row(kind, d_in, d_out) + 4 * QSCALES + 4 * NEURON_FLOATS
     return bundle_row(kind, d_in, d_out) * elem_bytes + 4 * NEURON_FLOATS
@@ -403,12 +458,16 @@ def exact_neuron_bytes(kind: str, d_in: int, d_out: int, elem_bytes: int, bundle
 
 def folded_matrix_bytes(d_in: int, d_out: int, elem_bytes: int, weights: str = "dense") -> int:
     """Bytes of Wf, read once per token when the FFN has one (int8 weights: codes and a float32
-    scale per row).
+    scale per row; int4: codes and group scales).
 
     Example:
         >>> folded_matrix_bytes(576, 576, 2), folded_matrix_bytes(576, 576, 2, "int8")
         (663552, 334080)
+        >>> folded_matrix_bytes(576, 576, 2, "int4")
+        207360
     """
+    if weights == "int4":
+        return d_out * int4_row_bytes(d_in)
     if weights == "int8":
         return d_out * (d_in + 4)
     return d_out * d_in * elem_bytes

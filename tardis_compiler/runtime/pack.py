@@ -22,8 +22,9 @@ import torch
 
 from .ffn_kind import ffn_kind
 from .guard import LOW_BIT_ENCODINGS, quantize
-from .layout import BUNDLE_ENCODINGS, NEURON_FLOATS, WEIGHT_ENCODINGS, Layout, bundle_row
-from .quantize import dequantize_bundles, int8_bundles, quantize_rows, reference_weights  # noqa: F401 (re-exported)
+from .layout import BUNDLE_ENCODINGS, NEURON_FLOATS, QUANTIZED_WEIGHTS, WEIGHT_ENCODINGS, Layout, bundle_row
+from .quantize import (dequantize_bundles, int4_bundles, int4_rows, int8_bundles,  # noqa: F401 (re-exported)
+                       quantize_rows, reference_weights)
 from .validate import compute_dtype, validate_pack
 
 #: Guards a pack can be built for; "all" flags every neuron (the exactness check).
@@ -169,17 +170,19 @@ def pack_layout(kind: str, activation: str, dtype: torch.dtype, d_in: int, d_out
 
 
 def _encodings(bundles: str, weights_encoding: str, guard: str, k_guard: int) -> tuple[str, str]:
-    """(bundles, weights) of a pack: int8 weights hold every bundle as int8."""
+    """(bundles, weights) of a pack: quantized weights hold every bundle in their encoding (int8
+    weights ask for ``bundles="int8"``; int4 weights accept "int8" as the request for quantized
+    bundles and store them int4)."""
     if weights_encoding not in WEIGHT_ENCODINGS:
         raise ValueError(f"weights must be one of {WEIGHT_ENCODINGS}, got {weights_encoding!r}")
-    if weights_encoding == "int8":
-        if bundles != "int8":
-            raise ValueError(f"a quantized pack (weights 'int8') holds every bundle as int8: bundles must be 'int8', "
-                             f"got {bundles!r}")
+    if weights_encoding in QUANTIZED_WEIGHTS:
+        if bundles not in ("int8", weights_encoding):
+            raise ValueError(f"a quantized pack (weights {weights_encoding!r}) holds every bundle quantized: bundles "
+                             f"must be 'int8', got {bundles!r}")
         if guard == "exact":
-            raise ValueError("the 'exact' guard reads the bundles' first rows in the model's dtype: with int8 "
+            raise ValueError("the 'exact' guard reads the bundles' first rows in the model's dtype: with quantized "
                              "weights use a low-bit or svd guard")
-        return "int8", "int8"
+        return weights_encoding, weights_encoding
     return bundle_encoding(bundles, guard, k_guard), "dense"
 
 
@@ -189,9 +192,9 @@ def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch
     """The pack of one FFN with ``guard`` (one of ``PACK_GUARDS``); the guarded neurons' bundles in
     the model's dtype (``bundles="dense"``: their exact path is exact) or int8 (``"int8"``: a
     quarter of float32's bytes, half of bfloat16's, and a rounding error of at most half a step
-    per weight). ``weights_encoding="int8"`` makes a quantized pack: ``Wf`` and every bundle int8,
-    exact against the dense FFN of the int8 weights (``quantize.reference_weights``), whose fold
-    ``Wf`` is.
+    per weight). ``weights_encoding="int8"`` or ``"int4"`` makes a quantized pack: ``Wf`` and every
+    bundle in that encoding, exact against the dense FFN of the quantized weights
+    (``quantize.reference_weights``), whose fold ``Wf`` is.
 
     ``weights`` are neuron-major views: plain ``w1_rows`` (m, d_in), ``b1``, ``w2_rows`` (m, d_out),
     ``b2``; gated ``wg_rows``, ``bg``, ``wu_rows``, ``bu``, ``wd_rows`` (m, d_out), ``bd``.
@@ -229,9 +232,9 @@ def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch
 
     row = bundle_row(kind, d_in, d_out)
     packed = first.new_zeros(layout.n_weights)
-    if wf is not None and not layout.int8_wf:
+    if wf is not None and not layout.quant_wf:
         packed[:d_out * d_in] = wf.reshape(-1)
-    int8_neurons, dense_neurons = bundled[:layout.k_int8_bundles], bundled[layout.k_int8_bundles:]
+    quant_neurons, dense_neurons = bundled[:layout.k_quant_bundles], bundled[layout.k_quant_bundles:]
     packed[layout.off_bundles:].view(-1, layout.stride)[:, :row] = _bundles(kind, weights, dense_neurons)
 
     floats = torch.zeros(layout.n_floats, dtype=compute, device=first.device)
@@ -250,11 +253,18 @@ def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch
         q = predictor[:, :m].index_select(1, guarded).t().float().contiguous()
         guard_bytes[:q.numel() * 4] = q.cpu().view(-1).view(torch.uint8)
         floats[layout.off_p:layout.off_qscales] = predictor[:, m:].reshape(-1).to(compute)
-    if layout.k_int8_bundles:
-        codes, scales = int8_bundles(kind, weights, int8_neurons)
-        guard_bytes[layout.off_qbundles:layout.off_qwf].view(-1, layout.qstride)[:, :row] = codes.cpu().view(torch.uint8)
-        floats[layout.off_qscales:layout.off_wfscales] = scales.reshape(-1).to(compute)
-    if layout.int8_wf:
+    if layout.k_quant_bundles:
+        qbundles = guard_bytes[layout.off_qbundles:layout.off_qwf].view(-1, layout.qstride)
+        if layout.bundles == "int4":
+            data = int4_bundles(kind, weights, quant_neurons).cpu()
+            qbundles[:, :data.shape[1]] = data
+        else:
+            codes, scales = int8_bundles(kind, weights, quant_neurons)
+            qbundles[:, :row] = codes.cpu().view(torch.uint8)
+            floats[layout.off_qscales:layout.off_wfscales] = scales.reshape(-1).to(compute)
+    if layout.quant_wf and layout.weights == "int4":
+        guard_bytes[layout.off_qwf:] = int4_rows(wf).reshape(-1)
+    elif layout.quant_wf:
         codes, scales = quantize_rows(wf)
         guard_bytes[layout.off_qwf:] = codes.cpu().reshape(-1).view(torch.uint8)
         floats[layout.off_wfscales:] = scales.to(compute)

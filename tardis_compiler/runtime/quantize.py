@@ -10,12 +10,20 @@ weights are those codes times their scales (``reference_weights``): calibration 
 against it, and a ``guard="all"`` pack reproduces it up to float32 rounding. Its W_g / W_u rows
 are quantized per output channel, as int8 weight-only libraries do; its W_d per input channel (a
 scale per neuron), so that each bundle's codes and scale are the reference's own.
+
+With ``weights="int4"`` every one of those rows (and each row of ``Wf``) is int4 instead, in groups
+of ``layout.WEIGHT_GROUP`` along the row, each with a bfloat16 scale and minimum (asymmetric, as
+torchao's int4 weight-only and llama.cpp's Q4_1 are): the sub-byte guards' own encoding
+(``guard.quantize``), so one packing serves both. A row's bytes are its codes padded to 4 bytes,
+then its (scale, minimum) pairs (``layout.int4_row_bytes``).
 """
 from __future__ import annotations
 
 import torch
 
+from . import guard
 from .ffn_kind import ffn_kind
+from .layout import WEIGHT_GROUP, guard_codes_bytes, int4_codes_bytes, int4_row_bytes
 
 
 def _scale_rows(kind: str) -> tuple[str | None, str | None, str]:
@@ -80,10 +88,65 @@ def dequantize_bundles(kind: str, codes: torch.Tensor, scales: torch.Tensor, d_i
     return (codes.float() * per_column).to(dtype)
 
 
+def int4_rows(rows: torch.Tensor) -> torch.Tensor:
+    """(n, int4_row_bytes(k)) uint8: each row of ``rows`` (n, k) as int4 codes padded to 4 bytes,
+    then its bf16 (scale, minimum) pairs, one per group of ``WEIGHT_GROUP``.
+
+    Example:
+        >>> int4_rows(torch.randn(3, 40)).shape     # 20 bytes of codes, 2 groups x 4 bytes
+        torch.Size([3, 28])
+    """
+    n, k = rows.shape
+    codes, scales = guard.quantize(rows, "int4", WEIGHT_GROUP)
+    pad = int4_codes_bytes(k) - codes.shape[1]
+    return torch.cat([torch.nn.functional.pad(codes, (0, pad)), scales], dim=1)
+
+
+def dequantize_int4_rows(data: torch.Tensor, k: int) -> torch.Tensor:
+    """The float32 (n, k) rows that ``int4_rows`` encoded into ``data`` (n, int4_row_bytes(k)).
+
+    Example:
+        >>> w = torch.randn(3, 40)
+        >>> bool((dequantize_int4_rows(int4_rows(w), 40) - w).abs().max() < w.abs().max() / 7)
+        True
+    """
+    codes = data[:, :guard_codes_bytes("int4", k, WEIGHT_GROUP)]
+    scales = data[:, int4_codes_bytes(k):int4_row_bytes(k)].contiguous()
+    return guard.dequantize(codes.contiguous(), scales, "int4", k, WEIGHT_GROUP)
+
+
+def int4_bundles(kind: str, w: dict, idx: torch.Tensor) -> torch.Tensor:
+    """The bundles of neurons ``idx`` as int4 rows back to back (first, up, output): (k, bytes) uint8.
+
+    Example:
+        >>> w = {"w1_rows": torch.randn(4, 8), "w2_rows": torch.randn(4, 6)}
+        >>> int4_bundles("plain", w, torch.arange(4)).shape    # (4 + 4) + (4 + 4) bytes
+        torch.Size([4, 16])
+    """
+    return torch.cat([int4_rows(w[name].detach().index_select(0, idx)) for name in ffn_kind(kind).rows], dim=1)
+
+
+def dequantize_int4_bundles(kind: str, data: torch.Tensor, d_in: int, d_out: int) -> torch.Tensor:
+    """(k, row) float32 bundles ``[first | up | out]`` from their int4 bytes (``int4_bundles``).
+
+    Example:
+        >>> w = {"w1_rows": torch.randn(4, 8), "w2_rows": torch.randn(4, 6)}
+        >>> dequantize_int4_bundles("plain", int4_bundles("plain", w, torch.arange(4)), 8, 6).shape
+        torch.Size([4, 14])
+    """
+    parts, offset = [], 0
+    for length in [d_in] * ffn_kind(kind).n_inputs + [d_out]:
+        size = int4_row_bytes(length)
+        parts.append(dequantize_int4_rows(data[:, offset:offset + size], length))
+        offset += size
+    return torch.cat(parts, dim=1)
+
+
 def reference_weights(kind: str, w: dict, weights: str | None) -> dict:
     """The weights a pack with ``weights`` encoding is exact against: ``w`` itself for None or
     "dense"; for "int8" float32 copies of the neuron-major matrices with every row replaced by its
-    int8 codes times its scale (biases as they are). ``w`` is only read.
+    int8 codes times its scale, for "int4" by its int4 groups' values (biases as they are). ``w``
+    is only read.
 
     Example:
         >>> w = {"w1_rows": torch.randn(4, 8), "b1": None, "w2_rows": torch.randn(4, 6), "b2": None}
@@ -94,11 +157,15 @@ def reference_weights(kind: str, w: dict, weights: str | None) -> dict:
     """
     if weights in (None, "dense"):
         return w
-    if weights != "int8":
-        raise ValueError(f"weights must be None, 'dense' or 'int8', got {weights!r}")
+    if weights not in ("int8", "int4"):
+        raise ValueError(f"weights must be None, 'dense', 'int8' or 'int4', got {weights!r}")
     ref = dict(w)
     for name in _scale_rows(kind):
-        if name is not None:
+        if name is None:
+            continue
+        if weights == "int4":
+            ref[name] = dequantize_int4_rows(int4_rows(w[name]), w[name].shape[1]).to(w[name].device)
+        else:
             codes, scale = quantize_rows(w[name])
             ref[name] = codes.float() * scale[:, None]
     return ref

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from .ffn_op import ffn as run_ffn
-from .layout import NEURON_FLOATS, QSCALES, Layout, guard_codes_bytes, guard_scale_bytes
+from .layout import NEURON_FLOATS, Layout, guard_codes_bytes, guard_scale_bytes
 from .pack import FFNPack
+from .torch_path import folded_matrix
 from .validate import validate_pack
 
 
@@ -33,7 +34,7 @@ class PackShard:
     """One rank's part of a pack: ``pack`` (its neurons, no Wf) and its columns of Wf.
 
     ``wf`` is (d_out, len(cols)) in the model's dtype, or int8 codes with ``wf_scales`` (d_out,)
-    float32 (a quantized pack); None when the pack has no Wf. ``__call__(x)`` is the rank's
+    float32 (a quantized pack; int4: float32 values with unit scales); None when the pack has no Wf. ``__call__(x)`` is the rank's
     partial output, which the ranks' all-reduce sums.
     """
 
@@ -85,7 +86,7 @@ def shard_pack(pack: FFNPack, rank: int, world: int) -> PackShard:
     always = _chunk(lay.k_guard, lay.k_bundles, rank, world)
     keep = torch.cat([guarded, always])
     k_guard, k_always = guarded.numel(), always.numel()
-    bundles = lay.bundles if k_guard or lay.weights == "int8" else "dense"  # int8 bundles are the guarded ones'
+    bundles = lay.bundles if k_guard or lay.weights != "dense" else "dense"  # int8 bundles are the guarded ones'
     part = Layout(lay.kind, lay.activation, lay.dtype, lay.d_in, lay.d_out, lay.m, k_guard, k_always,
                   lay.guard if k_guard else "none", lay.group, lay.rank if k_guard else 0, False, bundles, lay.weights)
     weights = pack.weights.new_zeros(part.n_weights)
@@ -141,22 +142,27 @@ def _copy_bundles(pack: FFNPack, lay: Layout, part: Layout, keep: torch.Tensor, 
                   guard: torch.Tensor, floats: torch.Tensor) -> None:
     """The kept bundles, int8 (in ``guard``, with their scales) or dense (in ``weights``), in order."""
     for new, old in enumerate(keep.tolist()):
-        if old < lay.k_int8_bundles:
-            assert new < part.k_int8_bundles, "an int8 bundle keeps its encoding"
+        if old < lay.k_quant_bundles:
+            assert new < part.k_quant_bundles, "a quantized bundle keeps its encoding"
             src = lay.off_qbundles + old * lay.qstride
             dst = part.off_qbundles + new * part.qstride
             guard[dst:dst + lay.qstride] = pack.guard[src:src + lay.qstride]
-            floats[part.off_qscales + QSCALES * new:part.off_qscales + QSCALES * (new + 1)] = \
-                pack.floats[lay.off_qscales + QSCALES * old:lay.off_qscales + QSCALES * (old + 1)]
+            q = lay.qscales  # float scales per bundle (int4 bundles carry theirs in their bytes)
+            floats[part.off_qscales + q * new:part.off_qscales + q * (new + 1)] = \
+                pack.floats[lay.off_qscales + q * old:lay.off_qscales + q * (old + 1)]
         else:
-            src = lay.off_bundles + (old - lay.k_int8_bundles) * lay.stride
-            dst = part.off_bundles + (new - part.k_int8_bundles) * part.stride
+            src = lay.off_bundles + (old - lay.k_quant_bundles) * lay.stride
+            dst = part.off_bundles + (new - part.k_quant_bundles) * part.stride
             weights[dst:dst + lay.stride] = pack.weights[src:src + lay.stride]
 
 
 def _wf_columns(pack: FFNPack, lay: Layout, cols: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Wf[:, cols] (contiguous), and its per-row scales for a quantized pack."""
-    if lay.int8_wf:
+    """Wf[:, cols] (contiguous), and its per-row scales for a quantized pack. An int4 Wf's columns
+    are held dequantized (float32, unit scales): its groups do not split at arbitrary columns."""
+    if lay.quant_wf and lay.weights == "int4":
+        wf = folded_matrix(lay, pack.weights, pack.guard, pack.floats)
+        return wf[:, cols].contiguous(), torch.ones(lay.d_out, device=wf.device)
+    if lay.quant_wf:
         codes = pack.guard[lay.off_qwf:lay.n_guard].view(torch.int8).view(lay.d_out, lay.d_in)
         return codes[:, cols].contiguous(), pack.floats[lay.off_wfscales:lay.n_floats].float().clone()
     wf = pack.weights[:lay.d_out * lay.d_in].view(lay.d_out, lay.d_in)

@@ -16,8 +16,8 @@ from ..activations import get_activation_rule
 from .cpu.kernel import kernel
 from .ffn_kind import ffn_kind
 from .guard import LOW_BIT_ENCODINGS, predict
-from .layout import DTYPES, NEURON_FLOATS, QSCALES, Layout, bundle_row, guard_codes_bytes
-from .quantize import dequantize_bundles
+from .layout import DTYPES, NEURON_FLOATS, QSCALES, QUANTIZED_WEIGHTS, Layout, bundle_row, guard_codes_bytes
+from .quantize import dequantize_bundles, dequantize_int4_bundles, dequantize_int4_rows
 
 
 def guard_predictions(layout: Layout, x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor,
@@ -55,24 +55,29 @@ def bundles(layout: Layout, weights: torch.Tensor) -> torch.Tensor:
 
 def all_bundles(layout: Layout, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
     """(k_bundles, row) bundles, guarded ones first: the view of ``bundles`` in the model's dtype,
-    or the int8 ones dequantized (a copy; float32 with int8 weights) above the dense ones."""
+    or the quantized ones dequantized (a copy; float32 with quantized weights) above the dense ones."""
     dense = bundles(layout, weights)
-    k8 = layout.k_int8_bundles
-    if not k8:
+    kq = layout.k_quant_bundles
+    if not kq:
         return dense
+    data = guard[layout.off_qbundles:layout.off_qwf].view(kq, layout.qstride)
+    if layout.bundles == "int4":
+        return dequantize_int4_bundles(layout.kind, data, layout.d_in, layout.d_out)  # every bundle: int4 weights
     row = bundle_row(layout.kind, layout.d_in, layout.d_out)
-    codes = guard[layout.off_qbundles:layout.off_qwf].view(k8, layout.qstride)[:, :row].view(torch.int8)
-    scales = floats[layout.off_qscales:layout.off_wfscales].view(k8, QSCALES).float()
-    dtype = torch.float32 if layout.weights == "int8" else weights.dtype
-    return torch.cat([dequantize_bundles(layout.kind, codes, scales, layout.d_in, dtype), dense.to(dtype)])
+    scales = floats[layout.off_qscales:layout.off_wfscales].view(kq, QSCALES).float()
+    dtype = torch.float32 if layout.weights in QUANTIZED_WEIGHTS else weights.dtype
+    return torch.cat([dequantize_bundles(layout.kind, data[:, :row].view(torch.int8), scales, layout.d_in, dtype),
+                      dense.to(dtype)])
 
 
 def folded_matrix(layout: Layout, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
-    """Wf (d_out, d_in): a view of ``weights``, or with int8 weights its codes times their scales
+    """Wf (d_out, d_in): a view of ``weights``, or with quantized weights its codes dequantized
     (float32, a copy)."""
     n, d = layout.d_out, layout.d_in
-    if not layout.int8_wf:
+    if not layout.quant_wf:
         return weights[:n * d].view(n, d)
+    if layout.weights == "int4":
+        return dequantize_int4_rows(guard[layout.off_qwf:layout.n_guard].view(n, layout.qwf_row_bytes), d)
     codes = guard[layout.off_qwf:layout.n_guard].view(torch.int8).view(n, d)
     return codes.float() * floats[layout.off_wfscales:layout.n_floats].float()[:, None]
 
@@ -90,7 +95,7 @@ def ffn_exact(x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floa
         >>> # y = ffn_exact(x, weights, guard, floats, pack.layout)
     """
     d, n, kb = layout.d_in, layout.d_out, layout.k_bundles
-    dtype = torch.float32 if layout.weights == "int8" else x2.dtype  # int8 weights: float32, as ffn_torch
+    dtype = torch.float32 if layout.weights in QUANTIZED_WEIGHTS else x2.dtype  # quantized weights: float32, as ffn_torch
     xw = x2.to(dtype)
     y = floats[:n].to(dtype).expand(x2.shape[0], n)
     if layout.has_wf:
@@ -118,8 +123,8 @@ def ffn_torch(x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floa
     d, n, kg, kb = layout.d_in, layout.d_out, layout.k_guard, layout.k_bundles
     compute = floats.dtype
     y = floats[:n].expand(x2.shape[0], n).clone()
-    # int8 weights: float32 math on the dequantized weights, as the kernel computes
-    xw = x2.float() if layout.weights == "int8" else x2
+    # quantized weights: float32 math on the dequantized weights, as the kernel computes
+    xw = x2.float() if layout.weights in QUANTIZED_WEIGHTS else x2
     if layout.has_wf:
         y += F.linear(xw, folded_matrix(layout, weights, guard, floats)).to(compute)
     if not kb:

@@ -26,7 +26,7 @@ import torch
 
 from ..activations import get_activation_rule
 from .ffn_kind import ffn_kind
-from .layout import META_FIELDS, Layout, guard_codes_bytes
+from .layout import META_FIELDS, Layout, guard_codes_bytes, int4_codes_bytes, int4_row_bytes
 
 #: The tensors of a pack, in the order ``validate_pack`` and ``pack_digest`` take them.
 PACK_TENSORS = ("weights", "guard", "floats", "meta", "neurons")
@@ -137,12 +137,35 @@ def _check_values(layout: Layout, weights: torch.Tensor, guard: torch.Tensor, fl
     elif layout.guard == "svd":
         codes = kg * guard_codes_bytes("svd", layout.d_in, layout.group, layout.rank)
         _finite(guard[:codes].view(torch.float32), "guard", where, "the svd factors")
+    if layout.weights == "int4":
+        _check_int4_scales(layout, guard, where)
     if neurons.numel():
         low, high = int(neurons.min()), int(neurons.max())
         if low < 0 or high >= layout.m:
             raise PackError(f"{where}: tensor 'neurons' holds ids outside [0, {layout.m}) (min {low}, max {high})")
         if neurons.unique().numel() != neurons.numel():
             raise PackError(f"{where}: tensor 'neurons' names a neuron twice")
+
+
+def _check_int4_scales(layout: Layout, guard: torch.Tensor, where: str) -> None:
+    """Every int4 row's (scale, minimum) pairs finite, and so its largest value (15 scales above
+    the minimum): a crafted pair must not make a weight infinite."""
+    regions = []  # (start byte in guard, rows, bytes per row, offset of the int4 row in it, its elements)
+    if layout.k_quant_bundles:
+        offset = 0
+        for length in [layout.d_in] * ffn_kind(layout.kind).n_inputs + [layout.d_out]:
+            regions.append((layout.off_qbundles, layout.k_quant_bundles, layout.qstride, offset, length))
+            offset += int4_row_bytes(length)
+    if layout.quant_wf:
+        regions.append((layout.off_qwf, layout.d_out, layout.qwf_row_bytes, 0, layout.d_in))
+    for start, rows, stride, offset, length in regions:
+        table = guard[start:start + rows * stride].view(rows, stride)
+        pairs = table[:, offset + int4_codes_bytes(length):offset + int4_row_bytes(length)]
+        pairs = pairs.contiguous().view(torch.bfloat16).float().view(rows, -1, 2)
+        top = pairs[..., 0].abs() * 15 + pairs[..., 1].abs()
+        if not bool(torch.isfinite(top).all()):
+            raise PackError(f"{where}: tensor 'guard' holds an int4 group scale or minimum that is NaN, infinite or "
+                            "too large for float32: the pack is corrupt")
 
 
 def _finite(t: torch.Tensor, name: str, where: str, part: str = "", offset: int = 0) -> None:

@@ -21,18 +21,22 @@ from tests.hf.hostile import NO_DIGEST, cases, linear_cases, write_case
 from tests.tiny_models import build_tiny, token_batches
 
 ROOT = Path(__file__).resolve().parents[2]
-CHECKPOINTS = [("llama", "float32"), ("llama", "bfloat16"), ("opt", "float32"), ("opt", "bfloat16")]
+#: (architecture, dtype, quantized packs): the last one's packs hold every weight int4 (their group
+#: scales in the guard buffer, where only the pack validation's range check stands before the kernel).
+CHECKPOINTS = [("llama", "float32", None), ("llama", "bfloat16", None), ("opt", "float32", None),
+               ("opt", "bfloat16", None), ("llama", "bfloat16", "int4")]
 CI_SAMPLE = 40  # cases per checkpoint in the fast tier (of about 330)
 #: Errors a user can act on; each must also say "tardis" (which module or field).
 CLEAR_ERRORS = {"ValueError", "PackError", "FileNotFoundError"}
 
 
-def save_checkpoint(arch: str, dtype: str, folder: Path, other_linears: str | None = None) -> Path:
+def save_checkpoint(arch: str, dtype: str, folder: Path, other_linears: str | None = None,
+                    weights: str | None = None) -> Path:
     """A tiny ``arch`` model in ``dtype``, calibrated and compressed (int8 guarded rows; with
-    ``other_linears``, its other linears quantized), saved."""
+    ``other_linears``, its other linears quantized; with ``weights``, quantized packs), saved."""
     model = build_tiny(arch, dtype=getattr(torch, dtype))
     batches = token_batches(4)
-    profile = tc.calibrate(model, batches, tc.CalibrationConfig(progress=False, group_size=32))
+    profile = tc.calibrate(model, batches, tc.CalibrationConfig(progress=False, group_size=32, weights=weights))
     tc.compress_(model, profile, batches[0], other_linears=other_linears)
     model.save_pretrained(folder)
     return folder
@@ -70,11 +74,13 @@ def bad_outcomes(results: list[dict]) -> list[dict]:
     return [r for r in results if not fine(r)]
 
 
-def hostile_run(arch: str, dtype: str, tmp: Path, sample: int | None, env: dict | None = None) -> list[dict]:
-    source = save_checkpoint(arch, dtype, tmp / "pristine")
+def hostile_run(arch: str, dtype: str, tmp: Path, sample: int | None, env: dict | None = None,
+                weights: str | None = None) -> list[dict]:
+    source = save_checkpoint(arch, dtype, tmp / "pristine", weights=weights)
     chosen = cases(source, seed=0)
     if sample is not None:
-        chosen = random.Random(f"{arch}-{dtype}").sample(chosen, min(sample, len(chosen)))
+        chosen = random.Random(f"{arch}-{dtype}" + (f"-{weights}" if weights else "")).sample(
+            chosen, min(sample, len(chosen)))
     listed = []
     for i, (name, mutate) in enumerate(chosen):
         write_case(source, tmp / f"case{i}", mutate)
@@ -82,18 +88,18 @@ def hostile_run(arch: str, dtype: str, tmp: Path, sample: int | None, env: dict 
     return run_worker({"dtype": dtype, "pristine": str(source), "cases": listed}, tmp, env=env)
 
 
-@pytest.mark.parametrize("arch,dtype", CHECKPOINTS)
-def test_hostile_checkpoints_sample(arch, dtype, tmp_path):
-    results = hostile_run(arch, dtype, tmp_path, CI_SAMPLE)
+@pytest.mark.parametrize("arch,dtype,weights", CHECKPOINTS)
+def test_hostile_checkpoints_sample(arch, dtype, weights, tmp_path):
+    results = hostile_run(arch, dtype, tmp_path, CI_SAMPLE, weights=weights)
     assert len(results) == CI_SAMPLE
     assert not bad_outcomes(results), json.dumps(bad_outcomes(results), indent=1)[:6000]
     assert any(r["outcome"] == "error" for r in results)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,dtype", CHECKPOINTS)
-def test_hostile_checkpoints_all(arch, dtype, tmp_path):
-    results = hostile_run(arch, dtype, tmp_path, None)
+@pytest.mark.parametrize("arch,dtype,weights", CHECKPOINTS)
+def test_hostile_checkpoints_all(arch, dtype, weights, tmp_path):
+    results = hostile_run(arch, dtype, tmp_path, None, weights=weights)
     assert not bad_outcomes(results), json.dumps(bad_outcomes(results), indent=1)[:6000]
 
 

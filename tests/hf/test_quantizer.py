@@ -70,20 +70,20 @@ def test_guard_all_checkpoint_reproduces_the_dense_model(tmp_path):
         torch.testing.assert_close(logits(reloaded(batches[1])), logits(dense(batches[1])), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_quantized_packs_and_int8_linears_round_trip(arch, tmp_path):
-    """weights="int8" packs (an empty ``weights`` buffer) with other_linears="int8": the same logits
-    after from_pretrained, and the checkpoint holds less than the dense one."""
+@pytest.mark.parametrize("arch,encoding", [("llama", "int8"), ("gpt2", "int8"), ("llama", "int4")])
+def test_quantized_packs_and_quantized_linears_round_trip(arch, encoding, tmp_path):
+    """weights="int8" / "int4" packs (an empty ``weights`` buffer) with other_linears of the same
+    encoding: the same logits after from_pretrained, and the checkpoint holds less than the dense one."""
     dense = build_tiny(arch)
     dense.save_pretrained(tmp_path / "dense")
     model = build_tiny(arch)
     batches = token_batches(4)
-    profile = tc.calibrate(model, batches, tc.CalibrationConfig(**QUIET, weights="int8"))
-    tc.compress_(model, profile, batches[0], other_linears="int8")
+    profile = tc.calibrate(model, batches, tc.CalibrationConfig(**QUIET, weights=encoding))
+    tc.compress_(model, profile, batches[0], other_linears=encoding)
     model.save_pretrained(tmp_path / "tardis")
     reloaded = _auto(arch).from_pretrained(tmp_path / "tardis")
     layouts = [m.layout for m in reloaded.modules() if isinstance(m, TardisFFN)]
-    assert len(layouts) == 2 and all(lay.weights == "int8" for lay in layouts)
+    assert len(layouts) == 2 and all(lay.weights == encoding for lay in layouts)
     with torch.no_grad():
         for x in batches[1:3]:
             torch.testing.assert_close(logits(reloaded(x)), logits(model(x)), atol=0, rtol=0)

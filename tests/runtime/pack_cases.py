@@ -28,11 +28,17 @@ class Case:
     rank: int = 4
     seed: int = 0
     bundles: str = "dense"  # "int8": the guarded neurons' bundles as int8 codes
-    weights_encoding: str = "dense"  # "int8": a quantized pack (Wf and every bundle int8)
+    weights_encoding: str = "dense"  # "int8" / "int4": a quantized pack (Wf and every bundle quantized)
 
     def __post_init__(self) -> None:
-        if self.weights_encoding == "int8":
-            self.bundles = "int8"  # a quantized pack's bundles are all int8
+        if self.weights_encoding != "dense":
+            self.bundles = "int8"  # a quantized pack's bundles are all quantized (int8 asks for that)
+
+    @property
+    def tag(self) -> str:
+        """A short test id: kind, guard, bundles, quantized weights and dtype."""
+        q = {"dense": "", "int8": "-q8", "int4": "-q4"}[self.weights_encoding]
+        return self.kind + self.guard + self.bundles + q + str(self.dtype)[-4:]
 
     def weights(self) -> dict[str, torch.Tensor | None]:
         g = torch.Generator().manual_seed(self.seed)
@@ -101,7 +107,7 @@ def guard_predictions_with_bias(case: Case, weights: dict, params: torch.Tensor,
     guard = case.guard if case.guard != "all" else "exact"  # "all" needs no bands: any prediction will do
     quantized = case.weights_encoding if guard != "exact" else "dense"  # the guard codes the pack will hold
     pack = build_pack(case.kind, weights, params, guard, case.activation, case.group,
-                      bundles="int8" if quantized == "int8" else "dense", weights_encoding=quantized)
+                      bundles="dense" if quantized == "dense" else "int8", weights_encoding=quantized)
     guarded, _ = neuron_classes(params, guard, case.m)
     out = torch.zeros(x.shape[0], case.m)
     out[:, guarded] = guard_predictions(pack.layout, x, *pack.tensors())

@@ -63,7 +63,7 @@ def test_ffn_exact_of_a_quantized_pack_is_the_int8_models_ffn(kind):
 def test_int8_bundles_run_the_kernels_exact_all_mode_above_dense_above():
     case = _every_neuron_bundled("gated", torch.float32, bundles="int8")
     _, _, x, pack = make(case, 6)
-    assert pack.layout.k_int8_bundles
+    assert pack.layout.k_quant_bundles
     with collect_stats() as stats:
         got = ffn_op.ffn(x, pack, "layer", dense_above=0)
     torch.testing.assert_close(got, ffn_exact(x, pack.weights, pack.guard, pack.floats, pack.layout),

@@ -52,15 +52,14 @@ def _random_cases(n: int, seed: int) -> list[tuple[Case, int, int]]:
         if case.guard != "exact" and rng.random() < 0.4:
             case.bundles = "int8"
             if rng.random() < 0.5:
-                case.weights_encoding = "int8"
+                case.weights_encoding = rng.choice(["int8", "int4"])
         cases.append((case, rng.choice([1, 2, 5, 8]), rng.choice([1, 2])))
     return cases
 
 
 @needs_kernel
 @pytest.mark.parametrize("case,tokens,threads", _random_cases(160, seed=0),
-                         ids=lambda v: (v.kind + v.guard + v.bundles + ("-q8" if v.weights_encoding == "int8" else "")
-                                        + str(v.dtype)[-4:]) if isinstance(v, Case) else str(v))
+                         ids=lambda v: v.tag if isinstance(v, Case) else str(v))
 def test_kernel_matches_torch_path(case, tokens, threads):
     """Seeded fuzz: odd d, m below the thread count, no guarded / all guarded / all exact neurons."""
     _, _, x, pack = make(case, tokens)
@@ -91,6 +90,7 @@ def check_exact_all(fused, case: Case, tokens: int, threads: int = 1) -> None:
 WIDE_CASES = [Case("gated", 70, 131, 90, guard="int4", bundles="int8", dtype=torch.bfloat16),
               Case("plain", 33, 64, 41, guard="int8", activation="gelu"),
               Case("gated", 64, 200, 23, guard="int4", weights_encoding="int8"),
+              Case("gated", 70, 131, 37, guard="int8", weights_encoding="int4", dtype=torch.bfloat16),
               Case("plain", 17, 257, 9, guard="all", dtype=torch.bfloat16, activation="relu")]
 
 
@@ -98,8 +98,7 @@ WIDE_CASES = [Case("gated", 70, 131, 90, guard="int4", bundles="int8", dtype=tor
 @pytest.mark.parametrize("case,tokens,threads", [(c, t, th) for (c, _, th), t in
                                                  zip(_random_cases(60, seed=5), [1, 3, 4, 8, 13, 64] * 10)]
                          + [(c, t, 1 + i % 2) for i, c in enumerate(WIDE_CASES) for t in (5, 64)],
-                         ids=lambda v: (v.kind + v.guard + v.bundles + ("-q8" if v.weights_encoding == "int8" else "")
-                                        + str(v.dtype)[-4:]) if isinstance(v, Case) else str(v))
+                         ids=lambda v: v.tag if isinstance(v, Case) else str(v))
 def test_kernel_exact_all_matches_ffn_exact(case, tokens, threads):
     """Seeded fuzz of the calls above dense_above: token counts across the kernel's 8- and 4-token
     blocks and their tails, bundle blocks cut short, int8 and model-dtype bundles, quantized packs."""
@@ -181,14 +180,15 @@ def test_guard_all_reproduces_the_dense_ffn_bf16(kind):
 @pytest.mark.parametrize("kind", ["plain", "gated"])
 @pytest.mark.parametrize("tokens", [1, 3, ffn_op.FUSED_MAX_TOKENS + 5])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_guard_all_quantized_pack_reproduces_the_int8_reference(kind, tokens, threads):
-    """The exactness invariant of a quantized pack: the dense FFN of its int8 weights, computed in
-    float64, within float32 rounding (kernel for few tokens, torch path beyond)."""
-    case = Case(kind, 33, 20, 70, guard="all", weights_encoding="int8")
+@pytest.mark.parametrize("encoding", ["int8", "int4"])
+def test_guard_all_quantized_pack_reproduces_the_quantized_reference(kind, tokens, threads, encoding):
+    """The exactness invariant of a quantized pack: the dense FFN of its int8 / int4 weights,
+    computed in float64, within float32 rounding (kernel for few tokens, torch path beyond)."""
+    case = Case(kind, 33, 20, 70, guard="all", weights_encoding=encoding)
     w, _, x, pack = make(case, tokens)
-    assert pack.layout.weights == "int8" and pack.weights.numel() == 0  # every weight is in the int8 region
+    assert pack.layout.weights == encoding and pack.weights.numel() == 0  # every weight is in the quantized region
     act = get_activation_rule(case.activation).fn
-    ref = reference_weights(kind, w, "int8")
+    ref = reference_weights(kind, w, encoding)
     exact = dense_reference(kind, {k: v.double() if v is not None else None for k, v in ref.items()}, act, x.double())
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -232,7 +232,8 @@ def test_custom_activation_runs_the_torch_path():
         unregister_activation_rule("softsign_op_test")
 
 
-@pytest.mark.parametrize("guard,quantized", [(g, "dense") for g in GUARDS] + [("int4", "int8"), ("all", "int8")])
+@pytest.mark.parametrize("guard,quantized", [(g, "dense") for g in GUARDS] + [("int4", "int8"), ("all", "int8"),
+                                                              ("int8", "int4"), ("all", "int4")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(guard, quantized, dtype):
     case = Case("gated", 16, 8, 24, guard=guard, dtype=dtype, weights_encoding=quantized)

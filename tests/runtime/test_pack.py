@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from tardis_compiler.runtime.cpu.kernel import kernel
-from tardis_compiler.runtime.layout import Layout, bundle_row
+from tardis_compiler.runtime.layout import Layout, bundle_row, int4_codes_bytes
 from tardis_compiler.runtime.module import TardisFFN
 from tardis_compiler.runtime.pack import build_pack, neuron_classes, pack_layout
 from tardis_compiler.runtime.torch_path import bundles
+from tardis_compiler.runtime.validate import PackError, validate_pack
 from tests.runtime.pack_cases import Case, make
 
 
@@ -117,20 +118,23 @@ def test_guard_all_and_the_exact_guard_keep_dense_rows():
 
 
 @pytest.mark.parametrize("kind", ["plain", "gated"])
-def test_quantized_packs_hold_every_weight_as_int8(kind):
-    """weights_encoding="int8": Wf and every bundle int8 (guarded then always-exact), nothing in
-    ``weights``; half of bf16's bytes held and read, and ``pack_layout`` predicts the layout."""
-    case = Case(kind, 64, 48, 96, guard="int4", dtype=torch.bfloat16, frac_guarded=0.6, frac_always=0.2)
+@pytest.mark.parametrize("encoding,held", [("int8", (0.4, 0.7)), ("int4", (0.2, 0.45))])
+def test_quantized_packs_hold_every_weight_quantized(kind, encoding, held):
+    """weights_encoding="int8" / "int4": Wf and every bundle quantized (guarded then always-exact),
+    nothing in ``weights``; about half (int8) or a third (int4) of bf16's bytes held and read, and
+    ``pack_layout`` predicts the layout."""
+    case = Case(kind, 256, 192, 96, guard="int4", dtype=torch.bfloat16, frac_guarded=0.6, frac_always=0.2)
     weights, params, _, dense = make(case, 2)
     quantized = build_pack(kind, weights, params, "int4", case.activation, case.group, bundles="int8",
-                           weights_encoding="int8")
+                           weights_encoding=encoding)
     lay, ref = quantized.layout, dense.layout
-    assert (lay.weights, lay.bundles, lay.k_int8_bundles, lay.k_dense_bundles) == ("int8", "int8", ref.k_bundles, 0)
-    assert lay.int8_wf and quantized.weights.numel() == 0 and torch.equal(quantized.neurons, dense.neurons)
-    assert 0.4 < lay.resident_bytes() / ref.resident_bytes() < 0.7  # the guard codes and floats stay
-    assert lay.bytes_per_token(10) < 0.7 * ref.bytes_per_token(10)
-    assert pack_layout(kind, case.activation, torch.bfloat16, 64, 48, 96, params, "int4", case.group,
-                       bundles="int8", weights_encoding="int8") == lay
+    assert (lay.weights, lay.bundles, lay.k_quant_bundles, lay.k_dense_bundles) == (encoding, encoding,
+                                                                                    ref.k_bundles, 0)
+    assert lay.quant_wf and quantized.weights.numel() == 0 and torch.equal(quantized.neurons, dense.neurons)
+    assert held[0] < lay.resident_bytes() / ref.resident_bytes() < held[1]  # the guard codes and floats stay
+    assert lay.bytes_per_token(10) < held[1] * ref.bytes_per_token(10)
+    assert pack_layout(kind, case.activation, torch.bfloat16, 256, 192, 96, params, "int4", case.group,
+                       bundles="int8", weights_encoding=encoding) == lay
     assert Layout.from_meta(quantized.meta, case.activation, torch.bfloat16) == lay
 
 
@@ -142,4 +146,20 @@ def test_quantized_packs_refuse_the_exact_guard_and_stay_int8_for_guard_all():
     with pytest.raises(ValueError, match="bundles must be 'int8'"):
         build_pack("gated", weights, params, "int4", "silu", 16, bundles="dense", weights_encoding="int8")
     pack = build_pack("gated", weights, params, "all", "silu", 16, bundles="int8", weights_encoding="int8")
-    assert (pack.layout.k_int8_bundles, pack.layout.weights) == (24, "int8")
+    assert (pack.layout.k_quant_bundles, pack.layout.weights) == (24, "int8")
+
+
+@pytest.mark.parametrize("where", ["bundle", "wf"])
+def test_an_int4_scale_that_overflows_is_refused(where):
+    """An int4 row's bf16 (scale, minimum) pairs live in the guard buffer: validation refuses one
+    whose largest value is not a float32 (a crafted file), wherever it sits."""
+    case = Case("gated", 64, 40, 24, guard="int8", weights_encoding="int4")
+    _, _, _, pack = make(case, 2)
+    lay = pack.layout
+    assert lay.quant_wf and lay.weights == "int4"
+    start = lay.off_qbundles + int4_codes_bytes(lay.d_in) if where == "bundle" else lay.off_qwf + int4_codes_bytes(lay.d_in)
+    guard = pack.guard.clone()
+    guard[start:start + 2] = torch.tensor([3.0e38], dtype=torch.bfloat16).view(torch.uint8)  # finite, x15 is not
+    with pytest.raises(PackError, match="int4 group scale"):
+        validate_pack(pack.weights, guard, pack.floats, pack.meta, pack.neurons, pack.activation)
+    validate_pack(*pack.tensors(), pack.neurons, pack.activation)  # the pristine pack passes

@@ -27,14 +27,13 @@ def _cases(n: int, seed: int) -> list[tuple[Case, int]]:
         if case.guard not in ("exact", "all") and rng.random() < 0.5:
             case.bundles = "int8"
             if rng.random() < 0.5:
-                case.weights_encoding = "int8"
+                case.weights_encoding = rng.choice(["int8", "int4"])
         out.append((case, rng.choice([1, 2, 3, 4])))
     return out
 
 
 @pytest.mark.parametrize("case,world", _cases(48, seed=1),
-                         ids=lambda v: (v.kind + v.guard + v.bundles + ("-q8" if v.weights_encoding == "int8" else "")
-                                        + str(v.dtype)[-4:]) if isinstance(v, Case) else f"tp{v}")
+                         ids=lambda v: v.tag if isinstance(v, Case) else f"tp{v}")
 def test_shards_add_up_to_the_pack(case, world):
     _, _, x, pack = make(case, tokens=5)
     want = ffn(x, pack)

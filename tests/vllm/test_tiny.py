@@ -169,3 +169,20 @@ def test_a_pack_alone_runs_calls_above_dense_above_with_every_bundle_exact(tmp_p
             served[name] = vllm_tokens(llm, PROMPTS, NEW_TOKENS)
     assert served["exact-above"] == hf_tokens(tmp_path / "exact-above", PROMPTS, NEW_TOKENS, torch.float32)
     assert served["guarded"] == hf_tokens(tmp_path / "guarded", PROMPTS, NEW_TOKENS, torch.float32)
+
+
+@pytest.mark.parametrize("encoding", ["int8", "int4"])
+def test_quantized_pack_checkpoints_equal_transformers(encoding, tmp_path):
+    """Packs of int8 / int4 weights (tardis over int8 / int4) load and run in vLLM as in transformers."""
+    import tardis_compiler as tc
+    from tests.tiny_models import token_batches
+    from tests.vllm.helpers import tiny_model
+
+    batches = token_batches(4)
+    model = tiny_model("llama")
+    config = tc.CalibrationConfig(progress=False, group_size=32, budget=0.5, weights=encoding)
+    tc.compress_(model, tc.calibrate(model, batches, config), batches[0], dense_above=-1)
+    model.save_pretrained(tmp_path)
+    with engine(tmp_path) as llm:
+        assert mlp_kinds(llm) == {"TardisMLP": 2}
+        assert vllm_tokens(llm, PROMPTS, NEW_TOKENS) == hf_tokens(tmp_path, PROMPTS, NEW_TOKENS, torch.float32)

@@ -11,7 +11,10 @@
 // in the guard buffer, scaled per row and column; the always-exact ones stay in the weights buffer.
 // With int8 weights (BUNDLES 2: a quantized pack) every bundle is int8, and so is Wf (a scale per
 // row), after the bundles in the guard buffer; codes are widened to fp32 as they are read, so the
-// result is the dense FFN of the dequantized weights up to fp32 rounding.
+// result is the dense FFN of the dequantized weights up to fp32 rounding. With int4 weights
+// (BUNDLES 3) the same, every row int4 in groups of 32 with its bf16 (scale, minimum) pairs
+// (dequant_int4_row): a bundle or a row of Wf is dequantized into the thread's scratch, then read
+// as fp32.
 // The layout of the buffers is written by runtime/pack.py; the meta fields are
 // listed in META_LAYOUT, which pack.py checks against its own list when it loads this library.
 //
@@ -47,8 +50,8 @@ const char* META_LAYOUT =
     "BUNDLES,QSTRIDE,OFF_QBUNDLES,OFF_QSCALES";
 const int64_t MAGIC_VALUE = 0x7a4d5446;  // "FTMz"
 const int64_t LAYOUT_VERSION = 2;
-// How the bundles and Wf are stored: all dense; the guarded bundles int8; everything int8.
-enum Bundles { B_DENSE = 0, B_INT8 = 1, B_INT8_ALL = 2 };
+// How the bundles and Wf are stored: all dense; the guarded bundles int8; everything int8; everything int4.
+enum Bundles { B_DENSE = 0, B_INT8 = 1, B_INT8_ALL = 2, B_INT4_ALL = 3 };
 const int QSCALES = 3;                    // int8 bundle scales: first row, up row, output column
 enum Kind { PLAIN = 0, GATED = 1 };
 enum Guard { G_NONE = 0, G_INT8 = 1, G_INT4 = 2, G_INT2 = 3, G_EXACT = 4, G_SVD = 5 };
@@ -198,6 +201,10 @@ int64_t subbyte_row_bytes(int64_t n, int64_t group, int bits) {
 
 int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
+// An int4 weight row's codes and all its bytes (runtime/layout.py int4_codes_bytes / int4_row_bytes).
+int64_t int4_codes_bytes(int64_t n) { return round_up(subbyte_row_bytes(n, INT4_GROUP, 4), 4); }
+int64_t int4_row_bytes(int64_t n) { return int4_codes_bytes(n) + 4 * ((n + INT4_GROUP - 1) / INT4_GROUP); }
+
 // The meta fields a pack of these shapes and codes has: runtime/layout.py Layout.meta(), recomputed
 // here so that no field the kernel indexes with can disagree with the rest. 0 if `m` is exactly
 // that and its buffers hold n_weights / n_guard / n_floats elements, else a negative error code.
@@ -212,34 +219,37 @@ int check_meta(const int64_t* m, int64_t n_weights, int64_t n_guard, int64_t n_f
   if (m[KIND] != PLAIN && m[KIND] != GATED) return -4;
   if (m[ACT] < RELU || m[ACT] > QUICK_GELU || m[DTYPE] < 0 || m[DTYPE] > 1) return -4;
   if (m[HAS_WF] != 0 && m[HAS_WF] != 1) return -4;
-  if (m[BUNDLES] != B_DENSE && m[BUNDLES] != B_INT8 && m[BUNDLES] != B_INT8_ALL) return -10;
+  if (m[BUNDLES] < B_DENSE || m[BUNDLES] > B_INT4_ALL) return -10;
   const int64_t enc = m[GUARD];
   if (enc < G_NONE || enc > G_SVD) return -6;
   if ((enc == G_NONE) != (kg == 0)) return -6;
   if (enc == G_SVD ? (rank < 1 || rank > MAX_DIM) : rank != 0) return -6;
-  const bool int8_all = m[BUNDLES] == B_INT8_ALL, int8_guarded = m[BUNDLES] == B_INT8;
+  const bool int4 = m[BUNDLES] == B_INT4_ALL, quant_all = int4 || m[BUNDLES] == B_INT8_ALL;
+  const bool int8_guarded = m[BUNDLES] == B_INT8;
   if (int8_guarded && (enc == G_NONE || enc == G_EXACT)) return -10;  // "exact" reads the bundles' rows
-  if (int8_all && enc == G_EXACT) return -10;
+  if (quant_all && enc == G_EXACT) return -10;
 
-  const int64_t elem = m[DTYPE] == 0 ? 4 : 2, kb = kg + ka;
-  const int64_t row = (m[KIND] == GATED ? 2 * d : d) + n;
+  const int64_t elem = m[DTYPE] == 0 ? 4 : 2, kb = kg + ka, inputs = m[KIND] == GATED ? 2 : 1;
+  const int64_t row = inputs * d + n;
   const int64_t stride = round_up(row, 64 / elem);
-  const int64_t qwf = int8_all && m[HAS_WF] ? n * d : 0;  // int8 Wf codes
-  const int64_t off_bundles = round_up(m[HAS_WF] && !int8_all ? n * d : 0, 64 / elem);
-  const int64_t k_int8 = int8_all ? kb : int8_guarded ? kg : 0, k_dense = kb - k_int8;
+  const int64_t qwf = quant_all && m[HAS_WF] ? n * (int4 ? int4_row_bytes(d) : d) : 0;  // quantized Wf
+  const int64_t off_bundles = round_up(m[HAS_WF] && !quant_all ? n * d : 0, 64 / elem);
+  const int64_t k_int8 = quant_all ? kb : int8_guarded ? kg : 0, k_dense = kb - k_int8;
+  const int64_t q_bytes = int4 ? inputs * int4_row_bytes(d) + int4_row_bytes(n) : row;  // one quantized bundle
+  const int64_t q_scales = int4 ? 0 : QSCALES;  // float scales per quantized bundle
   const int64_t code_bytes = enc == G_INT8 ? d
                              : (enc == G_INT4 || enc == G_INT2) ? subbyte_row_bytes(d, group, enc == G_INT4 ? 4 : 2)
                              : enc == G_SVD ? 4 * rank : 0;
   const int64_t scale_bytes = enc == G_INT8 ? 4 : (enc == G_INT4 || enc == G_INT2) ? 4 * ((d + group - 1) / group) : 0;
   const int64_t off_gscales = round_up(kg * code_bytes, 16), end_gscales = off_gscales + kg * scale_bytes;
-  const int64_t qstride = k_int8 ? round_up(row, 64) : 0;
+  const int64_t qstride = k_int8 ? round_up(q_bytes, 64) : 0;
   const int64_t off_qbundles = k_int8 || qwf ? round_up(end_gscales, 64) : end_gscales;
   const int64_t off_neuron = n + 2 * kg, off_p = off_neuron + NEURON_FLOATS * kb;
   const int64_t off_qscales = off_p + (enc == G_SVD ? rank * d : 0);
   const int64_t want[][2] = {
       {STRIDE, stride}, {OFF_BUNDLES, off_bundles}, {OFF_GSCALES, off_gscales}, {OFF_BF, 0}, {OFF_BANDS, n},
       {OFF_NEURON, off_neuron}, {OFF_P, off_p}, {N_WEIGHTS, off_bundles + k_dense * stride},
-      {N_GUARD, off_qbundles + k_int8 * qstride + qwf}, {N_FLOATS, off_qscales + QSCALES * k_int8 + (qwf ? n : 0)},
+      {N_GUARD, off_qbundles + k_int8 * qstride + qwf}, {N_FLOATS, off_qscales + q_scales * k_int8 + (qwf && !int4 ? n : 0)},
       {QSTRIDE, qstride}, {OFF_QBUNDLES, off_qbundles}, {OFF_QSCALES, off_qscales}};
   for (const auto& field : want)
     if (m[field[0]] != field[1]) return -5;
@@ -316,8 +326,11 @@ struct Call {
   int64_t tokens, d, n, kg, kb, stride, group, groups, rank, guard_row, out_offset, bundle_bytes;
   int kind, act, enc;
   bool subbyte;
+  bool int4;                       // int4 weights: every quantized row is int4 (dequant_int4_row)
+  int64_t q_bytes;                 // bytes of one quantized bundle (prefetch)
+  int64_t row4_d, row4_n, codes4_d, codes4_n;  // int4 rows of d and n elements: all bytes, code bytes
   const W* wf;             // dense Wf, or null
-  const int8_t* qwf;       // int8 Wf (int8 weights), or null
+  const int8_t* qwf;       // quantized Wf (int8 or int4 weights), or null
   const float* wf_scales;  // its per-row scales
   const W* bundles;        // dense bundles: all of them, the always-exact ones (int8 bundles), or none
   const int8_t* qbundles;  // int8 bundles [0, dense_from), or null
@@ -411,6 +424,24 @@ void widen_bundle(const Call<W>& c, const B* b, const float* s, float* first, fl
   widen(b + c.out_offset, s[2], c.n, out);
 }
 
+// One int4 bundle (its first, up and output rows back to back, each with its group scales)
+// dequantized into `first`, `up` (d each) and `out` (n).
+template <class W>
+void dequant_int4_bundle(const Call<W>& c, const uint8_t* b, float* first, float* up, float* out) {
+  dequant_int4_row(b, c.d, c.codes4_d, first);
+  if (c.kind == GATED) dequant_int4_row(b + c.row4_d, c.d, c.codes4_d, up);
+  dequant_int4_row(b + (c.kind == GATED ? 2 : 1) * c.row4_d, c.n, c.codes4_n, out);
+}
+
+// Quantized bundle j (j < dense_from) widened to fp32: int8 codes times their scales, or int4 rows.
+template <class W>
+void widen_quantized(const Call<W>& c, int64_t j, float* first, float* up, float* out) {
+  if (c.int4)
+    dequant_int4_bundle(c, reinterpret_cast<const uint8_t*>(c.qbundles + j * c.qstride), first, up, out);
+  else
+    widen_bundle(c, c.qbundles + j * c.qstride, c.qscales + j * QSCALES, first, up, out);
+}
+
 // The exact path of bundles [j0, j0 + count) for every token of the call (exact_all): each
 // bundle widened to fp32 once into `wide` (EXACT_BLOCK * (2 * d + n) floats), its pre-activations
 // for four tokens per pass over its rows, then each token's accumulator row updated once for the
@@ -424,7 +455,7 @@ void correct_block_all(const Call<W>& c, int64_t j0, int count, float* acc, floa
     const int64_t j = j0 + k;
     float* first = wide + k * 2 * d;
     if (j < c.dense_from)
-      widen_bundle(c, c.qbundles + j * c.qstride, c.qscales + j * QSCALES, first, first + d, outs + k * n);
+      widen_quantized(c, j, first, first + d, outs + k * n);
     else
       widen_bundle(c, c.bundles + (j - c.dense_from) * c.stride, UNIT_SCALES, first, first + d, outs + k * n);
   }
@@ -449,10 +480,15 @@ void correct_block_all(const Call<W>& c, int64_t j0, int count, float* acc, floa
   }
 }
 
-// The exact path of bundle j (guarded neurons first, then the always-exact ones).
+// The exact path of bundle j (guarded neurons first, then the always-exact ones). `dec`: the
+// thread's scratch for an int4 bundle dequantized (2 * d + n floats).
 template <class W>
-int64_t correct(const Call<W>& c, int64_t j, uint64_t mask, float* acc) {
+int64_t correct(const Call<W>& c, int64_t j, uint64_t mask, float* acc, float* dec) {
   const float* nf = c.neuron + j * NEURON_FLOATS;
+  if (j < c.dense_from && c.int4) {
+    widen_quantized(c, j, dec, dec + c.d, dec + c.out_offset);
+    return correct_bundle(c, dec, nf, UNIT_SCALES, mask, acc);
+  }
   if (j < c.dense_from)
     return correct_bundle(c, c.qbundles + j * c.qstride, nf, c.qscales + j * QSCALES, mask, acc);
   return correct_bundle(c, c.bundles + (j - c.dense_from) * c.stride, nf, UNIT_SCALES, mask, acc);
@@ -462,7 +498,7 @@ int64_t correct(const Call<W>& c, int64_t j, uint64_t mask, float* acc) {
 template <class W>
 __attribute__((always_inline)) inline void prefetch_neuron(const Call<W>& c, int64_t j) {
   if (j < c.dense_from)
-    prefetch_bundle(c.qbundles + j * c.qstride, c.out_offset + c.n);
+    prefetch_bundle(c.qbundles + j * c.qstride, c.q_bytes);
   else
     prefetch_bundle(c.bundles + (j - c.dense_from) * c.stride, c.bundle_bytes);
 }
@@ -478,26 +514,31 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
   c.subbyte = c.enc == G_INT4 || c.enc == G_INT2;
   c.groups = c.group > 0 ? (c.d + c.group - 1) / c.group : 0;
   c.guard_row = c.enc == G_INT8 ? c.d : c.subbyte ? subbyte_row_bytes(c.d, c.group, c.enc == G_INT4 ? 4 : 2) : 0;
-  const bool int8_all = m[BUNDLES] == B_INT8_ALL;
-  const int64_t k_int8 = int8_all ? c.kb : m[BUNDLES] == B_INT8 ? c.kg : 0;
-  c.wf = m[HAS_WF] && !int8_all ? weights : nullptr;
+  c.int4 = m[BUNDLES] == B_INT4_ALL;
+  const bool quant_all = c.int4 || m[BUNDLES] == B_INT8_ALL;
+  const int64_t k_int8 = quant_all ? c.kb : m[BUNDLES] == B_INT8 ? c.kg : 0;
+  c.wf = m[HAS_WF] && !quant_all ? weights : nullptr;
   c.bundles = weights + m[OFF_BUNDLES];
   c.qbundles = reinterpret_cast<const int8_t*>(guard + m[OFF_QBUNDLES]);
   c.qscales = floats + m[OFF_QSCALES];
   c.qstride = m[QSTRIDE], c.dense_from = k_int8;
-  c.qwf = m[HAS_WF] && int8_all ? c.qbundles + k_int8 * c.qstride : nullptr;  // Wf follows the int8 bundles
+  c.qwf = m[HAS_WF] && quant_all ? c.qbundles + k_int8 * c.qstride : nullptr;  // Wf follows the quantized bundles
   c.wf_scales = c.qscales + QSCALES * k_int8;
   c.guard = guard;
   c.bf = floats + m[OFF_BF], c.bands = floats + m[OFF_BANDS], c.neuron = floats + m[OFF_NEURON];
   c.p = floats + m[OFF_P];
   c.out_offset = c.kind == GATED ? 2 * c.d : c.d;
   c.bundle_bytes = (c.out_offset + c.n) * static_cast<int64_t>(sizeof(W));  // a dense bundle
+  c.codes4_d = int4_codes_bytes(c.d), c.codes4_n = int4_codes_bytes(c.n);
+  c.row4_d = int4_row_bytes(c.d), c.row4_n = int4_row_bytes(c.n);
+  c.q_bytes = c.int4 ? (c.kind == GATED ? 2 : 1) * c.row4_d + c.row4_n : c.out_offset + c.n;
   const int64_t d = c.d, n = c.n, kb = c.kb, groups = c.groups;
 
   // Scratch (grown once, then reused): the per-call inputs of `c`, Wf's output, per-thread
   // corrections, and per thread one decoded guard row with its group minimums.
   const int64_t t_dim = c.enc == G_SVD ? c.rank : 0, q_dim = c.subbyte ? d : 0, g_dim = c.subbyte ? groups : 0;
-  const int64_t wide_dim = exact_all ? EXACT_BLOCK * (2 * d + n) : 0;
+  // Per thread: exact_all's block of widened bundles, or one int4 bundle (or row of Wf) dequantized.
+  const int64_t wide_dim = exact_all ? EXACT_BLOCK * (2 * d + n) : c.int4 ? 2 * d + n : 0;
   float* buf = scratch(tokens * (d + 2 * q_dim + 2 * g_dim + t_dim + n) +
                        static_cast<size_t>(threads) * (tokens * n + d + groups + wide_dim));
   float* xs = buf;
@@ -531,12 +572,18 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
     std::memset(acc, 0, sizeof(float) * tokens * n);
     float* wide = rows_scratch + static_cast<int64_t>(threads) * (d + groups) + static_cast<int64_t>(tid) * wide_dim;
     // 1. This thread's rows of Wf x + bf, into the shared buffer.
-    for (int64_t r = tid * n / nth; r < (tid + 1) * n / nth; ++r)
+    for (int64_t r = tid * n / nth; r < (tid + 1) * n / nth; ++r) {
+      if (c.qwf && c.int4)  // an int4 row: dequantized once, read by every token
+        dequant_int4_row(reinterpret_cast<const uint8_t*>(c.qwf) + r * c.row4_d, d, c.codes4_d, wide);
       for (int64_t t = 0; t < tokens; ++t) {
         const float* xt = xs + t * d;
-        const float wf = c.wf ? dot(c.wf + r * d, xt, d) : c.qwf ? c.wf_scales[r] * dot_int8(c.qwf + r * d, xt, d) : 0.f;
+        const float wf = c.wf                ? dot(c.wf + r * d, xt, d)
+                         : c.qwf && c.int4 ? dot(wide, xt, d)
+                         : c.qwf           ? c.wf_scales[r] * dot_int8(c.qwf + r * d, xt, d)
+                                           : 0.f;
         yacc[t * n + r] = wf + c.bf[r];
       }
+    }
 
     // 2. Chunks of neurons, dealt round-robin (chunk k to thread k mod nth: the same split every
     //    call, so the same sums in the same order: deterministic outputs): a guard pass over the
@@ -566,7 +613,7 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
         if (h == 0)
           for (int a = 1; a < PREFETCH_AHEAD && a < hits; ++a) prefetch_neuron(c, hit[a]);
         if (h + PREFETCH_AHEAD < hits) prefetch_neuron(c, hit[h + PREFETCH_AHEAD]);
-        my_flagged += correct(c, hit[h], hit_mask[h], acc);
+        my_flagged += correct(c, hit[h], hit_mask[h], acc, wide);
         ++my_corrected;
       }
     }

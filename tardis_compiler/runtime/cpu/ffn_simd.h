@@ -370,6 +370,49 @@ inline void widen(const W* w, float scale, int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = scale * to_f32(w[i]);
 }
 
+// One int4 weight row of n elements (runtime/layout.py int4_row_bytes) dequantized to fp32:
+// groups of 32 codes, two per byte (the first half of a group in the low nibbles, the second in
+// the high ones), the codes padded to 4 bytes, then a bf16 (scale, minimum) pair per group:
+// dst[i] = scale_g * code_i + min_g. `codes_bytes` is where the pairs start.
+const int64_t INT4_GROUP = 32;  // runtime/layout.py WEIGHT_GROUP
+inline void dequant_int4_row(const uint8_t* row, int64_t n, int64_t codes_bytes, float* dst) {
+  const uint8_t* q = row;
+  const uint8_t* pairs = row + codes_bytes;
+  for (int64_t start = 0, g = 0; start < n; start += INT4_GROUP, ++g) {
+    uint16_t pair[2];
+    std::memcpy(pair, pairs + 4 * g, 4);  // unaligned-safe
+    const float scale = bf16_to_f32(pair[0]), low = bf16_to_f32(pair[1]);
+    const int64_t size = n - start < INT4_GROUP ? n - start : INT4_GROUP, part = (size + 1) / 2;
+    float* o = dst + start;
+#if defined(TARDIS_AVX512)
+    if (size == INT4_GROUP) {  // 16 bytes: 16 low nibbles, then 16 high ones
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+      const __m512 sv = _mm512_set1_ps(scale), lv = _mm512_set1_ps(low);
+      const __m512i nibble = _mm512_set1_epi32(15);
+      _mm512_storeu_ps(o, _mm512_fmadd_ps(sv, _mm512_cvtepi32_ps(_mm512_and_si512(bytes, nibble)), lv));
+      _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(sv, _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), lv));
+      q += 16;
+      continue;
+    }
+#elif defined(TARDIS_AVX2)
+    if (size == INT4_GROUP) {
+      const __m256 sv = _mm256_set1_ps(scale), lv = _mm256_set1_ps(low);
+      const __m256i nibble = _mm256_set1_epi32(15);
+      for (int h = 0; h < 2; ++h) {  // 8 bytes at a time: their low nibbles, then their high ones
+        const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * h)));
+        _mm256_storeu_ps(o + 8 * h, _mm256_fmadd_ps(sv, _mm256_cvtepi32_ps(_mm256_and_si256(bytes, nibble)), lv));
+        _mm256_storeu_ps(o + 16 + 8 * h, _mm256_fmadd_ps(sv, _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4)), lv));
+      }
+      q += 16;
+      continue;
+    }
+#endif
+    for (int64_t e = 0; e < part; ++e) o[e] = std::fma(scale, static_cast<float>(q[e] & 15), low);
+    for (int64_t e = part; e < size; ++e) o[e] = std::fma(scale, static_cast<float>(q[e - part] >> 4), low);
+    q += part;
+  }
+}
+
 // acc[i] += sum_k a[k] * w[k * stride + i] for k < count (<= 8): several fp32 rows into one
 // accumulator row, which is then read and written once instead of once per row.
 inline void axpy_rows(float* acc, const float* a, int count, const float* w, int64_t stride, int64_t n) {

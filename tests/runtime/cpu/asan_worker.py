@@ -54,10 +54,12 @@ def abuse(k) -> dict:
     y of the wrong size, another activation: each call is refused or (if still a valid pack) runs."""
     counts = {"refused": 0, "ran": 0}
     for kind in ("plain", "gated"):
-        for guard, bundles in (("int8", "int8"), ("int4", "dense"), ("int2", "int8"), ("svd", "int8"),
-                               ("exact", "dense"), ("all", "dense")):
+        for guard, bundles, quantized in (("int8", "int8", "dense"), ("int4", "dense", "dense"),
+                                          ("int2", "int8", "dense"), ("svd", "int8", "dense"), ("exact", "dense", "dense"),
+                                          ("all", "dense", "dense"), ("int4", "int8", "int8"), ("int8", "int8", "int4")):
             for dtype in (torch.float32, torch.bfloat16):
-                case = Case(kind, 33, 17, 45, guard=guard, dtype=dtype, bundles=bundles, group=16, rank=3)
+                case = Case(kind, 33, 17, 45, guard=guard, dtype=dtype, bundles=bundles, group=16, rank=3,
+                            weights_encoding=quantized)
                 _, _, x, pack = make(case, 2)
                 act = KERNEL_ACTIVATIONS[pack.activation]
                 weights, guard_bytes, floats, meta = pack.tensors()
