@@ -124,10 +124,12 @@ def dense_ffn_bytes(kind: str | FFNKind, d_in: int, m: int, d_out: int, elem_byt
     return n_inputs * m * d_in * elem_bytes + m * d_out * elem_bytes + biases
 
 
-def guard_bytes(predictor: LowBitGuard | SVDPredictor | None, d_in: int, elem: int) -> tuple[float, float]:
+def guard_bytes(predictor: LowBitGuard | SVDPredictor | None, d_in: int, elem: int,
+                weights: str = "dense") -> tuple[float, float]:
     """Bytes the guard reads per token: (per guarded neuron, once for all of them), as the pack
-    lays them out (``runtime/layout.py``): a low-bit row and its scales, the full row for "exact",
-    or the SVD's Q row, plus the neuron's band; the SVD's P (r x d_in, float32) once.
+    lays them out (``runtime/layout.py``): a low-bit row and its scales, the full row for "exact"
+    (a quantized pack's: its codes and scales), or the SVD's Q row, plus the neuron's band; the
+    SVD's P (r x d_in, float32) once.
 
     Example:
         >>> guard_bytes(None, 16, 4)
@@ -136,7 +138,7 @@ def guard_bytes(predictor: LowBitGuard | SVDPredictor | None, d_in: int, elem: i
     if isinstance(predictor, SVDPredictor):
         return float(guard_neuron_bytes("svd", d_in, elem, rank=predictor.rank)), float(predictor.rank * d_in * 4)
     if predictor is None:
-        return float(guard_neuron_bytes("exact", d_in, elem)), 0.0
+        return float(guard_neuron_bytes("exact", d_in, elem, weights=weights)), 0.0
     return float(guard_neuron_bytes(predictor.kernel, d_in, elem, predictor.group_size)), 0.0
 
 

@@ -70,7 +70,9 @@ class CalibrationConfig:
             bytes). The model a quantized pack is exact against, and that calibration fits and
             prices against, is then the dense model with the same quantized FFN weights, and
             ``budget`` is a fraction of *its* FFN bytes: tardis over int8 / int4. Needs
-            ``bundles="int8"`` (the request for quantized bundles) and a low-bit or svd guard.
+            ``bundles="int8"`` (the request for quantized bundles). The "exact" guard then reads
+            each guarded neuron's quantized first row: with int4 weights about the bytes of an
+            int4 guard, and no prediction error.
         fold: with a budget, whether the mix may fold neurons into the matrix ``Wf``: None (default)
             takes whichever of the two variants has less error per FFN, False never folds (neurons
             off the exact path contribute nothing: contextual activation sparsity, c = 0), True always.

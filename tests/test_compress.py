@@ -57,6 +57,23 @@ def test_guard_all_quantized_model_is_the_quantized_reference(arch, encoding):
     assert report.read_fraction() < 0.5 * QUANTIZED_FRACTION[encoding] + 0.03  # of the fp32 FFN
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_exact_guard_over_quantized_rows_is_calibrated_and_priced(arch):
+    """guard="exact" with int4 weights: calibration prices each guarded neuron's int4 first row (about
+    an int4 guard's bytes), and the packs read those rows, within the budget."""
+    model, batches = build_tiny(arch), token_batches(4)
+    config = tc.CalibrationConfig(**QUIET, weights="int4")
+    profile = tc.calibrate_for_budget(model, batches, 0.5, "exact", config)
+    compressed = copy.deepcopy(model)
+    report = tc.compress_(compressed, profile, batches[0], guard="exact")
+    layouts = [m.layout for m in compressed.modules() if isinstance(m, TardisFFN)]
+    assert [(lay.guard, lay.weights) for lay in layouts if lay.k_guard] and all(
+        lay.weights == "int4" and lay.guard in ("exact", "none") for lay in layouts)
+    assert report.read_fraction() < 0.5 * QUANTIZED_FRACTION["int4"] + 0.03
+    with torch.no_grad():
+        assert torch.isfinite(logits(compressed(batches[1]))).all()
+
+
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_resident_bytes_drop_below_dense(arch):
     """int8 bundles (the default) hold less than dense with no cap; dense bundles hold more, and

@@ -81,7 +81,7 @@ def prepare_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
     exact_cost = float(exact_neuron_bytes("plain", d_in, d_out, elem, quant))
     guarded_rows = config.bundles if quant == "dense" else quant  # quantized weights: every bundle in their encoding
     guarded_cost = float(exact_neuron_bytes("plain", d_in, d_out, elem, guarded_rows))  # a flagged guarded neuron
-    guard_row, guard_fixed = guard_bytes(predictor, d_in, elem)
+    guard_row, guard_fixed = guard_bytes(predictor, d_in, elem, quant)
     fold_bytes = float(folded_matrix_bytes(d_in, d_out, elem, quant))
     order = z.argsort(dim=0)
     z_sorted, y_sorted = z.gather(0, order), y.gather(0, order)

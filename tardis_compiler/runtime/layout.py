@@ -200,12 +200,13 @@ class Layout:
         if (self.guard == "none") != (self.k_guard == 0):
             raise ValueError(f"guard {self.guard!r} with {self.k_guard} guarded neurons: a pack has guard 'none' "
                              "exactly when no neuron is guarded")
-        if self.weights in QUANTIZED_WEIGHTS and (self.bundles != self.weights or self.guard == "exact"):
-            raise ValueError(f"{self.weights} weights need {self.weights} bundles and a low-bit or svd guard, got "
-                             f"bundles {self.bundles!r} and guard {self.guard!r}")
+        if self.weights in QUANTIZED_WEIGHTS and self.bundles != self.weights:
+            raise ValueError(f"{self.weights} weights need {self.weights} bundles, got bundles {self.bundles!r}")
         if self.bundles == "int4" and self.weights != "int4":
             raise ValueError("int4 bundles exist only in an int4 quantized pack (weights 'int4')")
-        quantized_pack = self.weights in QUANTIZED_WEIGHTS and self.guard == "none"  # no guarded neuron: any guard
+        # A quantized pack's "exact" guard reads its quantized first rows; int8 bundles beside dense
+        # weights would leave the "exact" guard no dense first row to read.
+        quantized_pack = self.weights in QUANTIZED_WEIGHTS
         if self.bundles in QUANTIZED_WEIGHTS and self.guard not in ("int8", "int4", "int2", "svd") and not quantized_pack:
             raise ValueError(f"int8 bundles need a low-bit or svd guard (the {self.guard!r} guard reads the "
                              "bundles' own first rows): use bundles='dense'")
@@ -389,8 +390,8 @@ class Layout:
         """Bytes read per token whatever is flagged: Wf, bf, the guard and the bands, svd's P."""
         wf = folded_matrix_bytes(self.d_in, self.d_out, self.elem_bytes, self.weights) if self.has_wf else 0
         guard = self.k_guard * (guard_row_bytes(self.guard, self.d_in, self.group, self.rank) + 8)
-        if self.guard == "exact":
-            guard += self.k_guard * self.d_in * self.elem_bytes  # the first rows of every guarded bundle
+        if self.guard == "exact":  # the first rows of every guarded bundle
+            guard += self.k_guard * first_row_bytes(self.d_in, self.elem_bytes, self.weights)
         p = self.rank * self.d_in * 4 if self.guard == "svd" else 0
         return wf + 4 * self.d_out + guard + p
 
@@ -478,13 +479,30 @@ def always_read_bytes(d_out: int) -> int:
     return 4 * d_out
 
 
-def guard_neuron_bytes(encoding: str, d_in: int, elem_bytes: int, group: int = 64, rank: int = 0) -> int:
+def first_row_bytes(d_in: int, elem_bytes: int, weights: str = "dense") -> int:
+    """Bytes of a bundle's first row as the "exact" guard reads it: in the model's dtype, or a
+    quantized pack's codes and scale(s).
+
+    Example:
+        >>> first_row_bytes(576, 2), first_row_bytes(576, 2, "int8"), first_row_bytes(576, 2, "int4")
+        (1152, 580, 360)
+    """
+    if weights == "int4":
+        return int4_row_bytes(d_in)
+    if weights == "int8":
+        return d_in + 4
+    return d_in * elem_bytes
+
+
+def guard_neuron_bytes(encoding: str, d_in: int, elem_bytes: int, group: int = 64, rank: int = 0,
+                       weights: str = "dense") -> int:
     """Bytes the guard reads per guarded neuron: its codes and scales (for "exact", its first row
-    in the model's dtype) and its band (two float32).
+    in the model's dtype, or quantized in a quantized pack) and its band (two float32).
 
     Example:
         >>> guard_neuron_bytes("int4", 576, 2, 64), guard_neuron_bytes("exact", 576, 2)
         (332, 1160)
     """
-    row = d_in * elem_bytes if encoding == "exact" else guard_row_bytes(encoding, d_in, group, rank)
+    row = first_row_bytes(d_in, elem_bytes, weights) if encoding == "exact" else guard_row_bytes(encoding, d_in,
+                                                                                                  group, rank)
     return row + 8

@@ -179,10 +179,7 @@ def _encodings(bundles: str, weights_encoding: str, guard: str, k_guard: int) ->
         if bundles not in ("int8", weights_encoding):
             raise ValueError(f"a quantized pack (weights {weights_encoding!r}) holds every bundle quantized: bundles "
                              f"must be 'int8', got {bundles!r}")
-        if guard == "exact":
-            raise ValueError("the 'exact' guard reads the bundles' first rows in the model's dtype: with quantized "
-                             "weights use a low-bit or svd guard")
-        return weights_encoding, weights_encoding
+        return weights_encoding, weights_encoding  # the "exact" guard then reads the quantized first rows
     return bundle_encoding(bundles, guard, k_guard), "dense"
 
 

@@ -44,6 +44,8 @@ def guard_predictions(layout: Layout, x2: torch.Tensor, weights: torch.Tensor, g
         q = guard[:kg * layout.rank * 4].view(torch.float32).view(kg, layout.rank)
         p = floats[layout.off_p:layout.off_qscales].view(layout.rank, d).float()
         return (xf @ p.t()) @ q.t()
+    if layout.k_quant_bundles:  # "exact" over quantized bundles: their dequantized first rows, in float32
+        return F.linear(x2.float(), all_bundles(layout, weights, guard, floats)[:kg, :d].float())
     return F.linear(x2, bundles(layout, weights)[:kg, :d]).float()  # "exact": the bundles' first rows
 
 

@@ -105,7 +105,7 @@ def _between(sorted_values: torch.Tensor, rank: int) -> float:
 def guard_predictions_with_bias(case: Case, weights: dict, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The guard's predictions of every neuron's first pre-activation, bias included."""
     guard = case.guard if case.guard != "all" else "exact"  # "all" needs no bands: any prediction will do
-    quantized = case.weights_encoding if guard != "exact" else "dense"  # the guard codes the pack will hold
+    quantized = case.weights_encoding if case.guard != "all" else "dense"  # the guard codes the pack will hold
     pack = build_pack(case.kind, weights, params, guard, case.activation, case.group,
                       bundles="dense" if quantized == "dense" else "int8", weights_encoding=quantized)
     guarded, _ = neuron_classes(params, guard, case.m)

@@ -62,6 +62,25 @@ def _random_cases(n: int, seed: int) -> list[tuple[Case, int, int]]:
                          ids=lambda v: v.tag if isinstance(v, Case) else str(v))
 def test_kernel_matches_torch_path(case, tokens, threads):
     """Seeded fuzz: odd d, m below the thread count, no guarded / all guarded / all exact neurons."""
+    check_kernel(case, tokens, threads)
+
+
+#: The "exact" guard over a quantized pack's own first rows (int8: widened; int4: dequantized once).
+EXACT_QUANTIZED = [(Case(kind, d, n, m, guard="exact", weights_encoding=enc, dtype=dtype, seed=s), tokens, threads)
+                   for s, (kind, d, n, m, enc, dtype, tokens, threads) in enumerate([
+                       ("gated", 64, 40, 50, "int4", torch.float32, 1, 1), ("gated", 70, 31, 97, "int4", torch.bfloat16, 5, 2),
+                       ("plain", 33, 16, 40, "int4", torch.float32, 8, 2), ("gated", 17, 3, 7, "int8", torch.bfloat16, 1, 1),
+                       ("plain", 130, 31, 97, "int8", torch.float32, 2, 2)])]
+
+
+@needs_kernel
+@pytest.mark.parametrize("case,tokens,threads", EXACT_QUANTIZED, ids=lambda v: v.tag if isinstance(v, Case) else str(v))
+def test_kernel_exact_guard_over_quantized_rows_matches_torch_path(case, tokens, threads):
+    check_kernel(case, tokens, threads)
+
+
+def check_kernel(case: Case, tokens: int, threads: int) -> None:
+    """The fused kernel computes what the torch path does, flags included."""
     _, _, x, pack = make(case, tokens)
     expected, _ = ffn_torch(x, *pack.tensors(), pack.layout)
     got = _kernel_out(x, pack, threads)
@@ -91,6 +110,8 @@ WIDE_CASES = [Case("gated", 70, 131, 90, guard="int4", bundles="int8", dtype=tor
               Case("plain", 33, 64, 41, guard="int8", activation="gelu"),
               Case("gated", 64, 200, 23, guard="int4", weights_encoding="int8"),
               Case("gated", 70, 131, 37, guard="int8", weights_encoding="int4", dtype=torch.bfloat16),
+              Case("gated", 64, 40, 50, guard="exact", weights_encoding="int4"),
+              Case("plain", 40, 33, 29, guard="exact", weights_encoding="int8", activation="gelu"),
               Case("plain", 17, 257, 9, guard="all", dtype=torch.bfloat16, activation="relu")]
 
 

@@ -138,11 +138,13 @@ def test_quantized_packs_hold_every_weight_quantized(kind, encoding, held):
     assert Layout.from_meta(quantized.meta, case.activation, torch.bfloat16) == lay
 
 
-def test_quantized_packs_refuse_the_exact_guard_and_stay_int8_for_guard_all():
+def test_quantized_packs_take_the_exact_guard_over_their_own_rows_and_stay_int8_for_guard_all():
     case = Case("gated", 16, 8, 24, guard="exact")
     weights, params, _, _ = make(case, 2)
-    with pytest.raises(ValueError, match="low-bit or svd guard"):
-        build_pack("gated", weights, params, "exact", "silu", 16, bundles="int8", weights_encoding="int8")
+    pack = build_pack("gated", weights, params, "exact", "silu", 16, bundles="int8", weights_encoding="int8")
+    assert (pack.layout.guard, pack.layout.bundles, pack.weights.numel()) == ("exact", "int8", 0)
+    # int8 rows beside dense weights would leave this guard no first row to read: they stay dense
+    assert build_pack("gated", weights, params, "exact", "silu", 16, bundles="int8").layout.bundles == "dense"
     with pytest.raises(ValueError, match="bundles must be 'int8'"):
         build_pack("gated", weights, params, "int4", "silu", 16, bundles="dense", weights_encoding="int8")
     pack = build_pack("gated", weights, params, "all", "silu", 16, bundles="int8", weights_encoding="int8")

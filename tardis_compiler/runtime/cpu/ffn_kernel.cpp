@@ -227,7 +227,6 @@ int check_meta(const int64_t* m, int64_t n_weights, int64_t n_guard, int64_t n_f
   const bool int4 = m[BUNDLES] == B_INT4_ALL, quant_all = int4 || m[BUNDLES] == B_INT8_ALL;
   const bool int8_guarded = m[BUNDLES] == B_INT8;
   if (int8_guarded && (enc == G_NONE || enc == G_EXACT)) return -10;  // "exact" reads the bundles' rows
-  if (quant_all && enc == G_EXACT) return -10;
 
   const int64_t elem = m[DTYPE] == 0 ? 4 : 2, kb = kg + ka, inputs = m[KIND] == GATED ? 2 : 1;
   const int64_t row = inputs * d + n;
@@ -352,6 +351,12 @@ uint64_t flag_tokens(const Call<W>& c, int64_t j, float* row, float* lows, float
   if (t_count > 1 && (c.enc == G_INT8 || c.subbyte)) {  // decode once, then dot with every token
     decode_row(c.guard, c.m, j, row, lows);
     predict_tokens(row, lows, c.subbyte ? c.xdeq : c.xs, c.gsum, t_count, d, c.subbyte ? c.groups : 0, zt, 1);
+  } else if (c.enc == G_EXACT && j < c.dense_from) {  // a quantized pack's own first row, widened once
+    if (c.int4)
+      dequant_int4_row(reinterpret_cast<const uint8_t*>(c.qbundles + j * c.qstride), d, c.codes4_d, row);
+    else
+      widen(c.qbundles + j * c.qstride, c.qscales[j * QSCALES], d, row);
+    dot_tokens(row, c.xs, t_count, d, zt, 1);
   } else {
     for (int64_t t = 0; t < t_count; ++t) {
       const float* xt = c.xs + t * d;
@@ -371,7 +376,7 @@ uint64_t flag_tokens(const Call<W>& c, int64_t j, float* row, float* lows, float
         case G_SVD:
           zt[t] = dot(reinterpret_cast<const float*>(c.guard) + j * c.rank, c.proj + t * c.rank, c.rank);
           break;
-        default:  // G_EXACT: the bundle's own first row (always dense: check_meta)
+        default:  // G_EXACT: the bundle's own first row (dense here: quantized ones take the branch above)
           zt[t] = dot(c.bundles + j * c.stride, xt, d);
       }
     }
