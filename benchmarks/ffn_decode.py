@@ -230,9 +230,11 @@ def bench(setup: Setup, repeats: int) -> dict:
                                 weights_encoding=prof.ffns[names[i]].weights) for i in range(layers)]
              for label, (prof, names) in setup.profiles.items()}
     first_label, (first_prof, first_names) = next(iter(setup.profiles.items()))
+    # The first profile's fold and guard, as its packs hold them (a quantized profile: quantized Wf and guard).
     fixed = [build_pack(setup.kind, setup.weights[i], _never_flag(first_prof.ffns[first_names[i]].params(guard),
                                                                    first_prof.ffns[first_names[i]].d_hidden),
-                        guard, setup.activation, group) for i in range(layers)]
+                        guard, setup.activation, group, bundles=first_prof.ffns[first_names[i]].bundles,
+                        weights_encoding=first_prof.ffns[first_names[i]].weights) for i in range(layers)]
     tiny = _tiny_pack(setup.kind, setup.activation, setup.inputs[0].dtype, guard)
     tiny_x = setup.inputs[0][:1, :16].contiguous()
     inductor = [torch.compile(m) for m in setup.modules]
@@ -269,14 +271,14 @@ def bench(setup: Setup, repeats: int) -> dict:
         bytes_read = None
         if name in measured:  # first: "tardis over int8" rows name int8 too
             bytes_read, row["flag_rate"] = measured[name]
+        elif name.startswith("fixed"):
+            bytes_read = fixed[0].layout.bytes_per_token(0)
         elif name == "dense int4 weight-only":
             bytes_read = sum(q.resident_bytes() for q in q4[0])
         elif name.startswith("dense") and "int8" not in name:
             bytes_read = setup.dense_bytes
         elif "int8" in name:
             bytes_read = sum(q.numel() + s.numel() * s.element_size() for q, s in q8[0])
-        elif name.startswith("fixed"):
-            bytes_read = fixed[0].layout.bytes_per_token(0)
         if bytes_read is not None:
             row["bytes_per_call"] = bytes_read
             row["ideal_us"] = best * bytes_read / setup.dense_bytes
