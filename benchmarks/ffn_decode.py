@@ -149,14 +149,18 @@ def synthetic(d: int, m: int, dtype: torch.dtype, coverage: float = 0.85, copies
                  {f"tardis p={coverage}": (profile, [""] * copies)})
 
 
+def _linear_weights(setup: Setup, w: dict) -> list[torch.Tensor]:
+    """One layer's (out, in) linear weights in its kind's order, the output linear last."""
+    names = ("wg_rows", "wu_rows") if setup.kind == "gated" else ("w1_rows",)
+    return [w[n] for n in names] + [(w["wd_rows"] if setup.kind == "gated" else w["w2_rows"]).t()]
+
+
 def int8_weight_only(setup: Setup) -> list:
     """Per layer, per linear: (int8 codes, per-channel scales, bias) for torch._weight_int8pack_mm."""
     out = []
     for w in setup.weights:
-        names = ("wg_rows", "wu_rows") if setup.kind == "gated" else ("w1_rows",)
-        linears = [w[n] for n in names] + [(w["wd_rows"] if setup.kind == "gated" else w["w2_rows"]).t()]
         q = []
-        for lin in linears:
+        for lin in _linear_weights(setup, w):
             scale = lin.float().abs().amax(1).clamp(min=1e-12) / 127
             q.append(((lin.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous(),
                       scale.to(lin.dtype)))
@@ -172,10 +176,8 @@ def int4_weight_only(setup: Setup) -> list:
 
     out = []
     for w in setup.weights:
-        names = ("wg_rows", "wu_rows") if setup.kind == "gated" else ("w1_rows",)
-        linears = [w[n] for n in names] + [(w["wd_rows"] if setup.kind == "gated" else w["w2_rows"]).t()]
         q = []
-        for lin in linears:
+        for lin in _linear_weights(setup, w):
             module = torch.nn.Linear(lin.shape[1], lin.shape[0], bias=False, device="meta")
             module.weight = torch.nn.Parameter(lin.detach().contiguous(), requires_grad=False)
             q.append(QuantizedLinear.from_linear(module, 4))
