@@ -229,17 +229,21 @@ def cached_profiles(name: str, model: torch.nn.Module, batches, budgets, config:
 
 
 def _calibration_source_hash() -> str:
-    """A hash of the calibration package's source: profiles cached by an older fit are not reused."""
+    """A hash of the calibration package's source, the quantized reference's and the bytes model's:
+    profiles cached by an older fit are not reused."""
     import hashlib
     import importlib
 
     # importlib: ``tardis_compiler.calibrate`` the attribute is the function, the package is this.
     folder = os.path.dirname(importlib.import_module("tardis_compiler.calibrate").__file__)
+    paths = [os.path.join(folder, name) for name in sorted(os.listdir(folder)) if name.endswith(".py")]
+    # what a quantized pack's reference is (calibration fits against it) and how bytes are priced
+    package = os.path.dirname(folder)
+    paths += [os.path.join(package, "runtime", "quantize.py"), os.path.join(package, "accounting.py")]
     digest = hashlib.sha1()
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".py"):
-            with open(os.path.join(folder, name), "rb") as f:
-                digest.update(f.read())
+    for path in paths:
+        with open(path, "rb") as f:
+            digest.update(f.read())
     return digest.hexdigest()
 
 

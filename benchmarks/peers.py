@@ -20,7 +20,8 @@ Rows (``--rows`` picks them by name, shell-style patterns, e.g. ``--rows dense '
 - ``tardis-<budget>[-<weights>]``: ``calibrate`` at ``CalibrationConfig(budget=b, weights=w)`` (16
   calibration windows, cached), ``compress_(model, profile, example, other_linears=w)``, inductor.
   A package without ``weights`` / ``other_linears`` (or without that encoding) skips the row
-  and says why;
+  and says why. ``tardis-<budget>-<weights>-r<x>`` (``--tardis-resident x``) also caps the FFN
+  bytes held at ``x`` of the (quantized) dense FFN's, ``CalibrationConfig(resident=x)``;
 - ``llama.cpp-<TYPE>-<n>t``: llama-cpp-python in a worker process (``peers_llama.py``) on a GGUF
   converted from the HF folder the torch rows load.
 
@@ -138,6 +139,7 @@ def row_names(args) -> list[str]:
     for w in args.tardis_weights:
         for b in args.tardis_budgets:
             names.append(f"tardis-{b:g}" + ("" if w in (None, "none") else f"-{w}"))
+            names += [f"{names[-1]}-r{r:g}" for r in args.tardis_resident if w not in (None, "none")]
     for t in args.gguf_types:
         for n in args.llama_threads:
             names.append(f"llama.cpp-{t}-{n}t")
@@ -208,6 +210,8 @@ def _tardis_row(name, dense_bf16, tok, args, batches, tc) -> Row:
     parts = name.split("-")
     budget, weights = float(parts[1]), (parts[2] if len(parts) > 2 else None)
     extra = {} if weights is None else {"weights": weights}
+    if len(parts) > 3:  # -r<x>: a resident cap
+        extra["resident"] = float(parts[3][1:])
     if weights is not None and "other_linears" not in inspect.signature(tc.compress_).parameters:
         raise Skip(f"the installed tardis_compiler's compress_ has no other_linears (needed for weights={weights!r})")
     try:
@@ -227,7 +231,8 @@ def _tardis_row(name, dense_bf16, tok, args, batches, tc) -> Row:
     except (TypeError, ValueError, NotImplementedError) as e:
         raise Skip(f"compress_(..., other_linears={weights!r}) is not supported by the installed tardis_compiler: "
                    f"{type(e).__name__}: {e}") from None
-    info = {"dtype": "bf16", "budget": budget, "weights": weights, "bytes_fraction": profile.bytes_fraction(),
+    info = {"dtype": "bf16", "budget": budget, "weights": weights, "resident_cap": extra.get("resident"),
+            "bytes_fraction": profile.bytes_fraction(),
             "resident_fraction": report.resident_fraction(), "read_fraction": report.read_fraction(),
             "build_seconds": time.perf_counter() - start}
     return TorchRow(name, "tardis", model, tok, info, check_tardis=True)
@@ -298,6 +303,8 @@ def main() -> None:
     parser.add_argument("--tardis-weights", nargs="*", default=[None, "int8", "int4"],
                         type=lambda s: None if s.lower() == "none" else s,
                         help="weight encodings of the tardis rows: none (the model's), int8, int4")
+    parser.add_argument("--tardis-resident", type=float, nargs="*", default=[],
+                        help="also run each quantized tardis row with CalibrationConfig(resident=x)")
     parser.add_argument("--gguf-types", nargs="*", default=["BF16", "Q8_0", "Q4_0"])
     parser.add_argument("--int4-group-size", type=int, default=32,
                         help="torchao int4 group size (32: llama.cpp Q4_0's block)")

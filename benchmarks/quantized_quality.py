@@ -2,8 +2,9 @@
 tardis over int8 / int4 at a few budgets, with the int4 guard and the exact guard over the pack's own
 quantized rows. Only the FFNs are quantized (attention and the head stay bf16).
 
-Rows: dense; int8 FFNs with W_d scaled per output channel (what torchao's int8 weight-only does) and
-per neuron (what the int8 packs' reference does, ``runtime/quantize.py``); the int8 / int4 references
+Rows: dense; int8 FFNs with W_d scaled per output channel (what torchao's int8 weight-only does, and
+since 2026-12-08 the int8 packs' reference, ``runtime/quantize.py``) and per neuron (the int8 packs'
+reference before); the int8 / int4 references
 (``tc.quantized_reference``); tardis over each encoding at each budget and guard. PPL on held-out
 Wikipedia windows of 512 tokens. Writes ``benchmarks/results/<out>.json``.
 

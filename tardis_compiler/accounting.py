@@ -73,7 +73,7 @@ def ffn_bytes_per_token(d_in: int, d_hidden: int, d_out: int, elem_bytes: int, h
         >>> ffn_bytes_per_token(384, 1536, 384, 4, True)   # MiniLM FFN, fp32
         4726272
         >>> ffn_bytes_per_token(384, 1536, 384, 4, True, weights="int8")
-        1199616
+        1195008
     """
     m = d_hidden
     if guard == "dense":
@@ -89,13 +89,13 @@ def ffn_bytes_per_token(d_in: int, d_hidden: int, d_out: int, elem_bytes: int, h
 def gated_dense_bytes(d_in: int, m: int, d_out: int, elem_bytes: int, gate_up_bias: bool, down_bias: bool,
                       weights: str = "dense") -> int:
     """Weight bytes a dense gated FFN reads per token; ``weights="int8"``: of its int8 weights (codes
-    and a float32 scale per W_g row, W_u row and W_d column; biases in the model's dtype).
+    and a float32 scale per output channel of W_g, W_u and W_d; biases in the model's dtype).
 
     Example:
         >>> gated_dense_bytes(576, 1536, 576, 4, False, False)   # SmolLM2-135M, fp32
         10616832
         >>> gated_dense_bytes(576, 1536, 576, 2, False, False, "int8")
-        2672640
+        2668800
     """
     return dense_ffn_bytes("gated", d_in, m, d_out, elem_bytes, gate_up_bias, down_bias, weights)
 
@@ -104,7 +104,7 @@ def dense_ffn_bytes(kind: str | FFNKind, d_in: int, m: int, d_out: int, elem_byt
                     output_bias: bool, weights: str = "dense") -> int:
     """Weight bytes a dense FFN of ``kind`` reads per token: its input linears' (m, d_in) weights, its
     output linear's (d_out, m), and their biases; ``weights="int8"``: int8 codes and a float32 scale
-    per neuron row / output column; ``"int4"``: each such row in int4 with its group scales
+    per output channel of each linear; ``"int4"``: each such row in int4 with its group scales
     (``layout.int4_row_bytes``); biases in the model's dtype.
 
     Example:
@@ -120,7 +120,7 @@ def dense_ffn_bytes(kind: str | FFNKind, d_in: int, m: int, d_out: int, elem_byt
     if weights == "int4":
         return n_inputs * m * int4_row_bytes(d_in) + m * int4_row_bytes(d_out) + biases
     if weights == "int8":
-        return n_inputs * m * d_in + m * d_out + 4 * (n_inputs + 1) * m + biases
+        return n_inputs * m * d_in + m * d_out + 4 * (n_inputs * m + d_out) + biases
     return n_inputs * m * d_in * elem_bytes + m * d_out * elem_bytes + biases
 
 
@@ -195,9 +195,9 @@ def held_fixed_bytes(d_in: int, d_out: int, elem_bytes: int, has_wf: bool, guard
         78
     """
     floats = _float_bytes(elem_bytes)
-    if weights == "int8":  # Wf's codes and row scales; the int8 region starts 64-byte aligned
+    if weights == "int8":  # Wf's codes and row scales (the int8 region starts 64-byte aligned), the output scales
         held = d_out * d_in + floats * d_out if has_wf else 0
-        held += ALIGN_BYTES - 1
+        held += ALIGN_BYTES - 1 + floats * d_out
     elif weights == "int4":  # Wf's int4 rows with their group scales, after the aligned bundles
         held = d_out * int4_row_bytes(d_in) if has_wf else 0
         held += ALIGN_BYTES - 1

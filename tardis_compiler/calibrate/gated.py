@@ -99,7 +99,7 @@ def prepare_gated_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
              "error_bound": None}  # u is unbounded: no worst-case bound for a gated FFN
     measure = {"act": act, "predictor": predictor, "guard": guard, "fold_bytes": fold_bytes,
                "guard_row": guard_row, "guard_fixed": guard_fixed, "costs_of": (exact_cost, guarded_cost),
-               "always_bytes": always_read_bytes(d_out), "x_fit": x_fit,
+               "always_bytes": always_read_bytes(d_out, quant), "x_fit": x_fit,
                "lstsq": config.fold_fit == "lstsq", "seed": config.seed}
     return GatedCandidates(record, w, variants, dense_bytes, energy, stats, x_hold if x_hold.shape[0] else x_fit,
                            measure)

@@ -94,7 +94,7 @@ def prepare_plain_ffn(record: FFNRecord, config: CalibrationConfig, guard: str) 
         held = held_bytes(predictor, "plain", d_in, d_out, elem, config.bundles, with_fold, quant)
         opts, plan = _options(z, y, z_hat, z_sorted, prefix, sigma, col_norm2, with_fold, (exact_cost, guarded_cost),
                               guard_row, guard, config, held)
-        fixed = (fold_bytes if with_fold else 0.0) + always_read_bytes(d_out) + guard_fixed
+        fixed = (fold_bytes if with_fold else 0.0) + always_read_bytes(d_out, quant) + guard_fixed
         variants.append((with_fold, opts, plan, fixed))
     stats = {"tokens_fit": x_fit.shape[0], "tokens_holdout": x_hold.shape[0], "measured_on": measured_on,
              "elem_bytes": elem, "has_bias": has_bias, "dense_bytes": dense_bytes, "bundles": config.bundles,

@@ -19,7 +19,8 @@ One FFN's pack is four buffers (see ``runtime/pack.py``, which fills them):
   bias taken out (lo, hi), four floats per bundle (first bias, up bias, slope, intercept), the
   svd guard's projection ``P`` (rank, d_in), and with int8 bundles three scales per int8 bundle
   (first row, up row, output column; a plain FFN's second is unused), then with int8 weights one
-  scale per row of ``Wf`` (int4 rows carry their scales in ``guard``).
+  scale per row of ``Wf`` and one per output channel of the bundles' output columns, whose own
+  scale is then 1 (``quantize.py``; int4 rows carry their scales in ``guard``).
 * ``meta`` (int64): the fields of ``META_FIELDS``: shapes, codes and offsets.
 
 This module is the one home of those sizes: the pack builder, the kernel's checks
@@ -315,8 +316,13 @@ class Layout:
         return self.off_qscales + self.qscales * self.k_quant_bundles
 
     @property
-    def n_floats(self) -> int:
+    def off_oscales(self) -> int:
+        """Start of the output columns' per-channel scales in ``floats`` (int8 weights): after Wf's."""
         return self.off_wfscales + (self.d_out if self.quant_wf and self.weights == "int8" else 0)
+
+    @property
+    def n_floats(self) -> int:
+        return self.off_oscales + (self.d_out if self.weights == "int8" else 0)
 
     def meta(self) -> torch.Tensor:
         """The int64 ``meta`` tensor the kernel reads."""
@@ -362,6 +368,10 @@ class Layout:
                      v[FIELD["K_GUARD"]], v[FIELD["K_ALWAYS"]], decoded["GUARD"], v[FIELD["GROUP"]],
                      v[FIELD["RANK"]], decoded["HAS_WF"], *decoded["BUNDLES"])
         for name, want, got in zip(META_FIELDS, layout.meta().tolist(), v):
+            if name == "N_FLOATS" and layout.weights == "int8" and got == want - layout.d_out:
+                raise ValueError("this int8-weight pack was written by tardis_compiler 0.x before 2026-12-08, which "
+                                 "scaled W_d per neuron; this version scales it per output channel and cannot read "
+                                 "it: compress the dense model again (tardis compress ... --weights int8)")
             if want != got:
                 raise ValueError(f"tardis pack meta field {name} is {got}, but its shapes and codes give {want}"
                                  + (f" (the {activation!r} activation, {dtype})" if name in ("ACT", "DTYPE") else ""))
@@ -387,13 +397,14 @@ class Layout:
         return exact_neuron_bytes(self.kind, self.d_in, self.d_out, self.elem_bytes, self.bundles)
 
     def fixed_bytes(self) -> int:
-        """Bytes read per token whatever is flagged: Wf, bf, the guard and the bands, svd's P."""
+        """Bytes read per token whatever is flagged: Wf, bf (int8 weights: the output scales), the
+        guard and the bands, svd's P."""
         wf = folded_matrix_bytes(self.d_in, self.d_out, self.elem_bytes, self.weights) if self.has_wf else 0
         guard = self.k_guard * (guard_row_bytes(self.guard, self.d_in, self.group, self.rank) + 8)
         if self.guard == "exact":  # the first rows of every guarded bundle
             guard += self.k_guard * first_row_bytes(self.d_in, self.elem_bytes, self.weights)
         p = self.rank * self.d_in * 4 if self.guard == "svd" else 0
-        return wf + 4 * self.d_out + guard + p
+        return wf + always_read_bytes(self.d_out, self.weights) + guard + p
 
     def bytes_per_token(self, corrected_neurons: float) -> float:
         """Bytes read per token (batch 1) when ``corrected_neurons`` take the exact path (the
@@ -474,9 +485,15 @@ def folded_matrix_bytes(d_in: int, d_out: int, elem_bytes: int, weights: str = "
     return d_out * d_in * elem_bytes
 
 
-def always_read_bytes(d_out: int) -> int:
-    """Bytes read per token whatever the mix: the folded bias bf (float32)."""
-    return 4 * d_out
+def always_read_bytes(d_out: int, weights: str = "dense") -> int:
+    """Bytes read per token whatever the mix: the folded bias bf (float32) and, with int8
+    weights, the output columns' per-channel scales.
+
+    Example:
+        >>> always_read_bytes(576), always_read_bytes(576, "int8")
+        (2304, 4608)
+    """
+    return 4 * d_out * (2 if weights == "int8" else 1)
 
 
 def first_row_bytes(d_in: int, elem_bytes: int, weights: str = "dense") -> int:

@@ -24,7 +24,7 @@ from .ffn_kind import ffn_kind
 from .guard import LOW_BIT_ENCODINGS, quantize
 from .layout import BUNDLE_ENCODINGS, NEURON_FLOATS, QUANTIZED_WEIGHTS, WEIGHT_ENCODINGS, Layout, bundle_row
 from .quantize import (dequantize_bundles, int4_bundles, int4_rows, int8_bundles,  # noqa: F401 (re-exported)
-                       quantize_rows, reference_weights)
+                       output_channel_scales, quantize_rows, reference_weights)
 from .validate import compute_dtype, validate_pack
 
 #: Guards a pack can be built for; "all" flags every neuron (the exactness check).
@@ -250,13 +250,16 @@ def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch
         q = predictor[:, :m].index_select(1, guarded).t().float().contiguous()
         guard_bytes[:q.numel() * 4] = q.cpu().view(-1).view(torch.uint8)
         floats[layout.off_p:layout.off_qscales] = predictor[:, m:].reshape(-1).to(compute)
+    out_scales = output_channel_scales(weights[spec.out_row]) if layout.weights == "int8" else None
+    if out_scales is not None:
+        floats[layout.off_oscales:] = out_scales.to(compute)
     if layout.k_quant_bundles:
         qbundles = guard_bytes[layout.off_qbundles:layout.off_qwf].view(-1, layout.qstride)
         if layout.bundles == "int4":
             data = int4_bundles(kind, weights, quant_neurons).cpu()
             qbundles[:, :data.shape[1]] = data
-        else:
-            codes, scales = int8_bundles(kind, weights, quant_neurons)
+        else:  # int8 weights: output columns against the reference's per-channel scales
+            codes, scales = int8_bundles(kind, weights, quant_neurons, out_scales)
             qbundles[:, :row] = codes.cpu().view(torch.uint8)
             floats[layout.off_qscales:layout.off_wfscales] = scales.reshape(-1).to(compute)
     if layout.quant_wf and layout.weights == "int4":
@@ -264,7 +267,7 @@ def build_pack(kind: str, weights: dict[str, torch.Tensor | None], params: torch
     elif layout.quant_wf:
         codes, scales = quantize_rows(wf)
         guard_bytes[layout.off_qwf:] = codes.cpu().reshape(-1).view(torch.uint8)
-        floats[layout.off_wfscales:] = scales.to(compute)
+        floats[layout.off_wfscales:layout.off_oscales] = scales.to(compute)
     meta = layout.meta()  # on the CPU whatever the device: the op reads it without a device sync
     pack = FFNPack(packed, guard_bytes.to(first.device), floats, meta, activation, bundled.cpu(), layout)
     validate_pack(*pack.tensors(), pack.neurons, activation, where="the pack built")  # e.g. non-finite weights

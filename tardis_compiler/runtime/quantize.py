@@ -1,15 +1,16 @@
 """Weight quantization of an FFN's pack: one home for the int8 codes and scales, and for the
 *reference* a quantized pack reproduces.
 
-A neuron's bundle is quantized per row: symmetric int8, ``scale = max|w| / 127``, one scale for its
-first row, one for its up row (gated) and one for its output column (a column of W2 / W_d, which
-is the neuron's row in the neuron-major views). The folded matrix ``Wf`` gets one scale per row.
-
-With ``CalibrationConfig(weights="int8")`` the model a pack is exact against is the dense FFN whose
-weights are those codes times their scales (``reference_weights``): calibration fits and prices
-against it, and a ``guard="all"`` pack reproduces it up to float32 rounding. Its W_g / W_u rows
-are quantized per output channel, as int8 weight-only libraries do; its W_d per input channel (a
-scale per neuron), so that each bundle's codes and scale are the reference's own.
+int8 is symmetric, ``scale = max|w| / 127``. With ``CalibrationConfig(weights="int8")`` the model
+a pack is exact against is the dense FFN whose weights are their codes times their scales
+(``reference_weights``), every linear scaled per output channel as int8 weight-only libraries do
+(torchao's ``Int8WeightOnlyConfig``): W1 / W_g / W_u one scale per neuron, W2 / W_d one per
+output channel (``output_channel_scales``). Calibration fits and prices against that model, and a
+``guard="all"`` pack reproduces it up to float32 rounding. A bundle then holds its rows' codes, the
+scales of its first and up rows, and a unit scale for its output column, whose per-channel scales
+the pack holds once (the kernel applies them to the sum of the corrections). The folded matrix
+``Wf`` gets one scale per row. (Scaling W_d per neuron instead, as the int8 *bundles* of dense
+packs do, cost SmolLM2-135M +2.3% perplexity against +0.0% per channel: docs/RESULTS.md.)
 
 With ``weights="int4"`` every one of those rows (and each row of ``Wf``) is int4 instead, in groups
 of ``layout.WEIGHT_GROUP`` along the row, each with a bfloat16 scale and minimum (asymmetric, as
@@ -47,10 +48,24 @@ def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
-def int8_bundles(kind: str, w: dict, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def output_channel_scales(out_rows: torch.Tensor) -> torch.Tensor:
+    """float32 (d_out,) int8 scales of an FFN's output linear per output channel, from its
+    neuron-major rows (m, d_out): ``max_j |out_rows[j, i]| / 127`` over every neuron j.
+
+    Example:
+        >>> output_channel_scales(torch.tensor([[1.0, -0.5], [0.25, 2.0]])).mul(127).tolist()
+        [1.0, 2.0]
+    """
+    return quantize_rows(out_rows.detach().t())[1]
+
+
+def int8_bundles(kind: str, w: dict, idx: torch.Tensor,
+                 out_scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The bundles of neurons ``idx`` as int8 codes (k, row) and their (k, 3) float32 scales
-    (first row, up row, output column; a plain FFN's second is unused, 1.0).
-    ``dequantize_bundles`` inverts it (up to rounding).
+    (first row, up row, output column; a plain FFN's second is unused, 1.0). With ``out_scales``
+    (d_out,) the output columns are coded per output channel against them and their bundle
+    scale is 1.0 (a quantized pack); without, each gets its own scale (int8 bundles of a dense
+    pack). ``dequantize_bundles`` inverts it (up to rounding).
 
     Example:
         >>> w = {"w1_rows": torch.randn(4, 8), "w2_rows": torch.randn(4, 6)}
@@ -59,19 +74,30 @@ def int8_bundles(kind: str, w: dict, idx: torch.Tensor) -> tuple[torch.Tensor, t
         (torch.Size([4, 14]), torch.Size([4, 3]), 127)
     """
     codes, scales = [], []
+    out_name = ffn_kind(kind).out_row
     for name in _scale_rows(kind):
         if name is None:  # plain: no up row; its scale slot is unused
             scales.append(torch.ones(idx.numel(), device=idx.device))
             continue
-        q, scale = quantize_rows(w[name].detach().index_select(0, idx))
+        rows = w[name].detach().index_select(0, idx)
+        if name == out_name and out_scales is not None:
+            q, scale = _codes(rows.float(), out_scales.to(rows.device)), torch.ones(idx.numel(), device=rows.device)
+        else:
+            q, scale = quantize_rows(rows)
         codes.append(q)
         scales.append(scale)
     return torch.cat(codes, dim=1), torch.stack(scales, dim=1)
 
 
+def _codes(rows: torch.Tensor, column_scales: torch.Tensor) -> torch.Tensor:
+    """int8 codes of float32 ``rows`` (k, n) against per-column scales (n,)."""
+    return torch.round(rows / column_scales).clamp(-127, 127).to(torch.int8)
+
+
 def dequantize_bundles(kind: str, codes: torch.Tensor, scales: torch.Tensor, d_in: int,
-                       dtype: torch.dtype) -> torch.Tensor:
-    """(k, row) bundles in ``dtype`` from int8 ``codes`` and their (k, 3) ``scales``.
+                       dtype: torch.dtype, out_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """(k, row) bundles in ``dtype`` from int8 ``codes``, their (k, 3) ``scales`` and, in a
+    quantized pack, the output columns' per-channel ``out_scales`` (d_out,).
 
     Example:
         >>> w = {"w1_rows": torch.randn(4, 8), "w2_rows": torch.randn(4, 6)}
@@ -85,6 +111,8 @@ def dequantize_bundles(kind: str, codes: torch.Tensor, scales: torch.Tensor, d_i
     per_column[:, :d_in] = scales[:, :1]
     per_column[:, d_in:first] = scales[:, 1:2]  # the up rows' (none for a one-input kind)
     per_column[:, first:] = scales[:, 2:3]
+    if out_scales is not None:
+        per_column[:, first:] *= out_scales.float()
     return (codes.float() * per_column).to(dtype)
 
 
@@ -144,9 +172,9 @@ def dequantize_int4_bundles(kind: str, data: torch.Tensor, d_in: int, d_out: int
 
 def reference_weights(kind: str, w: dict, weights: str | None) -> dict:
     """The weights a pack with ``weights`` encoding is exact against: ``w`` itself for None or
-    "dense"; for "int8" float32 copies of the neuron-major matrices with every row replaced by its
-    int8 codes times its scale, for "int4" by its int4 groups' values (biases as they are). ``w``
-    is only read.
+    "dense"; for "int8" float32 copies of the neuron-major matrices with every weight replaced by
+    its int8 code times its scale (per output channel of each linear), for "int4" every row by its
+    int4 groups' values (biases as they are). ``w`` is only read.
 
     Example:
         >>> w = {"w1_rows": torch.randn(4, 8), "b1": None, "w2_rows": torch.randn(4, 6), "b2": None}
@@ -160,10 +188,14 @@ def reference_weights(kind: str, w: dict, weights: str | None) -> dict:
     if weights not in ("int8", "int4"):
         raise ValueError(f"weights must be None, 'dense', 'int8' or 'int4', got {weights!r}")
     ref = dict(w)
+    out_name = ffn_kind(kind).out_row
     for name in _scale_rows(kind):
         if name is None:
             continue
-        if weights == "int4":
+        if weights == "int8" and name == out_name:  # W2 / W_d: a scale per output channel
+            scales = output_channel_scales(w[name])
+            ref[name] = _codes(w[name].detach().float(), scales).float() * scales
+        elif weights == "int4":
             ref[name] = dequantize_int4_rows(int4_rows(w[name]), w[name].shape[1]).to(w[name].device)
         else:
             codes, scale = quantize_rows(w[name])

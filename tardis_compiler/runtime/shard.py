@@ -96,6 +96,7 @@ def shard_pack(pack: FFNPack, rank: int, world: int) -> PackShard:
         floats[:lay.d_out] = pack.floats[:lay.d_out]  # the folded bias, once
     _copy_guard(pack, lay, part, guarded, guard, floats)
     _copy_bundles(pack, lay, part, keep, weights, guard, floats)
+    floats[part.off_oscales:] = pack.floats[lay.off_oscales:]  # int8 weights' output scales: every rank's
     nf_old = pack.floats[lay.off_neuron:lay.off_p].view(lay.k_bundles, NEURON_FLOATS)
     floats[part.off_neuron:part.off_p] = nf_old.index_select(0, keep.to(nf_old.device)).reshape(-1)
     neurons = pack.neurons.index_select(0, keep.to(pack.neurons.device))
@@ -164,6 +165,6 @@ def _wf_columns(pack: FFNPack, lay: Layout, cols: slice) -> tuple[torch.Tensor, 
         return wf[:, cols].contiguous(), torch.ones(lay.d_out, device=wf.device)
     if lay.quant_wf:
         codes = pack.guard[lay.off_qwf:lay.n_guard].view(torch.int8).view(lay.d_out, lay.d_in)
-        return codes[:, cols].contiguous(), pack.floats[lay.off_wfscales:lay.n_floats].float().clone()
+        return codes[:, cols].contiguous(), pack.floats[lay.off_wfscales:lay.off_oscales].float().clone()
     wf = pack.weights[:lay.d_out * lay.d_in].view(lay.d_out, lay.d_in)
     return wf[:, cols].contiguous(), None

@@ -67,9 +67,10 @@ def all_bundles(layout: Layout, weights: torch.Tensor, guard: torch.Tensor, floa
         return dequantize_int4_bundles(layout.kind, data, layout.d_in, layout.d_out)  # every bundle: int4 weights
     row = bundle_row(layout.kind, layout.d_in, layout.d_out)
     scales = floats[layout.off_qscales:layout.off_wfscales].view(kq, QSCALES).float()
+    out_scales = floats[layout.off_oscales:layout.n_floats] if layout.weights == "int8" else None
     dtype = torch.float32 if layout.weights in QUANTIZED_WEIGHTS else weights.dtype
-    return torch.cat([dequantize_bundles(layout.kind, data[:, :row].view(torch.int8), scales, layout.d_in, dtype),
-                      dense.to(dtype)])
+    quantized = dequantize_bundles(layout.kind, data[:, :row].view(torch.int8), scales, layout.d_in, dtype, out_scales)
+    return torch.cat([quantized, dense.to(dtype)])
 
 
 def folded_matrix(layout: Layout, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,7 @@ def folded_matrix(layout: Layout, weights: torch.Tensor, guard: torch.Tensor, fl
     if layout.weights == "int4":
         return dequantize_int4_rows(guard[layout.off_qwf:layout.n_guard].view(n, layout.qwf_row_bytes), d)
     codes = guard[layout.off_qwf:layout.n_guard].view(torch.int8).view(n, d)
-    return codes.float() * floats[layout.off_wfscales:layout.n_floats].float()[:, None]
+    return codes.float() * floats[layout.off_wfscales:layout.off_oscales].float()[:, None]
 
 
 def ffn_exact(x2: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor, floats: torch.Tensor,

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tardis_compiler.runtime.cpu.kernel import kernel
-from tardis_compiler.runtime.layout import Layout, bundle_row, int4_codes_bytes
+from tardis_compiler.runtime.layout import FIELD, Layout, bundle_row, int4_codes_bytes
 from tardis_compiler.runtime.module import TardisFFN
 from tardis_compiler.runtime.pack import build_pack, neuron_classes, pack_layout
 from tardis_compiler.runtime.torch_path import bundles
@@ -165,3 +165,46 @@ def test_an_int4_scale_that_overflows_is_refused(where):
     with pytest.raises(PackError, match="int4 group scale"):
         validate_pack(pack.weights, guard, pack.floats, pack.meta, pack.neurons, pack.activation)
     validate_pack(*pack.tensors(), pack.neurons, pack.activation)  # the pristine pack passes
+
+
+@pytest.mark.parametrize("kind", ["plain", "gated"])
+def test_int8_weights_scale_the_output_linear_per_output_channel(kind):
+    """The int8 reference is every linear scaled per output channel (as int8 weight-only libraries
+    do): W_d's scale is one per output channel, over every neuron. A quantized pack holds those
+    d_out scales once; its bundles' output scales are 1, and its output columns' codes times the
+    channel scales are the reference's W_d."""
+    from tardis_compiler.runtime.ffn_kind import ffn_kind
+    from tardis_compiler.runtime.quantize import output_channel_scales, reference_weights
+    from tardis_compiler.runtime.torch_path import all_bundles
+
+    case = Case(kind, 48, 40, 64, guard="int4", frac_guarded=0.5, frac_always=0.25)
+    weights, params, _, _ = make(case, 2)
+    out = ffn_kind(kind).out_row
+    ref = reference_weights(kind, weights, "int8")
+    w_d = weights[out].float().t()  # (d_out, m): the output linear's weight
+    scale = w_d.abs().amax(dim=1) / 127
+    torch.testing.assert_close(ref[out].t(), torch.round(w_d / scale[:, None]) * scale[:, None])
+    pack = build_pack(kind, weights, params, "int4", case.activation, case.group, bundles="int8",
+                      weights_encoding="int8")
+    lay = pack.layout
+    assert lay.n_floats == lay.off_oscales + lay.d_out
+    torch.testing.assert_close(pack.floats[lay.off_oscales:], output_channel_scales(weights[out]))
+    qscales = pack.floats[lay.off_qscales:lay.off_wfscales].view(lay.k_quant_bundles, 3)
+    assert bool((qscales[:, 2] == 1).all())
+    rows = all_bundles(lay, pack.weights, pack.guard, pack.floats)[:, -lay.d_out:]
+    torch.testing.assert_close(rows, ref[out].index_select(0, pack.neurons))
+
+
+def test_an_int8_weight_pack_without_output_scales_is_refused_with_what_to_do():
+    """Packs of int8 weights written before the output channel scales (W_d per neuron) have d_out
+    fewer floats: the meta check names the cause and the fix instead of a bare field mismatch."""
+    case = Case("gated", 32, 24, 16, guard="int8", weights_encoding="int8")
+    _, _, _, pack = make(case, 2)
+    old = pack.meta.clone()
+    old[FIELD["N_FLOATS"]] -= pack.layout.d_out  # N_FLOATS as it was
+    with pytest.raises(ValueError, match="compress the dense model again"):
+        Layout.from_meta(old, pack.activation, pack.layout.dtype)
+    floats = pack.floats.clone()
+    floats[-1] = float("inf")  # a crafted output scale
+    with pytest.raises(PackError, match="floats"):
+        validate_pack(pack.weights, pack.guard, floats, pack.meta, pack.neurons, pack.activation)

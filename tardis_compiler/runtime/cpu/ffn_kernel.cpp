@@ -58,6 +58,9 @@ enum Guard { G_NONE = 0, G_INT8 = 1, G_INT4 = 2, G_INT2 = 3, G_EXACT = 4, G_SVD 
 const int NEURON_FLOATS = 4;  // bias (gate / w1), bias (up), slope, intercept
 const int64_t CHUNK = 64;     // neurons per work item
 const int64_t MAX_TOKENS = 64;  // token masks are 64-bit
+const int64_t WF_TOKENS = 4;    // calls of this many tokens or more read Wf row by row (wf_row_tokens)
+template <class W>
+constexpr bool DTYPE_IS_BF16 = sizeof(W) == 2;  // W is float or uint16_t (bf16)
 const int64_t MAX_DIM = 1 << 20;  // largest d_in, d_out, m, group (runtime/layout.py MAX_DIM)
 // Element types of the buffers the entry points are given (runtime/cpu/kernel.py BUFFER_TYPES):
 // each call says what every buffer holds, and a call whose types differ from the pack's is refused.
@@ -225,7 +228,7 @@ int check_meta(const int64_t* m, int64_t n_weights, int64_t n_guard, int64_t n_f
   if ((enc == G_NONE) != (kg == 0)) return -6;
   if (enc == G_SVD ? (rank < 1 || rank > MAX_DIM) : rank != 0) return -6;
   const bool int4 = m[BUNDLES] == B_INT4_ALL, quant_all = int4 || m[BUNDLES] == B_INT8_ALL;
-  const bool int8_guarded = m[BUNDLES] == B_INT8;
+  const bool int8_guarded = m[BUNDLES] == B_INT8, int8_all = m[BUNDLES] == B_INT8_ALL;
   if (int8_guarded && (enc == G_NONE || enc == G_EXACT)) return -10;  // "exact" reads the bundles' rows
 
   const int64_t elem = m[DTYPE] == 0 ? 4 : 2, kb = kg + ka, inputs = m[KIND] == GATED ? 2 : 1;
@@ -248,7 +251,7 @@ int check_meta(const int64_t* m, int64_t n_weights, int64_t n_guard, int64_t n_f
   const int64_t want[][2] = {
       {STRIDE, stride}, {OFF_BUNDLES, off_bundles}, {OFF_GSCALES, off_gscales}, {OFF_BF, 0}, {OFF_BANDS, n},
       {OFF_NEURON, off_neuron}, {OFF_P, off_p}, {N_WEIGHTS, off_bundles + k_dense * stride},
-      {N_GUARD, off_qbundles + k_int8 * qstride + qwf}, {N_FLOATS, off_qscales + q_scales * k_int8 + (qwf && !int4 ? n : 0)},
+      {N_GUARD, off_qbundles + k_int8 * qstride + qwf}, {N_FLOATS, off_qscales + q_scales * k_int8 + (qwf && !int4 ? n : 0) + (int8_all ? n : 0)},
       {QSTRIDE, qstride}, {OFF_QBUNDLES, off_qbundles}, {OFF_QSCALES, off_qscales}};
   for (const auto& field : want)
     if (m[field[0]] != field[1]) return -5;
@@ -331,6 +334,7 @@ struct Call {
   const W* wf;             // dense Wf, or null
   const int8_t* qwf;       // quantized Wf (int8 or int4 weights), or null
   const float* wf_scales;  // its per-row scales
+  const float* out_scales; // int8 weights: the output columns' per-channel scales (else null)
   const W* bundles;        // dense bundles: all of them, the always-exact ones (int8 bundles), or none
   const int8_t* qbundles;  // int8 bundles [0, dense_from), or null
   const float* qscales;    // their (first, up, out) scales
@@ -341,6 +345,7 @@ struct Call {
   // floats, dequantized, with its scales and sums); the svd projection.
   const float *xs, *xqf, *xdeq, *sx, *gsum, *proj;
   const int8_t* xq8;
+  const uint16_t* x16;  // x itself when the model is bf16 (the bf16 dots read it), else null
 };
 
 // The token mask of guarded neuron j (bit t set: flagged for token t). `row`, `lows`, `zt` are
@@ -447,12 +452,89 @@ void widen_quantized(const Call<W>& c, int64_t j, float* first, float* up, float
     widen_bundle(c, c.qbundles + j * c.qstride, c.qscales + j * QSCALES, first, up, out);
 }
 
+#ifdef TARDIS_BF16_DOT
+// correct_block_all in a bf16 model with int8 or bf16 rows: the first and up rows are read as bf16
+// (int8 codes widened to bf16 once, exactly; bf16 bundles in place) by vdpbf16ps, their scales
+// applied to the sums; the output columns as in correct_block_all.
+template <class W>
+void correct_block_all_bf16(const Call<W>& c, int64_t j0, int count, float* acc, float* wide) {
+  const int64_t d = c.d, n = c.n;
+  const bool gated = c.kind == GATED;
+  uint16_t* rows16 = reinterpret_cast<uint16_t*>(wide);  // 2 * d bf16 per bundle: half of its fp32 room
+  float* outs = wide + EXACT_BLOCK * 2 * d;
+  const uint16_t *first[EXACT_BLOCK], *up[EXACT_BLOCK];
+  float sf[EXACT_BLOCK], su[EXACT_BLOCK];
+  float z[EXACT_BLOCK][TOKEN_BLOCK], u[EXACT_BLOCK][TOKEN_BLOCK], delta[TOKEN_BLOCK * EXACT_BLOCK];
+  for (int k = 0; k < count; ++k) {
+    const int64_t j = j0 + k;
+    if (j < c.dense_from) {
+      const int8_t* b = c.qbundles + j * c.qstride;
+      const float* s = c.qscales + j * QSCALES;
+      uint16_t* f = rows16 + k * 2 * d;
+      widen_bf16(b, d, f);
+      if (gated) widen_bf16(b + d, d, f + d);
+      first[k] = f, up[k] = f + d, sf[k] = s[0], su[k] = s[1];
+      widen(b + c.out_offset, s[2], n, outs + k * n);
+    } else {
+      const uint16_t* b = reinterpret_cast<const uint16_t*>(c.bundles + (j - c.dense_from) * c.stride);
+      first[k] = b, up[k] = b + d, sf[k] = su[k] = 1.f;
+      widen(b + c.out_offset, 1.f, n, outs + k * n);
+    }
+  }
+  for (int64_t t0 = 0; t0 < c.tokens; t0 += TOKEN_BLOCK) {
+    const int64_t tb = c.tokens - t0 < TOKEN_BLOCK ? c.tokens - t0 : TOKEN_BLOCK;
+    const uint16_t* xb = c.x16 + t0 * d;
+    for (int k = 0; k < count; ++k) {
+      if (gated)
+        dot_bf16_tokens<2>(first[k], up[k], xb, tb, d, z[k], u[k]);
+      else
+        dot_bf16_tokens<1>(first[k], first[k], xb, tb, d, z[k], z[k]);
+      const float* nf = c.neuron + (j0 + k) * NEURON_FLOATS;
+      for (int64_t t = 0; t < tb; ++t) {
+        const float zt = sf[k] * z[k][t] + nf[0];
+        delta[t * EXACT_BLOCK + k] = gated ? (activation(c.act, zt) - nf[3]) * (su[k] * u[k][t] + nf[1])
+                                           : activation(c.act, zt) - nf[2] * zt - nf[3];
+      }
+    }
+    for (int64_t t = 0; t < tb; ++t) axpy_rows(acc + (t0 + t) * n, delta + t * EXACT_BLOCK, count, outs, n, n);
+  }
+}
+#endif
+
+// Row r of Wf against every token of the call (4 or more): read once, widened once (bf16 model:
+// to bf16 for vdpbf16ps; else to fp32), out[t] = Wf[r] . x_t. Not for int4 rows.
+template <class W>
+void wf_row_tokens(const Call<W>& c, int64_t r, float* scratch, float* out) {
+  const int64_t d = c.d;
+#ifdef TARDIS_BF16_DOT
+  if (c.x16) {
+    const uint16_t* row = reinterpret_cast<const uint16_t*>(scratch);
+    if (c.qwf)
+      widen_bf16(c.qwf + r * d, d, reinterpret_cast<uint16_t*>(scratch));
+    else
+      row = reinterpret_cast<const uint16_t*>(c.wf + r * d);
+    dot_bf16_tokens<1>(row, row, c.x16, c.tokens, d, out, out);
+    if (c.qwf)
+      for (int64_t t = 0; t < c.tokens; ++t) out[t] *= c.wf_scales[r];
+    return;
+  }
+#endif
+  if (c.qwf)
+    widen(c.qwf + r * d, c.wf_scales[r], d, scratch);
+  else
+    widen(c.wf + r * d, 1.f, d, scratch);
+  dot_tokens(scratch, c.xs, c.tokens, d, out, 1);
+}
+
 // The exact path of bundles [j0, j0 + count) for every token of the call (exact_all): each
 // bundle widened to fp32 once into `wide` (EXACT_BLOCK * (2 * d + n) floats), its pre-activations
 // for four tokens per pass over its rows, then each token's accumulator row updated once for the
 // whole block.
 template <class W>
 void correct_block_all(const Call<W>& c, int64_t j0, int count, float* acc, float* wide) {
+#ifdef TARDIS_BF16_DOT
+  if (c.x16 && !c.int4) return correct_block_all_bf16(c, j0, count, acc, wide);
+#endif
   const int64_t d = c.d, n = c.n;
   float* outs = wide + EXACT_BLOCK * 2 * d;  // the block's output columns, n apart
   float z[EXACT_BLOCK][TOKEN_BLOCK], u[EXACT_BLOCK][TOKEN_BLOCK], delta[TOKEN_BLOCK * EXACT_BLOCK];
@@ -529,6 +611,7 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
   c.qstride = m[QSTRIDE], c.dense_from = k_int8;
   c.qwf = m[HAS_WF] && quant_all ? c.qbundles + k_int8 * c.qstride : nullptr;  // Wf follows the quantized bundles
   c.wf_scales = c.qscales + QSCALES * k_int8;
+  c.out_scales = m[BUNDLES] == B_INT8_ALL ? c.wf_scales + (c.qwf ? c.n : 0) : nullptr;
   c.guard = guard;
   c.bf = floats + m[OFF_BF], c.bands = floats + m[OFF_BANDS], c.neuron = floats + m[OFF_NEURON];
   c.p = floats + m[OFF_P];
@@ -543,7 +626,9 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
   // corrections, and per thread one decoded guard row with its group minimums.
   const int64_t t_dim = c.enc == G_SVD ? c.rank : 0, q_dim = c.subbyte ? d : 0, g_dim = c.subbyte ? groups : 0;
   // Per thread: exact_all's block of widened bundles, or one int4 bundle (or row of Wf) dequantized.
-  const int64_t wide_dim = exact_all ? EXACT_BLOCK * (2 * d + n) : c.int4 ? 2 * d + n : 0;
+  // Calls of WF_TOKENS or more tokens read each row of Wf once for all of them (wf_row_tokens).
+  const bool wf_by_row = tokens >= WF_TOKENS && !c.int4 && (c.wf || c.qwf);
+  const int64_t wide_dim = exact_all ? EXACT_BLOCK * (2 * d + n) : c.int4 ? 2 * d + n : wf_by_row ? d : 0;
   float* buf = scratch(tokens * (d + 2 * q_dim + 2 * g_dim + t_dim + n) +
                        static_cast<size_t>(threads) * (tokens * n + d + groups + wide_dim));
   float* xs = buf;
@@ -564,6 +649,7 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
   for (int64_t t = 0; t < tokens && c.enc == G_SVD; ++t)
     for (int64_t r = 0; r < c.rank; ++r) proj[t * c.rank + r] = dot(c.p + r * d, xs + t * d, d);
   c.xs = xs, c.xqf = xqf, c.xdeq = xdeq, c.sx = sx, c.gsum = gsum, c.proj = proj, c.xq8 = xq8;
+  c.x16 = DTYPE_IS_BF16<W> ? reinterpret_cast<const uint16_t*>(x) : nullptr;
 
   std::atomic<int64_t> flagged_pairs(0), corrected(0);
   int team = 1;
@@ -578,6 +664,12 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
     float* wide = rows_scratch + static_cast<int64_t>(threads) * (d + groups) + static_cast<int64_t>(tid) * wide_dim;
     // 1. This thread's rows of Wf x + bf, into the shared buffer.
     for (int64_t r = tid * n / nth; r < (tid + 1) * n / nth; ++r) {
+      if (wf_by_row) {
+        float wt[MAX_TOKENS];
+        wf_row_tokens(c, r, wide, wt);
+        for (int64_t t = 0; t < tokens; ++t) yacc[t * n + r] = wt[t] + c.bf[r];
+        continue;
+      }
       if (c.qwf && c.int4)  // an int4 row: dequantized once, read by every token
         dequant_int4_row(reinterpret_cast<const uint8_t*>(c.qwf) + r * c.row4_d, d, c.codes4_d, wide);
       for (int64_t t = 0; t < tokens; ++t) {
@@ -626,13 +718,14 @@ int run(const W* x, W* y, const W* weights, const uint8_t* guard, const float* f
       flagged_pairs.fetch_add(my_flagged, std::memory_order_relaxed);
       corrected.fetch_add(my_corrected, std::memory_order_relaxed);
     }
-    // 3. After every thread is done, each reduces disjoint output rows.
+    // 3. After every thread is done, each reduces disjoint output rows (int8 weights: the
+    //    corrections' sum times the output channel's scale, applied once).
 #pragma omp barrier
     for (int64_t r = tid * n / nth; r < (tid + 1) * n / nth; ++r)
       for (int64_t t = 0; t < tokens; ++t) {
-        float s = yacc[t * n + r];
+        float s = c.out_scales ? 0.f : yacc[t * n + r];
         for (int k = 0; k < nth; ++k) s += local[(static_cast<int64_t>(k) * tokens + t) * n + r];
-        store(y + t * n + r, s);
+        store(y + t * n + r, c.out_scales ? yacc[t * n + r] + c.out_scales[r] * s : s);
       }
   }
   if (counters) {

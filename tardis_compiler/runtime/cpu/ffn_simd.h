@@ -530,4 +530,53 @@ void dot2_tokens(const float* r0, const float* r1, const float* x, int64_t token
   for (; t < tokens; ++t) dot2(r0, r1, x + t * n, n, out0 + t, out1 + t);
 }
 
+#if defined(TARDIS_AVX512) && defined(__AVX512BF16__)
+#define TARDIS_BF16_DOT 1
+// bf16 dots for calls of many tokens in a bf16 model (exact_all, Wf): x is bf16 already and a row
+// is bf16 or int8 codes (exact in bf16), so vdpbf16ps multiplies 32 pairs per instruction, twice
+// an fp32 FMA's, with fp32 sums: the product of two bf16 is exact in fp32, so only the summation
+// order (and denormals, flushed) differs from the fp32 path.
+
+// dst[i] = codes[i] as bf16 (exact: |code| <= 127 has 7 significant bits).
+inline void widen_bf16(const int8_t* q, int64_t n, uint16_t* dst) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, q + i)));
+    _mm256_mask_storeu_epi16(dst + i, k, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+  }
+}
+
+// out_r[k] = row_r . x_k for the TB tokens of x0 (TB, n), NR (1 or 2) bf16 rows sharing each load of x.
+template <int TB, int NR>
+inline void dot_bf16_block(const uint16_t* r0, const uint16_t* r1, const uint16_t* x0, int64_t n, float* out0,
+                           float* out1) {
+  __m512 a[NR][TB];
+  for (int r = 0; r < NR; ++r)
+    for (int k = 0; k < TB; ++k) a[r][k] = _mm512_setzero_ps();
+  const uint16_t* rows[2] = {r0, r1};
+  for (int64_t i = 0; i < n; i += 32) {
+    const __mmask32 m = n - i >= 32 ? ~0u : static_cast<__mmask32>((1u << (n - i)) - 1u);
+    __m512i w[NR];
+    for (int r = 0; r < NR; ++r) w[r] = _mm512_maskz_loadu_epi16(m, rows[r] + i);
+    for (int k = 0; k < TB; ++k) {
+      const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, x0 + k * n + i));
+      for (int r = 0; r < NR; ++r) a[r][k] = _mm512_dpbf16_ps(a[r][k], reinterpret_cast<__m512bh>(w[r]), xv);
+    }
+  }
+  float* outs[2] = {out0, out1};
+  for (int r = 0; r < NR; ++r)
+    for (int k = 0; k < TB; ++k) outs[r][k] = _mm512_reduce_add_ps(a[r][k]);
+}
+
+// out0[t] = r0 . x_t (and out1[t] = r1 . x_t when NR is 2) for `tokens` bf16 tokens of x (tokens, n).
+template <int NR>
+void dot_bf16_tokens(const uint16_t* r0, const uint16_t* r1, const uint16_t* x, int64_t tokens, int64_t n,
+                     float* out0, float* out1) {
+  int64_t t = 0;
+  for (; t + 8 <= tokens; t += 8) dot_bf16_block<8, NR>(r0, r1, x + t * n, n, out0 + t, out1 + t);
+  for (; t + 4 <= tokens; t += 4) dot_bf16_block<4, NR>(r0, r1, x + t * n, n, out0 + t, out1 + t);
+  for (; t < tokens; ++t) dot_bf16_block<1, NR>(r0, r1, x + t * n, n, out0 + t, out1 + t);
+}
+#endif
+
 }  // namespace tardis
