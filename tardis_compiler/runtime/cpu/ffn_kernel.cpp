@@ -496,7 +496,7 @@ void correct_block_all_bf16(const Call<W>& c, int64_t j0, int count, float* acc,
                                            : activation(c.act, zt) - nf[2] * zt - nf[3];
       }
     }
-    for (int64_t t = 0; t < tb; ++t) axpy_rows(acc + (t0 + t) * n, delta + t * EXACT_BLOCK, count, outs, n, n);
+    axpy_rows_tokens(acc + t0 * n, delta, EXACT_BLOCK, tb, count, outs, n, n);
   }
 }
 #endif
@@ -563,7 +563,7 @@ void correct_block_all(const Call<W>& c, int64_t j0, int count, float* acc, floa
                                                      : activation(c.act, zt) - nf[2] * zt - nf[3];
       }
     }
-    for (int64_t t = 0; t < tb; ++t) axpy_rows(acc + (t0 + t) * n, delta + t * EXACT_BLOCK, count, outs, n, n);
+    axpy_rows_tokens(acc + t0 * n, delta, EXACT_BLOCK, tb, count, outs, n, n);
   }
 }
 
