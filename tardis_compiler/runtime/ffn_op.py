@@ -17,8 +17,9 @@ and bias; a missing bias is None): those calls then run the dense FFN. The backe
 them (the weights are graph inputs anyway); a pack alone (compressed modules) has none, and those
 calls run every bundled neuron exactly, with no guard: bundles in the model's dtype through torch's
 GEMMs over them (``torch_path.ffn_exact``, about the dense FFN's cost), int8 bundles through the
-fused kernel's exact_all mode (each bundle widened once for all tokens), or, where the kernel
-cannot take the call, the guarded paths. Inside ``every_token_through_packs()`` every call takes
+fused kernel's exact_all mode (each bundle widened once for all tokens) or, where the kernel
+cannot take the call (more than its 64 tokens, another device), ``ffn_exact`` after dequantizing
+them (the guarded torch path dequantizes them too, and then also runs the guard). Inside ``every_token_through_packs()`` every call takes
 the guarded paths: what measuring the approximation (perplexity of full windows) needs.
 
 Defined with ``torch.library.Library`` rather than the ``custom_op`` decorator: it dispatches in
@@ -129,8 +130,9 @@ def _dense_or_exact(x: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor,
                     meta: torch.Tensor, activation: str, name: str,
                     dense: list[torch.Tensor | None]) -> torch.Tensor | None:
     """A call above ``dense_above``: the dense FFN from ``dense``, else every bundled neuron exact
-    (bundles in the model's dtype: torch's GEMMs over them; int8 bundles: the fused kernel's exact_all
-    mode); None: the guarded paths run it (int8 bundles where the kernel cannot)."""
+    (quantized bundles: the fused kernel's exact_all mode where it takes the call; otherwise torch's
+    GEMMs over the bundles, quantized ones dequantized first); None: x is not in the pack's dtype
+    (the guarded paths raise the error)."""
     if dense:  # the backend's prefill: no layout to parse
         return _dense_ffn(x, dense, activation, name, int(meta[FIELD["M"]]))
     if x.dtype != weights.dtype:
@@ -138,13 +140,11 @@ def _dense_or_exact(x: torch.Tensor, weights: torch.Tensor, guard: torch.Tensor,
     layout = Layout.from_meta(meta.cpu(), activation, weights.dtype)
     tokens = x.shape[:-1].numel()
     fused = kernel()
-    if not layout.k_quant_bundles:
-        y = ffn_exact(x.reshape(-1, x.shape[-1]), weights, guard, floats, layout).view(*x.shape[:-1], layout.d_out)
-    elif x.device.type == "cpu" and _kernel_runs(fused, x, activation, tokens):
+    if layout.k_quant_bundles and x.device.type == "cpu" and _kernel_runs(fused, x, activation, tokens):
         y = x.new_empty((*x.shape[:-1], layout.d_out))
         fused.ffn(x.contiguous(), y, weights, guard, floats, meta, KERNEL_ACTIVATIONS[activation], exact_all=True)
-    else:
-        return None
+    else:  # quantized bundles beyond the kernel are dequantized once per call, as the guarded torch path does
+        y = ffn_exact(x.reshape(-1, x.shape[-1]), weights, guard, floats, layout).view(*x.shape[:-1], layout.d_out)
     stats = active_stats()
     if stats is not None:
         stats.record(name, tokens, layout.m, 0, 0, dense=True)

@@ -1,7 +1,7 @@
 """Calls above ``dense_above`` on a pack alone (no dense weights): every bundled neuron exact
 (``torch_path.ffn_exact`` for bundles in the model's dtype, the kernel's exact_all mode for int8
-ones, the guarded paths where the kernel cannot run); ``every_token_through_packs`` keeps every call
-on the guarded paths."""
+ones, ``ffn_exact`` over them dequantized where the kernel cannot run); ``every_token_through_packs``
+keeps every call on the guarded paths."""
 from __future__ import annotations
 
 import json
@@ -71,16 +71,19 @@ def test_int8_bundles_run_the_kernels_exact_all_mode_above_dense_above():
     assert stats.ffns["layer"].dense_calls == 1
 
 
-def test_int8_bundles_keep_the_guarded_paths_where_the_kernel_cannot_run(monkeypatch):
-    """Without the kernel (or above its token limit) dequantizing every bundle per call would cost
-    more than the guarded torch path: that path runs."""
+def test_int8_bundles_run_every_bundle_exact_where_the_kernel_cannot(monkeypatch):
+    """Above the kernel's token limit, or without the kernel, a call above dense_above still skips
+    the guard: ``ffn_exact`` over the dequantized bundles (the guarded torch path dequantizes them
+    too, then also runs the guard), not the guarded result."""
     case = _every_neuron_bundled("gated", torch.float32, bundles="int8")
     _, _, _, pack = make(case, 6)
     x = case.inputs(ffn_op.FUSED_MAX_TOKENS + 3)
-    guarded = ffn_op.ffn(x, pack)
-    torch.testing.assert_close(ffn_op.ffn(x, pack, dense_above=0), guarded, atol=0, rtol=0)
+    exact = ffn_exact(x, pack.weights, pack.guard, pack.floats, pack.layout)
+    torch.testing.assert_close(ffn_op.ffn(x, pack, dense_above=0), exact, atol=0, rtol=0)
+    assert not torch.allclose(ffn_op.ffn(x, pack), exact)  # the guarded result differs: some neurons are folded
     monkeypatch.setattr(ffn_op, "kernel", lambda: None)
-    torch.testing.assert_close(ffn_op.ffn(x[:6], pack, dense_above=0), ffn_op.ffn(x[:6], pack), atol=0, rtol=0)
+    exact6 = ffn_exact(x[:6], pack.weights, pack.guard, pack.floats, pack.layout)
+    torch.testing.assert_close(ffn_op.ffn(x[:6], pack, dense_above=0), exact6, atol=0, rtol=0)
 
 
 def test_every_token_through_packs_ignores_dense_above_in_this_thread_only():
