@@ -19,7 +19,7 @@ import peers  # noqa: E402
 def _args(**kw):
     base = dict(tardis_budgets=[0.3, 0.5], tardis_weights=[None, "int8"], gguf_types=["BF16", "Q4_0"],
                 llama_threads=[1, 2], new_tokens=8, prompts=1, prompt_tokens=32, rounds=1, ppl_windows=2,
-                context=512, threads=2)
+                context=512, threads=2, tardis_resident=[])
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -32,6 +32,8 @@ def test_row_names_and_selection():
     picked = [n for n in names if peers.selected(n, ["dense", "LLAMA.CPP-*-1t"])]
     assert picked == ["dense", "llama.cpp-BF16-1t", "llama.cpp-Q4_0-1t"]
     assert all(peers.selected(n, None) for n in names)
+    capped = peers.row_names(_args(tardis_resident=[1.0]))  # a resident-capped row per quantized tardis row
+    assert set(capped) - set(names) == {"tardis-0.3-int8-r1", "tardis-0.5-int8-r1"}
 
 
 def test_summary_ratios_and_table_with_a_skipped_row():
