@@ -452,6 +452,19 @@ void widen_quantized(const Call<W>& c, int64_t j, float* first, float* up, float
     widen_bundle(c, c.qbundles + j * c.qstride, c.qscales + j * QSCALES, first, up, out);
 }
 
+// delta of bundle j for `tb` tokens from its raw first / up dots (z, u) and their row scales:
+// delta[t * EXACT_BLOCK] = the exact activation minus the folded line (plain) or constant (gated).
+template <class W>
+inline void block_deltas(const Call<W>& c, int64_t j, const float* z, const float* u, float sf, float su,
+                         int64_t tb, float* delta) {
+  const float* nf = c.neuron + j * NEURON_FLOATS;
+  for (int64_t t = 0; t < tb; ++t) {
+    const float zt = sf * z[t] + nf[0];
+    delta[t * EXACT_BLOCK] = c.kind == GATED ? (activation(c.act, zt) - nf[3]) * (su * u[t] + nf[1])
+                                             : activation(c.act, zt) - nf[2] * zt - nf[3];
+  }
+}
+
 #ifdef TARDIS_BF16_DOT
 // correct_block_all in a bf16 model with int8 or bf16 rows: the first and up rows are read as bf16
 // (int8 codes widened to bf16 once, exactly; bf16 bundles in place) by vdpbf16ps, their scales
@@ -489,12 +502,7 @@ void correct_block_all_bf16(const Call<W>& c, int64_t j0, int count, float* acc,
         dot_bf16_tokens<2>(first[k], up[k], xb, tb, d, z[k], u[k]);
       else
         dot_bf16_tokens<1>(first[k], first[k], xb, tb, d, z[k], z[k]);
-      const float* nf = c.neuron + (j0 + k) * NEURON_FLOATS;
-      for (int64_t t = 0; t < tb; ++t) {
-        const float zt = sf[k] * z[k][t] + nf[0];
-        delta[t * EXACT_BLOCK + k] = gated ? (activation(c.act, zt) - nf[3]) * (su[k] * u[k][t] + nf[1])
-                                           : activation(c.act, zt) - nf[2] * zt - nf[3];
-      }
+      block_deltas(c, j0 + k, z[k], u[k], sf[k], su[k], tb, delta + k);
     }
     axpy_rows_tokens(acc + t0 * n, delta, EXACT_BLOCK, tb, count, outs, n, n);
   }
@@ -556,12 +564,7 @@ void correct_block_all(const Call<W>& c, int64_t j0, int count, float* acc, floa
         dot2_tokens(first, first + d, xb, tb, d, z[k], u[k]);
       else
         dot_tokens(first, xb, tb, d, z[k], 1);
-      const float* nf = c.neuron + (j0 + k) * NEURON_FLOATS;
-      for (int64_t t = 0; t < tb; ++t) {
-        const float zt = z[k][t] + nf[0];
-        delta[t * EXACT_BLOCK + k] = c.kind == GATED ? (activation(c.act, zt) - nf[3]) * (u[k][t] + nf[1])
-                                                     : activation(c.act, zt) - nf[2] * zt - nf[3];
-      }
+      block_deltas(c, j0 + k, z[k], u[k], 1.f, 1.f, tb, delta + k);  // scales applied when widened
     }
     axpy_rows_tokens(acc + t0 * n, delta, EXACT_BLOCK, tb, count, outs, n, n);
   }
